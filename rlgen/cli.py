@@ -1,0 +1,93 @@
+"""`rlgen` command line: one subcommand per stage plus `run` (the pipeline).
+
+Bad input raises UserError anywhere below; here it becomes one line on stderr and exit status 2
+(the traceback only with `--debug`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rlgen.config import EvalConfig, SFTConfig, add_arguments, parse_stage_config
+from rlgen.errors import UserError
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STAGES = {
+    "sft": (SFTConfig, "supervised fine-tuning with TRL's SFTTrainer (full or LoRA)"),
+    "evaluate": (EvalConfig, "sample held-out prompts and report eval/* metrics"),
+}
+
+
+def _cmd_sft(cfg: SFTConfig) -> None:
+    from rlgen.sft import train_sft
+
+    train_sft(cfg)
+
+
+def _cmd_evaluate(cfg: EvalConfig) -> None:
+    from rlgen.pipeline import run_evaluation
+
+    metrics = run_evaluation(cfg)
+    for k, v in metrics.items():
+        print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+
+
+COMMANDS = {"sft": _cmd_sft, "evaluate": _cmd_evaluate}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlgen", description="Fine-tune pretrained causal LMs with SFT, PPO and SeqGAN; compare them on equal terms.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (cls, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML file with any of the options below")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        add_arguments(p, cls)
+    from rlgen.pipeline import RunConfig, RUN_HELP
+
+    p = sub.add_parser("run", help=RUN_HELP, description=RUN_HELP + " Override a stage's option with "
+                       "--<stage>.<key> VALUE, e.g. --sft.max_steps 5.")
+    p.add_argument("--config", help="YAML file: common keys at the top, one section per stage")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_arguments(p, RunConfig)
+    return parser
+
+
+def _dispatch(argv: list[str]) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":
+        from rlgen.pipeline import parse_run_config, run_pipeline
+
+        run_pipeline(parse_run_config(args, extra))
+        return
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    cls = STAGES[args.command][0]
+    COMMANDS[args.command](parse_stage_config(cls, args, args.config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        _dispatch(argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"rlgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlgen: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The shared evaluator: one function that scores any policy on the same prompts with the same metrics.
+
+Metrics (all under `eval/`):
+- `eval/rewards/<fn>/mean`, `eval/rewards/<fn>/std`: each reward function on the sampled completions
+- `eval/reward/mean`: the weighted sum used for training
+- `eval/kl`: mean over samples of sum_t [log pi(y_t|.) - log pi_ref(y_t|.)] (k1 estimator on the policy's
+  own samples: an unbiased estimate of KL(pi || pi_ref) per sequence, at the sampling temperature)
+- `eval/perplexity_ref`: exp(mean NLL per completion token under the reference at temperature 1)
+- `eval/mean_length` (tokens, EOS included), `eval/eos_fraction`, `eval/distinct_1`, `eval/distinct_2`,
+  `eval/self_bleu`
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rlgen import metrics
+from rlgen.policy import Policy, SamplingSettings
+from rlgen.rewards import score_rewards
+
+
+@torch.no_grad()
+def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list[tuple[str, object]],
+                    sampling: SamplingSettings, *, weights: list[float] | None = None, batch_size: int = 16,
+                    output_dir: str | Path | None = None, self_bleu_max_texts: int = 200,
+                    extra_rewards: list[tuple[str, object]] = ()) -> dict[str, float]:
+    """Sample one completion per prompt and return `eval/*` metrics.
+
+    `extra_rewards` are scored and reported (e.g. a gold reward) but not part of `eval/reward/mean`.
+    Writes `eval_samples.jsonl` (one object per sample) and `eval_summary.json` to `output_dir` if given.
+    """
+    start = time.perf_counter()
+    samples: list[dict] = []
+    totals: list[float] = []
+    per_fn: dict[str, list] = {}
+    kl_seq: list[float] = []
+    nll_sum, n_tokens = 0.0, 0
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        ro = policy.sample(batch, sampling, with_values=False)
+        T = ro.completion_ids.shape[1]
+        mask = ro.completion_mask.float()
+        ids, attn = ro.input_ids, ro.attention_mask
+        ref_lp = policy.ref_logprobs(ids, attn, T, sampling.temperature)
+        kl = ((ro.logprobs - ref_lp) * mask).sum(1)
+        ref_lp1 = ref_lp if sampling.temperature == 1.0 else policy.ref_logprobs(ids, attn, T, 1.0)
+        nll_sum += float(-(ref_lp1 * mask).sum())
+        n_tokens += int(mask.sum())
+        total, fn_values = score_rewards(reward_fns, ro.prompts, ro.completions, weights=weights)
+        if extra_rewards:
+            _, extra_values = score_rewards(list(extra_rewards), ro.prompts, ro.completions)
+            fn_values = {**fn_values, **extra_values}
+        totals.extend(total)
+        kl_seq.extend(kl.tolist())
+        for name, values in fn_values.items():
+            per_fn.setdefault(name, []).extend(values)
+        lengths = ro.completion_mask.sum(1).tolist()
+        for j, (p, c) in enumerate(zip(ro.prompts, ro.completions)):
+            samples.append({"prompt": p, "completion": c, "reward": total[j],
+                            "rewards": {k: v[j] for k, v in fn_values.items()}, "kl": kl_seq[i + j],
+                            "length": lengths[j], "eos": bool(ro.ended_with_eos[j])})
+    completions = [s["completion"] for s in samples]
+    out: dict[str, float] = {}
+    for name, values in per_fn.items():
+        mean, std = metrics.mean_std([v for v in values if v is not None])
+        out[f"eval/rewards/{name}/mean"], out[f"eval/rewards/{name}/std"] = mean, std
+    out["eval/reward/mean"] = metrics.mean_std(totals)[0]
+    out["eval/kl"] = metrics.mean_std(kl_seq)[0]
+    out["eval/perplexity_ref"] = metrics.perplexity(nll_sum, n_tokens)
+    out["eval/mean_length"] = metrics.mean_std([s["length"] for s in samples])[0]
+    out["eval/eos_fraction"] = sum(s["eos"] for s in samples) / max(len(samples), 1)
+    out["eval/distinct_1"] = metrics.distinct_n(completions, 1)
+    out["eval/distinct_2"] = metrics.distinct_n(completions, 2)
+    out["eval/self_bleu"] = metrics.self_bleu(completions, max_texts=self_bleu_max_texts)
+    out["eval/num_samples"] = len(samples)
+    out["time/eval"] = time.perf_counter() - start
+    if output_dir is not None:
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "eval_samples.jsonl", "w") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+        (folder / "eval_summary.json").write_text(json.dumps(out, indent=2))
+    return out

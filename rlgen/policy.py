@@ -1,0 +1,289 @@
+"""The one policy/value wrapper shared by SFT, PPO, SeqGAN and the evaluator.
+
+`Policy` holds a causal LM (optionally wrapped in a PEFT LoRA adapter), a scalar value head on the
+shared trunk (zero-initialised, so values start at 0) or a separate critic, and a reference: the same
+model with the adapter disabled under LoRA, otherwise a frozen copy. Sampling returns a typed `Rollout`
+whose log-probs and values come from the generation pass itself (no second forward).
+
+Sequence layout used everywhere: `input_ids = [prompt (left-padded, P) | completion (right-padded, T)]`.
+Completion token t is predicted by the hidden state at position P - 1 + t.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlgen import core
+from rlgen.data import render_prompt
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled completions. B = batch, P = prompt length (left-padded), T = completion length.
+
+    prompt_ids [B, P] long, prompt_mask [B, P] long (0 on left padding)
+    completion_ids [B, T] long (pad after the end), completion_mask [B, T] long (1 up to and including EOS)
+    logprobs [B, T] float: log-probs of the sampled tokens at the sampling temperature (0 where masked)
+    values [B, T] float or None: value estimates V(prefix) for each completion token (0 where masked)
+    ended_with_eos [B] bool; prompts/completions: the raw prompt texts and decoded completions (B each)
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor | None
+    ended_with_eos: torch.Tensor
+    prompts: list[str]
+    completions: list[str]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """[B, P + T]"""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, P + T]"""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are sampled (pure sampling with temperature unless top_k/top_p are set)."""
+
+    max_new_tokens: int = 48
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_prompt_length: int = 256
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B, L]: positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] -> (mask [B, T] with 1 up to and including the first EOS, ended_with_eos [B])."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    ended = is_eos.any(dim=1)
+    first = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, completion_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    return (positions[None, :] <= first[:, None]).long(), ended
+
+
+class Policy(nn.Module):
+    """Causal LM + value head (or critic) + reference. See the module docstring for the layout."""
+
+    def __init__(self, model, tokenizer, critic=None, reference: bool = True, ref_model=None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        hidden = self.base_config.hidden_size
+        self.critic = critic
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
+        if reference and ref_model is None and not self.is_peft:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name: str, *, lora_r: int = 0, lora_alpha: int = 16, lora_dropout: float = 0.0,
+                        lora_target_modules: str = "all-linear", separate_critic: bool = False,
+                        reference: bool = True, ref_name: str | None = None, seed: int = 0) -> Policy:
+        """Load `default`, `tiny`, a folder (an rlgen policy folder restores its value head) or a Hub id.
+
+        The reference is the model itself (adapter disabled under LoRA, else a frozen copy), or the model
+        `ref_name` when given (e.g. the base model when evaluating a fine-tuned folder).
+        """
+        from rlgen.models import load_model
+
+        model, tokenizer = load_model(name, seed=seed)
+        ref_model = load_model(ref_name, seed=seed)[0] if reference and ref_name not in (None, name) else None
+        critic = None
+        if separate_critic:
+            saved = Path(name) / "critic"
+            if saved.is_dir():
+                from transformers import AutoModel
+
+                critic = AutoModel.from_pretrained(saved, dtype=torch.float32)
+            else:
+                critic = copy.deepcopy(model.base_model)
+        if lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
+                                target_modules=lora_target_modules)
+            model = get_peft_model(model, config)
+        policy = cls(model, tokenizer, critic=critic, reference=reference, ref_model=ref_model)
+        head = Path(name) / VALUE_HEAD_FILE
+        if head.is_file():
+            from safetensors.torch import load_file
+
+            policy.value_head.load_state_dict(load_file(str(head)))
+        return policy
+
+    @property
+    def base_model(self):
+        """The plain transformers causal LM (under LoRA: the wrapped model, with adapter layers)."""
+        return self.model.get_base_model() if self.is_peft else self.model
+
+    @property
+    def base_config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = self.base_model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- forwards -----------------------------------------------------------------------------------------
+
+    def _lm_forward(self, model, input_ids, attention_mask, n_completion: int, hidden: bool):
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden,
+                      logits_to_keep=n_completion + 1)
+        if self._takes_position_ids:
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        return model(**kwargs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                temperature: float = 1.0, with_values: bool = True, with_entropy: bool = False):
+        """Log-probs (and values, entropy) of the last `n_completion` tokens of `input_ids`.
+
+        input_ids, attention_mask: [B, P + T] with T = n_completion.
+        Returns logprobs [B, T], values [B, T] or None, entropy [B, T] or None.
+        """
+        shared_values = with_values and self.critic is None
+        out = self._lm_forward(self.model, input_ids, attention_mask, n_completion, hidden=shared_values)
+        logits = out.logits[:, -(n_completion + 1):-1].float()  # position P-1+t predicts completion token t
+        targets = input_ids[:, -n_completion:]
+        logprobs = core.logprobs_from_logits(logits, targets, temperature)
+        entropy = core.entropy_from_logits(logits, temperature) if with_entropy else None
+        values = None
+        if shared_values:
+            values = self.value_head(out.hidden_states[-1][:, -(n_completion + 1):-1].float()).squeeze(-1)
+        elif with_values:
+            values = self.critic_values(input_ids, attention_mask, n_completion)
+        return logprobs, values, entropy
+
+    def critic_values(self, input_ids, attention_mask, n_completion: int) -> torch.Tensor:
+        """Values [B, T] from the separate critic trunk."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if self._takes_position_ids:
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        hidden = self.critic(**kwargs).last_hidden_state[:, -(n_completion + 1):-1]
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                     temperature: float = 1.0) -> torch.Tensor:
+        """Reference-policy log-probs [B, T]: the frozen reference model, else the adapter disabled under LoRA."""
+        if self.ref_model is not None:
+            context, model = nullcontext(), self.ref_model
+        elif self.is_peft:
+            context, model = self.model.disable_adapter(), self.model
+        else:
+            raise RuntimeError("this Policy was built with reference=False")
+        with context:
+            out = self._lm_forward(model, input_ids, attention_mask, n_completion, hidden=False)
+        return core.logprobs_from_logits(out.logits[:, -(n_completion + 1):-1].float(),
+                                         input_ids[:, -n_completion:], temperature)
+
+    # ---- sampling -----------------------------------------------------------------------------------------
+
+    def tokenize_prompts(self, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render with the chat template, left-pad, keep the last `max_length` tokens. -> ids, mask [B, P]."""
+        tok = self.tokenizer
+        side, tside = tok.padding_side, tok.truncation_side
+        tok.padding_side, tok.truncation_side = "left", "left"
+        try:
+            enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
+                      truncation=True, max_length=max_length, add_special_tokens=False)
+        finally:
+            tok.padding_side, tok.truncation_side = side, tside
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def generation_config(self, s: SamplingSettings, hidden_states: bool = False):
+        """Pure sampling (no model-specific defaults such as top_k=50) that returns raw logits per step."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k or None,
+                                top_p=s.top_p, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
+                                eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                return_dict_in_generate=True, output_logits=True, output_hidden_states=hidden_states)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], settings: SamplingSettings, with_values: bool = True) -> Rollout:
+        """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass."""
+        prompt_ids, prompt_mask = self.tokenize_prompts(prompts, settings.max_prompt_length)
+        shared_values = with_values and self.critic is None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                      generation_config=self.generation_config(settings, shared_values))
+        finally:
+            self.model.train(was_training)
+        completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+        mask, ended = completion_mask_from_ids(completion_ids, self.eos_token_ids)
+        completion_ids = completion_ids.masked_fill(mask == 0, self.tokenizer.pad_token_id)
+        logits = torch.stack(out.logits, dim=1).float()  # [B, T, V], raw (before temperature)
+        logprobs = core.logprobs_from_logits(logits, completion_ids, settings.temperature) * mask
+        values = None
+        if shared_values:
+            last = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)  # [B, T, H]
+            values = self.value_head(last.float()).squeeze(-1) * mask
+        elif with_values:
+            input_ids = torch.cat([prompt_ids, completion_ids], 1)
+            values = self.critic_values(input_ids, torch.cat([prompt_mask, mask], 1), completion_ids.shape[1]) * mask
+        texts = self.tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, self.tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, values, ended,
+                       list(prompts), [t.strip() for t in texts])
+
+    # ---- persistence --------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write a Hugging Face model folder (LoRA merged; the adapter also in `adapter/`), the tokenizer,
+        the value head (`value_head.safetensors`) and the critic trunk (`critic/`) if any.
+        `AutoModelForCausalLM.from_pretrained(folder)` loads the policy."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.is_peft:
+            self.model.save_pretrained(folder / "adapter")
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged.save_pretrained(folder)
+        else:
+            self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        save_file(state, str(folder / VALUE_HEAD_FILE))
+        if self.critic is not None:
+            self.critic.save_pretrained(folder / "critic")
+        return folder

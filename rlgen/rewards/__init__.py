@@ -1,0 +1,301 @@
+"""Reward protocol: load reward functions from specs, call them, validate and combine their values.
+
+A reward is any callable ``f(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]``
+(the TRL GRPO ``reward_funcs`` convention) returning one value per completion; ``None`` means the reward does
+not apply to that sample. Extra keyword arguments (dataset columns and more) must be accepted.
+"""
+
+import ast
+import functools
+import importlib
+import importlib.util
+import inspect
+import itertools
+import math
+import numbers
+import re
+import sys
+from pathlib import Path
+
+from rlgen.errors import RewardError, UserError
+from rlgen.rewards.learned import LearnedReward
+from rlgen.rewards.rules import (
+    keyword,
+    regex_match,
+    repetition_penalty,
+    sentiment_negative,
+    sentiment_positive,
+    target_length,
+)
+
+__all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_mean_metrics", "score_rewards"]
+
+BUILTIN_REWARDS = {
+    "sentiment_positive": sentiment_positive,
+    "sentiment_negative": sentiment_negative,
+    "target_length": target_length,
+    "keyword": keyword,
+    "regex_match": regex_match,
+    "repetition_penalty": repetition_penalty,
+}
+
+_SPEC = re.compile(r"([^()]*?)\s*(?:\((.*)\))?", re.DOTALL)
+_module_counter = itertools.count()
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def _literal_kwargs(args, spec):
+    """Parse ``key=literal, ...`` with ast; anything else is a UserError naming the spec."""
+    try:
+        call = ast.parse(f"f({args})", mode="eval").body
+    except SyntaxError as e:
+        raise UserError(f"reward spec {spec!r}: bad arguments ({e.msg}); write name(key=value, ...)") from e
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+        raise UserError(
+            f"reward spec {spec!r}: only keyword arguments are allowed; write name(key=value, ...)"
+        )
+    kwargs = {}
+    for kw in call.keywords:
+        if kw.arg is None or kw.arg in kwargs:
+            what = "**-unpacking" if kw.arg is None else f"a repeated argument {kw.arg!r}"
+            raise UserError(f"reward spec {spec!r}: {what} is not allowed")
+        try:
+            kwargs[kw.arg] = ast.literal_eval(kw.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+            raise UserError(
+                f"reward spec {spec!r}: argument {kw.arg}={ast.unparse(kw.value)} is not a literal "
+                "(use numbers, strings, lists, tuples, dicts, True/False/None)"
+            ) from e
+    return kwargs
+
+
+def _split_spec(spec):
+    """``'name(a=1)'`` -> ``('name', {'a': 1})``."""
+    match = _SPEC.fullmatch(spec)
+    if match is None or not match.group(1).strip():
+        raise UserError(f"reward spec {spec!r}: bad syntax; write name or name(key=value, ...)")
+    target, args = match.groups()
+    return target.strip(), ({} if args is None else _literal_kwargs(args, spec))
+
+
+def _import_file(location, spec):
+    path = Path(location)
+    if not path.is_file():
+        raise UserError(f"reward spec {spec!r}: file not found: {location}")
+    stem = re.sub(r"\W", "_", path.stem)
+    module_name = f"_rlgen_reward_{next(_module_counter)}_{stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None:
+        raise UserError(f"reward spec {spec!r}: {location} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[module_name]
+        raise UserError(
+            f"reward spec {spec!r}: loading {location} raised {type(e).__name__}: {_one_line(e)}"
+        ) from e
+    return module
+
+
+def _import_module(location, spec):
+    try:
+        return importlib.import_module(location)
+    except ImportError as e:
+        raise UserError(f"reward spec {spec!r}: cannot import module {location!r}: {_one_line(e)}") from e
+    except Exception as e:
+        raise UserError(
+            f"reward spec {spec!r}: importing module {location!r} raised {type(e).__name__}: {_one_line(e)}"
+        ) from e
+
+
+def _load_attribute(target, spec):
+    """``module:function`` or ``file.py:function`` -> ``(function name, callable)``."""
+    location, _, attr = target.rpartition(":")
+    if not location or not attr:
+        raise UserError(f"reward spec {spec!r}: write module:function or path/to/file.py:function")
+    is_file = location.endswith(".py") or "/" in location or "\\" in location
+    module = _import_file(location, spec) if is_file else _import_module(location, spec)
+    where = f"file {location}" if is_file else f"module {location}"
+    try:
+        fn = functools.reduce(getattr, attr.split("."), module)
+    except AttributeError as e:
+        raise UserError(f"reward spec {spec!r}: {where} has no function {attr!r}") from e
+    if not callable(fn):
+        raise UserError(
+            f"reward spec {spec!r}: {attr!r} in {where} is not callable (it is {type(fn).__name__})"
+        )
+    return attr.rpartition(".")[2], fn
+
+
+def _check_kwargs(spec, fn, kwargs, strict):
+    """Reject arguments the function does not name (strict) or cannot take at all."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = [p.name for p in params if p.kind in kinds and p.name not in ("prompts", "completions")]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    reserved = [k for k in kwargs if k in ("prompts", "completions")]
+    unknown = reserved or [k for k in kwargs if k not in named and (strict or not takes_any)]
+    if unknown:
+        known = ", ".join(named) or "none"
+        raise UserError(f"reward spec {spec!r}: unknown argument {unknown[0]!r} (arguments: {known})")
+
+
+def _check_builtin(spec, fn, kwargs):
+    """Call a built-in on an empty batch so bad argument values fail at load time, naming the spec."""
+    _check_kwargs(spec, fn, kwargs, strict=True)
+    try:
+        fn(prompts=[], completions=[], **kwargs)
+    except UserError as e:
+        raise UserError(f"reward spec {spec!r}: {e}") from e
+    except Exception as e:
+        raise UserError(f"reward spec {spec!r}: {type(e).__name__}: {_one_line(e)}") from e
+
+
+def _learned(target, kwargs, spec):
+    try:
+        reward = LearnedReward(target, **kwargs)
+    except TypeError as e:
+        raise UserError(f"reward spec {spec!r}: bad arguments for a reward model: {_one_line(e)}") from e
+    return reward.__name__, reward
+
+
+def _bind(name, fn, kwargs):
+    """Bind keyword arguments; the partial keeps a ``__name__`` because TRL logs rewards by it."""
+    if not kwargs:
+        return fn
+    bound = functools.partial(fn, **kwargs)
+    bound.__name__ = name
+    return bound
+
+
+def load_reward(spec: str):
+    """Resolve a reward spec to ``(name, callable)``.
+
+    Specs: a built-in name (see BUILTIN_REWARDS), ``package.module:function``, ``path/to/file.py:function`` or
+    a reward model folder (-> LearnedReward). Each may carry literal keyword arguments, bound with
+    functools.partial: ``target_length(target=30)``, ``mypkg.mod:fn(scale=2.0)``; a folder's arguments go to
+    LearnedReward (``batch_size``, ``device``, ``max_length``). The name is the built-in name, the function's
+    name or the folder name, without arguments, so it fits metric keys such as ``rewards/<name>/mean``.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise UserError("empty reward spec")
+    if Path(spec).is_dir():
+        return _learned(spec, {}, spec)
+    target, kwargs = _split_spec(spec)
+    if target in BUILTIN_REWARDS:
+        name, fn = target, BUILTIN_REWARDS[target]
+        _check_builtin(spec, fn, kwargs)
+    elif Path(target).is_dir():
+        return _learned(target, kwargs, spec)
+    elif ":" in target:
+        name, fn = _load_attribute(target, spec)
+        _check_kwargs(spec, fn, kwargs, strict=False)
+    elif "/" in target or "\\" in target:
+        raise UserError(f"reward spec {spec!r}: reward model folder not found: {target}")
+    else:
+        known = ", ".join(BUILTIN_REWARDS)
+        raise UserError(
+            f"unknown reward {spec!r}: built-ins are {known}; "
+            "or give module:function, path/to/file.py:function or a reward model folder"
+        )
+    return name, _bind(name, fn, kwargs)
+
+
+def _as_list(name, result):
+    """A list/tuple or 1-D array-like (numpy, torch) as a list; RewardError otherwise."""
+    if isinstance(result, (list, tuple)):
+        return list(result)
+    if getattr(result, "ndim", None) == 1 and hasattr(result, "tolist"):
+        return result.tolist()
+    raise RewardError(
+        f"reward {name!r} returned {type(result).__name__}; expected a list with one float (or None) per completion"
+    )
+
+
+def _as_float(name, index, value):
+    """A finite float, or None; RewardError naming the function, index and value otherwise."""
+    if value is None:
+        return None
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise RewardError(
+            f"reward {name!r} returned non-numeric {value!r} ({type(value).__name__}) at index {index}"
+        )
+    if not math.isfinite(value):
+        raise RewardError(f"reward {name!r} returned {value!r} at index {index}; rewards must be finite")
+    return float(value)
+
+
+def _call_reward(name, fn, prompts, completions, kwargs):
+    """Call one reward and return its validated values."""
+    try:
+        result = fn(prompts=prompts, completions=completions, **kwargs)
+    except Exception as e:
+        raise RewardError(f"reward {name!r} raised {type(e).__name__}: {_one_line(e)}") from e
+    values = _as_list(name, result)
+    if len(values) != len(completions):
+        raise RewardError(
+            f"reward {name!r} returned the wrong number of values: expected {len(completions)}, got {len(values)}"
+        )
+    return [_as_float(name, i, v) for i, v in enumerate(values)]
+
+
+def _check_weights(weights, count):
+    if weights is None:
+        return [1.0] * count
+    weights = list(weights)
+    if len(weights) != count:
+        raise UserError(f"reward weights: got {len(weights)} weights for {count} reward functions")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            raise UserError(f"reward weights: {w!r} is not a finite number")
+    return [float(w) for w in weights]
+
+
+def _unique_name(name, taken):
+    """``name``, or ``name_2``, ``name_3``, ... when a reward of that name was already scored."""
+    candidates = itertools.chain([name], (f"{name}_{i}" for i in itertools.count(2)))
+    return next(c for c in candidates if c not in taken)
+
+
+def score_rewards(reward_fns, prompts, completions, weights=None, **kwargs):
+    """Call each ``(name, fn)`` and return ``(totals, per_fn)``.
+
+    ``totals[i]`` is the weighted sum (weights default to 1) of the values for sample i, where None contributes
+    nothing; a sample every function gives None totals 0.0. ``per_fn`` maps each name to its validated values
+    (floats or None); a repeated name gets a ``_2``, ``_3``, ... suffix. Functions are called as TRL does,
+    ``fn(prompts=..., completions=..., **kwargs)``, so ``def f(completions, **kwargs)`` works too. A function
+    that raises or returns anything but one finite number (or None) per completion raises RewardError naming it.
+    """
+    if len(prompts) != len(completions):
+        raise UserError(f"score_rewards: {len(prompts)} prompts but {len(completions)} completions")
+    weights = _check_weights(weights, len(reward_fns))
+    totals = [0.0] * len(completions)
+    per_fn = {}
+    for (name, fn), weight in zip(reward_fns, weights):
+        values = _call_reward(name, fn, prompts, completions, kwargs)
+        per_fn[_unique_name(name, per_fn)] = values
+        for i, value in enumerate(values):
+            if value is not None:
+                totals[i] += weight * value
+    return totals, per_fn
+
+
+def reward_mean_metrics(per_fn):
+    """``{"rewards/<name>/mean": mean of the non-None values}``; a function with only None values is skipped."""
+    metrics = {}
+    for name, values in per_fn.items():
+        present = [v for v in values if v is not None]
+        if present:
+            metrics[f"rewards/{name}/mean"] = sum(present) / len(present)
+    return metrics

@@ -1,0 +1,112 @@
+"""Built-in rule-based rewards: ``f(prompts, completions, **kwargs) -> list[float]``.
+
+Each scores the completion only; extra keyword arguments (TRL passes dataset columns and more) are ignored.
+Bad arguments raise UserError naming the reward, even for empty batches, so ``load_reward`` can check them early.
+"""
+
+import re
+from functools import lru_cache
+
+from rlgen.errors import UserError
+
+
+@lru_cache(maxsize=1)
+def _analyzer():
+    """The VADER analyzer, built once on first use."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment_positive(prompts, completions, **kwargs):
+    """VADER compound score of each completion, in [-1, 1].
+
+    >>> [round(r, 4) for r in sentiment_positive(["", ""], ["I love this, it is wonderful!", "It is a chair."])]
+    [0.8478, 0.0]
+    """
+    analyzer = _analyzer()
+    return [analyzer.polarity_scores(c)["compound"] for c in completions]
+
+
+def sentiment_negative(prompts, completions, **kwargs):
+    """Minus the VADER compound score of each completion, in [-1, 1].
+
+    >>> [round(r, 4) for r in sentiment_negative([""], ["This is terrible and awful."])]
+    [0.7269]
+    """
+    return [0.0 - score for score in sentiment_positive(prompts, completions)]
+
+
+def target_length(prompts, completions, target=20, unit="words", **kwargs):
+    """``-|length - target| / target``, length counted in whitespace-split words or in characters.
+
+    >>> target_length(["", ""], ["one two three four", "one two"], target=4)
+    [0.0, -0.5]
+    >>> target_length([""], ["abcdef"], target=4, unit="chars")
+    [-0.5]
+    """
+    if unit not in ("words", "chars"):
+        raise UserError(f"target_length: unit must be 'words' or 'chars', got {unit!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0:
+        raise UserError(f"target_length: target must be a positive number, got {target!r}")
+    lengths = [len(c.split()) if unit == "words" else len(c) for c in completions]
+    return [-abs(n - target) / target for n in lengths]
+
+
+def _keyword_patterns(keywords, flags):
+    """Whole-word (or whole-phrase) patterns for a keyword or a sequence of keywords."""
+    keywords = (keywords,) if isinstance(keywords, str) else tuple(keywords)
+    return [re.compile(rf"(?<!\w){re.escape(k)}(?!\w)", flags) for k in keywords]
+
+
+def keyword(prompts, completions, include=(), exclude=(), case_sensitive=False, **kwargs):
+    """(+1 per included keyword present, -1 per excluded keyword present) / number of keywords given.
+
+    Keywords match whole words or phrases: "fun" does not match "funny".
+
+    >>> keyword(["", ""], ["Great fun!", "Boring, not fun"], include=["great", "fun"], exclude=["boring"])
+    [0.6666666666666666, 0.0]
+    """
+    flags = 0 if case_sensitive else re.IGNORECASE
+    wanted, unwanted = _keyword_patterns(include, flags), _keyword_patterns(exclude, flags)
+    if not wanted and not unwanted:
+        raise UserError("keyword: give at least one keyword in include=[...] or exclude=[...]")
+    total = len(wanted) + len(unwanted)
+
+    def score(text):
+        hits = sum(bool(p.search(text)) for p in wanted) - sum(bool(p.search(text)) for p in unwanted)
+        return hits / total
+
+    return [score(c) for c in completions]
+
+
+def regex_match(prompts, completions, pattern, **kwargs):
+    """1.0 where ``re.search(pattern, completion)`` matches, else 0.0.
+
+    >>> regex_match(["", ""], ["The answer is 42.", "No idea."], pattern=r"\\d+")
+    [1.0, 0.0]
+    """
+    try:
+        compiled = re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise UserError(f"regex_match: bad pattern {pattern!r}: {e}") from e
+    return [1.0 if compiled.search(c) else 0.0 for c in completions]
+
+
+def _minus_repeated_fraction(words, n):
+    """Minus the fraction of word n-grams that repeat an earlier one (0.0 when there are no n-grams)."""
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return (len(set(grams)) - len(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_penalty(prompts, completions, n=3, **kwargs):
+    """Minus the fraction of repeated word n-grams: 0 without repeats, towards -1 as everything repeats.
+
+    Completions shorter than n words score 0.
+
+    >>> repetition_penalty(["", "", ""], ["a b c d", "a b a b a b", "a b"], n=2)
+    [0.0, -0.6, 0.0]
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"repetition_penalty: n must be a positive integer, got {n!r}")
+    return [_minus_repeated_fraction(c.split(), n) for c in completions]

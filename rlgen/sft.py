@@ -1,0 +1,101 @@
+"""Stage 1, SFT: supervised fine-tuning with TRL's SFTTrainer on the shared policy wrapper (full or LoRA).
+
+Data rows have `text`, or `prompt` + `completion`; prompts are rendered with the model's chat template
+exactly as the RL stages and the evaluator render them, and the loss covers completion tokens only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from rlgen.config import SFTConfig, save_config
+from rlgen.data import load_sft_rows, render_prompt
+from rlgen.models import set_threads
+from rlgen.policy import Policy
+from rlgen.tracking import MetricsWriter, prepare_output_dir
+
+# TRL/transformers log keys -> rlgen's fixed metric names (others are not recorded).
+SFT_METRIC_NAMES = {
+    "loss": "loss/sft",
+    "grad_norm": "policy/grad_norm",
+    "learning_rate": "policy/learning_rate",
+    "entropy": "objective/entropy",
+    "mean_token_accuracy": "policy/token_accuracy",
+    "num_tokens": "objective/num_tokens",
+    "train_runtime": "time/train",
+}
+
+
+def _callback(writer: MetricsWriter):
+    from transformers import TrainerCallback
+
+    class WriteMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                row = {SFT_METRIC_NAMES[k]: v for k, v in logs.items() if k in SFT_METRIC_NAMES}
+                if row:
+                    writer.log(row, step=state.global_step)
+
+    return WriteMetrics()
+
+
+def _dataset(rows: list[dict], tokenizer, n: int, seed: int):
+    """The first `n` rows of a seeded shuffle (only what `max_steps` consumes gets tokenised)."""
+    import random
+
+    from datasets import Dataset
+
+    if n < len(rows):
+        rows = random.Random(seed).sample(rows, n)
+
+    if "text" in rows[0]:
+        return Dataset.from_list([{"text": str(r["text"])} for r in rows])
+    return Dataset.from_list([{"prompt": render_prompt(tokenizer, str(r["prompt"])), "completion": str(r["completion"])}
+                              for r in rows])
+
+
+def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
+    """Fine-tune `cfg.model` (or the given policy) on `cfg.dataset`; save the policy to `cfg.output_dir`."""
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    set_threads(cfg.threads)
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
+    save_config(cfg, out)
+    rows = load_sft_rows(cfg.dataset, "train")
+    if policy is None:
+        policy = Policy.from_pretrained(cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                        lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
+                                        reference=False, seed=cfg.seed)
+    # 1. data
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    train = _dataset(rows, policy.tokenizer, cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps * world,
+                     cfg.seed)
+    # 2. trainer (TRL); checkpoints go to output_dir/checkpoints
+    args = TRLSFTConfig(
+        output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, seed=cfg.seed,
+        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(cfg.save_steps, 1),
+        report_to=cfg.report_to or "none", use_cpu=not torch.cuda.is_available(), max_length=cfg.max_length,
+        completion_only_loss=cfg.completion_only_loss if "prompt" in train.column_names else None,
+        dataloader_num_workers=0, disable_tqdm=False, bf16=False, fp16=False,
+    )
+    writer = MetricsWriter(out)
+    trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train, processing_class=policy.tokenizer,
+                         callbacks=[_callback(writer)])
+    # 3. train
+    start = time.perf_counter()
+    resume = cfg.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    # 4. save the final policy (a plain Hugging Face folder plus the value head)
+    policy.model = trainer.model
+    policy.model.eval()
+    if trainer.is_world_process_zero():
+        policy.save(out)
+    print(f"[rlgen] sft: {cfg.max_steps} steps in {time.perf_counter() - start:.0f}s; model saved to {out}")
+    return policy
