@@ -231,7 +231,9 @@ class Policy(nn.Module):
         """Pure sampling (no model-specific defaults such as top_k=50) that returns raw logits per step."""
         from transformers import GenerationConfig
 
-        return GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k or None,
+        # top_k=0 and repetition_penalty=1.0 are explicit: a None would be filled in by generate() from the
+        # model's generation_config or the global default top_k=50, silently changing the sampled distribution.
+        return GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k, repetition_penalty=1.0,
                                 top_p=s.top_p, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
                                 eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
                                 return_dict_in_generate=True, output_logits=True, output_hidden_states=hidden_states)

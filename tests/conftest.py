@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny models and a local tokenizer, one thread, offline, isolated cache."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests share one cache folder of their own (demo data is built there once), never the user's."""
+    monkeypatch.setenv("RLGEN_CACHE", str(tmp_path_factory.getbasetemp() / "rlgen-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from rlgen.models import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_policy(tiny_tokenizer):
+    from rlgen.models import build_tiny_model
+    from rlgen.policy import Policy
+
+    return Policy(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer)

@@ -1,0 +1,114 @@
+import subprocess
+import sys
+
+import pytest
+
+from rlgen.cli import build_parser, main
+from rlgen.config import EvalConfig, SFTConfig, parse_stage_config
+
+
+def _parse(cls, argv, command):
+    args = build_parser().parse_args([command, *argv])
+    return parse_stage_config(cls, args, args.config)
+
+
+def test_yaml_then_flags_override(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("max_steps: 7\nlearning_rate: 1.0e-4\nlora_r: 8\nreport_to: [tensorboard]\n")
+    cfg = _parse(SFTConfig, ["--config", str(cfg_file), "--max_steps", "3", "--overwrite_output_dir"], "sft")
+    assert (cfg.max_steps, cfg.learning_rate, cfg.lora_r, cfg.report_to) == (3, 1e-4, 8, ["tensorboard"])
+    assert cfg.overwrite_output_dir is True
+    assert SFTConfig().max_steps == 20  # defaults untouched
+
+
+def test_repeatable_list_flags():
+    cfg = _parse(EvalConfig, ["--reward", "sentiment_positive", "--reward", "target_length(target=10)",
+                              "--reward_weights", "1.0", "0.5"], "evaluate")
+    assert cfg.reward == ["sentiment_positive", "target_length(target=10)"]
+    assert cfg.reward_weights == [1.0, 0.5]
+
+
+def test_configs_are_frozen():
+    cfg = SFTConfig()
+    with pytest.raises(AttributeError):
+        cfg.max_steps = 3
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("max_stepz: 3\n", "unknown key 'max_stepz'"),
+    ("max_steps: three\n", "key 'max_steps': expected an integer"),
+    ("learning_rate: [1]\n", "key 'learning_rate': expected a number"),
+    ("overwrite_output_dir: maybe\n", "key 'overwrite_output_dir': expected true or false"),
+    ("- just\n- a list\n", "must be a mapping"),
+])
+def test_bad_config_files_name_the_key(tmp_path, capsys, yaml_text, message):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(yaml_text)
+    assert main(["sft", "--config", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    if "key" in message:
+        assert str(cfg_file) in err
+
+
+def test_missing_config_file_and_bad_flag_type(capsys, tmp_path):
+    assert main(["sft", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["evaluate", "--num_prompts", "x"]) == 2
+    assert "--num_prompts: expected an integer" in capsys.readouterr().err
+
+
+def test_unknown_flag_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--max_stepz", "3"])
+    assert e.value.code == 2
+    assert "--max_stepz" in capsys.readouterr().err
+
+
+def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys):
+    cases = [
+        (["evaluate", "--model", str(tmp_path / "missing-model")], "does not exist"),
+        (["evaluate", "--model", "tiny", "--dataset", str(tmp_path / "none.jsonl")], "does not exist"),
+        (["evaluate", "--model", "tiny", "--reward", "no_such_reward"], "no_such_reward"),
+    ]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text('{"question": "hi"}\n')
+    cases += [(["evaluate", "--model", "tiny", "--dataset", str(empty)], "is empty"),
+              (["evaluate", "--model", "tiny", "--dataset", str(nocol)], "no column 'prompt'")]
+    for i, (argv, message) in enumerate(cases):
+        assert main([*argv, "--output_dir", str(tmp_path / f"o{i}")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_output_dir_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    assert main(["evaluate", "--model", "tiny", "--output_dir", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep"
+
+
+def test_run_sections_are_validated_before_training(tmp_path, capsys):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("model: tiny\nstages: [sft]\nsft:\n  max_stepz: 3\n")
+    assert main(["run", "--config", str(cfg_file), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "section 'sft'" in err and "max_stepz" in err
+    assert not (tmp_path / "o").exists()
+    assert main(["run", "--model", "tiny", "--sft.nope", "1", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "unknown key 'nope'" in capsys.readouterr().err
+
+
+def test_help_lists_every_option_with_help():
+    out = subprocess.run([sys.executable, "-m", "rlgen.cli", "sft", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in ("--model", "--output_dir", "--max_steps", "--seed", "--save_steps", "--resume_from_checkpoint",
+                 "--overwrite_output_dir", "--dataset", "--threads", "--lora_r", "--learning_rate"):
+        assert name in out.stdout
+    top = subprocess.run([sys.executable, "-m", "rlgen.cli", "--help"], capture_output=True, text=True).stdout
+    for command in ("sft", "evaluate", "run"):
+        assert command in top

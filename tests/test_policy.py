@@ -1,0 +1,137 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlgen.policy import Policy, SamplingSettings, completion_mask_from_ids
+
+PROMPTS = ["hello there, how are you?", "what did you do this weekend", "i love dogs"]
+
+
+def test_sampled_logprobs_and_values_match_a_separate_forward(tiny_policy):
+    torch.manual_seed(0)
+    tiny_policy.value_head.weight.data.normal_()  # non-zero so the values check means something
+    ro = tiny_policy.sample(PROMPTS, SamplingSettings(max_new_tokens=12, temperature=0.7))
+    T = ro.completion_ids.shape[1]
+    logprobs, values, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, T, temperature=0.7)
+    m = ro.completion_mask.bool()
+    assert ro.logprobs.shape == ro.completion_ids.shape == ro.values.shape
+    torch.testing.assert_close(ro.logprobs[m], logprobs[m], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ro.values[m], values[m], atol=1e-4, rtol=1e-4)
+    assert len(ro.completions) == len(PROMPTS) and ro.prompts == PROMPTS
+
+
+def _gpt2_policy(tokenizer):
+    """GPT-2 has absolute position embeddings, so wrong positions under left padding would show."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    return Policy(GPT2LMHeadModel(config).eval(), tokenizer)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padding_does_not_change_logprobs(arch, tiny_policy, tiny_tokenizer):
+    policy = tiny_policy if arch == "llama" else _gpt2_policy(tiny_tokenizer)
+    torch.manual_seed(1)
+    ro = policy.sample(PROMPTS, SamplingSettings(max_new_tokens=8))
+    T = ro.completion_ids.shape[1]
+    batched, _, _ = policy.forward(ro.input_ids, ro.attention_mask, T)
+    torch.testing.assert_close(ro.logprobs, batched * ro.completion_mask, atol=1e-4, rtol=1e-4)
+    for i in range(len(PROMPTS)):
+        keep = ro.prompt_mask[i].bool()
+        ids = torch.cat([ro.prompt_ids[i][keep], ro.completion_ids[i]])[None]
+        mask = torch.cat([ro.prompt_mask[i][keep], ro.completion_mask[i]])[None]
+        alone, _, _ = policy.forward(ids, mask, T)
+        m = ro.completion_mask[i].bool()
+        torch.testing.assert_close(alone[0][m], batched[i][m], atol=1e-5, rtol=1e-5)
+    assert (ro.prompt_mask == 0).any(), "prompts of different lengths must be left-padded"
+
+
+def test_value_head_is_zero_at_init(tiny_policy):
+    ro = tiny_policy.sample(PROMPTS, SamplingSettings(max_new_tokens=4))
+    assert torch.count_nonzero(tiny_policy.value_head.weight) == 0
+    assert torch.all(ro.values == 0)
+
+
+def test_reference_is_a_frozen_copy(tiny_policy):
+    ro = tiny_policy.sample(PROMPTS, SamplingSettings(max_new_tokens=6))
+    T = ro.completion_ids.shape[1]
+    before = tiny_policy.ref_logprobs(ro.input_ids, ro.attention_mask, T)
+    with torch.no_grad():
+        for p in tiny_policy.model.parameters():
+            p.add_(0.1)
+    now, _, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, T)
+    torch.testing.assert_close(tiny_policy.ref_logprobs(ro.input_ids, ro.attention_mask, T), before)
+    assert not torch.allclose(now, before)
+    assert not any(p.requires_grad for p in tiny_policy.ref_model.parameters())
+
+
+def test_completion_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
+    mask, ended = completion_mask_from_ids(ids, [2])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_save_and_load_round_trip(tiny_policy, tmp_path):
+    with torch.no_grad():
+        tiny_policy.value_head.weight.normal_()
+        tiny_policy.value_head.bias.fill_(0.5)
+    tiny_policy.save(tmp_path / "p")
+    loaded = Policy.from_pretrained(str(tmp_path / "p"))
+    torch.testing.assert_close(loaded.value_head.weight, tiny_policy.value_head.weight)
+    torch.testing.assert_close(loaded.value_head.bias, tiny_policy.value_head.bias)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    ids = torch.tensor([[3, 10, 20, 30, 40]])
+    torch.testing.assert_close(plain(ids).logits, tiny_policy.model(ids).logits)
+    assert loaded.tokenizer("hello world")["input_ids"] == tiny_policy.tokenizer("hello world")["input_ids"]
+
+
+def test_lora_reference_disables_the_adapter_and_saves_merged(tiny_tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from rlgen.models import build_tiny_model
+
+    base = build_tiny_model(tiny_tokenizer, seed=0)
+    plain = build_tiny_model(tiny_tokenizer, seed=0)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    policy = Policy(peft, tiny_tokenizer)
+    assert policy.ref_model is None  # no frozen copy under LoRA
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    ro = policy.sample(PROMPTS, SamplingSettings(max_new_tokens=6))
+    T = ro.completion_ids.shape[1]
+    ref = policy.ref_logprobs(ro.input_ids, ro.attention_mask, T)
+    expected = Policy(plain, tiny_tokenizer, reference=False).forward(ro.input_ids, ro.attention_mask, T)[0]
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
+    lp, _, _ = policy.forward(ro.input_ids, ro.attention_mask, T)
+    assert not torch.allclose(lp, ref)
+    policy.save(tmp_path / "lora")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
+    assert (tmp_path / "lora" / "adapter").is_dir()
+    reloaded = Policy(merged, tiny_tokenizer, reference=False).forward(ro.input_ids, ro.attention_mask, T)[0]
+    torch.testing.assert_close(reloaded, lp, atol=1e-4, rtol=1e-4)
+
+
+def test_separate_critic_gives_values_and_round_trips(tiny_tokenizer, tmp_path):
+    import copy
+
+    from rlgen.models import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer, seed=0)
+    policy = Policy(model, tiny_tokenizer, critic=copy.deepcopy(model.base_model))
+    with torch.no_grad():
+        policy.value_head.weight.normal_()
+    ro = policy.sample(PROMPTS, SamplingSettings(max_new_tokens=5))
+    T = ro.completion_ids.shape[1]
+    _, values, _ = policy.forward(ro.input_ids, ro.attention_mask, T)
+    m = ro.completion_mask.bool()
+    torch.testing.assert_close(ro.values[m], values[m], atol=1e-5, rtol=1e-5)
+    policy.save(tmp_path / "c")
+    loaded = Policy.from_pretrained(str(tmp_path / "c"), separate_critic=True)
+    _, values2, _ = loaded.forward(ro.input_ids, ro.attention_mask, T)
+    torch.testing.assert_close(values2[m], values[m], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,86 @@
+"""SFT, evaluation and the pipeline end to end on the tiny model."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from rlgen.cli import main
+from rlgen.config import SFTConfig
+from rlgen.tracking import read_metrics
+
+PAIRS = [{"prompt": f"say something nice about {w}", "completion": f"{w} is great and i love it"}
+         for w in ["dogs", "cats", "music", "pizza", "rain", "books", "movies", "friends"]]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_lowers_the_loss_and_changes_parameters(tmp_path):
+    from rlgen.models import build_tiny_model, build_tiny_tokenizer
+    from rlgen.sft import train_sft
+
+    data = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 8)
+    cfg = SFTConfig(model="tiny", output_dir=str(tmp_path / "sft"), dataset=str(data), max_steps=25,
+                    batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, lr_scheduler_type="constant")
+    train_sft(cfg)
+    rows = [r for r in read_metrics(tmp_path / "sft" / "metrics.jsonl") if "loss/sft" in r]
+    assert len(rows) == 25
+    first, last = rows[0]["loss/sft"], sum(r["loss/sft"] for r in rows[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+    before = build_tiny_model(build_tiny_tokenizer(), seed=0).state_dict()
+    after = load_file(str(tmp_path / "sft" / "model.safetensors"))
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert len(changed) > len(after) // 2
+    assert (tmp_path / "sft" / "config.yaml").is_file()
+    assert (tmp_path / "sft" / "value_head.safetensors").is_file()
+
+
+def test_sft_with_lora_trains_only_the_adapter(tmp_path):
+    from rlgen.sft import train_sft
+
+    data = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 2)
+    cfg = SFTConfig(model="tiny", output_dir=str(tmp_path / "lora"), dataset=str(data), max_steps=3, lora_r=4,
+                    learning_rate=1e-2, batch_size=4)
+    policy = train_sft(cfg)
+    trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_evaluate_writes_samples_summary_and_metrics(tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", "tiny", "--dataset", str(data), "--num_prompts", "6", "--max_new_tokens",
+                 "8", "--batch_size", "4", "--reward", "sentiment_positive", "--reward", "target_length(target=5)",
+                 "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "eval_summary.json").read_text())
+    for key in ("eval/rewards/sentiment_positive/mean", "eval/rewards/target_length/mean", "eval/reward/mean",
+                "eval/kl", "eval/perplexity_ref", "eval/mean_length", "eval/distinct_1", "eval/distinct_2",
+                "eval/self_bleu", "eval/eos_fraction"):
+        assert key in summary, key
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and summary["eval/num_samples"] == 6
+    assert abs(summary["eval/kl"]) < 1e-3  # the policy is its own reference
+    assert summary["eval/reward/mean"] == sum(s["reward"] for s in samples) / 6
+    assert read_metrics(out / "metrics.jsonl")[0]["eval/kl"] == summary["eval/kl"]
+    assert "eval/distinct_2" in capsys.readouterr().out
+
+
+def test_run_pipeline_end_to_end(tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: tiny\ndataset: {data}\nstages: [sft]\nsft:\n  max_steps: 4\n  learning_rate: 1.0e-3\n"
+                   "evaluate:\n  num_prompts: 4\n  max_new_tokens: 6\n  split: train\n")
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--output_dir", str(out), "--sft.batch_size", "4"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| start |" in report and "| sft |" in report and "sentiment_positive" in report
+    assert (out / "sft" / "model.safetensors").is_file()
+    sft_cfg = (out / "sft" / "config.yaml").read_text()
+    assert "batch_size: 4" in sft_cfg and "max_steps: 4" in sft_cfg
+    after = json.loads((out / "eval_sft" / "eval_summary.json").read_text())
+    assert after["eval/kl"] > 0  # KL is measured against the starting model, not the SFT model itself
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
