@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file with any of the options below")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         add_arguments(p, cls)
-    from rlgen.pipeline import RunConfig, RUN_HELP
+    from rlgen.pipeline import RUN_HELP, RunConfig
 
     p = sub.add_parser("run", help=RUN_HELP, description=RUN_HELP + " Override a stage's option with "
                        "--<stage>.<key> VALUE, e.g. --sft.max_steps 5.")

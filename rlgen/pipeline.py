@@ -14,8 +14,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlgen.config import (CommonConfig, EvalConfig, SFTConfig, build_config, load_yaml, opt, parse_stage_config,
-                          save_config)
+from rlgen.config import (
+    CommonConfig,
+    EvalConfig,
+    SFTConfig,
+    build_config,
+    opt,
+    parse_stage_config,
+    save_config,
+)
 from rlgen.errors import UserError
 from rlgen.tracking import MetricsWriter, prepare_output_dir
 
