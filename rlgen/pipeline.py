@@ -83,7 +83,7 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`."""
     from rlgen.data import load_rows
     from rlgen.evaluation import evaluate_policy
-    from rlgen.models import set_threads
+    from rlgen.models import default_device, set_threads
     from rlgen.policy import Policy, SamplingSettings
     from rlgen.rewards import load_reward
 
@@ -97,7 +97,7 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     if cfg.reward_weights and len(cfg.reward_weights) != len(reward_fns):
         raise UserError(f"reward_weights has {len(cfg.reward_weights)} values for {len(reward_fns)} rewards")
     prompts = [str(r["prompt"]) for r in load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]]
-    policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed)
+    policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed).to(default_device())
     sampling = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                 top_p=cfg.top_p, max_prompt_length=cfg.max_prompt_length)
     metrics = evaluate_policy(policy, prompts, reward_fns, sampling, weights=cfg.reward_weights or None,

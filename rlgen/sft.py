@@ -29,8 +29,10 @@ SFT_METRIC_NAMES = {
 }
 
 
-def _callback(writer: MetricsWriter):
+def _callbacks(writer: MetricsWriter):
+    """metrics.jsonl under rlgen's names, and a progress bar that shows the loss instead of printing dicts."""
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
 
     class WriteMetrics(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -39,7 +41,12 @@ def _callback(writer: MetricsWriter):
                 if row:
                     writer.log(row, step=state.global_step)
 
-    return WriteMetrics()
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+    return WriteMetrics(), QuietProgress()
 
 
 def _dataset(rows: list[dict], tokenizer, n: int, seed: int):
@@ -59,8 +66,12 @@ def _dataset(rows: list[dict], tokenizer, n: int, seed: int):
 
 def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
     """Fine-tune `cfg.model` (or the given policy) on `cfg.dataset`; save the policy to `cfg.output_dir`."""
+    import datasets
+    from transformers.trainer_callback import ProgressCallback
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
+
+    datasets.disable_progress_bars()
 
     set_threads(cfg.threads)
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
@@ -86,8 +97,11 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
         dataloader_num_workers=0, disable_tqdm=False, bf16=False, fp16=False,
     )
     writer = MetricsWriter(out)
+    write_metrics, progress = _callbacks(writer)
     trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train, processing_class=policy.tokenizer,
-                         callbacks=[_callback(writer)])
+                         callbacks=[write_metrics])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress)
     # 3. train
     start = time.perf_counter()
     resume = cfg.resume_from_checkpoint
