@@ -1,6 +1,7 @@
 """Reward protocol: rule rewards, spec loading, scoring/validation and the learned reward model."""
 
 import doctest
+import importlib.util
 import json
 import math
 import os
@@ -108,9 +109,11 @@ def test_builtin_table():
         "keyword",
         "regex_match",
         "repetition_penalty",
+        "toxicity_penalty",
     }
+    optional_missing = set() if importlib.util.find_spec("profanity_check") else {"toxicity_penalty"}
     for name in BUILTIN_REWARDS:
-        if name not in ("regex_match", "keyword"):
+        if name not in ("regex_match", "keyword", *optional_missing):
             assert load_reward(name) == (name, BUILTIN_REWARDS[name])
 
 

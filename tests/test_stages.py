@@ -81,6 +81,8 @@ def test_run_pipeline_end_to_end(tmp_path, capsys):
     assert (out / "sft" / "model.safetensors").is_file()
     sft_cfg = (out / "sft" / "config.yaml").read_text()
     assert "batch_size: 4" in sft_cfg and "max_steps: 4" in sft_cfg
+    # KL is measured against the starting model: zero for the start itself, not for the SFT model.
+    start = json.loads((out / "eval_start" / "eval_summary.json").read_text())
     after = json.loads((out / "eval_sft" / "eval_summary.json").read_text())
-    assert after["eval/kl"] > 0  # KL is measured against the starting model, not the SFT model itself
+    assert abs(start["eval/kl"]) < 1e-4 and abs(after["eval/kl"]) > 1e-2
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out

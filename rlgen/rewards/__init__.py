@@ -26,6 +26,7 @@ from rlgen.rewards.rules import (
     sentiment_negative,
     sentiment_positive,
     target_length,
+    toxicity_penalty,
 )
 
 __all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_mean_metrics", "score_rewards"]
@@ -37,6 +38,7 @@ BUILTIN_REWARDS = {
     "keyword": keyword,
     "regex_match": regex_match,
     "repetition_penalty": repetition_penalty,
+    "toxicity_penalty": toxicity_penalty,
 }
 
 _SPEC = re.compile(r"([^()]*?)\s*(?:\((.*)\))?", re.DOTALL)

@@ -110,3 +110,24 @@ def repetition_penalty(prompts, completions, n=3, **kwargs):
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError(f"repetition_penalty: n must be a positive integer, got {n!r}")
     return [_minus_repeated_fraction(c.split(), n) for c in completions]
+
+
+@lru_cache(maxsize=1)
+def _profanity_prob():
+    """alt-profanity-check's `predict_prob` (an optional dependency: it pins scikit-learn and joblib)."""
+    try:
+        from profanity_check import predict_prob
+    except ImportError as e:
+        raise UserError("toxicity_penalty needs the package alt-profanity-check: pip install alt-profanity-check") from e
+    return predict_prob
+
+
+def toxicity_penalty(prompts, completions, **kwargs):
+    """Minus the probability that each completion is profane or offensive (alt-profanity-check), in [-1, 0].
+
+    A bag-of-words linear model: it flags swearing and slurs, not subtler toxicity.
+    """
+    predict_prob = _profanity_prob()
+    if not completions:
+        return []
+    return [-float(p) for p in predict_prob(list(completions))]
