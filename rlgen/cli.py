@@ -16,19 +16,49 @@ from rlgen.errors import UserError
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STAGES = {
-    "sft": (SFTConfig, "supervised fine-tuning with TRL's SFTTrainer (full or LoRA)"),
-    "evaluate": (EvalConfig, "sample held-out prompts and report eval/* metrics"),
-}
+
+def _stages() -> dict:
+    """command -> (config class, help, function(cfg)); stage modules are imported lazily by the functions."""
+    from rlgen.ppo import PPOConfig
+    from rlgen.reward_model import RewardModelConfig
+    from rlgen.seqgan import SeqGANConfig
+
+    return {
+        "sft": (SFTConfig, "supervised fine-tuning with TRL's SFTTrainer (full or LoRA)", _cmd_sft),
+        "ppo": (PPOConfig, "PPO against rule-based or learned rewards with a KL penalty to the reference", _cmd_ppo),
+        "seqgan": (SeqGANConfig, "SeqGAN: generator/discriminator loop with Monte-Carlo rollout rewards",
+                   _cmd_seqgan),
+        "evaluate": (EvalConfig, "sample held-out prompts and report eval/* metrics", _cmd_evaluate),
+        "reward-model train": (RewardModelConfig, "train a reward model on preference pairs (TRL RewardTrainer)",
+                               _cmd_reward_model),
+    }
 
 
-def _cmd_sft(cfg: SFTConfig) -> None:
+def _cmd_sft(cfg) -> None:
     from rlgen.sft import train_sft
 
     train_sft(cfg)
 
 
-def _cmd_evaluate(cfg: EvalConfig) -> None:
+def _cmd_ppo(cfg) -> None:
+    from rlgen.ppo import train_ppo
+
+    train_ppo(cfg)
+
+
+def _cmd_seqgan(cfg) -> None:
+    from rlgen.seqgan import train_seqgan
+
+    train_seqgan(cfg)
+
+
+def _cmd_reward_model(cfg) -> None:
+    from rlgen.reward_model import train_reward_model
+
+    train_reward_model(cfg)
+
+
+def _cmd_evaluate(cfg) -> None:
     from rlgen.pipeline import run_evaluation
 
     metrics = run_evaluation(cfg)
@@ -36,7 +66,11 @@ def _cmd_evaluate(cfg: EvalConfig) -> None:
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
 
 
-COMMANDS = {"sft": _cmd_sft, "evaluate": _cmd_evaluate}
+def _add_stage(sub, name: str, cls, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", help="YAML file with any of the options below")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_arguments(p, cls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rlgen", description="Fine-tune pretrained causal LMs with SFT, PPO and SeqGAN; compare them on equal terms.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (cls, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", help="YAML file with any of the options below")
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-        add_arguments(p, cls)
+    for name, (cls, help_text, _) in _stages().items():
+        if name == "reward-model train":
+            group = sub.add_parser("reward-model", help="learned reward models: reward-model train")
+            inner = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+            _add_stage(inner, "train", cls, help_text)
+        else:
+            _add_stage(sub, name, cls, help_text)
     from rlgen.pipeline import RUN_HELP, RunConfig
 
     p = sub.add_parser("run", help=RUN_HELP, description=RUN_HELP + " Override a stage's option with "
@@ -69,8 +105,9 @@ def _dispatch(argv: list[str]) -> None:
         return
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    cls = STAGES[args.command][0]
-    COMMANDS[args.command](parse_stage_config(cls, args, args.config))
+    name = f"{args.command} {args.action}" if args.command == "reward-model" else args.command
+    cls, _, command = _stages()[name]
+    command(parse_stage_config(cls, args, args.config))
 
 
 def main(argv: list[str] | None = None) -> int:

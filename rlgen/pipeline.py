@@ -28,7 +28,16 @@ from rlgen.tracking import MetricsWriter, prepare_output_dir
 
 RUN_HELP = "the pipeline: evaluate the starting model, run each training stage, evaluate after each, report"
 
-TRAINING_STAGES = {"sft": SFTConfig}
+def _training_stages() -> dict:
+    """stage name -> (config class, training function); the order of `stages` in a run is the user's."""
+    from rlgen.ppo import PPOConfig, train_ppo
+    from rlgen.seqgan import SeqGANConfig, train_seqgan
+    from rlgen.sft import train_sft
+
+    return {"sft": (SFTConfig, train_sft), "ppo": (PPOConfig, train_ppo), "seqgan": (SeqGANConfig, train_seqgan)}
+
+
+TRAINING_STAGES = ("sft", "ppo", "seqgan")
 REPORT_COLUMNS = ["eval/reward/mean", "eval/kl", "eval/perplexity_ref", "eval/mean_length", "eval/eos_fraction",
                   "eval/distinct_1", "eval/distinct_2", "eval/self_bleu"]
 
@@ -40,6 +49,8 @@ class RunConfig(CommonConfig):
     output_dir: str = opt("runs/default", "folder for every stage's output and report.md")
     stages: list[str] = opt(["sft"], f"training stages in order, from: {', '.join(TRAINING_STAGES)}")
     sft: dict = opt({}, "options of the sft stage (see rlgen sft --help)")
+    ppo: dict = opt({}, "options of the ppo stage (see rlgen ppo --help)")
+    seqgan: dict = opt({}, "options of the seqgan stage (see rlgen seqgan --help)")
     evaluate: dict = opt({}, "options of every evaluation (see rlgen evaluate --help)")
 
 
@@ -75,7 +86,7 @@ def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     source = f"config file {args.config}" if args.config else "command line"
     _stage_config(EvalConfig, run, "evaluate", Path(run.output_dir), run.model, source)
     for stage in run.stages:
-        _stage_config(TRAINING_STAGES[stage], run, stage, Path(run.output_dir), run.model, source)
+        _stage_config(_training_stages()[stage][0], run, stage, Path(run.output_dir), run.model, source)
     return run
 
 
@@ -145,13 +156,11 @@ def run_pipeline(run: RunConfig) -> Path:
     evaluate("start", run.model)
     model = run.model
     for stage in run.stages:
-        cfg = _stage_config(TRAINING_STAGES[stage], run, stage, out / stage, model, source)
+        config_class, train = _training_stages()[stage]
+        cfg = _stage_config(config_class, run, stage, out / stage, model, source)
         print(f"[rlgen] stage {stage}: {cfg.max_steps} steps from {model}", flush=True)
         t = time.perf_counter()
-        if stage == "sft":
-            from rlgen.sft import train_sft
-
-            train_sft(cfg)
+        train(cfg)
         seconds[stage] = time.perf_counter() - t
         model = str(out / stage)
         evaluate(stage, model)
