@@ -1,0 +1,154 @@
+"""rlgen's PPO on exactly the work of ../shared/bench/peer_trl_ppo.py (TRL 1.12 PPOTrainer), for a side-by-side ratio.
+
+The work comes from the peer's own `peer_common.py` (imported from --peer-dir): the same word-level tokenizer,
+Llama shapes and seeds (policy seed, value seed + 1, reward seed + 2), the same equal-length prompts and the
+same reward model (a randomly initialised LlamaForSequenceClassification, one logit), and the same flags.
+Like the peer: full fine-tuning, fixed-length responses (min_new_tokens = max_new_tokens, so no EOS), one
+mini-batch per epoch, `--ppo-epochs` passes, a fixed KL coefficient `--beta`, fp32, `--threads` threads.
+
+Differences, by design of rlgen's PPO: values come from a value head on the policy's trunk, read off the
+generation pass (the peer trains a separate value model and runs it again after generation), and the rollout
+log-probs also come from generation (the peer runs a second policy forward). The reward model is called through
+rlgen's reward protocol: it scores `prompt + " " + completion` re-tokenised with the peer's word-level tokenizer
+(the peer scores the token ids directly; the texts round-trip except for special tokens the random policy
+may sample, which decoding drops).
+
+Prints one JSON line like the peer's. `s_per_update` is the whole `train_ppo` call (set-up, the updates, and
+at the end sampling the "after" completions, plotting the curves and saving the model, none of which the peer
+does) divided by the updates; `s_per_update_loop` counts only the update phases (the span of the peer's
+train()) and `s_per_update_steady` is their median without the first update. `split_s` sums the phases.
+Library imports happen before the timer, as the peer's happen before trainer.train(), except matplotlib's.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def peer_common(peer_dir: str):
+    """Import the peer's work definition (it also sets the offline environment variables)."""
+    sys.path.insert(0, str(Path(peer_dir).resolve()))
+    import peer_common
+
+    return peer_common
+
+
+class PeerRewardModel:
+    """The peer's reward model behind rlgen's reward protocol: one logit for `prompt + " " + completion`."""
+
+    __name__ = "peer_reward_model"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer, self.seconds = model.eval(), tokenizer, 0.0
+
+    def __call__(self, prompts, completions, **kwargs):
+        import torch
+
+        start = time.perf_counter()
+        texts = [f"{p} {c}" for p, c in zip(prompts, completions)]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            scores = self.model(**enc).logits[:, 0].float().tolist()
+        self.seconds += time.perf_counter() - start
+        return scores
+
+
+def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--peer-dir", default=str(REPO.parent / "shared" / "bench"))
+    peer_dir = pre.parse_known_args()[0].peer_dir
+    pc = peer_common(peer_dir)
+    parser = pc.common_args(__doc__.splitlines()[0])
+    parser.add_argument("--peer-dir", default=peer_dir, help="folder with peer_common.py (default ../shared/bench)")
+    args = parser.parse_args()
+    threads = pc.set_threads(args.threads)
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(REPO))
+    from rlgen.policy import Policy
+    from rlgen.ppo import PPOConfig, train_ppo
+    from rlgen.tracking import read_metrics
+
+    t0 = time.perf_counter()
+    tokenizer = pc.build_tokenizer(pc.SIZES[args.model_size]["vocab"], seed=args.seed)
+    # The peer's build_models less its value model: the same config and seeds give the same weights.
+    config = pc.llama_config(args.model_size)
+    transformers.set_seed(args.seed)
+    model = transformers.LlamaForCausalLM(config).float()
+    transformers.set_seed(args.seed + 2)
+    reward_model = transformers.LlamaForSequenceClassification(config).float()
+    os.makedirs(args.workdir, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="rlgen-ppo-", dir=args.workdir))
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n"
+                               for t in pc.prompt_texts(tokenizer, args.num_prompts, args.prompt_length, args.seed)))
+    policy = Policy(model, tokenizer)  # the reference is a frozen copy, as the peer's ref_model=None
+    # train_ppo loads rewards from specs (module:attribute), so the reward object is put on this module.
+    reward = sys.modules[__name__].peer_reward_model = PeerRewardModel(reward_model, tokenizer)
+    cfg = PPOConfig(model="peer", output_dir=str(work / "out"), dataset=str(prompts), max_steps=args.steps,
+                    reward=[f"{__name__}:peer_reward_model"],
+                    seed=args.seed, threads=args.threads, batch_size=args.batch, mini_batch_size=args.batch,
+                    ppo_epochs=args.ppo_epochs, learning_rate=args.lr, kl_coef=args.beta, adaptive_kl=False,
+                    temperature=args.temperature, max_new_tokens=args.response_length,
+                    min_new_tokens=args.response_length, missing_eos_penalty=0.0, max_prompt_length=512)
+
+    # Imports are paid before the timer, as the peer pays them before trainer.train(). Only matplotlib, for
+    # ppo_curves.png at the end, is left to train_ppo (~0.5 s timed; importing it here would add ~30 MB to
+    # the peak RSS during training).
+    import tqdm.auto  # noqa: F401
+    from transformers import get_scheduler  # noqa: F401
+
+    init_s = time.perf_counter() - t0
+    t1, c1 = time.perf_counter(), time.process_time()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line, as the peer's
+        train_ppo(cfg, policy)
+    wall, cpu = time.perf_counter() - t1, time.process_time() - c1
+
+    rows = read_metrics(work / "out" / "metrics.jsonl")
+    per_update = [r["time/rollout"] + r["time/score"] + r["time/update"] for r in rows]
+    gen_tokens = args.steps * args.batch * args.response_length
+    split = {"generation": sum(r["time/rollout"] for r in rows),
+             "reward_forward": reward.seconds,
+             "reference_forward_and_shaping": sum(r["time/score"] for r in rows) - reward.seconds,
+             "value_forward": 0.0,
+             "update": sum(r["time/update"] for r in rows)}
+    print(json.dumps({
+        "impl": "rlgen-ppo",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "model_size": args.model_size,
+        "params_policy": pc.n_params(model),
+        "batch": args.batch,
+        "response_length": args.response_length,
+        "prompt_length": args.prompt_length,
+        "ppo_epochs": args.ppo_epochs,
+        "steps": len(rows),
+        "threads": threads,
+        "init_s": round(init_s, 3),
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "s_per_update": round(wall / len(rows), 4),
+        "s_per_update_loop": round(sum(per_update) / len(rows), 4),
+        "s_per_update_steady": round(statistics.median(per_update[1:]), 4) if len(rows) > 1 else None,
+        "gen_tokens": gen_tokens,
+        "tokens_per_s": round(gen_tokens / wall, 2),
+        "peak_rss_mb": pc.peak_rss_mb(),
+        "settings": {"beta": args.beta, "lr": args.lr, "temperature": args.temperature, "seed": args.seed,
+                     "num_prompts": args.num_prompts, "value": "shared-trunk head, from generation",
+                     "reward": "peer reward model via the reward protocol (re-tokenised text)"},
+        "split_s": {k: round(v, 3) for k, v in split.items()},
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
