@@ -107,7 +107,7 @@ def _dispatch(argv: list[str]) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = f"{args.command} {args.action}" if args.command == "reward-model" else args.command
     cls, _, command = _stages()[name]
-    command(parse_stage_config(cls, args, args.config))
+    command(parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_")))
 
 
 def main(argv: list[str] | None = None) -> int:

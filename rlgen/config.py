@@ -186,15 +186,25 @@ def _default(f: dataclasses.Field):
 
 
 def parse_stage_config(cls, args: argparse.Namespace, config_path: str | None, section: str | None = None):
-    """defaults < YAML (the whole file, or its `section`) < flags given on the command line."""
+    """defaults < YAML < flags given on the command line.
+
+    The YAML file is either the stage's own (every key is an option of `cls`) or a `rlgen run` file (it has
+    `stages`): then its common top-level keys and its `section` apply, so one experiment file serves both
+    `rlgen run --config F` and `rlgen <stage> --config F`.
+    """
     values: dict = {}
     source = "command line"
     if config_path:
         data = load_yaml(config_path)
-        if section is not None:
-            data = data.get(section, {}) or {}
-        values.update(data)
         source = f"config file {config_path}"
+        if section is not None and "stages" in data:
+            common = {f.name for f in dataclasses.fields(CommonConfig)}
+            stage_values = data.get(section) or {}
+            if not isinstance(stage_values, dict):
+                raise UserError(f"{source}: section '{section}' must be a mapping of key: value")
+            data = {**{k: v for k, v in data.items() if k in common}, **stage_values}
+            source += f", section '{section}'"
+        values.update(data)
     flags = {k: v for k, v in vars(args).items() if k in _fields(cls)}
     config = build_config(cls, values, source)
     return dataclasses.replace(config, **{k: _convert(v, typing.get_type_hints(cls)[k], f"--{k}")

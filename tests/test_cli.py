@@ -9,7 +9,7 @@ from rlgen.config import EvalConfig, SFTConfig, parse_stage_config
 
 def _parse(cls, argv, command):
     args = build_parser().parse_args([command, *argv])
-    return parse_stage_config(cls, args, args.config)
+    return parse_stage_config(cls, args, args.config, section=command)
 
 
 def test_yaml_then_flags_override(tmp_path):
@@ -112,3 +112,16 @@ def test_help_lists_every_option_with_help():
     top = subprocess.run([sys.executable, "-m", "rlgen.cli", "--help"], capture_output=True, text=True).stdout
     for command in ("sft", "evaluate", "run"):
         assert command in top
+
+
+def test_stage_command_reads_its_section_of_a_run_file(tmp_path):
+    from rlgen.ppo import PPOConfig
+
+    run_file = tmp_path / "exp.yaml"
+    run_file.write_text("model: tiny\nseed: 3\nstages: [ppo]\nppo:\n  max_steps: 7\n  lora_r: 4\n"
+                        "evaluate:\n  num_prompts: 5\n")
+    cfg = _parse(PPOConfig, ["--config", str(run_file), "--lora_r", "8"], "ppo")
+    assert (cfg.model, cfg.seed, cfg.max_steps, cfg.lora_r) == ("tiny", 3, 7, 8)
+    run_file.write_text("model: tiny\nstages: [ppo]\nppo:\n  max_stepz: 7\n")
+    with pytest.raises(Exception, match="section 'ppo': unknown key 'max_stepz'"):
+        _parse(PPOConfig, ["--config", str(run_file)], "ppo")
