@@ -72,6 +72,8 @@ class RewardConfigMixin:
 class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
     """`rlgen evaluate`: sample completions for held-out prompts and report eval/* metrics."""
 
+    gold_reward: list[str] = opt([], "gold reward(s) reported as eval/gold/<fn>/* but never optimised "
+                                     "(e.g. the scorer that labelled a learned proxy reward)")
     split: str = opt("test", "dataset split whose prompts are used")
     num_prompts: int = opt(64, "number of prompts (the first N of the split)")
     batch_size: int = opt(16, "prompts per generation batch")

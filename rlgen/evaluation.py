@@ -3,6 +3,8 @@
 Metrics (all under `eval/`):
 - `eval/rewards/<fn>/mean`, `eval/rewards/<fn>/std`: each reward function on the sampled completions
 - `eval/reward/mean`: the weighted sum used for training
+- `eval/gold/<fn>/mean`, `eval/gold/<fn>/std`: gold rewards, scored but never optimised (e.g. the rule
+  scorer that labelled a learned proxy's training pairs; Gao et al. 2022)
 - `eval/kl`: mean over samples of sum_t [log pi(y_t|.) - log pi_ref(y_t|.)] (k1 estimator on the policy's
   own samples: an unbiased estimate of KL(pi || pi_ref) per sequence, at the sampling temperature)
 - `eval/perplexity_ref`: exp(mean NLL per completion token under the reference at temperature 1)
@@ -27,10 +29,10 @@ from rlgen.rewards import score_rewards
 def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list[tuple[str, object]],
                     sampling: SamplingSettings, *, weights: list[float] | None = None, batch_size: int = 16,
                     output_dir: str | Path | None = None, self_bleu_max_texts: int = 200,
-                    extra_rewards: list[tuple[str, object]] = ()) -> dict[str, float]:
+                    gold_rewards: list[tuple[str, object]] = ()) -> dict[str, float]:
     """Sample one completion per prompt and return `eval/*` metrics.
 
-    `extra_rewards` are scored and reported (e.g. a gold reward) but not part of `eval/reward/mean`.
+    `gold_rewards` are scored and reported under `eval/gold/` but are not part of `eval/reward/mean`.
     Writes `eval_samples.jsonl` (one object per sample) and `eval_summary.json` to `output_dir` if given.
     """
     start = time.perf_counter()
@@ -51,9 +53,9 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list[tuple[s
         nll_sum += float(-(ref_lp1 * mask).sum())
         n_tokens += int(mask.sum())
         total, fn_values = score_rewards(reward_fns, ro.prompts, ro.completions, weights=weights)
-        if extra_rewards:
-            _, extra_values = score_rewards(list(extra_rewards), ro.prompts, ro.completions)
-            fn_values = {**fn_values, **extra_values}
+        if gold_rewards:
+            _, gold_values = score_rewards(list(gold_rewards), ro.prompts, ro.completions)
+            fn_values = {**fn_values, **{f"gold/{k}": v for k, v in gold_values.items()}}
         totals.extend(total)
         kl_seq.extend(kl.tolist())
         for name, values in fn_values.items():
@@ -67,7 +69,8 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list[tuple[s
     out: dict[str, float] = {}
     for name, values in per_fn.items():
         mean, std = metrics.mean_std([v for v in values if v is not None])
-        out[f"eval/rewards/{name}/mean"], out[f"eval/rewards/{name}/std"] = mean, std
+        key = f"eval/{name}" if name.startswith("gold/") else f"eval/rewards/{name}"
+        out[f"{key}/mean"], out[f"{key}/std"] = mean, std
     out["eval/reward/mean"] = metrics.mean_std(totals)[0]
     out["eval/kl"] = metrics.mean_std(kl_seq)[0]
     out["eval/perplexity_ref"] = metrics.perplexity(nll_sum, n_tokens)

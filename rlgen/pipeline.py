@@ -111,8 +111,10 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed).to(default_device())
     sampling = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                 top_p=cfg.top_p, max_prompt_length=cfg.max_prompt_length)
+    gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
     metrics = evaluate_policy(policy, prompts, reward_fns, sampling, weights=cfg.reward_weights or None,
-                              batch_size=cfg.batch_size, output_dir=out, self_bleu_max_texts=cfg.self_bleu_max_texts)
+                              batch_size=cfg.batch_size, output_dir=out, self_bleu_max_texts=cfg.self_bleu_max_texts,
+                              gold_rewards=gold_fns)
     MetricsWriter(out).log(metrics, step=log_step)
     return metrics
 
@@ -123,7 +125,8 @@ def _fmt(v) -> str:
 
 def write_report(folder: Path, rows: dict[str, dict], seconds: dict[str, float]) -> Path:
     """report.md and report.json: one row per evaluated model."""
-    reward_columns = sorted({k for m in rows.values() for k in m if k.startswith("eval/rewards/") and k.endswith("/mean")})
+    reward_columns = sorted({k for m in rows.values() for k in m
+                             if k.startswith(("eval/rewards/", "eval/gold/")) and k.endswith("/mean")})
     columns = reward_columns + REPORT_COLUMNS
     lines = ["# rlgen run report", "", "| model | " + " | ".join(c.removeprefix("eval/") for c in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -55,7 +56,7 @@ def test_evaluate_writes_samples_summary_and_metrics(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", "tiny", "--dataset", str(data), "--num_prompts", "6", "--max_new_tokens",
                  "8", "--batch_size", "4", "--reward", "sentiment_positive", "--reward", "target_length(target=5)",
-                 "--output_dir", str(out)]) == 0
+                 "--gold_reward", "repetition_penalty", "--output_dir", str(out)]) == 0
     summary = json.loads((out / "eval_summary.json").read_text())
     for key in ("eval/rewards/sentiment_positive/mean", "eval/rewards/target_length/mean", "eval/reward/mean",
                 "eval/kl", "eval/perplexity_ref", "eval/mean_length", "eval/distinct_1", "eval/distinct_2",
@@ -63,6 +64,11 @@ def test_evaluate_writes_samples_summary_and_metrics(tmp_path, capsys):
         assert key in summary, key
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and summary["eval/num_samples"] == 6
+    # the gold reward is reported on its own and left out of the optimised sum
+    gold = [s["rewards"]["gold/repetition_penalty"] for s in samples]
+    assert summary["eval/gold/repetition_penalty/mean"] == pytest.approx(sum(gold) / 6)
+    assert all(s["reward"] == pytest.approx(s["rewards"]["sentiment_positive"] + s["rewards"]["target_length"])
+               for s in samples)
     assert abs(summary["eval/kl"]) < 1e-3  # the policy is its own reference
     assert summary["eval/reward/mean"] == sum(s["reward"] for s in samples) / 6
     assert read_metrics(out / "metrics.jsonl")[0]["eval/kl"] == summary["eval/kl"]
