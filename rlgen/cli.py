@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(argv: list[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file loading/saving bars; training keeps its own progress bar
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "run":
