@@ -52,7 +52,7 @@ from rlgen.errors import UserError
 from rlgen.models import resolve_model_path, set_threads
 from rlgen.rewards import LearnedReward, load_reward, score_rewards
 from rlgen.rewards.learned import NORMALISATION_FILE
-from rlgen.tracking import MetricsWriter, prepare_output_dir
+from rlgen.tracking import MetricsWriter, prepare_output_dir, trainer_metrics_callback
 
 UPBEAT_DATASET = "chitchat-upbeat"
 MINILM = "minilm"
@@ -438,19 +438,6 @@ def _check(cfg: RewardModelConfig) -> None:
         raise UserError(f"calibration_samples must be at least 2 to measure a std, got {cfg.calibration_samples}")
 
 
-def _callback(writer: MetricsWriter):
-    from transformers import TrainerCallback
-
-    class WriteMetrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                row = {RM_METRIC_NAMES[k]: v for k, v in logs.items() if k in RM_METRIC_NAMES}
-                if row:
-                    writer.log(row, step=state.global_step)
-
-    return WriteMetrics()
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
@@ -504,7 +491,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     )
     writer = MetricsWriter(out)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-                            callbacks=[_callback(writer)])
+                            callbacks=[trainer_metrics_callback(writer, RM_METRIC_NAMES)])
 
     # 4. train
     train_start = time.perf_counter()

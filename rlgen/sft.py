@@ -15,7 +15,7 @@ from rlgen.config import SFTConfig, save_config
 from rlgen.data import load_sft_rows, render_prompt
 from rlgen.models import set_threads
 from rlgen.policy import Policy
-from rlgen.tracking import MetricsWriter, prepare_output_dir
+from rlgen.tracking import MetricsWriter, prepare_output_dir, trainer_metrics_callback
 
 # TRL/transformers log keys -> rlgen's fixed metric names (others are not recorded).
 SFT_METRIC_NAMES = {
@@ -29,24 +29,16 @@ SFT_METRIC_NAMES = {
 }
 
 
-def _callbacks(writer: MetricsWriter):
-    """metrics.jsonl under rlgen's names, and a progress bar that shows the loss instead of printing dicts."""
-    from transformers import TrainerCallback
+def _quiet_progress():
+    """A progress bar that shows the loss instead of printing every log dict."""
     from transformers.trainer_callback import ProgressCallback
-
-    class WriteMetrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                row = {SFT_METRIC_NAMES[k]: v for k, v in logs.items() if k in SFT_METRIC_NAMES}
-                if row:
-                    writer.log(row, step=state.global_step)
 
     class QuietProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.training_bar is not None and logs and "loss" in logs:
                 self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
 
-    return WriteMetrics(), QuietProgress()
+    return QuietProgress()
 
 
 def _dataset(rows: list[dict], tokenizer, n: int, seed: int):
@@ -97,11 +89,10 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
         dataloader_num_workers=0, disable_tqdm=False, bf16=False, fp16=False,
     )
     writer = MetricsWriter(out)
-    write_metrics, progress = _callbacks(writer)
     trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train, processing_class=policy.tokenizer,
-                         callbacks=[write_metrics])
+                         callbacks=[trainer_metrics_callback(writer, SFT_METRIC_NAMES)])
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(progress)
+    trainer.add_callback(_quiet_progress())
     # 3. train
     start = time.perf_counter()
     resume = cfg.resume_from_checkpoint

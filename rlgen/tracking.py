@@ -9,13 +9,20 @@ from pathlib import Path
 from rlgen.errors import UserError
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool, resuming: bool = False) -> Path:
-    """Create `path`; refuse a non-empty folder unless overwriting or resuming (nothing is clobbered)."""
+def check_output_dir(path: str | Path, overwrite: bool, resuming: bool = False) -> Path:
+    """The output-folder guard alone (writes nothing): refuse a file, or a non-empty folder unless
+    overwriting or resuming. Stages call it before loading anything, so bad input never touches the folder."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output_dir {folder} is a file")
     if folder.is_dir() and any(folder.iterdir()) and not (overwrite or resuming):
         raise UserError(f"output_dir {folder} is not empty: pass --overwrite_output_dir true or choose another folder")
+    return folder
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool, resuming: bool = False) -> Path:
+    """Create `path`; refuse a non-empty folder unless overwriting or resuming (nothing is clobbered)."""
+    folder = check_output_dir(path, overwrite, resuming)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -40,6 +47,33 @@ class MetricsWriter:
             f.write(json.dumps(row) + "\n")
 
 
+def jsonable_row(metrics: dict) -> dict:
+    """A metrics row as MetricsWriter writes it (non-finite floats as strings)."""
+    return {k: _jsonable(v) for k, v in metrics.items()}
+
+
+def rewrite_metrics(path: str | Path, rows: list[dict]) -> None:
+    """Replace a metrics file with `rows` atomically (resume drops rows logged after the checkpoint)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(path)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def trainer_metrics_callback(writer: MetricsWriter, names: dict[str, str]):
+    """A transformers TrainerCallback writing the logged values named in `names` (TRL key -> rlgen name)."""
+    from transformers import TrainerCallback
+
+    class WriteMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                row = {names[k]: v for k, v in logs.items() if k in names}
+                if row:
+                    writer.log(row, step=state.global_step)
+
+    return WriteMetrics()
