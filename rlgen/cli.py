@@ -1,7 +1,8 @@
 """`rlgen` command line: one subcommand per stage plus `run` (the pipeline).
 
 Bad input raises UserError anywhere below; here it becomes one line on stderr and exit status 2
-(the traceback only with `--debug`).
+(the traceback only with `--debug`). A training run stopped by SIGINT/SIGTERM raises TrainingInterrupted after
+writing a checkpoint: one line saying how to resume, exit status 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import os
 import sys
 
+from rlgen.checkpoint import TrainingInterrupted
 from rlgen.config import EvalConfig, SFTConfig, add_arguments, parse_stage_config
 from rlgen.errors import UserError
 
@@ -123,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rlgen: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM: the update finished and a checkpoint was written
+        if debug:
+            raise
+        print(f"rlgen: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("rlgen: interrupted", file=sys.stderr)
         return 130

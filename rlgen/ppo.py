@@ -1,9 +1,10 @@
 """Stage 2, PPO: RL fine-tuning of the policy on reward functions, with a KL penalty to the reference model.
 
-One readable loop in the style of CleanRL's ppo.py. Each update runs six numbered phases:
+One readable loop in the style of CleanRL's ppo.py. Each update runs seven numbered phases:
 1. rollout (sample completions; log-probs and values come from the generation pass), 2. score (reward
 functions), 3. shape (EOS penalty, KL penalty per token), 4. advantages (GAE), 5. update (PPO epochs over
-mini-batches), 6. log. The maths lives in `rlgen.core`; this file only wires it together.
+mini-batches), 6. log, 7. checkpoint. The maths lives in `rlgen.core`, the checkpoint format in
+`rlgen.checkpoint`; this file only wires them together.
 
 Defaults follow Huang et al. 2022, "The N Implementation Details of RLHF with PPO" (lm-human-preferences
 and TRL's PPOTrainer where they agree):
@@ -22,7 +23,18 @@ Several CPU processes: `accelerate launch --multi_gpu --num_processes 2` with no
 
 Outputs in output_dir: config.yaml, metrics.jsonl (one row per update), the policy (`Policy.save`),
 ppo_curves.png (score and KL against update) and samples.md (completions before the first update and after
-the last). Metrics per update, reduced over processes:
+the last), and `checkpoint-<update>/` folders (every `save_steps` updates and after the last; the newest
+`save_total_limit` are kept) from which `--resume_from_checkpoint PATH|latest` continues the run exactly:
+same weights, optimiser and scheduler state, KL coefficient, RNG states, next prompts and metrics history.
+
+Surviving trouble: SIGINT/SIGTERM finishes the current update, writes a checkpoint and raises
+TrainingInterrupted (the CLI exits 130/143 with the resume command). A non-finite reward, loss or gradient
+norm raises NonFiniteError naming the update and quantity, leaving the last good checkpoint as it was (none is
+written of the bad state), or with `skip_nonfinite` skips the batch (counted in `policy/skipped_batches`).
+A reward function that fails raises RewardError in phase 2, before anything of that update is written.
+Every option, reward, data and model check runs before the output folder is touched.
+
+Metrics per update, reduced over processes:
 - objective/scores: mean weighted reward (before the EOS penalty); rewards/<fn>/mean: each reward function
 - objective/kl: mean over samples of the summed per-token KL estimate (`kl_estimator`) to the reference
 - objective/kl_coef: beta used in this update; objective/rlhf_reward: mean of sum_t shaped reward
@@ -31,12 +43,16 @@ the last). Metrics per update, reduced over processes:
   loss/policy, loss/value: likewise; val/explained_variance: of the rollout values for the GAE returns
 - completions/mean_length (tokens, EOS included), completions/eos_fraction; policy/learning_rate
 - time/rollout (generation), time/score (rewards, reference log-probs, shaping, advantages), time/update
+- policy/skipped_batches (only with skip_nonfinite): mini-batches of this update whose optimiser step was
+  skipped (all of them when the reward was non-finite)
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -45,6 +61,18 @@ from pathlib import Path
 import torch
 
 from rlgen import core
+from rlgen.checkpoint import (
+    NonFiniteError,
+    StopSignals,
+    TrainingInterrupted,
+    find_checkpoint,
+    load_training_state,
+    remove_checkpoints,
+    remove_stale_temporaries,
+    rng_state,
+    save_training_state,
+    write_atomically,
+)
 from rlgen.config import (
     CommonConfig,
     LoraConfigMixin,
@@ -59,7 +87,7 @@ from rlgen.errors import UserError
 from rlgen.models import set_threads
 from rlgen.policy import Policy, Rollout, SamplingSettings, completion_mask_from_ids
 from rlgen.rewards import load_reward, reward_mean_metrics, score_rewards
-from rlgen.tracking import MetricsWriter, prepare_output_dir
+from rlgen.tracking import MetricsWriter, check_output_dir, jsonable_row, prepare_output_dir, rewrite_metrics
 
 HUANG = "Huang et al. 2022, The N Implementation Details of RLHF with PPO"
 SAMPLES_SHOWN = 4
@@ -96,6 +124,9 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
                               "(lm-human-preferences' truncate_token; it counts as an ending); '' for off")
     target_kl: float = opt(0.0, "stop an update's epochs early once an epoch's mean approx KL exceeds this (0: off)")
     separate_critic: bool = opt(False, "a separate critic trunk instead of a value head on the policy's trunk")
+    save_total_limit: int = opt(2, "keep only the newest N checkpoint-<update> folders (0: keep all)")
+    skip_nonfinite: bool = opt(False, "skip a batch whose loss, reward or gradient norm is not finite (counted in "
+                                      "policy/skipped_batches) instead of stopping the run")
 
 
 def _check(cfg: PPOConfig) -> None:
@@ -118,8 +149,9 @@ def _check(cfg: PPOConfig) -> None:
         raise UserError(f"temperature must be > 0, got {cfg.temperature}")
     if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
         raise UserError(f"reward_weights has {len(cfg.reward_weights)} values for {len(cfg.reward)} rewards")
-    if cfg.resume_from_checkpoint is not None:
-        raise UserError("ppo cannot resume its optimiser state; start a new run with --model <checkpoint folder>")
+    if cfg.save_steps < 0 or cfg.save_total_limit < 0:
+        raise UserError(f"save_steps and save_total_limit must be >= 0, got {cfg.save_steps} and "
+                        f"{cfg.save_total_limit}")
 
 
 def _stop_token_id(tokenizer, stop_token: str) -> int | None:
@@ -159,11 +191,11 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax_reward, ax_kl = fig.subplots(1, 2)
-    ax_reward.plot(steps, [row["objective/scores"] for row in history], label="objective/scores")
-    ax_reward.plot(steps, [row["objective/rlhf_reward"] for row in history], label="objective/rlhf_reward")
+    ax_reward.plot(steps, [float(row["objective/scores"]) for row in history], label="objective/scores")
+    ax_reward.plot(steps, [float(row["objective/rlhf_reward"]) for row in history], label="objective/rlhf_reward")
     ax_reward.set(xlabel="update", ylabel="reward", title="reward")
     ax_reward.legend()
-    ax_kl.plot(steps, [row["objective/kl"] for row in history], color="tab:red")
+    ax_kl.plot(steps, [float(row["objective/kl"]) for row in history], color="tab:red")
     ax_kl.set(xlabel="update", ylabel="nats per completion", title="KL to the reference")
     fig.savefig(path, dpi=100)
 
@@ -175,6 +207,59 @@ def _write_samples(path: Path, prompts: list[str], before: list[str], after: lis
     path.write_text("\n".join(lines))
 
 
+def _check_context(cfg: PPOConfig, policy: Policy) -> None:
+    """Prompts are cut from the left to max_prompt_length; prompt + completion must fit the model's context."""
+    context = getattr(policy.base_config, "max_position_embeddings", None)
+    if context and cfg.max_prompt_length + cfg.max_new_tokens > context:
+        raise UserError(f"max_prompt_length {cfg.max_prompt_length} + max_new_tokens {cfg.max_new_tokens} exceeds "
+                        f"the model's context of {context} tokens; lower one of them")
+
+
+def _mean(values: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of scalar tensors; NaN when every mini-batch was skipped."""
+    return torch.stack(values).mean() if values else torch.tensor(float("nan"))
+
+
+def _fault(accelerator, flags: dict[str, bool]) -> str | None:
+    """The first quantity flagged non-finite on any process (all processes agree, so they stop or skip together)."""
+    state = torch.tensor([float(bad) for bad in flags.values()], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        state = accelerator.reduce(state, "sum")
+    return next((name for name, bad in zip(flags, state.tolist()) if bad), None)
+
+
+def _nonfinite_error(update: int, quantity: str, last_checkpoint: Path | None) -> NonFiniteError:
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    return NonFiniteError(f"update {update}: non-finite {quantity}; stopped without saving this update ({kept}); "
+                          "pass --skip_nonfinite true to skip such batches instead")
+
+
+def _stop_signal(accelerator, stop: StopSignals) -> int | None:
+    """The stop signal any process received (so every process stops after the same update)."""
+    signum = torch.tensor(float(stop.signum or 0), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        signum = accelerator.reduce(signum, "max")
+    return int(signum.item()) or None
+
+
+def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy: Policy, optimizer, scheduler,
+                     state: dict) -> Path:
+    """`out/checkpoint-<update>`, written atomically by the main process with every process's RNG state."""
+    from accelerate.utils import gather_object
+
+    rng_states = gather_object([rng_state()])  # rank order
+
+    def write(tmp: Path) -> None:
+        save_training_state(tmp, policy, optimizer, scheduler, state, rng_states)
+        save_config(cfg, tmp)
+
+    path = out / f"checkpoint-{update}"
+    if accelerator.is_main_process:
+        write_atomically(out, update, write, cfg.save_total_limit)
+    accelerator.wait_for_everyone()
+    return path
+
+
 def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     """Train `cfg.model` (or the given policy) with PPO on `cfg.reward`; save it to `cfg.output_dir`."""
     from accelerate import Accelerator
@@ -182,22 +267,23 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    # 0. setup: processes, seeds, output folder, rewards (fail fast), policy, optimiser, prompts
+    # 0. setup: checks first (nothing is written until the options, rewards, data and model are known to be
+    #    good), then processes, seeds, rewards, prompts, policy, output folder, optimiser, and resume
     set_threads(cfg.threads)
     _check(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"ppo runs in one process or under DDP; {accelerator.distributed_type.value} (sharded "
+                        "weights/optimiser) is for `rlgen sft`: launch ppo with a multi-GPU DDP config instead")
+    resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
+    # Resuming may write into the checkpoint's own run folder; any other non-empty folder needs overwriting.
+    in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
+    out = check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)
     set_seed(cfg.seed + rank)
     reward_fns = [load_reward(spec) for spec in cfg.reward]
     weights = cfg.reward_weights or None
-    out = Path(cfg.output_dir)
-    writer = None
-    if is_main:
-        out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        save_config(cfg, out)
-        writer = MetricsWriter(out)
     with accelerator.main_process_first():  # the first process fills the demo-data and model caches alone
         rows = load_rows(cfg.dataset, "train")
         if policy is None:
@@ -206,9 +292,20 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                                             separate_critic=cfg.separate_critic, reference=True, seed=cfg.seed)
     if policy.ref_model is None and not policy.is_peft:
         raise UserError("train_ppo needs a policy with a reference model (Policy(..., reference=True))")
-    policy.eval()  # dropout off for sampling and training alike, so old and new log-probs agree (HUANG)
+    _check_context(cfg, policy)
     tokenizer = policy.tokenizer
     stop_id = _stop_token_id(tokenizer, cfg.stop_token)
+    writer = None
+    if is_main:
+        out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)
+        remove_stale_temporaries(out)
+        if not in_place:  # a fresh folder (over an old run only with --overwrite_output_dir)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            remove_checkpoints(out)
+        save_config(cfg, out)
+        writer = MetricsWriter(out)
+    accelerator.wait_for_everyone()
+    policy.eval()  # dropout off for sampling and training alike, so old and new log-probs agree (HUANG)
     sampling = SamplingSettings(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                 max_prompt_length=cfg.max_prompt_length)
@@ -223,113 +320,159 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     policy.ref_model = ref_model.to(accelerator.device) if ref_model is not None else None
     kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.kl_coef))
-    stream = _row_stream(rows, cfg.seed)
     micro_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     if cfg.report_to:
         accelerator.init_trackers("rlgen-ppo", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                        for k, v in to_dict(cfg).items()})
     history: list[dict] = []
     shown: tuple[list[str], list[str]] = ([], [])
+    done, consumed = 0, 0  # updates finished; prompts taken from the stream (all processes)
+    last_checkpoint = resume
+    if resume is not None:  # last, so that nothing draws random numbers after the RNG states are restored
+        state = load_training_state(resume, policy, adam, scheduler, rank)
+        if state["world_size"] != world:
+            raise UserError(f"checkpoint {resume} was written by {state['world_size']} processes; "
+                            f"resume it with the same number (this run has {world})")
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        done, consumed, history = state["update"], state["rows_consumed"], state["history"]
+        shown = (state["shown"][0], state["shown"][1])
+        if is_main:  # one row per update: drop rows a killed run logged after this checkpoint
+            rewrite_metrics(out / "metrics.jsonl", history)
+    stream = _row_stream(rows, cfg.seed)
+    collections.deque(itertools.islice(stream, consumed), maxlen=0)  # the data position: skip used prompts
     start = time.perf_counter()
-    progress = tqdm(range(1, cfg.max_steps + 1), desc="ppo", disable=not accelerator.is_local_main_process)
-    for update in progress:
-        # 1. rollout: this process's share of the next batch of prompts; log-probs/values from generation
-        t0 = time.perf_counter()
-        batch = list(itertools.islice(stream, cfg.batch_size * world))[rank * cfg.batch_size:][:cfg.batch_size]
-        ro = policy.sample([str(r["prompt"]) for r in batch], sampling)
-        ro = _truncate(ro, stop_id, tokenizer)  # the reward sees the cut text
-        mask = ro.completion_mask  # [B, T]
-        input_ids, attention_mask, T = ro.input_ids, ro.attention_mask, mask.shape[1]  # [B, P + T]
-        if update == 1:
-            shown = (ro.prompts[:SAMPLES_SHOWN], ro.completions[:SAMPLES_SHOWN])
-        t_rollout = time.perf_counter() - t0
+    progress = tqdm(range(done + 1, cfg.max_steps + 1), initial=done, total=cfg.max_steps, desc="ppo",
+                    disable=not accelerator.is_local_main_process)
+    with StopSignals() as stop:
+        for update in progress:
+            # 1. rollout: this process's share of the next batch of prompts; log-probs/values from generation
+            t0 = time.perf_counter()
+            batch = list(itertools.islice(stream, cfg.batch_size * world))[rank * cfg.batch_size:][:cfg.batch_size]
+            consumed += cfg.batch_size * world
+            ro = policy.sample([str(r["prompt"]) for r in batch], sampling)
+            ro = _truncate(ro, stop_id, tokenizer)  # the reward sees the cut text
+            mask = ro.completion_mask  # [B, T]
+            input_ids, attention_mask, T = ro.input_ids, ro.attention_mask, mask.shape[1]  # [B, P + T]
+            if update == 1:
+                shown = (ro.prompts[:SAMPLES_SHOWN], ro.completions[:SAMPLES_SHOWN])
+            t_rollout = time.perf_counter() - t0
 
-        # 2. score: reward functions get the dataset's other columns as keyword lists (TRL's convention);
-        #    one that raises or returns anything but one finite number per completion raises RewardError
-        t0 = time.perf_counter()
-        columns = {k: [r.get(k) for r in batch] for k in batch[0] if k not in ("prompt", "completion")}
-        totals, per_fn = score_rewards(reward_fns, ro.prompts, ro.completions, weights, **columns)
-        raw_scores = torch.tensor(totals, dtype=torch.float32, device=mask.device)  # [B]
+            # 2. score: reward functions get the dataset's other columns as keyword lists (TRL's convention);
+            #    one that raises or returns anything but one finite number per completion raises RewardError
+            t0 = time.perf_counter()
+            columns = {k: [r.get(k) for r in batch] for k in batch[0] if k not in ("prompt", "completion")}
+            totals, per_fn = score_rewards(reward_fns, ro.prompts, ro.completions, weights, **columns)
+            raw_scores = torch.tensor(totals, dtype=torch.float32, device=mask.device)  # [B]
 
-        # 3. shape: EOS penalty (HUANG), then per-token rewards = score at the last token - beta * KL
-        scores = raw_scores - cfg.missing_eos_penalty * (~ro.ended_with_eos).float()
-        ref_logprobs = policy.ref_logprobs(input_ids, attention_mask, T, cfg.temperature)  # [B, T]
-        rewards, kl = core.shape_rewards(scores, ro.logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
-        rlhf_reward = rewards.sum(1)  # [B], before any whitening
-        if cfg.whiten_rewards:
-            rewards = core.masked_whiten(rewards, mask, shift_mean=False)  # scale only, keeps the sign (TRL)
+            # 3. shape: EOS penalty (HUANG), then per-token rewards = score at the last token - beta * KL.
+            #    A non-finite score (e.g. beyond float32) or shaped reward stops the run, or skips this batch.
+            scores = raw_scores - cfg.missing_eos_penalty * (~ro.ended_with_eos).float()
+            ref_logprobs = policy.ref_logprobs(input_ids, attention_mask, T, cfg.temperature)  # [B, T]
+            rewards, kl = core.shape_rewards(scores, ro.logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
+            rlhf_reward = rewards.sum(1)  # [B], before any whitening
+            if cfg.whiten_rewards:
+                rewards = core.masked_whiten(rewards, mask, shift_mean=False)  # scale only, keeps the sign (TRL)
+            fault = _fault(accelerator, {"reward": not torch.isfinite(scores).all(),
+                                         "KL-shaped reward": not torch.isfinite(rewards).all()})
+            if fault and not cfg.skip_nonfinite:
+                raise _nonfinite_error(update, fault, last_checkpoint)
 
-        # 4. advantages: GAE over real tokens (gamma 1, lambda 0.95), whitened per batch (HUANG)
-        advantages, returns = core.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)  # [B, T] each
-        if cfg.whiten_advantages:
-            advantages = core.masked_whiten(advantages, mask)
-        t_score = time.perf_counter() - t0
+            # 4. advantages: GAE over real tokens (gamma 1, lambda 0.95), whitened per batch (HUANG)
+            advantages, returns = core.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)  # [B, T] each
+            if cfg.whiten_advantages:
+                advantages = core.masked_whiten(advantages, mask)
+            t_score = time.perf_counter() - t0
 
-        # 5. update: ppo_epochs passes over shuffled mini-batches, each split into accumulation micro-batches
-        t0 = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        stats: dict[str, list[torch.Tensor]] = {"approxkl": [], "clipfrac": [], "ratio": [], "pg": [], "vf": []}
-        for _epoch in range(cfg.ppo_epochs):
-            epoch_kl = []
-            for mini in torch.randperm(cfg.batch_size).split(cfg.mini_batch_size):
-                for idx in mini.split(micro_size):
-                    with accelerator.accumulate(model):
-                        logprobs, values, _ = model(input_ids[idx], attention_mask[idx], T, cfg.temperature)
-                        pg_loss, pg_stats = core.ppo_policy_loss(logprobs, ro.logprobs[idx], advantages[idx],
-                                                                 mask[idx], cfg.cliprange)
-                        vf_loss, _ = core.ppo_value_loss(values, ro.values[idx], returns[idx], mask[idx],
-                                                         cfg.cliprange_value or None)
-                        accelerator.backward(pg_loss + cfg.vf_coef * vf_loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad()
-                    for key, value in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
-                                       ("ratio", pg_stats["ratio_mean"]), ("pg", pg_loss.detach()),
-                                       ("vf", vf_loss.detach())):
-                        stats[key].append(value)
-                    epoch_kl.append(pg_stats["approxkl"])
-            # Early stop (CleanRL's target_kl), decided on the KL averaged over processes so all stop together.
-            if cfg.target_kl > 0 and accelerator.reduce(torch.stack(epoch_kl).mean(), "mean") > cfg.target_kl:
-                break
-        scheduler.step()
-        t_update = time.perf_counter() - t0
+            # 5. update: ppo_epochs passes over shuffled mini-batches, each split into accumulation micro-batches.
+            #    A mini-batch with a non-finite loss or gradient norm stops the run, or is skipped (no step).
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            stats: dict[str, list[torch.Tensor]] = {"approxkl": [], "clipfrac": [], "ratio": [], "pg": [], "vf": []}
+            skipped = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size) if fault else 0
+            for _epoch in range(0 if fault else cfg.ppo_epochs):
+                epoch_kl = []
+                for mini in torch.randperm(cfg.batch_size).split(cfg.mini_batch_size):
+                    loss_finite = True
+                    for idx in mini.split(micro_size):
+                        with accelerator.accumulate(model):
+                            logprobs, values, _ = model(input_ids[idx], attention_mask[idx], T, cfg.temperature)
+                            pg_loss, pg_stats = core.ppo_policy_loss(logprobs, ro.logprobs[idx], advantages[idx],
+                                                                     mask[idx], cfg.cliprange)
+                            vf_loss, _ = core.ppo_value_loss(values, ro.values[idx], returns[idx], mask[idx],
+                                                             cfg.cliprange_value or None)
+                            loss = pg_loss + cfg.vf_coef * vf_loss
+                            loss_finite = loss_finite and bool(torch.isfinite(loss))
+                            accelerator.backward(loss)
+                            step = True
+                            if accelerator.sync_gradients:
+                                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                                bad = _fault(accelerator, {"loss": not loss_finite,
+                                                           "gradient norm": not torch.isfinite(grad_norm)})
+                                if bad and not cfg.skip_nonfinite:
+                                    raise _nonfinite_error(update, bad, last_checkpoint)
+                                step, skipped = not bad, skipped + bool(bad)
+                            if step:
+                                optimizer.step()
+                            optimizer.zero_grad()
+                        if torch.isfinite(loss):
+                            for key, value in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
+                                               ("ratio", pg_stats["ratio_mean"]), ("pg", pg_loss.detach()),
+                                               ("vf", vf_loss.detach())):
+                                stats[key].append(value)
+                            epoch_kl.append(pg_stats["approxkl"])
+                # Early stop (CleanRL's target_kl), decided on the KL averaged over processes so all stop together.
+                if cfg.target_kl > 0 and accelerator.reduce(_mean(epoch_kl).to(accelerator.device), "mean") > cfg.target_kl:
+                    break
+            scheduler.step()
+            t_update = time.perf_counter() - t0
 
-        # 6. log: per-process means reduced over processes; reward values gathered exactly
-        local = {
-            "objective/scores": raw_scores.mean(),
-            "objective/kl": kl.sum(1).mean(),
-            "objective/rlhf_reward": rlhf_reward.mean(),
-            "objective/entropy": -(ro.logprobs * mask).sum(1).mean(),
-            "policy/approxkl": torch.stack(stats["approxkl"]).mean(),
-            "policy/clipfrac": torch.stack(stats["clipfrac"]).mean(),
-            "loss/policy": torch.stack(stats["pg"]).mean(),
-            "loss/value": torch.stack(stats["vf"]).mean(),
-            "val/ratio": torch.stack(stats["ratio"]).mean(),
-            "val/explained_variance": core.explained_variance(ro.values, returns, mask),
-            "completions/mean_length": mask.sum(1).float().mean(),
-            "completions/eos_fraction": ro.ended_with_eos.float().mean(),
-            "time/rollout": torch.tensor(t_rollout),
-            "time/score": torch.tensor(t_score),
-            "time/update": torch.tensor(t_update),
-        }
-        reduced = accelerator.reduce(torch.stack([v.float().to(accelerator.device) for v in local.values()]), "mean")
-        row = dict(zip(local, reduced.tolist()))
-        row["objective/kl_coef"] = kl_ctl.value
-        row["policy/learning_rate"] = lr
-        all_values: dict[str, list] = {}
-        for part in gather_object([per_fn]):
-            for name, values in part.items():
-                all_values.setdefault(name, []).extend(values)
-        row.update(reward_mean_metrics(all_values))
-        kl_ctl.update(row["objective/kl"], cfg.batch_size * world)
-        if is_main:
-            writer.log(row, step=update)
-            history.append({"step": update, **row})
-        accelerator.log(row, step=update)
-        progress.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
-        if cfg.save_steps and update % cfg.save_steps == 0 and update < cfg.max_steps and is_main:
-            policy.save(out / f"checkpoint-{update}")
+            # 6. log: per-process means reduced over processes; reward values gathered exactly
+            local = {
+                "objective/scores": raw_scores.mean(),
+                "objective/kl": kl.sum(1).mean(),
+                "objective/rlhf_reward": rlhf_reward.mean(),
+                "objective/entropy": -(ro.logprobs * mask).sum(1).mean(),
+                "policy/approxkl": _mean(stats["approxkl"]),
+                "policy/clipfrac": _mean(stats["clipfrac"]),
+                "loss/policy": _mean(stats["pg"]),
+                "loss/value": _mean(stats["vf"]),
+                "val/ratio": _mean(stats["ratio"]),
+                "val/explained_variance": core.explained_variance(ro.values, returns, mask),
+                "completions/mean_length": mask.sum(1).float().mean(),
+                "completions/eos_fraction": ro.ended_with_eos.float().mean(),
+                "time/rollout": torch.tensor(t_rollout),
+                "time/score": torch.tensor(t_score),
+                "time/update": torch.tensor(t_update),
+            }
+            if cfg.skip_nonfinite:
+                local["policy/skipped_batches"] = torch.tensor(float(skipped))
+            reduced = accelerator.reduce(torch.stack([v.float().to(accelerator.device) for v in local.values()]),
+                                         "mean")
+            row = dict(zip(local, reduced.tolist()))
+            row["objective/kl_coef"] = kl_ctl.value
+            row["policy/learning_rate"] = lr
+            all_values: dict[str, list] = {}
+            for part in gather_object([per_fn]):
+                for name, values in part.items():
+                    all_values.setdefault(name, []).extend(values)
+            row.update(reward_mean_metrics(all_values))
+            if math.isfinite(row["objective/kl"]):
+                kl_ctl.update(row["objective/kl"], cfg.batch_size * world)
+            if is_main:
+                writer.log(row, step=update)
+            history.append(jsonable_row({"step": update, **row}))
+            accelerator.log(row, step=update)
+            progress.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
+
+            # 7. checkpoint: every save_steps updates, after the last, and when SIGINT/SIGTERM arrived
+            signum = _stop_signal(accelerator, stop)
+            if (cfg.save_steps and update % cfg.save_steps == 0) or update == cfg.max_steps or signum:
+                state = {"update": update, "rows_consumed": consumed, "world_size": world,
+                         "kl_ctl": kl_ctl.state_dict(), "history": history, "shown": list(shown)}
+                last_checkpoint = _save_checkpoint(accelerator, cfg, out, update, policy, adam, scheduler, state)
+            if signum and update < cfg.max_steps:
+                progress.close()
+                raise TrainingInterrupted(signum, update, last_checkpoint.resolve())
 
     # Save the policy, the curves and before/after samples (main process only). The Adam moments (twice the
     # trainable weights) are freed first, so this end-of-run work does not raise the peak memory.
@@ -341,5 +484,12 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
         print(f"[rlgen] ppo: {cfg.max_steps} updates in {time.perf_counter() - start:.0f}s; model saved to {out}")
+    # Drop the DDP wrapper while the process group is still registered, and give gloo's worker thread a moment
+    # to release its last work (it needs the GIL): destroying the group as the last reference to it goes
+    # away can otherwise deadlock a process at exit (seen with 2 CPU processes, torch 2.13).
+    accelerator.free_memory()
+    del model, optimizer
+    if world > 1:
+        time.sleep(0.2)
     accelerator.end_training()
     return policy

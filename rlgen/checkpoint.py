@@ -1,0 +1,242 @@
+"""Training checkpoints that survive: atomic folders, exact resume, graceful interruption.
+
+A checkpoint is a folder `output_dir/checkpoint-<update>/` holding
+- the policy as `Policy.save` writes it (model or merged model + `adapter/`, value head, `critic/`), so a
+  checkpoint is also a usable model folder;
+- `optimizer.pt`, `scheduler.pt`: optimiser and LR-scheduler state dicts;
+- `trainer_state.json`: update counter, data position, KL controller state, metrics history and whatever
+  else the stage needs to continue exactly;
+- `rng_state_<rank>.pth`: python, numpy, torch (and CUDA) generator states, one file per process;
+- `config.yaml`: the resolved config of the run that wrote it;
+- `checkpoint_complete`: the completion marker, written last.
+
+It is written to `checkpoint-<update>.tmp-<pid>` and renamed into place, and only folders with the marker
+count, so a run killed mid-write never leaves a folder that resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from rlgen.errors import UserError
+
+MARKER = "checkpoint_complete"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM: the current update finished and a checkpoint was written. The CLI exits 128 + signal."""
+
+    def __init__(self, signum: int, update: int, checkpoint: Path):
+        self.signum, self.update, self.checkpoint = signum, update, Path(checkpoint)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM (the shell convention)
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped after update {update}, checkpoint saved; resume by running "
+                         f"the same command with --resume_from_checkpoint {self.checkpoint}")
+
+
+class NonFiniteError(UserError):
+    """A non-finite loss, reward or gradient norm; the message names the update and the quantity."""
+
+
+# ---- signals --------------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """Context manager: the first SIGINT/SIGTERM only sets `signum` (the loop checks it between updates);
+    a second one stops at once (KeyboardInterrupt / the default SIGTERM action). Previous handlers come back
+    on exit. Outside the main thread it does nothing (signal handlers can only be set there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up on the graceful stop
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+    def __enter__(self):
+        try:
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+# ---- RNG ------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """This process's generator states (python, numpy, torch CPU, every CUDA device)."""
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- folders --------------------------------------------------------------------------------------------
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(update, folder) of every complete `checkpoint-N` (marker present), oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _NAME.fullmatch(path.name)
+        if match and path.is_dir() and (path / MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_checkpoint(spec: str, output_dir: str | Path) -> Path:
+    """`latest` (the highest complete checkpoint in output_dir) or a checkpoint folder; UserError otherwise."""
+    if spec == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise UserError(f"resume_from_checkpoint latest: no complete checkpoint-N folder in {output_dir}")
+        return found[-1][1]
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise UserError(f"resume_from_checkpoint: checkpoint folder {spec} does not exist")
+    if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
+        raise UserError(f"resume_from_checkpoint: {spec} is not a complete checkpoint (no {MARKER} marker)")
+    return path
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> None:
+    """Delete `checkpoint-N.tmp-<pid>` folders left by killed runs."""
+    folder = Path(output_dir)
+    if folder.is_dir():
+        for path in folder.glob("checkpoint-*.tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_checkpoints(output_dir: str | Path) -> None:
+    """Delete every checkpoint-N folder (a fresh run over an old one with --overwrite_output_dir)."""
+    folder = Path(output_dir)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if _NAME.fullmatch(path.name) and path.is_dir():
+                shutil.rmtree(path)
+
+
+def write_atomically(output_dir: str | Path, update: int, write: Callable[[Path], None], keep: int) -> Path:
+    """`write(tmp)` into `checkpoint-<update>.tmp-<pid>`, add the marker, rename to `checkpoint-<update>`,
+    then delete all but the newest `keep` complete checkpoints (keep <= 0: keep all)."""
+    output_dir = Path(output_dir)
+    target = output_dir / f"checkpoint-{update}"
+    tmp = output_dir / f"{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        (tmp / MARKER).write_text(f"update {update}\n")
+        if target.exists():  # from an earlier timeline (resumed from an older checkpoint): replace it
+            old = output_dir / f"{target.name}.tmp-{os.getpid()}-old"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for _, path in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    return target
+
+
+# ---- contents -------------------------------------------------------------------------------------------
+
+
+def save_training_state(folder: Path, policy, optimizer, scheduler, state: dict, rng_states: list[dict]) -> None:
+    """Everything but the config: policy, optimiser, scheduler, trainer state, one RNG file per process."""
+    import torch
+
+    policy.save(folder)
+    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
+    (folder / STATE_FILE).write_text(json.dumps(state))
+    for rank, rng in enumerate(rng_states):
+        torch.save(rng, folder / f"rng_state_{rank}.pth")
+
+
+def load_policy_weights(folder: Path, policy) -> None:
+    """Load a checkpoint's trainable weights into `policy` in place (its reference model stays as it is)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rlgen.policy import VALUE_HEAD_FILE
+
+    if policy.is_peft:
+        from peft import set_peft_model_state_dict
+
+        adapter = folder / "adapter" / "adapter_model.safetensors"
+        set_peft_model_state_dict(policy.model, load_file(str(adapter)))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        policy.model.load_state_dict(saved.state_dict())
+    policy.value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
+    if policy.critic is not None:
+        from transformers import AutoModel
+
+        policy.critic.load_state_dict(AutoModel.from_pretrained(folder / "critic", dtype=torch.float32).state_dict())
+
+
+def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -> dict:
+    """Restore policy, optimiser, scheduler and this process's RNG; return the trainer state."""
+    import torch
+
+    rng_file = folder / f"rng_state_{rank}.pth"
+    if not rng_file.is_file():
+        raise UserError(f"resume_from_checkpoint: {folder} has no {rng_file.name} (written by fewer processes?)")
+    load_policy_weights(folder, policy)
+    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: tuples and numpy lists
+    return json.loads((folder / STATE_FILE).read_text())

@@ -1,0 +1,119 @@
+"""Bad input to `rlgen ppo`: exit status 2, exactly one line on stderr naming the culprit, no traceback, and
+an existing output folder untouched, even with --overwrite_output_dir (every check runs before any write)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlgen.cli import main
+from rlgen.policy import Policy
+
+torch.set_num_threads(1)
+
+REWARDS = "def other(completions, **kwargs):\n    return [0.0] * len(completions)\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    Policy.from_pretrained("tiny", reference=False).save(folder)
+    return folder
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nocol.jsonl").write_text('{"question": "hi"}\n')
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "hi there"}\n')
+    (tmp_path / "unknown_key.yaml").write_text("max_stepz: 3\n")
+    (tmp_path / "wrong_type.yaml").write_text("learning_rate: fast\n")
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    return tmp_path
+
+
+def _cases(d, tiny):
+    ok = ["--model", str(tiny), "--dataset", str(d / "ok.jsonl")]
+    return [
+        ("unknown config key (YAML)", ["--config", str(d / "unknown_key.yaml")], "unknown key 'max_stepz'"),
+        ("wrong type (YAML)", ["--config", str(d / "wrong_type.yaml")], "key 'learning_rate': expected a number"),
+        ("wrong type (flag)", ["--max_steps", "three"], "--max_steps: expected an integer, got 'three'"),
+        ("missing config file", ["--config", str(d / "nope.yaml")], f"config file {d / 'nope.yaml'} does not exist"),
+        ("missing dataset file", [*ok, "--dataset", str(d / "none.jsonl")], "does not exist"),
+        ("empty dataset", [*ok, "--dataset", str(d / "empty.jsonl")], "(train) is empty"),
+        ("dataset without 'prompt'", [*ok, "--dataset", str(d / "nocol.jsonl")], "has no column 'prompt'"),
+        ("prompt + completion beyond the context", [*ok, "--max_prompt_length", "1000", "--max_new_tokens", "48"],
+         "max_prompt_length 1000 + max_new_tokens 48 exceeds the model's context of 1024 tokens"),
+        ("model path that does not exist", ["--model", str(d / "no-model")], "does not exist"),
+        ("unknown reward name", [*ok, "--reward", "no_such_reward"], "unknown reward 'no_such_reward'"),
+        ("reward file without the function", [*ok, "--reward", f"{d / 'rewards.py'}:score"],
+         "has no function 'score'"),
+        ("missing reward file", [*ok, "--reward", f"{d / 'missing.py'}:score"], "file not found"),
+        ("resume from a missing checkpoint", [*ok, "--resume_from_checkpoint", str(d / "checkpoint-7")],
+         "does not exist"),
+        ("batch_size not a multiple", [*ok, "--batch_size", "5", "--mini_batch_size", "2"],
+         "batch_size 5 is not a multiple of mini_batch_size 2"),
+    ]
+
+
+def test_bad_input_is_one_line_status_2_and_touches_nothing(files, tiny_folder, capsys):
+    out = files / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    seen = []
+    for what, argv, message in _cases(files, tiny_folder):
+        status = main(["ppo", *argv, "--output_dir", str(out), "--overwrite_output_dir", "true"])
+        err = capsys.readouterr().err
+        seen.append((what, err.strip()))
+        assert status == 2, (what, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (what, err)
+        assert err.startswith("rlgen: error: ") and message in err, (what, err)
+        assert [p.name for p in out.iterdir()] == ["precious.txt"], what  # nothing written, nothing removed
+        assert (out / "precious.txt").read_text() == "keep"
+    print(json.dumps(seen, indent=1))
+
+
+def test_non_empty_output_dir_needs_overwrite(files, tiny_folder, capsys):
+    out = files / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    assert main(["ppo", "--model", str(tiny_folder), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rlgen: error: output_dir {out} is not empty: pass --overwrite_output_dir true or choose " \
+                  "another folder\n"
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_resume_latest_without_checkpoints(files, tiny_folder, capsys):
+    out = files / "out"
+    assert main(["ppo", "--model", str(tiny_folder), "--output_dir", str(out), "--resume_from_checkpoint",
+                 "latest"]) == 2
+    assert capsys.readouterr().err == f"rlgen: error: resume_from_checkpoint latest: no complete checkpoint-N " \
+                                      f"folder in {out}\n"
+    assert not out.exists()
+
+
+def test_long_prompts_are_cut_from_the_left(tiny_folder, tmp_path):
+    """A prompt far beyond the model's context trains: it is cut from the left to max_prompt_length."""
+    from rlgen.ppo import PPOConfig, train_ppo
+
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "word " * 5000 + "the end?"}) + "\n")
+    policy = Policy.from_pretrained(str(tiny_folder), reference=False)
+    ids, _ = policy.tokenize_prompts(["word " * 5000 + "the end?"], 32)
+    assert ids.shape[1] == 32
+    assert "the end?" in policy.tokenizer.decode(ids[0])  # the end of the prompt survives
+    train_ppo(PPOConfig(model=str(tiny_folder), dataset=str(data), output_dir=str(tmp_path / "o"), max_steps=1,
+                        batch_size=2, mini_batch_size=2, ppo_epochs=1, max_new_tokens=4, max_prompt_length=32,
+                        reward=["keyword(include=['the'])"]))
+
+
+def test_a_bad_input_in_a_real_process(tmp_path):
+    """The same through `python -m rlgen.cli`: the process's real stderr, not just the captured stream."""
+    result = subprocess.run([sys.executable, "-m", "rlgen.cli", "ppo", "--model", "tiny", "--reward", "nope",
+                             "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("rlgen: error: unknown reward 'nope'")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

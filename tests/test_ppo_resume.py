@@ -1,0 +1,219 @@
+"""PPO runs that survive: atomic checkpoints, exact resume, SIGINT/SIGTERM, non-finite faults, bad rewards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rlgen.checkpoint import (
+    MARKER,
+    NonFiniteError,
+    TrainingInterrupted,
+    complete_checkpoints,
+    find_checkpoint,
+)
+from rlgen.errors import RewardError, UserError
+from rlgen.policy import Policy
+from rlgen.ppo import PPOConfig, train_ppo
+from rlgen.tracking import read_metrics
+
+torch.set_num_threads(1)
+
+REWARDS = '''
+import os
+import signal
+
+_calls = 0
+
+
+def vowels(completions, **kwargs):
+    """Vowel share; sends this process SIGINT during update $RLGEN_TEST_STOP_AT (one call per update)."""
+    global _calls
+    _calls += 1
+    if os.environ.get("RLGEN_TEST_STOP_AT") == str(_calls):
+        os.kill(os.getpid(), signal.SIGINT)
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def huge_at(completions, at=2, value=1e39, **kwargs):
+    """A finite Python float at update `at`: 1e39 overflows float32 (inf score), 1e37 squares to inf (value loss)."""
+    global _calls
+    _calls += 1
+    return [value if _calls == at else 0.5] * len(completions)
+
+
+def raises_at(completions, at=3, **kwargs):
+    global _calls
+    _calls += 1
+    if _calls == at:
+        raise RuntimeError("reward server down")
+    return [0.5] * len(completions)
+'''
+
+TIME_KEYS = {"time/rollout", "time/score", "time/update"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RLGEN_CACHE", str(tmp_path_factory.getbasetemp() / "rlgen-cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny model (`Policy.from_pretrained("tiny")`, seed 0) saved once: loading it takes well under a
+    second, building it (tokenizer training) ~10 s."""
+    folder = tmp_path_factory.mktemp("tiny")
+    Policy.from_pretrained("tiny", reference=False).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rewards") / "resume_rewards.py"
+    path.write_text(REWARDS)
+    return path
+
+
+def config(tiny_folder, reward_file, out, **overrides):
+    values = dict(model=str(tiny_folder), output_dir=str(out), max_steps=6, save_steps=2, batch_size=4,
+                  mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, learning_rate=3e-3, adaptive_kl=True,
+                  kl_target=0.1, reward=[f"{reward_file}:vowels"])
+    return PPOConfig(**{**values, **overrides})
+
+
+def _params(policy):
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if not k.startswith("ref_model.")}
+
+
+def _without_time(rows):
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rows]
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(lora_r=4, separate_critic=True, gradient_accumulation_steps=2)],
+                         ids=["full", "lora_critic"])
+def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, monkeypatch, overrides):
+    """6 updates in one go == 3 updates, SIGINT, resume from checkpoint-2 (dropping the killed run's row 3),
+    4 more updates. Tolerance: exact. Both runs do the same float ops in the same order on one CPU thread,
+    from bit-identical restored state (weights and Adam moments saved as float32 safetensors/torch files,
+    RNG states, scheduler step, KL coefficient, data position), so nothing can drift; the time/* metrics are
+    wall-clock and excluded."""
+    one_go = tmp_path / "one_go"
+    policy_a = train_ppo(config(tiny_folder, reward_file, one_go, **overrides))
+    rows_a = read_metrics(one_go / "metrics.jsonl")
+    assert [n for n, _ in complete_checkpoints(one_go)] == [4, 6]  # save_total_limit 2
+
+    split = tmp_path / "split"
+    monkeypatch.setenv("RLGEN_TEST_STOP_AT", "3")
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_ppo(config(tiny_folder, reward_file, split, **overrides))
+    monkeypatch.delenv("RLGEN_TEST_STOP_AT")
+    assert (stopped.value.update, stopped.value.exit_code) == (3, 130)
+    assert f"--resume_from_checkpoint {split.resolve() / 'checkpoint-3'}" in str(stopped.value)
+    assert [n for n, _ in complete_checkpoints(split)] == [2, 3]
+    assert len(read_metrics(split / "metrics.jsonl")) == 3
+    assert not list(split.glob("*.tmp-*"))
+
+    policy_b = train_ppo(config(tiny_folder, reward_file, split, resume_from_checkpoint=str(split / "checkpoint-2"),
+                                **overrides))
+    rows_b = read_metrics(split / "metrics.jsonl")
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    assert _without_time(rows_b) == _without_time(rows_a)
+    params_a, params_b = _params(policy_a), _params(policy_b)
+    assert params_a.keys() == params_b.keys()
+    for name in params_a:
+        assert torch.equal(params_a[name], params_b[name]), name
+    assert (split / "ppo_curves.png").is_file() and (split / "samples.md").read_text() == \
+        (one_go / "samples.md").read_text()
+
+
+def test_checkpoint_contents_and_latest(tiny_folder, reward_file, tmp_path):
+    out = tmp_path / "run"
+    train_ppo(config(tiny_folder, reward_file, out, max_steps=3, save_steps=0))
+    ckpt = find_checkpoint("latest", out)
+    assert ckpt.name == "checkpoint-3"  # save_steps 0: only at the end
+    names = {p.name for p in ckpt.iterdir()}
+    assert {MARKER, "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "config.yaml",
+            "config.json", "model.safetensors", "value_head.safetensors"} <= names
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (state["update"], state["rows_consumed"], len(state["history"])) == (3, 12, 3)
+    # a half-written folder (no marker) is never picked up; resuming a finished run just re-saves the outputs
+    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-9" / "trainer_state.json").write_text("{}")
+    assert find_checkpoint("latest", out).name == "checkpoint-3"
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        find_checkpoint(str(out / "checkpoint-9"), out)
+    with pytest.raises(UserError, match="no complete checkpoint-N folder"):
+        find_checkpoint("latest", tmp_path / "empty")
+
+
+@pytest.mark.parametrize("value, quantity", [(1e39, "reward"), (1e37, "loss")])
+def test_nonfinite_stops_keeping_the_last_good_checkpoint(tiny_folder, reward_file, tmp_path, value, quantity):
+    out = tmp_path / "run"
+    cfg = config(tiny_folder, reward_file, out, save_steps=1, reward=[f"{reward_file}:huge_at(at=3, value={value})"])
+    with pytest.raises(NonFiniteError, match=f"^update 3: non-finite {quantity}; .*checkpoint-2") as e:
+        train_ppo(cfg)
+    assert "\n" not in str(e.value)
+    assert [n for n, _ in complete_checkpoints(out)] == [1, 2] and not list(out.glob("*.tmp-*"))
+    assert not any(torch.load(out / "checkpoint-2" / "optimizer.pt")["state"][0]["exp_avg"].isnan().flatten())
+
+
+def test_skip_nonfinite_counts_skipped_batches(tiny_folder, reward_file, tmp_path):
+    out = tmp_path / "run"
+    policy = train_ppo(config(tiny_folder, reward_file, out, max_steps=4, skip_nonfinite=True,
+                              reward=[f"{reward_file}:huge_at(at=2, value=1e37)"]))
+    rows = read_metrics(out / "metrics.jsonl")
+    skipped = [r["policy/skipped_batches"] for r in rows]
+    assert skipped[0] == 0 and skipped[1] > 0 and skipped[2:] == [0, 0]
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+
+def test_bad_reward_keeps_the_last_checkpoint_intact(tiny_folder, reward_file, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RewardError, match="reward 'raises_at' raised RuntimeError: reward server down"):
+        train_ppo(config(tiny_folder, reward_file, out, reward=[f"{reward_file}:raises_at(at=5)"]))
+    assert [n for n, _ in complete_checkpoints(out)] == [2, 4] and not list(out.glob("*.tmp-*"))
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["update"] == 4
+    assert len(read_metrics(out / "metrics.jsonl")) == 4  # the failed update logged nothing
+    # resuming with a fixed reward works from the intact checkpoint
+    train_ppo(config(tiny_folder, reward_file, out, resume_from_checkpoint="latest"))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "rlgen.cli", "ppo", "--model", "tiny", "--batch_size", "4", "--mini_batch_size",
+            "2", "--ppo_epochs", "1", "--max_new_tokens", "8", "--reward", "keyword(include=['the'])", *args]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_through_the_cli_writes_a_checkpoint_and_resumes(tmp_path, sig, code):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(_cli("--output_dir", str(out), "--max_steps", "100000"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    ckpt = find_checkpoint("latest", out)
+    assert last.startswith(f"rlgen: {signal.Signals(sig).name} received: stopped after update ")
+    assert last.endswith(f"--resume_from_checkpoint {ckpt.resolve()}") and "Traceback" not in err
+    assert (ckpt / MARKER).is_file() and (ckpt / "rng_state_0.pth").is_file()
+    if sig == signal.SIGINT:
+        done = int(ckpt.name.split("-")[1])
+        result = subprocess.run(_cli("--output_dir", str(out), "--max_steps", str(done + 2),
+                                     "--resume_from_checkpoint", "latest"),
+                                env=env, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert [r["step"] for r in read_metrics(metrics)] == list(range(1, done + 3))
+        assert (out / "model.safetensors").is_file()
