@@ -1,0 +1,261 @@
+"""SeqGAN: MC-rollout rewards against exact expectations, the LSTM model, the discriminator, tiny oracle runs."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from rlgen import core
+from rlgen.errors import UserError
+from rlgen.lstm import SeqGANLSTMConfig, SeqGANLSTMForCausalLM, build_oracle, build_token_tokenizer
+from rlgen.policy import Policy, SamplingSettings
+from rlgen.rewards import score_rewards
+from rlgen.seqgan import (
+    CNNDiscriminator,
+    DiscriminatorReward,
+    SeqGANConfig,
+    apply_preset,
+    lstm_rollouts,
+    prob_real,
+    train_discriminator,
+    train_seqgan,
+)
+
+torch.set_num_threads(1)
+
+
+def tiny_lstm(vocab=3, emb=4, hidden=5, seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    model = SeqGANLSTMForCausalLM(SeqGANLSTMConfig(vocab_size=vocab, embedding_size=emb, hidden_size=hidden,
+                                                   initializer_range=scale))
+    return model.eval()
+
+
+def token_score(ids):
+    """A toy D whose score is a known function of the tokens: share of 1s, plus 0.5 if the last token is 2."""
+    return (ids == 1).float().mean(-1) + 0.5 * (ids[..., -1] == 2).float()
+
+
+@torch.no_grad()
+def exact_q(model, seq, score):
+    """E[score(full) | prefix y_1..t] for t < T by enumerating every completion (naive loop), score at t = T."""
+    T, V = len(seq), model.config.vocab_size
+    q = []
+    for t in range(1, T):
+        expected = 0.0
+        for tail in itertools.product(range(V), repeat=T - t):
+            full = torch.tensor(list(seq[:t]) + list(tail))
+            logp = model.nll(full[None]) * -T  # sum of log-probs of the whole sequence ...
+            prefix_logp = -model.nll(full[None, :t]) * t  # ... minus that of the fixed prefix
+            expected += float(torch.exp(torch.tensor(logp - prefix_logp))) * float(score(full))
+        q.append(expected)
+    q.append(float(score(torch.tensor(seq))))
+    return torch.tensor(q)
+
+
+def test_rollouts_keep_prefixes_and_shapes():
+    model = tiny_lstm(vocab=7)
+    seqs = torch.randint(7, (3, 6), generator=torch.Generator().manual_seed(0))
+    rolls = lstm_rollouts(model, seqs, n=5, generator=torch.Generator().manual_seed(1), chunk=7)
+    assert rolls.shape == (5, 5, 3, 6)
+    for t in range(1, 6):
+        assert torch.equal(rolls[t - 1, :, :, :t], seqs[None, :, :t].expand(5, 3, t))
+    assert rolls.min() >= 0 and rolls.max() < 7
+
+
+def test_mc_q_matches_exact_expectation():
+    """Q from batched rollouts + monte_carlo_q_values equals the enumerated expectation (within MC error)."""
+    model = tiny_lstm(vocab=3, scale=1.0)
+    seqs = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1]])
+    n = 3000
+    rolls = lstm_rollouts(model, seqs, n=n, generator=torch.Generator().manual_seed(2))  # [T-1, N, B, T]
+    q = core.monte_carlo_q_values(token_score(rolls), token_score(seqs))  # [B, T]
+    for b in range(2):
+        expected = exact_q(model, seqs[b].tolist(), token_score)
+        assert q[b, -1] == pytest.approx(float(expected[-1]), abs=1e-6)  # t = T: D of the whole sequence
+        assert torch.allclose(q[b, :-1].double(), expected[:-1].double(), atol=0.03)
+
+
+def test_mc_q_averages_rollouts_exactly_for_prefix_only_scores():
+    """A D that reads only y_1 gives Q(t) = D for every t, whatever the rollouts."""
+    model = tiny_lstm(vocab=5)
+    seqs = torch.tensor([[1, 0, 0, 0, 0], [3, 4, 4, 4, 4]])
+    rolls = lstm_rollouts(model, seqs, n=4)
+    q = core.monte_carlo_q_values(rolls[..., 0].float() / 10, seqs[:, 0].float() / 10)
+    assert torch.allclose(q, torch.tensor([[0.1] * 5, [0.3] * 5]))
+
+
+def test_lstm_generate_matches_manual_sampling_loop():
+    model = tiny_lstm(vocab=11, emb=6, hidden=8, seed=3)
+    policy = Policy(model, build_token_tokenizer(11), reference=False)
+    torch.manual_seed(123)
+    ro = policy.sample(["0"] * 4, SamplingSettings(max_new_tokens=6), with_values=False)
+    torch.manual_seed(123)
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for _ in range(6):  # no cache: the whole sequence each step
+        probs = torch.softmax(model(ids).logits[:, -1], dim=-1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1)], 1)
+    assert torch.equal(ro.completion_ids, ids[:, 1:])
+    assert ro.completions[0] == " ".join(str(i) for i in ids[0, 1:].tolist())
+    logprobs, _, _ = policy(ro.input_ids, ro.attention_mask, 6, with_values=False)
+    assert torch.allclose(logprobs, ro.logprobs, atol=1e-5)
+
+
+def test_lstm_left_padding_and_step_match_full_forward():
+    model = tiny_lstm(vocab=9, seed=4)
+    x = torch.randint(9, (2, 5), generator=torch.Generator().manual_seed(0))
+    full = model(x).logits
+    h, _ = model.states(x)
+    assert torch.allclose(model.lm_head(h), full, atol=1e-5)
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), x], 1)
+    mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones_like(x)], 1)
+    assert torch.allclose(model(padded, attention_mask=mask).logits[:, 3:], full, atol=1e-5)
+
+
+def test_oracle_params_round_trip(tmp_path):
+    """An .npz in the authors' layout reproduces the oracle it was written from (gate order, transposes)."""
+    import numpy as np
+
+    src = build_oracle(13, 4, 6, seed=5)
+    W, U, b = src.lstm.weight_ih_l0.T, src.lstm.weight_hh_l0.T, src.lstm.bias_ih_l0
+    names = {"i": 0, "f": 1, "c": 2, "og": 3}
+    arrays = {"emb": src.embedding.weight, "Wo": src.lm_head.weight.T, "bo": src.lm_head.bias}
+    for gate, k in names.items():
+        arrays[f"W{gate}"], arrays[f"U{gate}"], arrays[f"b{gate}"] = W[:, 6 * k:6 * k + 6], U[:, 6 * k:6 * k + 6], b[6 * k:6 * k + 6]
+    np.savez(tmp_path / "o.npz", **{k: v.detach().numpy() for k, v in arrays.items()})
+    loaded = build_oracle(13, 4, 6, seed=99, params=str(tmp_path / "o.npz"))
+    x = torch.randint(13, (3, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(loaded(x).logits, src(x).logits, atol=1e-5)
+    with pytest.raises(UserError, match="shape"):
+        build_oracle(14, 4, 6, seed=0, params=str(tmp_path / "o.npz"))
+
+
+def test_oracle_sanity_n01_own_samples_beat_uniform():
+    oracle = build_oracle(5000, 32, 32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    own, logps = oracle.sample(300, 20, generator=g)
+    uniform = torch.randint(5000, (300, 20), generator=g)
+    own_nll, uniform_nll = oracle.nll(own), oracle.nll(uniform)
+    assert own_nll == pytest.approx(float(-logps.mean()), abs=1e-4)
+    assert own_nll < uniform_nll - 3.0
+    assert 10.5 < uniform_nll < 12.5
+
+
+def test_discriminator_learns_separable_toy_set():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    d = CNNDiscriminator(10, 16, widths=(1, 2, 3), filters=(8, 8, 8), dropout=0.25, seq_len=6)
+    pos = torch.ones(200, 6, dtype=torch.long)
+    neg = torch.randint(2, 10, (200, 6), generator=g)
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+    stats = train_discriminator(d, opt, pos, neg, epochs=3, batch_size=32, l2=0.2, generator=g)
+    assert stats["d/accuracy_train"] > 0.95
+    assert prob_real(d, pos[:20]).min() > 0.8 and prob_real(d, neg[:20]).max() < 0.2
+    reward = DiscriminatorReward(d)
+    totals, per_fn = score_rewards([("discriminator", reward)], ["", ""], ["1 1 1 1 1 1", "5 7 9 3 4 2"])
+    assert totals[0] > 0.8 and totals[1] < 0.2
+
+
+def tiny_oracle_config(tmp_path, **kw):
+    base = dict(task="oracle", model="lstm", discriminator="cnn", output_dir=str(tmp_path / "run"),
+                vocab_size=12, seq_len=6, embedding_size=8, hidden_size=8, num_train=640, num_test=500,
+                eval_samples=2000, batch_size=64, mle_epochs=1, mle_eval_every=0, d_pretrain_rounds=2,
+                d_pretrain_epochs=2, d_negatives=640, d_embedding_size=16, max_steps=12, g_steps=2,
+                rollout_num=8, d_steps=1, d_epochs=1, eval_every=0, eval_temperatures=[1.0, 0.8], oracle_seed=1,
+                seed=0)
+    return SeqGANConfig(**{**base, **kw})
+
+
+def test_tiny_oracle_adversarial_training_lowers_nll_oracle(tmp_path):
+    result = train_seqgan(tiny_oracle_config(tmp_path))
+    s = result.summary
+    assert s["adv"]["eval/nll_oracle"] < s["mle"]["eval/nll_oracle"] - 0.05
+    assert [row["temperature"] for row in s["temperature_sweep_mle"]] == [1.0, 0.8]
+    assert s["g_step_split"]["rollout"] > 0 and s["s_per_d_step"] > 0
+    assert (tmp_path / "run" / "config.json").is_file()
+    assert (tmp_path / "run" / "discriminator" / "cnn_discriminator.json").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/mle" in r for r in rows) and rows[-1]["step"] == 12 and "eval/nll_oracle" in rows[-1]
+    reloaded = Policy.from_pretrained(str(tmp_path / "run"), reference=False)  # AutoModelForCausalLM round trip
+    x = torch.randint(12, (2, 6))
+    assert isinstance(reloaded.base_model, SeqGANLSTMForCausalLM)
+    assert torch.allclose(reloaded.base_model(x).logits, result.policy.base_model(x).logits, atol=1e-6)
+
+
+def test_presets_fill_only_default_fields():
+    cfg = apply_preset(SeqGANConfig(task="oracle", model="lstm", preset="cpu", max_steps=7))
+    assert (cfg.mle_epochs, cfg.d_pretrain_rounds, cfg.d_epochs, cfg.max_steps) == (50, 5, 1, 7)
+    with pytest.raises(UserError, match="preset"):
+        apply_preset(SeqGANConfig(preset="fast"))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(task="oracle", model="default"), "model: lstm"),
+    (dict(task="images"), "task"),
+    (dict(task="oracle", model="lstm", oracle_params="/nonexistent/o.npz"), "oracle_params"),
+    (dict(task="oracle", model="lstm", baseline="critic"), "baseline"),
+    (dict(task="oracle", model="lstm", rollout_update_rate=1.0), "rollout_update_rate"),
+    (dict(task="oracle", model="lstm", discriminator="minilm"), "discriminator: cnn"),
+    (dict(task="text", model="tiny", discriminator="cnn"), "minilm"),
+    (dict(task="text", model="tiny", discriminator="/nonexistent/d"), "does not exist"),
+])
+def test_bad_config_raises_user_error(tmp_path, kw, match):
+    with pytest.raises(UserError, match=match):
+        train_seqgan(SeqGANConfig(output_dir=str(tmp_path / "run"), **kw))
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """A tiny random BERT sequence classifier over the tiny tokenizer, saved as a folder (a text D)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rlgen.models import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.model_max_length = 64
+    folder = tmp_path_factory.mktemp("tiny_d")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=2, pad_token_id=tok.pad_token_id)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_text_task_runs_with_rollouts_and_evaluator(tmp_path, tiny_classifier):
+    cfg = SeqGANConfig(task="text", model="tiny", discriminator=tiny_classifier, output_dir=str(tmp_path / "run"),
+                       max_new_tokens=4, batch_size=4, max_steps=1, rollout_num=2, rollout_update_rate=0.8,
+                       learning_rate=1e-4, max_grad_norm=1.0, baseline="mean", kl_coef=0.05, d_pretrain_rounds=1,
+                       d_pretrain_epochs=1, d_negatives=8, d_learning_rate=1e-3, d_max_length=16, eval_num_prompts=4)
+    s = train_seqgan(cfg).summary
+    assert 0.0 <= s["adv"]["eval/d_accuracy"] <= 1.0
+    for key in ("eval/distinct_1", "eval/self_bleu", "eval/perplexity_ref", "eval/rewards/discriminator/mean"):
+        assert key in s["adv"]
+    assert s["g_step_split"]["rollout"] > 0
+    from rlgen.seqgan import discriminator
+
+    values = discriminator(["hi", "hi"], ["hello there", "ok"], folder=str(tmp_path / "run" / "discriminator"))
+    assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_temperature_sweep_any_policy(tiny_policy):
+    from rlgen.seqgan import temperature_sweep
+
+    rows = temperature_sweep(tiny_policy, [1.0, 0.5], prompts=["hi", "how are you"],
+                             sampling=SamplingSettings(max_new_tokens=4))
+    assert [r["temperature"] for r in rows] == [1.0, 0.5]
+    assert all("eval/distinct_1" in r and "eval/perplexity_ref" in r for r in rows)
+
+
+@pytest.mark.parametrize("name", ["seqgan_oracle.yaml", "seqgan_chitchat.yaml"])
+def test_experiment_files_are_valid_configs(name):
+    from pathlib import Path
+
+    from rlgen.config import build_config, load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / name
+    cfg = apply_preset(build_config(SeqGANConfig, load_yaml(str(path)), str(path)))
+    assert cfg.task in ("oracle", "text")
+    if cfg.task == "oracle":
+        assert (cfg.mle_epochs, cfg.d_pretrain_rounds, cfg.max_steps, cfg.rollout_num) == (50, 5, 33, 16)
