@@ -92,6 +92,8 @@ def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
 
 def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int = 0) -> dict[str, float]:
     """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`."""
+    import torch
+
     from rlgen.data import load_rows
     from rlgen.evaluation import evaluate_policy
     from rlgen.models import default_device, set_threads
@@ -99,9 +101,6 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     from rlgen.rewards import load_reward
 
     set_threads(cfg.threads)
-    import torch
-
-    torch.manual_seed(cfg.seed)
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     save_config(cfg, out)
     reward_fns = [load_reward(spec) for spec in cfg.reward]
@@ -109,6 +108,7 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
         raise UserError(f"reward_weights has {len(cfg.reward_weights)} values for {len(reward_fns)} rewards")
     prompts = [str(r["prompt"]) for r in load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]]
     policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed).to(default_device())
+    torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
     sampling = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                 top_p=cfg.top_p, max_prompt_length=cfg.max_prompt_length)
     gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
