@@ -339,7 +339,7 @@ def train_discriminator(d: nn.Module, optimizer, pos, neg, epochs: int, batch_si
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(idx)
     d.eval()
-    return {"loss/d": loss_sum / max(seen, 1), "d/accuracy_train": correct / max(seen, 1)}
+    return {"loss/d": loss_sum / max(seen, 1), "val/d_accuracy_train": correct / max(seen, 1)}
 
 
 # ---- Monte-Carlo rollouts ---------------------------------------------------------------------------------
@@ -536,9 +536,9 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             return train_ids  # the paper: all oracle training data each round
         return [r["completion"] for r in random.sample(train_rows, min(n, len(train_rows)))]
 
-    def evaluate(step: int, prefix: str = "") -> dict[str, float]:
+    def evaluate(step: int) -> dict[str, float]:
         metrics = oracle_metrics(policy.base_model, oracle, test_ids, cfg.eval_samples, cfg.temperature, cfg.seed + step)
-        writer.log({f"{prefix}{k}": v for k, v in metrics.items()}, step=step)
+        writer.log(metrics, step=step)
         return metrics
 
     # 2. MLE pre-training of the generator
@@ -565,7 +565,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             step = epoch + 1 - cfg.mle_epochs  # MLE epochs are logged at steps <= 0
             writer.log({"loss/mle": sum(losses) / len(losses)}, step=step)
             if cfg.mle_eval_every and (epoch + 1) % cfg.mle_eval_every == 0 and step < 0:
-                curve.append((epoch + 1, evaluate(step, "mle/")["eval/nll_oracle"]))
+                curve.append((epoch + 1, evaluate(step)["eval/nll_oracle"]))
         summary["s_per_mle_epoch"] = clock() / max(cfg.mle_epochs, 1)
         start_metrics = last_eval = evaluate(0)
         summary["mle"] = {"nll_oracle_curve": curve, **start_metrics}
@@ -678,7 +678,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             adv_curve.append((epoch, last_eval["eval/nll_oracle"]))
             held_out = torch.cat([test_ids[:1000], negatives(1000)])
             correct = torch.cat([prob_real(d, held_out[:1000]) > 0.5, prob_real(d, held_out[1000:]) <= 0.5])
-            row["d/accuracy_heldout"] = float(correct.float().mean())
+            row["eval/d_accuracy_heldout"] = float(correct.float().mean())
         times["eval"] += clock()
         row["time/adv_epoch"] = adv_clock() / epoch
         writer.log(row, step=epoch)

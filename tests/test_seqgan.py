@@ -150,7 +150,7 @@ def test_discriminator_learns_separable_toy_set():
     neg = torch.randint(2, 10, (200, 6), generator=g)
     opt = torch.optim.Adam(d.parameters(), lr=1e-2)
     stats = train_discriminator(d, opt, pos, neg, epochs=3, batch_size=32, l2=0.2, generator=g)
-    assert stats["d/accuracy_train"] > 0.95
+    assert stats["val/d_accuracy_train"] > 0.95
     assert prob_real(d, pos[:20]).min() > 0.8 and prob_real(d, neg[:20]).max() < 0.2
     reward = DiscriminatorReward(d)
     totals, per_fn = score_rewards([("discriminator", reward)], ["", ""], ["1 1 1 1 1 1", "5 7 9 3 4 2"])
