@@ -10,10 +10,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Tests share one cache folder of their own (demo data is built there once), never the user's."""
-    monkeypatch.setenv("RLGEN_CACHE", str(tmp_path_factory.getbasetemp() / "rlgen-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tests share one cache folder of their own (demo data is built there once), never the user's.
+
+    Session-scoped so that module-scoped fixtures (which start before function-scoped ones) use it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RLGEN_CACHE", str(tmp_path_factory.getbasetemp() / "rlgen-cache"))
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny model (`Policy.from_pretrained("tiny")`, seed 0) saved once: loading it takes well under a
+    second, building it (tokenizer training) several seconds."""
+    from rlgen.policy import Policy
+
+    folder = tmp_path_factory.mktemp("tiny")
+    Policy.from_pretrained("tiny", reference=False).save(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,6 @@ torch.set_num_threads(1)
 REWARDS = "def other(completions, **kwargs):\n    return [0.0] * len(completions)\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    Policy.from_pretrained("tiny", reference=False).save(folder)
-    return folder
-
-
 @pytest.fixture
 def files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")

@@ -57,22 +57,6 @@ def not_a_number(completions, **kwargs):
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _module_cache(tmp_path_factory):
-    """conftest's isolated cache, for the module-scoped runs below too (they start before its fixture)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RLGEN_CACHE", str(tmp_path_factory.getbasetemp() / "rlgen-cache"))
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """The tiny model saved once, so each run loads it in well under a second instead of building it."""
-    folder = tmp_path_factory.mktemp("tiny")
-    Policy.from_pretrained("tiny", reference=False).save(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def reward_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"

@@ -18,7 +18,6 @@ from rlgen.checkpoint import (
     find_checkpoint,
 )
 from rlgen.errors import RewardError, UserError
-from rlgen.policy import Policy
 from rlgen.ppo import PPOConfig, train_ppo
 from rlgen.tracking import read_metrics
 
@@ -56,22 +55,6 @@ def raises_at(completions, at=3, **kwargs):
 '''
 
 TIME_KEYS = {"time/rollout", "time/score", "time/update"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RLGEN_CACHE", str(tmp_path_factory.getbasetemp() / "rlgen-cache"))
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """The tiny model (`Policy.from_pretrained("tiny")`, seed 0) saved once: loading it takes well under a
-    second, building it (tokenizer training) ~10 s."""
-    folder = tmp_path_factory.mktemp("tiny")
-    Policy.from_pretrained("tiny", reference=False).save(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
