@@ -109,8 +109,7 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     prompts = [str(r["prompt"]) for r in load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]]
     policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed).to(default_device())
     torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
-    sampling = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, max_prompt_length=cfg.max_prompt_length)
+    sampling = SamplingSettings.from_config(cfg)
     gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
     metrics = evaluate_policy(policy, prompts, reward_fns, sampling, weights=cfg.reward_weights or None,
                               batch_size=cfg.batch_size, output_dir=out, self_bleu_max_texts=cfg.self_bleu_max_texts,

@@ -12,6 +12,7 @@ Completion token t is predicted by the hidden state at position P - 1 + t.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     max_prompt_length: int = 256
+
+    @classmethod
+    def from_config(cls, cfg) -> SamplingSettings:
+        """The settings of a stage config (any config with the SamplingConfig fields)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -262,10 +268,14 @@ class Policy(nn.Module):
         elif with_values:
             input_ids = torch.cat([prompt_ids, completion_ids], 1)
             values = self.critic_values(input_ids, torch.cat([prompt_mask, mask], 1), completion_ids.shape[1]) * mask
-        texts = self.tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, self.tokenizer.pad_token_id),
-                                            skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # pad after the end
         return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, values, ended,
                        list(prompts), [t.strip() for t in texts])
+
+    def sample_completions(self, prompts: list[str], settings: SamplingSettings, batch_size: int) -> list[str]:
+        """One decoded completion per prompt, sampled `batch_size` prompts at a time."""
+        return [c for i in range(0, len(prompts), batch_size)
+                for c in self.sample(prompts[i:i + batch_size], settings, with_values=False).completions]
 
     # ---- persistence --------------------------------------------------------------------------------------
 

@@ -306,9 +306,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         writer = MetricsWriter(out)
     accelerator.wait_for_everyone()
     policy.eval()  # dropout off for sampling and training alike, so old and new log-probs agree (HUANG)
-    sampling = SamplingSettings(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                max_prompt_length=cfg.max_prompt_length)
+    sampling = SamplingSettings.from_config(cfg)
     params = [p for p in policy.parameters() if p.requires_grad]  # the reference's are frozen
     adam = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0, fused=True)
     # Stepped once per update; not handed to accelerate, which would step it once per process.

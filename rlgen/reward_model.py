@@ -380,13 +380,8 @@ def sample_completions(model: str, prompts: list[str], cfg: RewardModelConfig) -
     from rlgen.policy import Policy, SamplingSettings
 
     policy = Policy.from_pretrained(model, reference=False, seed=cfg.seed)
-    settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, max_prompt_length=cfg.max_prompt_length)
     torch.manual_seed(cfg.seed)
-    completions: list[str] = []
-    for start in range(0, len(prompts), SAMPLE_BATCH):
-        completions += policy.sample(prompts[start:start + SAMPLE_BATCH], settings, with_values=False).completions
-    return completions
+    return policy.sample_completions(prompts, SamplingSettings.from_config(cfg), SAMPLE_BATCH)
 
 
 def calibration_texts(cfg: RewardModelConfig, heldout: list[dict], rng: random.Random) -> list[dict]:

@@ -490,8 +490,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     total = _timer()
     summary: dict = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("report_to",)}}
     T = cfg.seq_len if oracle_task else cfg.max_new_tokens
-    sampling = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, max_prompt_length=cfg.max_prompt_length)
+    sampling = SamplingSettings.from_config(cfg)
 
     # 1. data and models: oracle + its samples (oracle task) or real replies (text task); generator; D
     if oracle_task:
@@ -528,8 +527,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
         if oracle_task:
             return policy.base_model.sample(n, T, cfg.temperature, g)[0]
         prompts = [r["prompt"] for r in random.sample(train_rows, min(n, len(train_rows)))]
-        return [c for i in range(0, len(prompts), cfg.batch_size)
-                for c in policy.sample(prompts[i:i + cfg.batch_size], sampling, with_values=False).completions]
+        return policy.sample_completions(prompts, sampling, cfg.batch_size)
 
     def positives(n: int):
         if oracle_task:
