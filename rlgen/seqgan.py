@@ -115,7 +115,7 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
     d_max_length: int = opt(64, "text D: tokens per reply")
     score_batch_size: int = opt(2048, "sequences per D scoring pass (rollouts)")
     # text task
-    eval_num_prompts: int = opt(64, "text task: test prompts for the shared evaluator")
+    eval_num_prompts: int = opt(64, "text task: test prompts for the shared evaluator (0: no final evaluation)")
 
 
 def apply_preset(cfg: SeqGANConfig) -> SeqGANConfig:
@@ -378,14 +378,15 @@ def lstm_rollouts(model: SeqGANLSTMForCausalLM, seqs: torch.Tensor, n: int, temp
 @torch.no_grad()
 def generate_rollout_texts(model, policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            completion_ids: torch.Tensor, lengths: torch.Tensor, n: int,
-                           temperature: float = 1.0) -> tuple[list[list[str]], list[torch.Tensor]]:
+                           temperature: float = 1.0) -> tuple[list[list[str]], list[torch.Tensor], int]:
     """Monte-Carlo completions of every proper prefix of each completion, with `model.generate` (any causal LM).
 
     prompt_ids/prompt_mask [B, P] (left-padded), completion_ids [B, T], lengths [B] (real tokens, EOS included).
     For each prefix length t = 1..T-1, one cached `generate` call continues the rows with lengths > t N times.
-    Returns, per t, the decoded texts (rows * N, row-major) and the row indices they belong to.
+    Returns, per t, the decoded texts (rows * N, row-major) and the row indices they belong to, and the number
+    of tokens generated (EOS included).
     """
-    texts, rows = [], []
+    texts, rows, n_tokens = [], [], 0
     T = completion_ids.shape[1]
     was_training = model.training
     model.eval()
@@ -402,6 +403,7 @@ def generate_rollout_texts(model, policy: Policy, prompt_ids: torch.Tensor, prom
             gen.output_logits = False
             new = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen).sequences[:, ids.shape[1]:]
             new_mask, _ = completion_mask_from_ids(new, policy.eos_token_ids)
+            n_tokens += int(new_mask.sum())
             full = torch.cat([completion_ids[idx, :t].repeat_interleave(n, 0),
                               new.masked_fill(new_mask == 0, policy.tokenizer.pad_token_id)], 1)
             decoded = policy.tokenizer.batch_decode(full, skip_special_tokens=True)
@@ -409,7 +411,7 @@ def generate_rollout_texts(model, policy: Policy, prompt_ids: torch.Tensor, prom
             rows.append(idx)
     finally:
         model.train(was_training)
-    return texts, rows
+    return texts, rows, n_tokens
 
 
 @torch.no_grad()
@@ -522,12 +524,20 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
         folder = minilm_folder() if cfg.discriminator in ("auto", "minilm") else Path(cfg.discriminator)
         d = TextDiscriminator(str(folder), cfg.d_max_length, dropout=cfg.d_dropout)
 
+    generated = {"completions": 0, "tokens": 0, "rollout_tokens": 0}  # what the generator sampled (text task)
+
     def negatives(n: int):
         """n fresh generator samples: ids [n, T] (oracle) or reply texts (text)."""
         if oracle_task:
             return policy.base_model.sample(n, T, cfg.temperature, g)[0]
         prompts = [r["prompt"] for r in random.sample(train_rows, min(n, len(train_rows)))]
-        return policy.sample_completions(prompts, sampling, cfg.batch_size)
+        texts = []
+        for i in range(0, len(prompts), cfg.batch_size):
+            ro = policy.sample(prompts[i:i + cfg.batch_size], sampling, with_values=False)
+            texts += ro.completions
+            generated["completions"] += len(ro.completions)
+            generated["tokens"] += int(ro.completion_mask.sum())
+        return texts
 
     def positives(n: int):
         if oracle_task:
@@ -623,8 +633,12 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
                 input_ids, attention, mask, old_lp = ro.input_ids, ro.attention_mask, ro.completion_mask, ro.logprobs
                 T_b = ro.completion_ids.shape[1]
                 lengths = mask.sum(1)
-                texts, rows_of = generate_rollout_texts(rollout_model, policy, ro.prompt_ids, ro.prompt_mask,
-                                                        ro.completion_ids, lengths, cfg.rollout_num, cfg.temperature)
+                texts, rows_of, n_rollout = generate_rollout_texts(rollout_model, policy, ro.prompt_ids,
+                                                                   ro.prompt_mask, ro.completion_ids, lengths,
+                                                                   cfg.rollout_num, cfg.temperature)
+                generated["completions"] += len(ro.completions)
+                generated["tokens"] += int(lengths.sum()) + n_rollout
+                generated["rollout_tokens"] += n_rollout
             times["rollout"] += clock()
             # 4b. score: Q(t) = mean_n D(rollout_n of prefix t), D(whole sequence) at t = T (eq. 4)
             clock = _timer()
@@ -689,9 +703,11 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     summary["s_per_d_step"] = times["d_step"] / max(n_d, 1)
     summary["g_step_split"] = {k: times[k] / max(n_g, 1) for k in ("rollout", "score", "update")}
     summary["s_eval_total"] = times["eval"]
+    if not oracle_task:
+        summary["generated"] = dict(generated)  # training only: the evaluation below samples too
     if oracle_task:
         summary["adv"] = {**last_eval, "nll_oracle_curve": adv_curve}
-    else:
+    elif cfg.eval_num_prompts > 0:
         from rlgen.evaluation import evaluate_policy
 
         test_prompts = [r["prompt"] for r in test_rows[:cfg.eval_num_prompts]]
