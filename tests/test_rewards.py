@@ -105,6 +105,7 @@ def test_builtin_table():
     assert set(BUILTIN_REWARDS) == {
         "sentiment_positive",
         "sentiment_negative",
+        "sentiment_textblob",
         "target_length",
         "keyword",
         "regex_match",

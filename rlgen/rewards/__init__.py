@@ -25,6 +25,7 @@ from rlgen.rewards.rules import (
     repetition_penalty,
     sentiment_negative,
     sentiment_positive,
+    sentiment_textblob,
     target_length,
     toxicity_penalty,
 )
@@ -34,6 +35,7 @@ __all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_mean_metri
 BUILTIN_REWARDS = {
     "sentiment_positive": sentiment_positive,
     "sentiment_negative": sentiment_negative,
+    "sentiment_textblob": sentiment_textblob,
     "target_length": target_length,
     "keyword": keyword,
     "regex_match": regex_match,

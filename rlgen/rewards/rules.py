@@ -37,6 +37,18 @@ def sentiment_negative(prompts, completions, **kwargs):
     return [0.0 - score for score in sentiment_positive(prompts, completions)]
 
 
+def sentiment_textblob(prompts, completions, **kwargs):
+    """TextBlob polarity of each completion, in [-1, 1]: a second sentiment lexicon, independent of VADER,
+    useful as a gold reward when VADER is the proxy being optimised.
+
+    >>> [round(r, 4) for r in sentiment_textblob(["", ""], ["I love this, great day!", "This is terrible."])]
+    [0.75, -1.0]
+    """
+    from textblob import TextBlob
+
+    return [float(TextBlob(c).sentiment.polarity) for c in completions]
+
+
 def target_length(prompts, completions, target=20, unit="words", **kwargs):
     """``-|length - target| / target``, length counted in whitespace-split words or in characters.
 
