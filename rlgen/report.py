@@ -1,0 +1,409 @@
+"""The comparison report: what several methods, each trained with several seeds, did to the same starting model.
+
+Input is one record per finished (method, seed) run plus one for the starting model (method "start"); see
+`write_report`. Outputs, all in one folder:
+- `comparison.md`, `comparison.csv`: one row per method, mean and standard error over seeds of the proxy reward
+  (the one optimised), each gold reward (never optimised), KL and perplexity against the starting model,
+  distinct-2, self-BLEU, completion length, training seconds, and the completions and tokens generated in training
+- `frontier.png`: gold reward against KL to the starting model, per run and per method
+- `learning_curves.png`: training-time proxy and gold reward against the completions generated
+- `proxy_vs_gold.png`: proxy against gold reward per evaluation sample, with the mean gold reward per proxy
+  decile (gold flattening or falling while proxy rises is reward over-optimisation; Gao et al. 2022)
+- `samples.md`: the first prompts' completions from each method
+- `report.html`: all of the above on one self-contained page (images inline, no scripts, no external resources)
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import itertools
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+COLOURS = {"start": "black", "sft": "tab:blue", "ppo": "tab:orange", "seqgan": "tab:green", "grpo": "tab:red",
+           "rloo": "tab:purple", "dpo": "tab:brown"}
+EXTRA_COLOURS = ["tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "teal", "maroon"]
+CAPTIONS = {
+    "frontier": "Gold reward against KL to the starting model. Small points: single runs; large points: the "
+                "method's mean over seeds with standard-error bars in both directions; star: the starting model.",
+    "learning_curves": "Reward of the completions sampled during training against the number of completions "
+                       "generated: mean over seeds, shaded ± standard error.",
+    "proxy_vs_gold": "Proxy against gold reward for every evaluation sample of every run; large markers are "
+                     "per-run means, the black line the mean gold reward per proxy decile over all samples.",
+}
+LABELS = {"proxy_reward": "proxy reward", "kl": "KL", "perplexity": "perplexity (ref)", "distinct_2": "distinct-2",
+          "self_bleu": "self-BLEU", "mean_length": "length", "train_s": "train s"}
+
+
+def _columns(proxy_names: list[str], gold_names: list[str]) -> list[tuple[str, str]]:
+    """(CSV name, where the value lives: a metrics key under eval/ or a record key) per table column; each proxy
+    fn gets its own column when the proxy is a sum of several."""
+    per_fn = [(f"reward_{p}", f"eval/rewards/{p}/mean") for p in proxy_names] if len(proxy_names) > 1 else []
+    return ([("proxy_reward", "eval/reward/mean")] + per_fn
+            + [(f"gold_{g}", f"eval/gold/{g}/mean") for g in gold_names]
+            + [("kl", "eval/kl"), ("perplexity", "eval/perplexity_ref"), ("distinct_2", "eval/distinct_2"),
+               ("self_bleu", "eval/self_bleu"), ("mean_length", "eval/mean_length"), ("train_s", "train_s"),
+               ("completions", "completions"), ("tokens", "tokens")])
+
+
+def _label(name: str) -> str:
+    """The table heading of a column."""
+    if name.startswith("reward_"):
+        return "proxy " + name.removeprefix("reward_")
+    if name.startswith("gold_"):
+        return "gold " + name.removeprefix("gold_")
+    return LABELS.get(name, name)
+
+
+def _value(record: dict, key: str) -> float:
+    """A run's value for a column; NaN when absent or None."""
+    value = record.get("metrics", {}).get(key) if key.startswith("eval/") else record.get(key)
+    return math.nan if value is None else float(value)
+
+
+def _mean_se(values) -> tuple[float, float, int]:
+    """Mean and standard error (sample std / sqrt(k)) of the k finite values; SE is NaN when k < 2."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan, 0
+    se = statistics.stdev(finite) / math.sqrt(len(finite)) if len(finite) > 1 else math.nan
+    return statistics.fmean(finite), se, len(finite)
+
+
+def _by_method(records: list[dict]) -> dict[str, list[dict]]:
+    """Runs grouped by method in order of first appearance, "start" first."""
+    groups: dict[str, list[dict]] = {}
+    for record in sorted(records, key=lambda r: r["method"] != "start"):
+        groups.setdefault(record["method"], []).append(record)
+    return groups
+
+
+def _colours(methods) -> dict[str, str]:
+    """The fixed colour of each known method; others take the extra colours in order."""
+    extra = itertools.cycle(EXTRA_COLOURS)
+    return {m: COLOURS[m] if m in COLOURS else next(extra) for m in methods}
+
+
+def summarize(records: list[dict], proxy_names: list[str], gold_names: list[str]) -> list[dict]:
+    """One row per method ("start" first, then in order of first appearance): method, n (runs), and per column
+    `<column>_mean`, `<column>_se` (NaN for fewer than two runs) and `<column>_n` (runs with a finite value)."""
+    rows = []
+    for method, runs in _by_method(records).items():
+        row: dict = {"method": method, "n": len(runs)}
+        for name, key in _columns(proxy_names, gold_names):
+            row[f"{name}_mean"], row[f"{name}_se"], row[f"{name}_n"] = _mean_se(_value(r, key) for r in runs)
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean: float, se: float = math.nan) -> str:
+    """`mean ± se` to about three significant digits of the larger of the two; no ± when SE is undefined."""
+    if not math.isfinite(mean):
+        return "n/a"
+    scale = max(abs(mean), abs(se) if math.isfinite(se) else 0.0)
+    if 0 < scale < 1e-3:
+        text, se_text = f"{mean:.2g}", f"{se:.1g}"
+    else:
+        digits = max(0, 2 - math.floor(math.log10(scale))) if scale else 0
+        text, se_text = f"{mean:.{digits}f}", f"{se:.{digits}f}"
+    return f"{text} ± {se_text}" if math.isfinite(se) else text
+
+
+def _names(rows: list[dict]) -> list[str]:
+    """The table's column names, as `summarize` made them."""
+    return [k.removesuffix("_mean") for k in rows[0] if k.endswith("_mean")] if rows else []
+
+
+def _cells(row: dict, names: list[str]) -> list[str]:
+    """A row's formatted cells after method and n; `[k/n]` marks a column only k of the n runs had."""
+    cells = []
+    for name in names:
+        text = _fmt(row[f"{name}_mean"], row[f"{name}_se"])
+        cells.append(text if row[f"{name}_n"] in (0, row["n"]) else f"{text} [{row[f'{name}_n']}/{row['n']}]")
+    return cells
+
+
+def _note(rows: list[dict]) -> str:
+    """What the table's numbers mean."""
+    note = ("± is the standard error over seeds (sample standard deviation / √n; none for a single run). "
+            "KL and perplexity are measured against the starting model. The proxy reward is the one the methods "
+            "optimised; gold rewards were only measured.")
+    partial = any(row[f"{name}_n"] not in (0, row["n"]) for row in rows for name in _names(rows))
+    return note + (" [k/n]: only k of the n runs had a finite value." if partial else "")
+
+
+def _csv_value(value) -> str:
+    """Six significant digits; blank for NaN."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.6g}" if math.isfinite(value) else ""
+
+
+def write_table(rows: list[dict], folder: Path) -> tuple[Path, Path]:
+    """comparison.md (mean ± SE per method) and comparison.csv (`<column>_mean`, `<column>_se`; blank when
+    undefined)."""
+    folder = Path(folder)
+    names = _names(rows)
+    lines = ["# Method comparison", "", "| method | n | " + " | ".join(map(_label, names)) + " |",
+             "|---|---" + "|---" * len(names) + "|"]
+    for row in rows:
+        cells = [row["method"].replace("|", "/"), str(row["n"])] + _cells(row, names)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", _note(rows), ""]
+    md_path, csv_path = folder / "comparison.md", folder / "comparison.csv"
+    md_path.write_text("\n".join(lines))
+    fields = ["method", "n"] + [f"{name}_{stat}" for name in names for stat in ("mean", "se")]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        for row in rows:
+            writer.writerow([_csv_value(row[k]) for k in fields])
+    return md_path, csv_path
+
+
+def _figure(figsize: tuple[float, float]):
+    """A figure on an Agg canvas (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _legend(ax) -> None:
+    """A small legend, if anything is labelled."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def plot_frontier(records: list[dict], gold_names: list[str], path: Path) -> None:
+    """frontier.png: gold reward (the proxy when there is no gold) against KL to the starting model."""
+    key = f"eval/gold/{gold_names[0]}/mean" if gold_names else "eval/reward/mean"
+    groups = _by_method(records)
+    colours = _colours(groups)
+    fig = _figure((7, 5))
+    ax = fig.subplots()
+    for method, runs in groups.items():
+        kl, reward = [_value(r, "eval/kl") for r in runs], [_value(r, key) for r in runs]
+        (kl_mean, kl_se, _), (reward_mean, reward_se, _) = _mean_se(kl), _mean_se(reward)
+        if method == "start":
+            ax.scatter([kl_mean], [reward_mean], marker="*", s=300, color="black", zorder=4, label="start")
+            continue
+        ax.scatter(kl, reward, s=25, alpha=0.5, color=colours[method], linewidths=0)
+        ax.errorbar([kl_mean], [reward_mean], xerr=[np.nan_to_num(kl_se)], yerr=[np.nan_to_num(reward_se)],
+                    fmt="o", ms=10, capsize=4, color=colours[method], label=f"{method} (n={len(runs)})", zorder=3)
+    ylabel = f"gold reward: {gold_names[0]}" if gold_names else "proxy reward (no gold reward configured)"
+    ax.set(xlabel="KL to the starting model (nats per completion)", ylabel=ylabel, title="Reward against KL")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    fig.savefig(path, dpi=100)
+
+
+def _curve(curve: list[dict], key: str) -> tuple[list, list]:
+    """(completions, value) of the curve rows that have the key."""
+    points = [(row["completions"], row[key]) for row in curve
+              if row.get(key) is not None and "completions" in row]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def plot_learning_curves(records: list[dict], proxy_names: list[str], gold_names: list[str], path: Path) -> None:
+    """learning_curves.png: the first proxy fn's (left) and first gold fn's (right) training-sample reward
+    against completions generated; mean over seeds with a ±SE band, or one thin line per seed when the seeds
+    were logged at different points."""
+    panels = [(f"rewards/{proxy_names[0]}/mean", f"proxy: {proxy_names[0]}")]
+    if gold_names:
+        panels.append((f"rewards/gold_{gold_names[0]}/mean", f"gold: {gold_names[0]}"))
+    groups = {m: runs for m, runs in _by_method(records).items() if m != "start"}
+    colours = _colours(_by_method(records))
+    fig = _figure((5.5 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, title) in zip(axes, panels):
+        for method, runs in groups.items():
+            seeds = [s for s in (_curve(r.get("curve") or [], key) for r in runs) if s[0]]
+            if not seeds:
+                continue
+            xs = seeds[0][0]
+            if all(x == xs for x, _ in seeds):
+                stats = np.array([_mean_se(values)[:2] for values in zip(*(y for _, y in seeds))])
+                ax.plot(xs, stats[:, 0], color=colours[method], label=f"{method} (n={len(seeds)})")
+                if len(seeds) > 1:
+                    ax.fill_between(xs, stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1],
+                                    color=colours[method], alpha=0.2, linewidth=0)
+            else:
+                for i, (x, y) in enumerate(seeds):
+                    ax.plot(x, y, color=colours[method], linewidth=0.8, alpha=0.7,
+                            label=method if i == 0 else None)
+        ax.set(ylabel="mean reward of training samples", title=title)
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    offline = [m for m, runs in groups.items() if not any(r.get("curve") for r in runs)]
+    note = f"\n(no online training samples: {', '.join(offline)})" if offline else ""
+    fig.supxlabel("completions generated during training" + note, fontsize=10)
+    fig.savefig(path, dpi=100)
+
+
+def plot_proxy_vs_gold(records: list[dict], proxy_names: list[str], gold_names: list[str], path: Path) -> None:
+    """proxy_vs_gold.png: per-sample proxy (the weighted reward) against the first gold reward, per-run means,
+    and the mean gold per proxy decile over all samples; a figure saying so when there is no gold reward."""
+    fig = _figure((7, 5))
+    ax = fig.subplots()
+    if not gold_names:
+        ax.text(0.5, 0.5, "no gold reward configured:\nproxy against gold needs one (--gold_reward)",
+                ha="center", va="center", fontsize=12, transform=ax.transAxes)
+        ax.set(xticks=[], yticks=[], title="Proxy against gold reward")
+        fig.savefig(path, dpi=100)
+        return
+    key = f"gold/{gold_names[0]}"
+    groups = _by_method(records)
+    colours = _colours(groups)
+    pooled = []
+    for method, runs in groups.items():
+        for i, run in enumerate(runs):
+            pairs = [(s.get("reward"), s.get("rewards", {}).get(key)) for s in run.get("samples") or []]
+            pairs = [(float(p), float(g)) for p, g in pairs
+                     if p is not None and g is not None and math.isfinite(p) and math.isfinite(g)]
+            if not pairs:
+                continue
+            pooled += pairs
+            proxy, gold = zip(*pairs)
+            ax.scatter(proxy, gold, s=6, alpha=0.25, color=colours[method], linewidths=0)
+            ax.scatter([statistics.fmean(proxy)], [statistics.fmean(gold)], s=300 if method == "start" else 90,
+                       marker="*" if method == "start" else "o", color=colours[method], edgecolors="black",
+                       zorder=3, label=method if i == 0 else None)
+    if len(pooled) >= 2:
+        ordered = np.array(sorted(pooled))
+        bins = [b.mean(axis=0) for b in np.array_split(ordered, min(10, len(ordered)))]
+        ax.plot(*np.array(bins).T, color="black", marker="s", ms=4, zorder=4,
+                label="mean gold per proxy decile (all samples)")
+    ax.set(xlabel=f"proxy reward (optimised): {' + '.join(proxy_names)}", ylabel=f"gold reward: {gold_names[0]}",
+           title="Proxy against gold reward per evaluation sample")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    fig.savefig(path, dpi=100)
+
+
+def sample_table(records: list[dict], n_prompts: int = 3) -> list[dict]:
+    """For each of the first `n_prompts` prompts: `{"prompt", "completions": [{"method", "seed", "completion",
+    "proxy", "gold": {fn: value}}]}`, one completion per method from its lowest seed ("start" first)."""
+    runs = [min(group, key=lambda r: -math.inf if r.get("seed") is None else r["seed"])
+            for group in _by_method(records).values()]
+    count = min(n_prompts, max((len(r.get("samples") or []) for r in runs), default=0))
+    table = []
+    for i in range(count):
+        shown = [(run, run["samples"][i]) for run in runs if i < len(run.get("samples") or [])]
+        table.append({"prompt": shown[0][1]["prompt"], "completions": [
+            {"method": run["method"], "seed": run.get("seed"), "completion": s["completion"],
+             "proxy": s.get("reward"), "gold": {k.removeprefix("gold/"): v for k, v in s.get("rewards", {}).items()
+                                                if k.startswith("gold/")}}
+            for run, s in shown]})
+    return table
+
+
+def _who(row: dict) -> str:
+    """`ppo, seed 0`, or the method alone when it has no seed."""
+    return row["method"] if row["seed"] is None else f"{row['method']}, seed {row['seed']}"
+
+
+def _scores(row: dict) -> str:
+    """`proxy 0.812, gold vader 0.300` for a sample row."""
+    gold = [f"gold {k} {_fmt(math.nan if v is None else float(v))}" for k, v in row["gold"].items()]
+    proxy = math.nan if row["proxy"] is None else float(row["proxy"])
+    return ", ".join([f"proxy {_fmt(proxy)}"] + gold)
+
+
+SAMPLES_NOTE = "The first evaluation prompts (the same for every run); each method's lowest seed."
+
+
+def _write_samples(path: Path, samples: list[dict]) -> None:
+    lines = ["# Sample completions", "", SAMPLES_NOTE, ""]
+    for i, item in enumerate(samples, 1):
+        lines += [f"## {i}", "", f"**prompt:** {item['prompt']}", ""]
+        for row in item["completions"]:
+            lines += [f"**{_who(row)}** ({_scores(row)}):", ""]
+            lines += ["> " + line for line in (row["completion"] or " ").splitlines()] + [""]
+    path.write_text("\n".join(lines))
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; line-height: 1.5; color: #222;
+       max-width: 1100px; margin: 2em auto; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; vertical-align: top; }
+th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.text { white-space: pre-wrap; }
+figure { margin: 1.5em 0; } img { max-width: 100%; }
+figcaption, .note { color: #555; font-size: 0.9em; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+"""
+
+
+def write_html(folder: Path, rows: list[dict], plots: dict[str, Path], samples: list[dict], settings: dict,
+               title: str) -> Path:
+    """report.html: one self-contained page (PNGs as data URIs, inline CSS, no scripts, no external resources)."""
+    e = html.escape
+    names = _names(rows)
+    header = "".join(f"<th>{e(_label(name))}</th>" for name in names)
+    body = "".join(f"<tr><td>{e(row['method'])}</td><td class=\"num\">{row['n']}</td>"
+                   + "".join(f"<td class=\"num\">{e(c)}</td>" for c in _cells(row, names)) + "</tr>\n"
+                   for row in rows)
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+        f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
+        "<p>Each method fine-tuned the same starting model with one or more seeds, and every run was evaluated "
+        "on the same prompts. The <em>proxy reward</em> is the one the methods optimised; <em>gold</em> rewards "
+        "were only measured, so a method that gains proxy reward while gold stalls or falls, usually at a large "
+        "KL from the starting model, is over-optimising its proxy. Values are the mean over seeds ± the "
+        "standard error; KL and perplexity are measured against the starting model.</p>",
+        "<h2>Results</h2>", f'<div class="scroll"><table><tr><th>method</th><th>n</th>{header}</tr>\n{body}'
+        f'</table></div><p class="note">{e(_note(rows))}</p>',
+        "<h2>Plots</h2>",
+    ]
+    for name, path in plots.items():
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(name)}">'
+                     f"<figcaption>{e(CAPTIONS.get(name, name))}</figcaption></figure>")
+    parts.append(f'<h2>Samples</h2><p class="note">{SAMPLES_NOTE}</p>')
+    for i, item in enumerate(samples, 1):
+        rows_html = "".join(f'<tr><td>{e(_who(r))}</td><td class="text">{e(r["completion"])}</td>'
+                            f'<td class="num">{e(_scores(r))}</td></tr>' for r in item["completions"])
+        parts.append(f"<h3>{i}. {e(item['prompt'])}</h3><div class=\"scroll\"><table><tr><th>method</th>"
+                     f"<th>completion</th><th>rewards</th></tr>{rows_html}</table></div>")
+    plain = json.loads(json.dumps(settings, default=str))
+    parts += ["<h2>Settings</h2>", f"<pre>{e(yaml.safe_dump(plain, sort_keys=False))}</pre>",
+              "</body></html>", ""]
+    path = Path(folder) / "report.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def write_report(folder: Path, records: list[dict], proxy_names: list[str], gold_names: list[str], settings: dict,
+                 title: str = "rlgen comparison") -> dict[str, Path]:
+    """Write the table, plots, samples and HTML page to `folder`; returns their paths by name.
+
+    `records`: one dict per finished run: method, seed (None for "start", the starting model), metrics (the
+    evaluator's `eval/*` output), train_s, eval_s, completions and tokens generated in training, curve (rows of
+    training-time `rewards/<fn>/mean` against `completions`), samples (evaluation samples in prompt order)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = summarize(records, proxy_names, gold_names)
+    md_path, csv_path = write_table(rows, folder)
+    plots = {name: folder / f"{name}.png" for name in ("frontier", "learning_curves", "proxy_vs_gold")}
+    plot_frontier(records, gold_names, plots["frontier"])
+    plot_learning_curves(records, proxy_names, gold_names, plots["learning_curves"])
+    plot_proxy_vs_gold(records, proxy_names, gold_names, plots["proxy_vs_gold"])
+    samples = sample_table(records)
+    _write_samples(folder / "samples.md", samples)
+    page = write_html(folder, rows, plots, samples, settings, title)
+    return {"comparison_md": md_path, "comparison_csv": csv_path, **plots, "samples": folder / "samples.md",
+            "html": page}
