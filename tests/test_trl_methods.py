@@ -1,0 +1,129 @@
+"""TRL baselines (GRPO, RLOO, DPO) on the tiny model: budget, metrics, gold rewards, saved policy, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from rlgen.errors import UserError
+from rlgen.models import set_threads
+from rlgen.policy import Policy, SamplingSettings
+from rlgen.trl_methods import check_options, preference_pairs, train_trl
+
+set_threads(1)
+PROMPTS = ["hello there", "how are you", "what a day", "tell me more", "good morning", "any plans"]
+
+
+def words(prompts, completions, **kwargs):
+    return [len(c.split()) / 5 for c in completions]
+
+
+def sometimes(prompts, completions, **kwargs):
+    """A proxy that skips (None) about half the completions, so some samples get no optimised reward at all."""
+    return [None if len(c) % 2 else float(c.count("e")) for c in completions]
+
+
+def gold(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def run(method, folder, out, reward_fns=(("words", words), ("gold", gold)), weights=(1.0, 0.0), **overrides):
+    kwargs = dict(model=str(folder), output_dir=out, prompts=PROMPTS, reward_fns=list(reward_fns),
+                  weights=list(weights), max_steps=2, batch_size=4, num_generations=2, learning_rate=1e-3, beta=0.05,
+                  sampling=SamplingSettings(max_new_tokens=8), lora={"r": 0}, seed=0, threads=1, options={})
+    return train_trl(method, **{**kwargs, **overrides})
+
+
+def weights_of(folder):
+    return Policy.from_pretrained(str(folder), reference=False).model.state_dict()
+
+
+def changed(start, end):
+    return any(not torch.equal(start[k], end[k]) for k in start)
+
+
+@pytest.fixture(scope="module")
+def start_weights(tiny_folder):
+    return weights_of(tiny_folder)
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_online_methods_budget_metrics_and_saved_policy(method, tiny_folder, start_weights, tmp_path):
+    out = run(method, tiny_folder, tmp_path)
+    assert out["completions"] == 8 and out["tokens"] > 0
+    assert [(p["step"], p["completions"]) for p in out["curve"]] == [(1, 4), (2, 8)]
+    assert all({"rewards/words/mean", "rewards/gold/mean"} <= set(p) for p in out["curve"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and [r["completions/generated"] for r in rows] == [4, 8]
+    expected = {"objective/scores", "objective/kl", "objective/entropy", "loss/policy", "policy/learning_rate",
+                "policy/grad_norm", "completions/mean_length", "rewards/words/mean", "rewards/gold/mean"}
+    assert all(expected <= set(r) for r in rows)
+    assert all(k in expected | {"step", "completions/generated", "policy/clipfrac"} for r in rows for k in r)
+    # the optimised score is the weighted proxy alone: the gold reward (weight 0) is not in it
+    assert all(r["objective/scores"] == pytest.approx(r["rewards/words/mean"]) for r in rows)
+    assert changed(start_weights, weights_of(tmp_path))
+
+
+def test_lora_run_saves_a_merged_changed_policy(tiny_folder, start_weights, tmp_path):
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    out = run("grpo", tiny_folder, tmp_path, lora=lora)
+    assert out["completions"] == 8
+    assert (tmp_path / "adapter").is_dir()
+    end = weights_of(tmp_path)  # a plain model folder: the adapter is merged
+    assert set(end) == set(start_weights) and changed(start_weights, end)
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_gold_reward_at_weight_zero_does_not_change_training(method, tiny_folder, tmp_path):
+    skipped = []
+
+    def proxy(prompts, completions, **kwargs):
+        values = sometimes(prompts, completions)
+        skipped.append(values.count(None))
+        return values
+
+    alone = run(method, tiny_folder, tmp_path / "alone", reward_fns=[("proxy", proxy)], weights=[1.0])
+    with_gold = run(method, tiny_folder, tmp_path / "gold", reward_fns=[("proxy", proxy), ("gold", gold)],
+                    weights=[1.0, 0.0])
+    assert sum(skipped) > 0  # samples with no optimised reward occurred: TRL's unscorable-row rule was exercised
+    assert "rewards/gold/mean" in with_gold["curve"][-1] and "rewards/gold/mean" not in alone["curve"][-1]
+    a, b = weights_of(tmp_path / "alone"), weights_of(tmp_path / "gold")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
+
+
+def test_preference_pairs_rank_by_score_and_keep_ties():
+    rows = preference_pairs(["p1", "p2", "p3"], ["a1", "a2", "a3"], ["b1", "b2", "b3"], [1.0, 0.0, 0.5], [0.0, 2.0, 0.5])
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("a1", "b1"), ("b2", "a2"), ("a3", "b3")]
+    assert [(r["chosen_score"], r["rejected_score"]) for r in rows] == [(1.0, 0.0), (2.0, 0.0), (0.5, 0.5)]
+    assert [r["prompt"] for r in rows] == ["p1", "p2", "p3"]
+
+
+def test_dpo_samples_the_budget_ranks_pairs_and_trains(tiny_folder, start_weights, tmp_path):
+    out = run("dpo", tiny_folder, tmp_path, beta=0.1)
+    assert out["completions"] == 8 and out["tokens"] > 0
+    pairs = [json.loads(line) for line in (tmp_path / "preference_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 4 and all(p["chosen_score"] >= p["rejected_score"] for p in pairs)
+    assert all(p["chosen_score"] == pytest.approx(words([], [p["chosen"]])[0]) for p in pairs)  # gold weight 0
+    assert [(p["step"], p["completions"]) for p in out["curve"]] == [(0, 8)]
+    assert {"rewards/words/mean", "rewards/gold/mean"} <= set(out["curve"][0])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all({"loss/dpo", "objective/dpo_margin", "objective/dpo_accuracy", "completions/generated"} <= set(r)
+               for r in rows)
+    assert changed(start_weights, weights_of(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "dpo"])
+def test_unknown_option_names_method_and_key(method, tiny_folder, tmp_path):
+    with pytest.raises(UserError, match=rf"{method}: unknown option 'not_a_field'"):
+        run(method, tiny_folder, tmp_path, options={"not_a_field": 1})
+    assert not tmp_path.joinpath("metrics.jsonl").exists()
+    with pytest.raises(UserError, match=rf"{method}: unknown option 'not_a_field'"):
+        check_options(method, {"not_a_field": 1})
+    check_options(method, {"learning_rate": 1e-5})
+
+
+@pytest.mark.parametrize("num_generations", [3, 1])
+def test_num_generations_must_divide_the_batch(num_generations, tiny_folder, tmp_path):
+    with pytest.raises(UserError, match="num_generations"):
+        run("grpo", tiny_folder, tmp_path, num_generations=num_generations)
