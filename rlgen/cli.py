@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from rlgen.checkpoint import TrainingInterrupted
-from rlgen.config import EvalConfig, SFTConfig, add_arguments, parse_stage_config
+from rlgen.config import EvalConfig, SFTConfig, add_arguments, parse_section_overrides, parse_stage_config
 from rlgen.errors import UserError
 
+# TRL 1.16 passes transformers' renamed `gradient_checkpointing` options itself: a warning users cannot act on.
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -68,6 +71,19 @@ def _cmd_evaluate(cfg) -> None:
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
 
 
+def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
+    import dataclasses
+
+    from rlgen.compare import METHODS, CompareConfig, run_compare
+
+    overrides = parse_section_overrides(extra, ("evaluate", *METHODS))
+    cfg = parse_stage_config(CompareConfig, args, args.config, section="compare")
+    cfg = dataclasses.replace(cfg, **{k: {**getattr(cfg, k), **v} for k, v in overrides.items()})
+    paths = run_compare(cfg)
+    print(paths["comparison_md"].read_text())
+    print(f"[rlgen] comparison report: {paths['html']}")
+
+
 def _add_stage(sub, name: str, cls, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--config", help="YAML file with any of the options below")
@@ -87,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
             _add_stage(inner, "train", cls, help_text)
         else:
             _add_stage(sub, name, cls, help_text)
+    from rlgen.compare import COMPARE_HELP, CompareConfig
+
+    p = sub.add_parser("compare", help=COMPARE_HELP, description=COMPARE_HELP + ". Override a method's option with "
+                       "--<method>.<key> VALUE (e.g. --ppo.learning_rate 1e-4) and the evaluation's with "
+                       "--evaluate.<key> VALUE.")
+    p.add_argument("--config", help="YAML file with any of the options below")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_arguments(p, CompareConfig)
     from rlgen.pipeline import RUN_HELP, RunConfig
 
     p = sub.add_parser("run", help=RUN_HELP, description=RUN_HELP + " Override a stage's option with "
@@ -107,6 +131,9 @@ def _dispatch(argv: list[str]) -> None:
         from rlgen.pipeline import parse_run_config, run_pipeline
 
         run_pipeline(parse_run_config(args, extra))
+        return
+    if args.command == "compare":
+        _cmd_compare(args, extra)
         return
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

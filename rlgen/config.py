@@ -200,7 +200,7 @@ def parse_stage_config(cls, args: argparse.Namespace, config_path: str | None, s
         data = load_yaml(config_path)
         source = f"config file {config_path}"
         if section is not None and "stages" in data:
-            common = {f.name for f in dataclasses.fields(CommonConfig)}
+            common = {f.name for f in dataclasses.fields(CommonConfig)} & set(_fields(cls))
             stage_values = data.get(section) or {}
             if not isinstance(stage_values, dict):
                 raise UserError(f"{source}: section '{section}' must be a mapping of key: value")
@@ -211,6 +211,24 @@ def parse_stage_config(cls, args: argparse.Namespace, config_path: str | None, s
     config = build_config(cls, values, source)
     return dataclasses.replace(config, **{k: _convert(v, typing.get_type_hints(cls)[k], f"--{k}")
                                           for k, v in flags.items()})
+
+
+def parse_section_overrides(extra: list[str], sections: tuple[str, ...]) -> dict[str, dict]:
+    """`--<section>.<key> VALUE` arguments (options of a run's stages or a comparison's methods) as
+    {section: {key: VALUE}}; the values are checked later, with the section's config class."""
+    overrides: dict[str, dict] = {}
+    it = iter(extra)
+    for token in it:
+        if not token.startswith("--") or "." not in token:
+            raise UserError(f"unrecognized argument {token} (section options are given as --<section>.<key> VALUE)")
+        section, key = token[2:].split(".", 1)
+        if section not in sections:
+            raise UserError(f"{token}: unknown section '{section}' (sections: {', '.join(sections)})")
+        value = next(it, None)
+        if value is None:
+            raise UserError(f"{token} needs a value")
+        overrides.setdefault(section, {})[key] = value
+    return overrides
 
 
 def to_dict(config) -> dict:

@@ -20,6 +20,7 @@ from rlgen.config import (
     SFTConfig,
     build_config,
     opt,
+    parse_section_overrides,
     parse_stage_config,
     save_config,
 )
@@ -52,6 +53,8 @@ class RunConfig(CommonConfig):
     ppo: dict = opt({}, "options of the ppo stage (see rlgen ppo --help)")
     seqgan: dict = opt({}, "options of the seqgan stage (see rlgen seqgan --help)")
     evaluate: dict = opt({}, "options of every evaluation (see rlgen evaluate --help)")
+    compare: dict = opt({}, "a comparison of methods from the starting model to end the run with (see rlgen "
+                            "compare --help); empty: none")
 
 
 def _stage_config(cls, run: RunConfig, section: str, output_dir: Path, model: str, source: str):
@@ -62,22 +65,19 @@ def _stage_config(cls, run: RunConfig, section: str, output_dir: Path, model: st
     return build_config(cls, values, f"{source}, section '{section}'")
 
 
+def _compare_config(run: RunConfig, output_dir: Path):
+    """The comparison that ends a run: the run's model, data and threads, then the `compare` section."""
+    from rlgen.compare import CompareConfig
+
+    values = {"model": run.model, "dataset": run.dataset, "threads": run.threads, **run.compare,
+              "output_dir": str(output_dir / "compare"), "overwrite_output_dir": True}
+    return build_config(CompareConfig, values, "run config, section 'compare'")
+
+
 def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
-    """RunConfig from `--config`, flags, and `--<stage>.<key> VALUE` overrides of stage sections."""
-    overrides: dict[str, dict] = {}
-    it = iter(extra)
-    for token in it:
-        if not token.startswith("--") or "." not in token:
-            raise UserError(f"unrecognized argument {token} (stage options are given as --<stage>.<key> VALUE)")
-        section, key = token[2:].split(".", 1)
-        value = next(it, None)
-        if value is None:
-            raise UserError(f"{token} needs a value")
-        overrides.setdefault(section, {})[key] = value
+    """RunConfig from `--config`, flags, and `--<section>.<key> VALUE` overrides of its sections."""
+    overrides = parse_section_overrides(extra, ("evaluate", "compare", *TRAINING_STAGES))
     run = parse_stage_config(RunConfig, args, args.config)
-    unknown = [s for s in overrides if s not in ("evaluate", *TRAINING_STAGES)]
-    if unknown:
-        raise UserError(f"--{unknown[0]}.*: unknown stage '{unknown[0]}' (stages: evaluate, {', '.join(TRAINING_STAGES)})")
     bad = [s for s in run.stages if s not in TRAINING_STAGES]
     if bad:
         raise UserError(f"stages: unknown stage '{bad[0]}' (known: {', '.join(TRAINING_STAGES)})")
@@ -87,6 +87,10 @@ def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     _stage_config(EvalConfig, run, "evaluate", Path(run.output_dir), run.model, source)
     for stage in run.stages:
         _stage_config(_training_stages()[stage][0], run, stage, Path(run.output_dir), run.model, source)
+    if run.compare:
+        from rlgen.compare import check_compare_config
+
+        check_compare_config(_compare_config(run, Path(run.output_dir)))
     return run
 
 
@@ -169,4 +173,13 @@ def run_pipeline(run: RunConfig) -> Path:
     report = write_report(out, rows, seconds)
     print(report.read_text())
     print(f"[rlgen] report: {report}")
+    if run.compare:
+        from rlgen.compare import run_compare
+
+        compare = _compare_config(run, out)
+        print(f"[rlgen] comparing {', '.join(compare.methods)} from {run.model} ({len(compare.seeds)} seed(s) each)",
+              flush=True)
+        paths = run_compare(compare)
+        print(paths["comparison_md"].read_text())
+        print(f"[rlgen] comparison: {paths['html']}")
     return report

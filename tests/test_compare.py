@@ -1,0 +1,124 @@
+"""`rlgen compare` end to end on the tiny model: two methods x two seeds, the report, resuming, bad settings."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from rlgen.cli import main
+from rlgen.compare import CompareConfig, check_compare_config, run_compare
+from rlgen.errors import UserError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _settings(tmp_path, **overrides):
+    values = {"model": "tiny", "output_dir": str(tmp_path / "cmp"), "methods": ["ppo", "grpo"], "seeds": [0, 1],
+              "max_steps": 2, "batch_size": 4, "num_generations": 2, "max_new_tokens": 8,
+              "reward": ["target_length(target=3)"], "gold_reward": ["sentiment_positive"],
+              "evaluate": {"num_prompts": 8, "batch_size": 8}}
+    return {**values, **overrides}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One comparison through the CLI (YAML file plus a per-method override), shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("compare")
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump(_settings(tmp_path)))
+    assert main(["compare", "--config", str(config), "--ppo.learning_rate", "1e-3"]) == 0
+    return tmp_path, config
+
+
+def test_table_has_every_method_and_column(compared):
+    tmp_path, _ = compared
+    out = tmp_path / "cmp"
+    with open(out / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["start", "ppo", "grpo"]
+    assert [r["n"] for r in rows] == ["1", "2", "2"]
+    header = set(rows[0])
+    for column in ("proxy_reward", "gold_sentiment_positive", "kl", "perplexity", "distinct_2", "self_bleu",
+                   "mean_length", "train_s", "completions", "tokens"):
+        assert {f"{column}_mean", f"{column}_se"} <= header, column
+    for row in rows[1:]:
+        assert float(row["completions_mean"]) == 8  # the matched budget: max_steps x batch_size
+        assert float(row["tokens_mean"]) > 0
+        assert float(row["kl_se"]) >= 0
+    markdown = (out / "comparison.md").read_text()
+    assert "| ppo |" in markdown and "| grpo |" in markdown and "±" in markdown
+
+
+def test_plots_and_html_exist(compared):
+    tmp_path, _ = compared
+    out = tmp_path / "cmp"
+    for name in ("frontier.png", "learning_curves.png", "proxy_vs_gold.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert "src=\"http" not in html
+
+
+def test_runs_hold_models_metrics_and_the_gold_at_weight_zero(compared):
+    tmp_path, _ = compared
+    out = tmp_path / "cmp"
+    for method in ("ppo", "grpo"):
+        for seed in (0, 1):
+            run = out / "runs" / method / f"seed{seed}"
+            result = json.loads((run / "result.json").read_text())
+            assert (run / "config.json").is_file()
+            assert result["completions"] == 8
+            assert "eval/gold/sentiment_positive/mean" in result["metrics"]
+            assert [p["completions"] for p in result["curve"]] == [4, 8]
+            assert all("rewards/gold_sentiment_positive/mean" in p for p in result["curve"])
+    ppo_settings = yaml.safe_load((out / "runs" / "ppo" / "seed0" / "config.yaml").read_text())
+    assert ppo_settings["learning_rate"] == 1e-3  # the --ppo.learning_rate override
+    assert ppo_settings["reward_weights"] == [1.0, 0.0]
+
+
+def test_rerun_keeps_finished_runs_and_refuses_other_settings(compared, capsys):
+    tmp_path, config = compared
+    out = tmp_path / "cmp"
+    before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
+    assert main(["compare", "--config", str(config), "--ppo.learning_rate", "1e-3"]) == 0
+    assert "finished earlier, kept" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")} == before
+    assert main(["compare", "--config", str(config), "--max_steps", "3"]) == 2
+    assert "max_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"methods": ["ppo", "a2c"]}, "unknown method 'a2c'"),
+    ({"num_generations": 3}, "num_generations 3"),
+    ({"ppo": {"cliprange": "wide"}}, "compare section 'ppo': key 'cliprange'"),
+    ({"grpo": {"not_an_option": 1}}, "not_an_option"),
+    ({"reward": ["no_such_reward"]}, "no_such_reward"),
+    ({"methods": ["dpo"], "batch_size": 3, "num_generations": 3}, "even"),
+])
+def test_bad_settings_name_the_culprit(tmp_path, overrides, fragment):
+    with pytest.raises(UserError, match=fragment):
+        check_compare_config(CompareConfig(**_settings(tmp_path, **overrides)))
+
+
+def test_non_comparison_folder_is_refused(tmp_path):
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no comparison"):
+        run_compare(CompareConfig(**_settings(tmp_path)))
+    assert (tmp_path / "cmp" / "keep.txt").read_text() == "mine"
+
+
+def test_run_ends_with_a_comparison(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": "tiny", "output_dir": str(tmp_path / "run"), "stages": ["sft"], "sft": {"max_steps": 1},
+        "evaluate": {"num_prompts": 4, "max_new_tokens": 8, "reward": ["target_length(target=3)"]},
+        "compare": {"methods": ["sft", "dpo"], "seeds": [0], "max_steps": 1, "batch_size": 4, "max_new_tokens": 8,
+                    "reward": ["target_length(target=3)"], "evaluate": {"num_prompts": 4}}}))
+    assert main(["run", "--config", str(config), "--compare.max_steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| dpo |" in out and "report.html" in out
+    dpo = json.loads((tmp_path / "run" / "compare" / "runs" / "dpo" / "seed0" / "result.json").read_text())
+    assert dpo["completions"] == 8  # --compare.max_steps 2 x batch_size 4
