@@ -2,6 +2,10 @@
 
 import csv
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -59,6 +63,18 @@ def test_plots_and_html_exist(compared):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
     assert "src=\"http" not in html
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_html_report_renders_in_headless_chromium(compared):
+    """The page shows its plots and table in a real browser, from a file, without a server."""
+    tmp_path, _ = compared
+    script = Path(__file__).parents[1] / "benchmarks" / "report_screenshot.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "cmp" / "report.html"),
+                           "--out", str(tmp_path / "shot.png")], capture_output=True, text=True, timeout=300)
+    result = json.loads(done.stdout)
+    assert done.returncode == 0 and result["ok"], result
+    assert (tmp_path / "shot.png").read_bytes().startswith(PNG)
 
 
 def test_runs_hold_models_metrics_and_the_gold_at_weight_zero(compared):
