@@ -100,7 +100,8 @@ def main() -> None:
                     seed=args.seed, threads=args.threads, batch_size=args.batch, mini_batch_size=args.batch,
                     ppo_epochs=args.ppo_epochs, learning_rate=args.lr, kl_coef=args.beta, adaptive_kl=False,
                     temperature=args.temperature, max_new_tokens=args.response_length,
-                    min_new_tokens=args.response_length, missing_eos_penalty=0.0, max_prompt_length=512)
+                    min_new_tokens=args.response_length, missing_eos_penalty=0.0,
+                    max_prompt_length=args.prompt_length)
 
     # Imports are paid before the timer, as the peer pays them before trainer.train(). Only matplotlib, for
     # ppo_curves.png at the end, is left to train_ppo (~0.5 s timed; importing it here would add ~30 MB to
