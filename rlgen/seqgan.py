@@ -41,7 +41,7 @@ from rlgen import core
 from rlgen.config import CommonConfig, LoraConfigMixin, SamplingConfig, opt, save_config
 from rlgen.errors import UserError
 from rlgen.lstm import SeqGANLSTMConfig, SeqGANLSTMForCausalLM, build_oracle, build_token_tokenizer
-from rlgen.models import minilm_folder, set_threads
+from rlgen.models import default_device, minilm_folder, set_threads
 from rlgen.policy import Policy, SamplingSettings, completion_mask_from_ids
 from rlgen.tracking import MetricsWriter, prepare_output_dir
 
@@ -210,7 +210,8 @@ class CNNDiscriminator(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "cnn_discriminator.json").write_text(json.dumps(self.spec))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(folder / "model.safetensors"))
         return folder
 
 
@@ -234,7 +235,7 @@ class TextDiscriminator(nn.Module):
         """texts (M) -> logits [M, 2]."""
         enc = self.tokenizer([t if t.strip() else "." for t in texts], padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
-        return self.model(**enc).logits.float()
+        return self.model(**enc.to(self.model.device)).logits.float()
 
     def l2_penalty(self) -> torch.Tensor:
         head = self.model.classifier
@@ -292,7 +293,8 @@ class DiscriminatorReward:
         for text in completions:
             ids = [int(w) for w in text.split() if w.isdigit()][:length]
             rows.append(ids + [0] * (length - len(ids)))
-        return prob_real(self.d, torch.tensor(rows, dtype=torch.long).view(-1, length), self.batch_size).tolist()
+        ids = torch.tensor(rows, dtype=torch.long, device=next(self.d.parameters()).device).view(-1, length)
+        return prob_real(self.d, ids, self.batch_size).tolist()
 
 
 @functools.lru_cache(maxsize=4)
@@ -322,6 +324,7 @@ def train_discriminator(d: nn.Module, optimizer, pos, neg, epochs: int, batch_si
     Returns the last epoch's mean loss and accuracy."""
     data = _join(pos, neg)
     labels = torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)])
+    labels = labels.to(next(d.parameters()).device)  # the shuffles stay on the CPU generator
     d.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
@@ -430,7 +433,7 @@ def oracle_metrics(model: SeqGANLSTMForCausalLM, oracle: SeqGANLSTMForCausalLM, 
     """eval/nll_oracle (oracle NLL of n generator samples), eval/nll_test (NLL of held-out oracle samples) and
     eval/nll_self (NLL of the generator's own samples: its entropy rate), the last two under the generator
     sampled at `temperature` (softmax(logits / temperature))."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=model.device).manual_seed(seed)
     samples, logps = model.sample(n, test_ids.shape[1], temperature, g)
     return {"eval/nll_oracle": oracle.nll(samples), "eval/nll_test": model.nll(test_ids, temperature),
             "eval/nll_self": float(-logps.mean())}
@@ -483,7 +486,9 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)  # data, shuffles; sampling uses g_sample (g itself on the CPU)
+    device = default_device()
+    g_sample = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(cfg.seed)
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     save_config(cfg, out)
@@ -501,11 +506,14 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
         test_ids, _ = oracle.sample(cfg.num_test, T, generator=g)
         uniform = torch.randint(cfg.vocab_size, (cfg.num_test, T), generator=g)
         summary["oracle"] = {"nll_own_samples": oracle.nll(train_ids), "nll_uniform": oracle.nll(uniform)}
+        # The data come from the CPU generator (the same on every device); the models move to the GPU if any.
+        oracle, train_ids, test_ids = oracle.to(device), train_ids.to(device), test_ids.to(device)
         if policy is None:
             lm = SeqGANLSTMForCausalLM(SeqGANLSTMConfig(vocab_size=cfg.vocab_size, embedding_size=cfg.embedding_size,
                                                         hidden_size=cfg.hidden_size))
             policy = Policy(lm, build_token_tokenizer(cfg.vocab_size), reference=False)  # reference: after MLE
-        d = CNNDiscriminator(cfg.vocab_size, cfg.d_embedding_size, dropout=cfg.d_dropout, seq_len=T)
+        policy.to(device)
+        d = CNNDiscriminator(cfg.vocab_size, cfg.d_embedding_size, dropout=cfg.d_dropout, seq_len=T).to(device)
         summary["oracle"]["nll_untrained_generator"] = oracle_metrics(policy.base_model, oracle, test_ids,
                                                                       cfg.eval_samples, seed=cfg.seed)["eval/nll_oracle"]
         writer.log({f"oracle/{k}": v for k, v in summary["oracle"].items()}, step=0)
@@ -521,15 +529,17 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             policy = Policy.from_pretrained(cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                             lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
                                             reference=True, seed=cfg.seed)
+        if policy is not None:
+            policy.to(device)
         folder = minilm_folder() if cfg.discriminator in ("auto", "minilm") else Path(cfg.discriminator)
-        d = TextDiscriminator(str(folder), cfg.d_max_length, dropout=cfg.d_dropout)
+        d = TextDiscriminator(str(folder), cfg.d_max_length, dropout=cfg.d_dropout).to(device)
 
     generated = {"completions": 0, "tokens": 0, "rollout_tokens": 0}  # what the generator sampled (text task)
 
     def negatives(n: int):
         """n fresh generator samples: ids [n, T] (oracle) or reply texts (text)."""
         if oracle_task:
-            return policy.base_model.sample(n, T, cfg.temperature, g)[0]
+            return policy.base_model.sample(n, T, cfg.temperature, g_sample)[0]
         prompts = [r["prompt"] for r in random.sample(train_rows, min(n, len(train_rows)))]
         texts = []
         for i in range(0, len(prompts), cfg.batch_size):
@@ -554,7 +564,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     if oracle_task:
         lm = policy.base_model
         opt_mle = torch.optim.Adam(lm.parameters(), lr=cfg.mle_learning_rate)
-        starts = torch.full((cfg.batch_size, 1), lm.config.start_token_id, dtype=torch.long)
+        starts = torch.full((cfg.batch_size, 1), lm.config.start_token_id, dtype=torch.long, device=device)
         curve = []
         for epoch in range(cfg.mle_epochs):
             lm.train()
@@ -589,7 +599,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
                             seed=cfg.seed, threads=cfg.threads, overwrite_output_dir=True, lora_r=cfg.lora_r,
                             lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                             lora_target_modules=cfg.lora_target_modules)
-        policy = train_sft(sft_cfg, policy)
+        policy = train_sft(sft_cfg, policy).to(device)
         summary["s_mle"] = clock()
     if policy.ref_model is None and not policy.is_peft and cfg.kl_coef > 0:
         policy.ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)  # reference = MLE generator
@@ -621,12 +631,13 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             # 4a. sample a batch and its Monte-Carlo rollouts (rollout policy)
             clock = _timer()
             if oracle_task:
-                seqs, old_lp = policy.base_model.sample(cfg.batch_size, T, cfg.temperature, g)  # [B, T]
-                starts = torch.full((cfg.batch_size, 1), policy.base_model.config.start_token_id, dtype=torch.long)
+                seqs, old_lp = policy.base_model.sample(cfg.batch_size, T, cfg.temperature, g_sample)  # [B, T]
+                starts = torch.full((cfg.batch_size, 1), policy.base_model.config.start_token_id, dtype=torch.long,
+                                    device=device)
                 input_ids = torch.cat([starts, seqs], 1)
                 attention = torch.ones_like(input_ids)
                 mask = torch.ones_like(seqs)
-                rolls = lstm_rollouts(rollout_model, seqs, cfg.rollout_num, cfg.temperature, g)  # [T-1, N, B, T]
+                rolls = lstm_rollouts(rollout_model, seqs, cfg.rollout_num, cfg.temperature, g_sample)  # [T-1, N, B, T]
             else:
                 batch_rows = random.sample(train_rows, cfg.batch_size)
                 ro = policy.sample([r["prompt"] for r in batch_rows], sampling, with_values=False)
@@ -648,7 +659,8 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
                 final = prob_real(d, seqs, cfg.score_batch_size)
             else:
                 B = len(batch_rows)
-                final = torch.tensor(DiscriminatorReward(d, cfg.score_batch_size)(ro.prompts, ro.completions))
+                final = torch.tensor(DiscriminatorReward(d, cfg.score_batch_size)(ro.prompts, ro.completions),
+                                     device=device)
                 scores = final[None, None].repeat(T_b - 1, cfg.rollout_num, 1)  # prefixes holding EOS are done
                 for t, (tx, idx) in enumerate(zip(texts, rows_of)):
                     if tx:
@@ -663,7 +675,9 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             times["score"] += clock()
             # 4c. policy-gradient update on the per-token rewards (eval mode, as the PPO stage: no dropout noise)
             clock = _timer()
-            logprobs, _, _ = policy(input_ids, attention, mask.shape[1], temperature=cfg.temperature, with_values=False)
+            with torch.backends.cudnn.flags(enabled=False):  # cuDNN's LSTM backward refuses eval mode
+                logprobs, _, _ = policy(input_ids, attention, mask.shape[1], temperature=cfg.temperature,
+                                        with_values=False)
             loss, stats = core.policy_gradient_loss(logprobs, advantages, mask)
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
