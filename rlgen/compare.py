@@ -229,15 +229,11 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _reward_names(specs: list[str]) -> list[str]:
     """The names score_rewards logs for these specs, in order (a repeated name gets _2, _3, ...)."""
-    from rlgen.rewards import load_reward
+    from rlgen.rewards import _unique_name, load_reward
 
     names: list[str] = []
     for spec in specs:
-        name, i = load_reward(spec)[0], 2
-        candidate = name
-        while candidate in names:
-            candidate, i = f"{name}_{i}", i + 1
-        names.append(candidate)
+        names.append(_unique_name(load_reward(spec)[0], names))
     return names
 
 
