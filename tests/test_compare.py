@@ -138,3 +138,12 @@ def test_run_ends_with_a_comparison(tmp_path, capsys):
     assert "| dpo |" in out and "report.html" in out
     dpo = json.loads((tmp_path / "run" / "compare" / "runs" / "dpo" / "seed0" / "result.json").read_text())
     assert dpo["completions"] == 8  # --compare.max_steps 2 x batch_size 4
+
+
+def test_a_config_with_only_model_methods_seeds_and_budget_runs(tmp_path):
+    """The issue's minimal config: everything but model, methods, seeds and max_steps has a default."""
+    config = tmp_path / "minimal.yaml"
+    config.write_text(yaml.safe_dump({"model": "tiny", "methods": ["sft"], "seeds": [0], "max_steps": 1}))
+    assert main(["compare", "--config", str(config), "--output_dir", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "comparison.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["start", "sft"]
