@@ -31,6 +31,7 @@ metrics.jsonl, calibration.jsonl and reward_model_summary.json.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -461,14 +462,17 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     model, tokenizer = load_reward_base(cfg.model, cfg.seed)
     train_set = tokenize_pairs(train_pairs, tokenizer, cfg.max_length)
 
-    # 3. trainer (TRL); gradient checkpointing off: it only slows these small models down
+    # 3. trainer (TRL); gradient checkpointing off: it only slows these small models down (transformers
+    #    renamed the option to activation_checkpointing in 5.x; older 5.x releases take only the old name)
+    renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(RewardConfig)}
+    checkpointing = {"activation_checkpointing" if renamed else "gradient_checkpointing": False}
     args = RewardConfig(
         output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio,
         logging_steps=cfg.logging_steps, seed=cfg.seed, max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(cfg.save_steps, 1),
-        report_to=cfg.report_to or "none", use_cpu=not torch.cuda.is_available(), activation_checkpointing=False,
+        report_to=cfg.report_to or "none", use_cpu=not torch.cuda.is_available(), **checkpointing,
         dataloader_num_workers=0, bf16=False, fp16=False,
     )
     writer = MetricsWriter(out)
