@@ -35,10 +35,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlgen.checkpoint import TrainingInterrupted
 from rlgen.config import (
     EvalConfig,
     LoraConfigMixin,
@@ -329,7 +331,12 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
             print(f"[compare] {i}/{total} {method} seed {seed}: training", flush=True)
             shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt
             t = time.perf_counter()
-            trained = _train(cfg, method, start, run_dir, seed)
+            try:
+                trained = _train(cfg, method, start, run_dir, seed)
+            except TrainingInterrupted as e:  # PPO's own hint (--resume_from_checkpoint) does not apply here
+                e.args = (f"{signal.Signals(e.signum).name} received during {method} seed {seed}: finished runs are "
+                          "kept; run the same command again to continue (this run starts over)",)
+                raise
             train_s = time.perf_counter() - t
             metrics, samples, eval_s = _evaluate(cfg, str(run_dir), start, run_dir / "eval", seed)
             _write_result(run_dir, {"method": method, "seed": seed, "metrics": metrics, "train_s": train_s,

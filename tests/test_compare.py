@@ -147,3 +147,22 @@ def test_a_config_with_only_model_methods_seeds_and_budget_runs(tmp_path):
     assert main(["compare", "--config", str(config), "--output_dir", str(tmp_path / "out")]) == 0
     with open(tmp_path / "out" / "comparison.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["start", "sft"]
+
+
+def test_an_interrupted_run_says_how_to_continue_the_comparison(tmp_path, monkeypatch, capsys):
+    import signal
+
+    import rlgen.compare
+    from rlgen.checkpoint import TrainingInterrupted
+
+    def interrupted(cfg, method, start, run_dir, seed):
+        raise TrainingInterrupted(signal.SIGINT, 1, run_dir / "checkpoint-1")
+
+    monkeypatch.setattr(rlgen.compare, "_train", interrupted)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": "tiny", "methods": ["ppo"], "seeds": [0], "max_steps": 1,
+                                      "evaluate": {"num_prompts": 2}}))
+    assert main(["compare", "--config", str(config), "--output_dir", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT received during ppo seed 0" in err and "run the same command again" in err
+    assert (tmp_path / "out" / "runs" / "start" / "result.json").is_file()  # what finished is kept
