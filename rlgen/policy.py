@@ -272,10 +272,14 @@ class Policy(nn.Module):
         return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, values, ended,
                        list(prompts), [t.strip() for t in texts])
 
+    def sample_batches(self, prompts: list[str], settings: SamplingSettings, batch_size: int):
+        """Rollouts (no values) of `prompts`, `batch_size` prompts at a time, in order."""
+        for i in range(0, len(prompts), batch_size):
+            yield self.sample(prompts[i:i + batch_size], settings, with_values=False)
+
     def sample_completions(self, prompts: list[str], settings: SamplingSettings, batch_size: int) -> list[str]:
         """One decoded completion per prompt, sampled `batch_size` prompts at a time."""
-        return [c for i in range(0, len(prompts), batch_size)
-                for c in self.sample(prompts[i:i + batch_size], settings, with_values=False).completions]
+        return [c for ro in self.sample_batches(prompts, settings, batch_size) for c in ro.completions]
 
     # ---- persistence --------------------------------------------------------------------------------------
 

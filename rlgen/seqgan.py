@@ -542,8 +542,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             return policy.base_model.sample(n, T, cfg.temperature, g_sample)[0]
         prompts = [r["prompt"] for r in random.sample(train_rows, min(n, len(train_rows)))]
         texts = []
-        for i in range(0, len(prompts), cfg.batch_size):
-            ro = policy.sample(prompts[i:i + cfg.batch_size], sampling, with_values=False)
+        for ro in policy.sample_batches(prompts, sampling, cfg.batch_size):
             texts += ro.completions
             generated["completions"] += len(ro.completions)
             generated["tokens"] += int(ro.completion_mask.sum())
