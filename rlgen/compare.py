@@ -344,10 +344,5 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
             print(f"[compare] {method} seed {seed}: proxy {metrics['eval/reward/mean']:.3f}, KL "
                   f"{metrics['eval/kl']:.2f}, {train_s:.0f}s training", flush=True)
         records.append(json.loads((run_dir / "result.json").read_text()))
-    from rlgen.rewards import load_reward
-
-    proxy_names = [load_reward(s)[0] for s in cfg.reward]
-    gold_names = [load_reward(s)[0] for s in cfg.gold_reward]
-    paths = write_report(out, records, proxy_names, gold_names, to_dict(cfg),
-                         title=f"rlgen comparison: {', '.join(cfg.methods)} from {cfg.model}")
-    return paths
+    return write_report(out, records, _reward_names(cfg.reward), _reward_names(cfg.gold_reward), to_dict(cfg),
+                        title=f"rlgen comparison: {', '.join(cfg.methods)} from {cfg.model}")
