@@ -16,7 +16,7 @@
 #   1_tests        pytest on core/policy/ppo/seqgan/metrics, listing which tests allocated CUDA memory
 #   1_cuda_smoke   tiny policy on cuda: sample, ref log-probs, evaluate_policy, train_ppo, and `rlgen ppo` (CLI)
 #   2_ppo_throughput  benchmarks/ppo_throughput.py with its defaults (tiny), then --model-size small
-#   3_seqgan_gpu_kernels  SeqGAN runs on the CPU only: its device-agnostic pieces timed on cuda at cpu-preset shapes
+#   3_seqgan_gpu_kernels  SeqGAN's pieces (sampling, rollouts, D scoring, MLE and D epochs) timed at cpu-preset shapes
 #   3_seqgan_smoke SeqGAN oracle, smoke preset: seed 1 with 8 threads, then (last) seed 2 with 1 thread
 #   3_seqgan_probe SeqGAN oracle, cpu preset shapes, a few epochs of each phase: per-phase timings to extrapolate
 # $OUT/summary.json: one JSON object per line per part (rc, seconds, limit, timed_out, last JSON line of the part).
@@ -301,9 +301,9 @@ EOF
 # 2. benchmarks/ppo_throughput.py (tiny and small shapes) on whatever device the machine has.
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. SeqGAN's oracle task runs on the CPU only (train_seqgan never moves oracle, generator or D to a device).
-# What a GPU port would buy: the library's device-agnostic pieces (LSTM sampling, MC rollouts, CNN D scoring,
-# NLL) and a hand-written MLE epoch and D epoch at the cpu preset's shapes, timed on cuda (on cpu in quick mode).
+# 3. SeqGAN's pieces (LSTM sampling, MC rollouts, CNN D scoring, NLL) and a hand-written MLE epoch and D epoch at
+# the cpu preset's shapes, timed on cuda (on cpu in quick mode); then oracle runs through train_seqgan, which
+# places its models on default_device().
 cat >"$WORK/gpu_check_seqgan_kernels.py" <<'EOF'
 import json
 import os
