@@ -211,8 +211,10 @@ import torch
 
 from rlgen.data import load_rows
 from rlgen.evaluation import evaluate_policy
-from rlgen.policy import Policy, SamplingSettings
-from rlgen.ppo import PPOConfig, train_ppo
+from rlgen.policy import Policy
+from rlgen.config import SamplingConfig
+from rlgen.config import PPOConfig
+from rlgen.ppo import train_ppo
 from rlgen.rewards import load_reward
 
 quick = os.environ.get("GPU_CHECK_QUICK") == "1"
@@ -239,7 +241,7 @@ res["s_build"] = time.perf_counter() - t
 assert on_dev(policy) == [dev.type], on_dev(policy)
 assert policy.ref_model is not None and on_dev(policy.ref_model) == [dev.type]
 prompts = [str(r["prompt"]) for r in load_rows("chitchat", "validation")[:8]]
-s = SamplingSettings(max_new_tokens=8 if quick else 32)
+s = SamplingConfig(max_new_tokens=8 if quick else 32)
 
 torch.manual_seed(0)
 sync(); t = time.perf_counter()

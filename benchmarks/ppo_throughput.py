@@ -75,9 +75,10 @@ def main() -> None:
     import transformers
 
     sys.path.insert(0, str(REPO))
+    from rlgen.config import PPOConfig
+    from rlgen.files import read_jsonl
     from rlgen.policy import Policy
-    from rlgen.ppo import PPOConfig, train_ppo
-    from rlgen.tracking import read_metrics
+    from rlgen.ppo import train_ppo
 
     t0 = time.perf_counter()
     tokenizer = pc.build_tokenizer(pc.SIZES[args.model_size]["vocab"], seed=args.seed)
@@ -115,7 +116,7 @@ def main() -> None:
         train_ppo(cfg, policy)
     wall, cpu = time.perf_counter() - t1, time.process_time() - c1
 
-    rows = read_metrics(work / "out" / "metrics.jsonl")
+    rows = read_jsonl(work / "out" / "metrics.jsonl")
     per_update = [r["time/rollout"] + r["time/score"] + r["time/update"] for r in rows]
     gen_tokens = args.steps * args.batch * args.response_length
     split = {"generation": sum(r["time/rollout"] for r in rows),

@@ -2,7 +2,7 @@
 
     python benchmarks/seqgan_oracle.py --preset cpu --oracle-params ../shared/seqgan/oracle_lstm_params.npz
 
-Presets (rlgen.seqgan.PRESETS): paper (the authors' schedule), cpu (the reduced schedule the reference ran
+Presets (rlgen.config.PRESETS): paper (the authors' schedule), cpu (the reduced schedule the reference ran
 in 88 min on 2 cores), smoke (a few minutes). Flags override single settings. The JSON line holds NLL-oracle
 after MLE and after the adversarial phase, timings (the generator step split into rollout sampling, D scoring
 and update), and an honest-evaluation block: NLL-test and own-sample NLL (entropy) of both generators, and the
@@ -18,7 +18,8 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rlgen.seqgan import PRESETS, SeqGANConfig, apply_preset, train_seqgan  # noqa: E402
+from rlgen.config import PRESETS, SeqGANConfig, apply_preset  # noqa: E402
+from rlgen.seqgan import train_seqgan  # noqa: E402
 
 OVERRIDES = ("mle_epochs", "max_steps", "d_pretrain_rounds", "d_pretrain_epochs", "d_steps", "d_epochs",
              "g_steps", "rollout_num", "num_train", "num_test", "eval_samples", "d_negatives", "eval_every",

@@ -13,7 +13,21 @@ import sys
 import warnings
 
 from rlgen.checkpoint import TrainingInterrupted
-from rlgen.config import EvalConfig, SFTConfig, add_arguments, parse_section_overrides, parse_stage_config
+from rlgen.config import (
+    COMPARE_HELP,
+    METHODS,
+    RUN_HELP,
+    CompareConfig,
+    EvalConfig,
+    PPOConfig,
+    RewardModelConfig,
+    RunConfig,
+    SeqGANConfig,
+    SFTConfig,
+    add_arguments,
+    parse_section_overrides,
+    parse_stage_config,
+)
 from rlgen.errors import UserError
 
 # TRL 1.16 passes transformers' renamed `gradient_checkpointing` options itself: a warning users cannot act on.
@@ -21,60 +35,39 @@ warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def _stages() -> dict:
-    """command -> (config class, help, function(cfg)); stage modules are imported lazily by the functions."""
-    from rlgen.ppo import PPOConfig
-    from rlgen.reward_model import RewardModelConfig
-    from rlgen.seqgan import SeqGANConfig
-
-    return {
-        "sft": (SFTConfig, "supervised fine-tuning with TRL's SFTTrainer (full or LoRA)", _cmd_sft),
-        "ppo": (PPOConfig, "PPO against rule-based or learned rewards with a KL penalty to the reference", _cmd_ppo),
-        "seqgan": (SeqGANConfig, "SeqGAN: generator/discriminator loop with Monte-Carlo rollout rewards",
-                   _cmd_seqgan),
-        "evaluate": (EvalConfig, "sample held-out prompts and report eval/* metrics", _cmd_evaluate),
-        "reward-model train": (RewardModelConfig, "train a reward model on preference pairs (TRL RewardTrainer)",
-                               _cmd_reward_model),
-    }
+# command -> (config class, help, "module:function" run with the parsed config). The training modules import
+# torch and transformers, so they are imported only once a command runs: `rlgen --help` stays fast.
+STAGES = {
+    "sft": (SFTConfig, "supervised fine-tuning with TRL's SFTTrainer (full or LoRA)", "rlgen.sft:train_sft"),
+    "ppo": (PPOConfig, "PPO against rule-based or learned rewards with a KL penalty to the reference",
+            "rlgen.ppo:train_ppo"),
+    "seqgan": (SeqGANConfig, "SeqGAN: generator/discriminator loop with Monte-Carlo rollout rewards",
+               "rlgen.seqgan:train_seqgan"),
+    "evaluate": (EvalConfig, "sample held-out prompts and report eval/* metrics", "rlgen.cli:_evaluate"),
+    "reward-model train": (RewardModelConfig, "train a reward model on preference pairs (TRL RewardTrainer)",
+                           "rlgen.reward_model:train_reward_model"),
+}
 
 
-def _cmd_sft(cfg) -> None:
-    from rlgen.sft import train_sft
+def _run_function(target: str):
+    import importlib
 
-    train_sft(cfg)
-
-
-def _cmd_ppo(cfg) -> None:
-    from rlgen.ppo import train_ppo
-
-    train_ppo(cfg)
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _cmd_seqgan(cfg) -> None:
-    from rlgen.seqgan import train_seqgan
-
-    train_seqgan(cfg)
-
-
-def _cmd_reward_model(cfg) -> None:
-    from rlgen.reward_model import train_reward_model
-
-    train_reward_model(cfg)
-
-
-def _cmd_evaluate(cfg) -> None:
-    from rlgen.pipeline import run_evaluation
+def _evaluate(cfg: EvalConfig) -> None:
+    from rlgen.evaluation import run_evaluation
 
     metrics = run_evaluation(cfg)
     for k, v in metrics.items():
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
 
 
-def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
+def _compare(args: argparse.Namespace, extra: list[str]) -> None:
     import dataclasses
 
-    from rlgen.compare import METHODS, CompareConfig, run_compare
+    from rlgen.compare import run_compare
 
     overrides = parse_section_overrides(extra, ("evaluate", *METHODS))
     cfg = parse_stage_config(CompareConfig, args, args.config, section="compare")
@@ -96,23 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rlgen", description="Fine-tune pretrained causal LMs with SFT, PPO and SeqGAN; compare them on equal terms.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (cls, help_text, _) in _stages().items():
+    for name, (cls, help_text, _) in STAGES.items():
         if name == "reward-model train":
             group = sub.add_parser("reward-model", help="learned reward models: reward-model train")
             inner = group.add_subparsers(dest="action", metavar="ACTION", required=True)
             _add_stage(inner, "train", cls, help_text)
         else:
             _add_stage(sub, name, cls, help_text)
-    from rlgen.compare import COMPARE_HELP, CompareConfig
-
     p = sub.add_parser("compare", help=COMPARE_HELP, description=COMPARE_HELP + ". Override a method's option with "
                        "--<method>.<key> VALUE (e.g. --ppo.learning_rate 1e-4) and the evaluation's with "
                        "--evaluate.<key> VALUE.")
     p.add_argument("--config", help="YAML file with any of the options below")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     add_arguments(p, CompareConfig)
-    from rlgen.pipeline import RUN_HELP, RunConfig
-
     p = sub.add_parser("run", help=RUN_HELP, description=RUN_HELP + " Override a stage's option with "
                        "--<stage>.<key> VALUE, e.g. --sft.max_steps 5.")
     p.add_argument("--config", help="YAML file: common keys at the top, one section per stage")
@@ -122,24 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(argv: list[str]) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading/saving bars; training keeps its own progress bar
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
     if args.command == "run":
         from rlgen.pipeline import parse_run_config, run_pipeline
 
         run_pipeline(parse_run_config(args, extra))
         return
     if args.command == "compare":
-        _cmd_compare(args, extra)
+        _compare(args, extra)
         return
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = f"{args.command} {args.action}" if args.command == "reward-model" else args.command
-    cls, _, command = _stages()[name]
-    command(parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_")))
+    cls, _, target = STAGES[name]
+    cfg = parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_"))
+    _run_function(target)(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from rlgen.errors import UserError
+from rlgen.files import cache_dir, read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation", "test")
 CHITCHAT_VERSION = "v1"
@@ -72,37 +73,19 @@ def build_chitchat(folder: Path) -> None:
                 rows[split].append({"prompt": context, "completion": reply, "conversation_id": cid})
     folder.mkdir(parents=True, exist_ok=True)
     for split, split_rows in rows.items():
-        tmp = folder / f"{split}.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for row in split_rows:
-                f.write(json.dumps(row) + "\n")
-        tmp.rename(folder / f"{split}.jsonl")
+        write_jsonl(folder / f"{split}.jsonl", split_rows)
 
 
 def chitchat_folder() -> Path:
-    from rlgen.models import cache_dir
-
     folder = cache_dir() / f"chitchat-{CHITCHAT_VERSION}"
     if not all((folder / f"{s}.jsonl").is_file() for s in SPLITS):
         build_chitchat(folder)
     return folder
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-    return rows
-
-
 def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".jsonl" or path.suffix == ".json":
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
@@ -134,7 +117,7 @@ def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = ("p
     """
     if dataset in ("chitchat", "default"):
         path = chitchat_folder()
-        rows = _read_jsonl(path / f"{split}.jsonl")
+        rows = read_jsonl(path / f"{split}.jsonl")
     else:
         path = Path(dataset).expanduser()
         if not path.exists():

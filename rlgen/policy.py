@@ -12,7 +12,6 @@ Completion token t is predicted by the hidden state at position P - 1 + t.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from rlgen import core
+from rlgen.config import SamplingConfig
 from rlgen.data import render_prompt
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -59,21 +59,12 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How completions are sampled (pure sampling with temperature unless top_k/top_p are set)."""
+def peft_lora_config(lora_r: int, lora_alpha: int, lora_dropout: float, lora_target_modules: str):
+    """PEFT's LoraConfig for a causal LM from rlgen's LoRA options (`rlgen.config.lora_kwargs`)."""
+    from peft import LoraConfig
 
-    max_new_tokens: int = 48
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_prompt_length: int = 256
-
-    @classmethod
-    def from_config(cls, cfg) -> SamplingSettings:
-        """The settings of a stage config (any config with the SamplingConfig fields)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
+    return LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=lora_target_modules)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -133,11 +124,9 @@ class Policy(nn.Module):
             else:
                 critic = copy.deepcopy(model.base_model)
         if lora_r > 0:
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
 
-            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
-                                target_modules=lora_target_modules)
-            model = get_peft_model(model, config)
+            model = get_peft_model(model, peft_lora_config(lora_r, lora_alpha, lora_dropout, lora_target_modules))
         policy = cls(model, tokenizer, critic=critic, reference=reference, ref_model=ref_model)
         head = Path(name) / VALUE_HEAD_FILE
         if head.is_file():
@@ -233,19 +222,19 @@ class Policy(nn.Module):
             tok.padding_side, tok.truncation_side = side, tside
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def generation_config(self, s: SamplingSettings, hidden_states: bool = False):
+    def generation_config(self, s: SamplingConfig, hidden_states: bool = False):
         """Pure sampling (no model-specific defaults such as top_k=50) that returns raw logits per step."""
         from transformers import GenerationConfig
 
         # top_k=0 and repetition_penalty=1.0 are explicit: a None would be filled in by generate() from the
         # model's generation_config or the global default top_k=50, silently changing the sampled distribution.
-        return GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k, repetition_penalty=1.0,
-                                top_p=s.top_p, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
+        return GenerationConfig(do_sample=True, temperature=s.temperature, top_k=0, repetition_penalty=1.0,
+                                top_p=1.0, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
                                 eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
                                 return_dict_in_generate=True, output_logits=True, output_hidden_states=hidden_states)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], settings: SamplingSettings, with_values: bool = True) -> Rollout:
+    def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
         """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass."""
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts, settings.max_prompt_length)
         shared_values = with_values and self.critic is None
@@ -272,12 +261,12 @@ class Policy(nn.Module):
         return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, values, ended,
                        list(prompts), [t.strip() for t in texts])
 
-    def sample_batches(self, prompts: list[str], settings: SamplingSettings, batch_size: int):
+    def sample_batches(self, prompts: list[str], settings: SamplingConfig, batch_size: int):
         """Rollouts (no values) of `prompts`, `batch_size` prompts at a time, in order."""
         for i in range(0, len(prompts), batch_size):
             yield self.sample(prompts[i:i + batch_size], settings, with_values=False)
 
-    def sample_completions(self, prompts: list[str], settings: SamplingSettings, batch_size: int) -> list[str]:
+    def sample_completions(self, prompts: list[str], settings: SamplingConfig, batch_size: int) -> list[str]:
         """One decoded completion per prompt, sampled `batch_size` prompts at a time."""
         return [c for ro in self.sample_batches(prompts, settings, batch_size) for c in ro.completions]
 

@@ -55,7 +55,6 @@ import itertools
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,85 +72,16 @@ from rlgen.checkpoint import (
     save_training_state,
     write_atomically,
 )
-from rlgen.config import (
-    CommonConfig,
-    LoraConfigMixin,
-    RewardConfigMixin,
-    SamplingConfig,
-    opt,
-    save_config,
-    to_dict,
-)
+from rlgen.config import PPOConfig, SamplingConfig, lora_kwargs, save_config, to_dict
 from rlgen.data import load_rows
 from rlgen.errors import UserError
+from rlgen.files import write_jsonl
 from rlgen.models import set_threads
-from rlgen.policy import Policy, Rollout, SamplingSettings, completion_mask_from_ids
+from rlgen.policy import Policy, Rollout, completion_mask_from_ids
 from rlgen.rewards import load_reward, reward_mean_metrics, score_rewards
-from rlgen.tracking import MetricsWriter, check_output_dir, jsonable_row, prepare_output_dir, rewrite_metrics
+from rlgen.tracking import MetricsWriter, check_output_dir, jsonable_row, prepare_output_dir
 
-HUANG = "Huang et al. 2022, The N Implementation Details of RLHF with PPO"
 SAMPLES_SHOWN = 4
-
-
-@dataclass(frozen=True)
-class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig):
-    """`rlgen ppo`: PPO on reward functions with a KL penalty to the starting model (full or LoRA)."""
-
-    max_steps: int = opt(20, "number of PPO updates (each: one rollout batch, then ppo_epochs of optimisation)")
-    min_new_tokens: int = opt(0, "generate at least this many tokens (EOS is blocked before)")
-    batch_size: int = opt(16, "rollouts (prompts) per update and process")
-    mini_batch_size: int = opt(8, "rollouts per optimiser step; batch_size must be a multiple")
-    gradient_accumulation_steps: int = opt(1, "split each mini-batch into this many forward/backward passes")
-    ppo_epochs: int = opt(4, "optimisation passes over each rollout batch (lm-human-preferences: 4)")
-    learning_rate: float = opt(1e-5, "peak learning rate (Adam, eps 1e-5 as lm-human-preferences and CleanRL)")
-    lr_scheduler_type: str = opt("linear", f"transformers schedule over the updates; linear anneals to 0 ({HUANG})")
-    warmup_ratio: float = opt(0.0, "share of updates with linear warm-up")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    cliprange: float = opt(0.2, "PPO ratio clipping epsilon")
-    cliprange_value: float = opt(0.2, f"value clipping around the rollout values (0: off; {HUANG}: 0.2)")
-    vf_coef: float = opt(0.1, "weight of the value loss (lm-human-preferences: 0.1)")
-    gamma: float = opt(1.0, "discount")
-    lam: float = opt(0.95, "GAE lambda")
-    kl_coef: float = opt(0.05, "KL penalty coefficient beta (the initial one with adaptive_kl)")
-    adaptive_kl: bool = opt(False, "adapt beta towards kl_target (Ziegler et al. 2019)")
-    kl_target: float = opt(6.0, "adaptive KL: target KL per completion (nats)")
-    kl_horizon: float = opt(10000.0, "adaptive KL: horizon in samples")
-    kl_estimator: str = opt("k1", "per-token KL estimate: k1 (log ratio, unbiased) or k3 (low variance, >= 0)")
-    whiten_rewards: bool = opt(False, f"scale the shaped rewards to unit variance per batch ({HUANG}: off)")
-    whiten_advantages: bool = opt(True, f"normalise advantages per batch ({HUANG}: on)")
-    missing_eos_penalty: float = opt(1.0, f"subtracted from the score of completions without EOS (0: off; {HUANG})")
-    stop_token: str = opt("", "truncate completions after the first occurrence of this one token, e.g. '.' "
-                              "(lm-human-preferences' truncate_token; it counts as an ending); '' for off")
-    target_kl: float = opt(0.0, "stop an update's epochs early once an epoch's mean approx KL exceeds this (0: off)")
-    separate_critic: bool = opt(False, "a separate critic trunk instead of a value head on the policy's trunk")
-    save_total_limit: int = opt(2, "keep only the newest N checkpoint-<update> folders (0: keep all)")
-    skip_nonfinite: bool = opt(False, "skip a batch whose loss, reward or gradient norm is not finite (counted in "
-                                      "policy/skipped_batches) instead of stopping the run")
-
-
-def _check(cfg: PPOConfig) -> None:
-    """UserError naming the first bad option."""
-    from transformers import SchedulerType
-
-    if cfg.max_steps < 1:
-        raise UserError(f"max_steps must be at least 1, got {cfg.max_steps}")
-    if cfg.batch_size % cfg.mini_batch_size:
-        raise UserError(f"batch_size {cfg.batch_size} is not a multiple of mini_batch_size {cfg.mini_batch_size}")
-    if cfg.mini_batch_size % cfg.gradient_accumulation_steps:
-        raise UserError(f"mini_batch_size {cfg.mini_batch_size} is not a multiple of gradient_accumulation_steps "
-                        f"{cfg.gradient_accumulation_steps}")
-    if cfg.kl_estimator not in ("k1", "k3"):
-        raise UserError(f"kl_estimator must be k1 or k3, got {cfg.kl_estimator!r}")
-    if cfg.lr_scheduler_type not in [t.value for t in SchedulerType]:
-        raise UserError(f"lr_scheduler_type {cfg.lr_scheduler_type!r} is not a transformers schedule "
-                        f"({', '.join(t.value for t in SchedulerType)})")
-    if not cfg.temperature > 0:
-        raise UserError(f"temperature must be > 0, got {cfg.temperature}")
-    if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
-        raise UserError(f"reward_weights has {len(cfg.reward_weights)} values for {len(cfg.reward)} rewards")
-    if cfg.save_steps < 0 or cfg.save_total_limit < 0:
-        raise UserError(f"save_steps and save_total_limit must be >= 0, got {cfg.save_steps} and "
-                        f"{cfg.save_total_limit}")
 
 
 def _stop_token_id(tokenizer, stop_token: str) -> int | None:
@@ -260,8 +190,12 @@ def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy
     return path
 
 
-def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
-    """Train `cfg.model` (or the given policy) with PPO on `cfg.reward`; save it to `cfg.output_dir`."""
+def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None = None) -> Policy:
+    """Train `cfg.model` (or the given policy) with PPO; save it to `cfg.output_dir`.
+
+    `rewards`: reward callables `f(prompts, completions, **kwargs)` or specs, used instead of `cfg.reward`
+    (weighted by `cfg.reward_weights`, one per reward, when given).
+    """
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
@@ -270,7 +204,6 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     # 0. setup: checks first (nothing is written until the options, rewards, data and model are known to be
     #    good), then processes, seeds, rewards, prompts, policy, output folder, optimiser, and resume
     set_threads(cfg.threads)
-    _check(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -282,14 +215,15 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
     out = check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)
     set_seed(cfg.seed + rank)
-    reward_fns = [load_reward(spec) for spec in cfg.reward]
+    reward_fns = [load_reward(spec) for spec in (cfg.reward if rewards is None else rewards)]
     weights = cfg.reward_weights or None
+    if weights is not None and len(weights) != len(reward_fns):
+        raise UserError(f"reward_weights has {len(weights)} values for {len(reward_fns)} rewards")
     with accelerator.main_process_first():  # the first process fills the demo-data and model caches alone
         rows = load_rows(cfg.dataset, "train")
         if policy is None:
-            policy = Policy.from_pretrained(cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                            lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
-                                            separate_critic=cfg.separate_critic, reference=True, seed=cfg.seed)
+            policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic,
+                                            reference=True, seed=cfg.seed)
     if policy.ref_model is None and not policy.is_peft:
         raise UserError("train_ppo needs a policy with a reference model (Policy(..., reference=True))")
     _check_context(cfg, policy)
@@ -306,7 +240,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         writer = MetricsWriter(out)
     accelerator.wait_for_everyone()
     policy.eval()  # dropout off for sampling and training alike, so old and new log-probs agree (HUANG)
-    sampling = SamplingSettings.from_config(cfg)
+    sampling = SamplingConfig.of(cfg)
     params = [p for p in policy.parameters() if p.requires_grad]  # the reference's are frozen
     adam = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0, fused=True)
     # Stepped once per update; not handed to accelerate, which would step it once per process.
@@ -335,7 +269,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         done, consumed, history = state["update"], state["rows_consumed"], state["history"]
         shown = (state["shown"][0], state["shown"][1])
         if is_main:  # one row per update: drop rows a killed run logged after this checkpoint
-            rewrite_metrics(out / "metrics.jsonl", history)
+            write_jsonl(out / "metrics.jsonl", history)
     stream = _row_stream(rows, cfg.seed)
     collections.deque(itertools.islice(stream, consumed), maxlen=0)  # the data position: skip used prompts
     start = time.perf_counter()

@@ -1,7 +1,8 @@
-"""The comparison report: what several methods, each trained with several seeds, did to the same starting model.
+"""Reports. `write_run_report`: `rlgen run`'s report.md, one row per evaluated model.
 
-Input is one record per finished (method, seed) run plus one for the starting model (method "start"); see
-`write_report`. Outputs, all in one folder:
+`write_comparison_report`: what several methods, each trained with several seeds, did to the same starting
+model. Input is one record per finished (method, seed) run plus one for the starting model (method "start").
+Outputs, all in one folder:
 - `comparison.md`, `comparison.csv`: one row per method, mean and standard error over seeds of the proxy reward
   (the one optimised), each gold reward (never optimised), KL and perplexity against the starting model,
   distinct-2, self-BLEU, completion length, training seconds, and the completions and tokens generated in training
@@ -104,7 +105,11 @@ def summarize(records: list[dict], proxy_names: list[str], gold_names: list[str]
 
 
 def _fmt(mean: float, se: float = math.nan) -> str:
-    """`mean ± se` to about three significant digits of the larger of the two; no ± when SE is undefined."""
+    """`mean ± se` to about three significant digits of the larger of the two; no ± when SE is undefined.
+
+    >>> _fmt(0.12345, 0.01), _fmt(2.0), _fmt(float("nan"))
+    ('0.123 ± 0.010', '2.00', 'n/a')
+    """
     if not math.isfinite(mean):
         return "n/a"
     scale = max(abs(mean), abs(se) if math.isfinite(se) else 0.0)
@@ -387,7 +392,7 @@ def write_html(folder: Path, rows: list[dict], plots: dict[str, Path], samples: 
     return path
 
 
-def write_report(folder: Path, records: list[dict], proxy_names: list[str], gold_names: list[str], settings: dict,
+def write_comparison_report(folder: Path, records: list[dict], proxy_names: list[str], gold_names: list[str], settings: dict,
                  title: str = "rlgen comparison") -> dict[str, Path]:
     """Write the table, plots, samples and HTML page to `folder`; returns their paths by name.
 
@@ -407,3 +412,26 @@ def write_report(folder: Path, records: list[dict], proxy_names: list[str], gold
     page = write_html(folder, rows, plots, samples, settings, title)
     return {"comparison_md": md_path, "comparison_csv": csv_path, **plots, "samples": folder / "samples.md",
             "html": page}
+
+
+# ---- rlgen run: one row per evaluated model ----------------------------------------------------------
+
+RUN_REPORT_COLUMNS = ["eval/reward/mean", "eval/kl", "eval/perplexity_ref", "eval/mean_length", "eval/eos_fraction",
+                      "eval/distinct_1", "eval/distinct_2", "eval/self_bleu"]
+
+
+def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, float]) -> Path:
+    """report.md and report.json: one row per evaluated model."""
+    reward_columns = sorted({k for m in rows.values() for k in m
+                             if k.startswith(("eval/rewards/", "eval/gold/")) and k.endswith("/mean")})
+    columns = reward_columns + RUN_REPORT_COLUMNS
+    lines = ["# rlgen run report", "", "| model | " + " | ".join(c.removeprefix("eval/") for c in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(float(m.get(c, math.nan))) for c in columns) + " |")
+    lines += ["", "KL and perplexity are measured against the starting model.", "",
+              "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    (folder / "report.json").write_text(json.dumps({"models": rows, "seconds": seconds}, indent=2))
+    return path

@@ -40,15 +40,15 @@ import re
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rlgen.config import CommonConfig, SamplingConfig, opt, save_config
+from rlgen.config import RewardModelConfig, save_config
 from rlgen.data import load_rows
 from rlgen.errors import UserError
+from rlgen.files import write_jsonl
 from rlgen.models import minilm_folder, resolve_model_path, set_threads
 from rlgen.rewards import LearnedReward, load_reward, score_rewards
 from rlgen.rewards.learned import NORMALISATION_FILE
@@ -74,37 +74,6 @@ RM_METRIC_NAMES = {
     "num_tokens": "objective/num_tokens",
     "train_runtime": "time/train",
 }
-
-
-@dataclass(frozen=True)
-class RewardModelConfig(SamplingConfig, CommonConfig):
-    """`rlgen reward-model train`: fit a reward model on preference pairs (TRL RewardTrainer) and calibrate it.
-
-    The sampling options apply to the calibration completions; match them to the RL stage that uses the reward.
-    """
-
-    model: str = opt(MINILM, "base model: minilm (embedded all-MiniLM-L6-v2), default (SmolLM2-135M), tiny, "
-                             "a folder or a Hub id; loaded as a 1-label sequence classifier")
-    output_dir: str = opt("runs/reward_model", "folder for the reward model, its config, metrics and summary")
-    dataset: str = opt(UPBEAT_DATASET, "chitchat-upbeat (chit-chat replies paired by gold_reward) or a preference "
-                                       ".jsonl/.csv/folder with prompt, chosen, rejected columns")
-    max_steps: int = opt(200, "number of optimisation steps")
-    learning_rate: float = opt(2e-4, "peak learning rate")
-    batch_size: int = opt(16, "preference pairs per step")
-    max_length: int = opt(128, "prompt + completion tokens; longer texts are cut from the left (prompt first)")
-    warmup_ratio: float = opt(0.05, "share of steps with linear warm-up")
-    lr_scheduler_type: str = opt("linear", "learning-rate schedule (transformers names)")
-    center_rewards_coefficient: float = opt(0.01, "pull rewards towards 0 (Eisenstein et al. 2023); 0: off")
-    logging_steps: int = opt(10, "log training metrics every N steps")
-    margin: float = opt(0.5, "chitchat-upbeat: least gold-score gap between chosen and rejected")
-    num_pairs: int = opt(3200, "training pairs (a seeded sample; 0: all)")
-    eval_pairs: int = opt(1000, "held-out pairs for eval/pairwise_accuracy (0: all)")
-    eval_texts: int = opt(1000, "held-out texts for eval/gold_pearson and eval/gold_spearman (0: all)")
-    gold_reward: str = opt("sentiment_positive", "reward spec that labels chitchat-upbeat and is correlated with "
-                                                 "the model on held-out texts; none: no gold metrics")
-    calibration_model: str = opt("none", "policy whose samples on held-out prompts set the normalisation "
-                                         "(default, tiny, a folder); none: use held-out texts")
-    calibration_samples: int = opt(256, "texts used to measure the raw reward's mean and std")
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -197,7 +166,7 @@ def _checked_pairs(rows: list[dict], source: str) -> list[dict]:
     return out
 
 
-def preference_pairs(dataset: str) -> tuple[list[dict], list[dict]]:
+def load_preference_pairs(dataset: str) -> tuple[list[dict], list[dict]]:
     """(train, held-out) pairs from a preference file or folder (split rules in the module docstring)."""
     path = Path(dataset).expanduser()
     train = _checked_pairs(load_rows(dataset, "train", PAIR_COLUMNS), dataset)
@@ -378,11 +347,12 @@ def normalisation(raw: list[float]) -> tuple[float, float]:
 
 def sample_completions(model: str, prompts: list[str], cfg: RewardModelConfig) -> list[str]:
     """One completion per prompt from the policy `model`, with the config's sampling options."""
-    from rlgen.policy import Policy, SamplingSettings
+    from rlgen.config import SamplingConfig
+    from rlgen.policy import Policy
 
     policy = Policy.from_pretrained(model, reference=False, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    return policy.sample_completions(prompts, SamplingSettings.from_config(cfg), SAMPLE_BATCH)
+    return policy.sample_completions(prompts, SamplingConfig.of(cfg), SAMPLE_BATCH)
 
 
 def calibration_texts(cfg: RewardModelConfig, heldout: list[dict], rng: random.Random) -> list[dict]:
@@ -408,25 +378,6 @@ def heldout_metrics(reward, pairs: list[dict], texts: list[dict], gold) -> dict[
     return metrics
 
 
-def _check(cfg: RewardModelConfig) -> None:
-    for key in ("max_steps", "batch_size", "max_length", "logging_steps"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("num_pairs", "eval_pairs", "eval_texts", "margin", "center_rewards_coefficient"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"{key} must not be negative, got {getattr(cfg, key)}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise UserError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.calibration_samples < 2:
-        raise UserError(f"calibration_samples must be at least 2 to measure a std, got {cfg.calibration_samples}")
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 # ---- training ---------------------------------------------------------------------------------------------
 
 
@@ -436,7 +387,6 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     start = time.perf_counter()
-    _check(cfg)
     set_threads(cfg.threads)
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
     save_config(cfg, out)
@@ -449,7 +399,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
             raise UserError(f"dataset {UPBEAT_DATASET} is labelled by gold_reward, which must not be none")
         train_pairs, heldout_pairs, heldout_texts = upbeat_pairs(gold, cfg.margin, rng)
     else:
-        train_pairs, heldout_pairs = preference_pairs(cfg.dataset)
+        train_pairs, heldout_pairs = load_preference_pairs(cfg.dataset)
         heldout_texts = _texts_of_pairs(heldout_pairs)
     available = {"train_pairs_available": len(train_pairs), "heldout_pairs_available": len(heldout_pairs)}
     train_pairs = _sample(train_pairs, cfg.num_pairs, rng)
@@ -501,7 +451,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     norm = {"gain": gain, "bias": bias, "raw_mean": float(np.mean(raw)), "raw_std": float(np.std(raw)),
             "calibration_model": cfg.calibration_model, "calibration_samples": len(calibration)}
     (out / NORMALISATION_FILE).write_text(json.dumps(norm, indent=2) + "\n")
-    _write_jsonl(out / CALIBRATION_FILE, [{**t, "raw_reward": r} for t, r in zip(calibration, raw)])
+    write_jsonl(out / CALIBRATION_FILE, [{**t, "raw_reward": r} for t, r in zip(calibration, raw)])
     calibration_s = time.perf_counter() - calibration_start
 
     # 7. held-out evaluation (raw scores: accuracy and correlations do not change under gain > 0 and bias)

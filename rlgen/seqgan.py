@@ -38,133 +38,16 @@ import torch
 from torch import nn
 
 from rlgen import core
-from rlgen.config import CommonConfig, LoraConfigMixin, SamplingConfig, opt, save_config
+from rlgen.config import SamplingConfig, SeqGANConfig, SFTConfig, apply_preset, lora_kwargs, save_config
 from rlgen.errors import UserError
 from rlgen.lstm import SeqGANLSTMConfig, SeqGANLSTMForCausalLM, build_oracle, build_token_tokenizer
 from rlgen.models import default_device, minilm_folder, set_threads
-from rlgen.policy import Policy, SamplingSettings, completion_mask_from_ids
+from rlgen.policy import Policy, completion_mask_from_ids
 from rlgen.tracking import MetricsWriter, prepare_output_dir
 
 # The paper's discriminator (authors' discriminator.py): window sizes and filter counts, 1720 features.
 CNN_WIDTHS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20]
 CNN_FILTERS = [100, 200, 200, 200, 200, 100, 100, 100, 100, 100, 160, 160]
-
-PRESETS = {
-    # the authors' code (sequence_gan.py)
-    "paper": dict(mle_epochs=120, d_pretrain_rounds=50, d_pretrain_epochs=3, max_steps=200, g_steps=1,
-                  rollout_num=16, d_steps=5, d_epochs=3),
-    # the reduced schedule the reference (TextGAN-PyTorch) ran in 88 minutes on 2 cores
-    "cpu": dict(mle_epochs=50, d_pretrain_rounds=5, d_pretrain_epochs=1, max_steps=33, g_steps=1,
-                rollout_num=16, d_steps=1, d_epochs=1),
-    # a few minutes: every phase runs once
-    "smoke": dict(mle_epochs=3, d_pretrain_rounds=1, d_pretrain_epochs=1, max_steps=3, g_steps=1, rollout_num=4,
-                  d_steps=1, d_epochs=1, num_train=2000, num_test=2000, eval_samples=2000, d_negatives=2000,
-                  mle_eval_every=0),
-}
-
-
-@dataclass(frozen=True)
-class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
-    """`rlgen seqgan`: SeqGAN on the paper's oracle (task oracle, model lstm) or on real text (task text)."""
-
-    task: str = opt("text", "oracle (the paper's synthetic benchmark; model must be lstm) or text (real replies)")
-    preset: str = opt("", "oracle schedule preset: paper, cpu or smoke; it sets only the fields left at their "
-                          "defaults")
-    max_steps: int = opt(200, "adversarial epochs")
-    batch_size: int = opt(64, "sequences per generator step, MLE step and D step")
-    # oracle task
-    oracle_params: str | None = opt(None, "oracle task: .npz of the oracle LSTM (e.g. the authors' arrays); "
-                                          "default: N(0, 1) parameters from oracle_seed")
-    oracle_seed: int = opt(0, "oracle task: seed of the N(0, 1) oracle")
-    vocab_size: int = opt(5000, "oracle task: vocabulary")
-    seq_len: int = opt(20, "oracle task: sequence length T")
-    embedding_size: int = opt(32, "oracle task: embedding size of oracle and generator")
-    hidden_size: int = opt(32, "oracle task: LSTM hidden size of oracle and generator")
-    num_train: int = opt(10000, "oracle task: training sequences sampled from the oracle")
-    num_test: int = opt(10000, "oracle task: held-out oracle sequences for eval/nll_test")
-    eval_samples: int = opt(10000, "oracle task: generator samples per NLL-oracle estimate")
-    eval_every: int = opt(1, "oracle task: evaluate every N adversarial epochs (0: only at the end)")
-    mle_eval_every: int = opt(10, "oracle task: evaluate every N MLE epochs (0: only at the end)")
-    eval_temperatures: list[float] = opt([1.0, 0.95, 0.9, 0.85], "oracle task: temperatures of the MLE "
-                                                                  "generator's control sweep ([] for none)")
-    # generator
-    mle_epochs: int = opt(120, "oracle task: MLE pre-training epochs")
-    mle_steps: int = opt(0, "text task: SFT steps before the adversarial phase (0: use the model as is)")
-    mle_learning_rate: float = opt(0.01, "oracle task: MLE Adam learning rate (authors: 0.01)")
-    learning_rate: float = opt(0.01, "generator Adam learning rate in the adversarial phase (authors: 0.01)")
-    max_grad_norm: float = opt(5.0, "generator gradient clipping norm (authors: 5.0)")
-    g_steps: int = opt(1, "generator steps per adversarial epoch")
-    rollout_num: int = opt(16, "Monte-Carlo rollouts N per prefix")
-    rollout_update_rate: float = opt(0.8, "rollout policy theta' <- r theta' + (1 - r) theta after each "
-                                          "generator step (0: the generator itself)")
-    baseline: str = opt("none", "subtract from Q: none (the paper) or mean (batch mean per position)")
-    kl_coef: float = opt(0.0, "KL penalty to the reference (the starting generator) per token (0: off)")
-    # discriminator
-    discriminator: str = opt("auto", "auto (cnn for task oracle, minilm for text), cnn (the paper's CNN over "
-                                     "token ids), minilm (all-MiniLM-L6-v2 classifier over text) or a "
-                                     "sequence-classifier folder")
-    d_pretrain_rounds: int = opt(50, "D pre-training rounds (fresh negatives each)")
-    d_pretrain_epochs: int = opt(3, "epochs per D pre-training round")
-    d_steps: int = opt(5, "D rounds per adversarial epoch (fresh negatives each)")
-    d_epochs: int = opt(3, "epochs per adversarial D round")
-    d_negatives: int = opt(10000, "generated (and as many real) sequences per D round")
-    d_learning_rate: float = opt(1e-4, "D Adam learning rate (authors: 1e-4; text D: use ~2e-5)")
-    d_l2: float = opt(0.2, "L2 on D's output layer (authors: 0.2, as tf.nn.l2_loss)")
-    d_dropout: float = opt(0.25, "dropout before D's output layer (authors: keep 0.75)")
-    d_embedding_size: int = opt(64, "cnn: D embedding size")
-    d_max_length: int = opt(64, "text D: tokens per reply")
-    score_batch_size: int = opt(2048, "sequences per D scoring pass (rollouts)")
-    # text task
-    eval_num_prompts: int = opt(64, "text task: test prompts for the shared evaluator (0: no final evaluation)")
-
-
-def apply_preset(cfg: SeqGANConfig) -> SeqGANConfig:
-    """Fill the preset's values into the fields still at their defaults (YAML and flags win)."""
-    if not cfg.preset:
-        return cfg
-    if cfg.preset not in PRESETS:
-        raise UserError(f"preset {cfg.preset!r} is not one of {', '.join(PRESETS)}")
-    defaults = {f.name: f.default for f in dataclasses.fields(SeqGANConfig)}
-    values = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) == defaults[k]}
-    return dataclasses.replace(cfg, **values)
-
-
-def _check(cfg: SeqGANConfig) -> None:
-    """UserError naming the first bad option."""
-    if cfg.task not in ("oracle", "text"):
-        raise UserError(f"task must be oracle or text, got {cfg.task!r}")
-    if cfg.task == "oracle" and cfg.model != "lstm":
-        raise UserError(f"task oracle trains the paper's LSTM generator: set model: lstm (got {cfg.model!r})")
-    if cfg.task == "oracle" and cfg.discriminator not in ("auto", "cnn"):
-        raise UserError(f"task oracle needs discriminator: cnn (got {cfg.discriminator!r})")
-    if cfg.task == "text" and cfg.discriminator == "cnn":
-        raise UserError("task text needs discriminator: minilm or a sequence-classifier folder (cnn reads "
-                        "fixed-length token ids: task oracle)")
-    if cfg.task == "text" and cfg.discriminator not in ("auto", "minilm") and not Path(cfg.discriminator).is_dir():
-        raise UserError(f"discriminator folder {cfg.discriminator} does not exist")
-    if cfg.task == "text" and cfg.model == "lstm":
-        raise UserError("model lstm is for task oracle; for text give default, tiny, a folder or a Hub id")
-    if cfg.baseline not in ("none", "mean"):
-        raise UserError(f"baseline must be none or mean, got {cfg.baseline!r}")
-    if not 0.0 <= cfg.rollout_update_rate < 1.0:
-        raise UserError(f"rollout_update_rate must be in [0, 1), got {cfg.rollout_update_rate}")
-    for name in ("batch_size", "rollout_num", "seq_len", "num_train", "num_test", "eval_samples", "d_negatives",
-                 "score_batch_size", "vocab_size", "embedding_size", "hidden_size", "d_embedding_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "mle_epochs", "mle_steps", "g_steps", "d_pretrain_rounds", "d_pretrain_epochs",
-                 "d_steps", "d_epochs", "eval_every", "mle_eval_every"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.task == "oracle" and cfg.num_train < cfg.batch_size:
-        raise UserError(f"num_train {cfg.num_train} is smaller than batch_size {cfg.batch_size}")
-    if any(not t > 0 for t in cfg.eval_temperatures) or not cfg.temperature > 0:
-        raise UserError("temperatures must be > 0")
-    if cfg.oracle_params is not None and not Path(cfg.oracle_params).is_file():
-        raise UserError(f"oracle_params {cfg.oracle_params} does not exist")
-    if cfg.resume_from_checkpoint is not None:
-        raise UserError("seqgan cannot resume; start a new run with --model <generator folder> (text task)")
-
 
 # ---- discriminators ---------------------------------------------------------------------------------------
 
@@ -402,7 +285,7 @@ def generate_rollout_texts(model, policy: Policy, prompt_ids: torch.Tensor, prom
                 continue
             ids = torch.cat([prompt_ids[idx], completion_ids[idx, :t]], 1).repeat_interleave(n, 0)
             mask = torch.cat([prompt_mask[idx], torch.ones_like(completion_ids[idx, :t])], 1).repeat_interleave(n, 0)
-            gen = policy.generation_config(SamplingSettings(max_new_tokens=T - t, temperature=temperature))
+            gen = policy.generation_config(SamplingConfig(max_new_tokens=T - t, temperature=temperature))
             gen.output_logits = False
             new = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen).sequences[:, ids.shape[1]:]
             new_mask, _ = completion_mask_from_ids(new, policy.eos_token_ids)
@@ -441,7 +324,7 @@ def oracle_metrics(model: SeqGANLSTMForCausalLM, oracle: SeqGANLSTMForCausalLM, 
 
 def temperature_sweep(policy: Policy, temperatures: list[float], *, oracle: SeqGANLSTMForCausalLM | None = None,
                       test_ids: torch.Tensor | None = None, n: int = 10000, prompts: list[str] | None = None,
-                      reward_fns: list[tuple[str, object]] = (), sampling: SamplingSettings | None = None,
+                      reward_fns: list[tuple[str, object]] = (), sampling: SamplingConfig | None = None,
                       seed: int = 0) -> list[dict[str, float]]:
     """The generator sampled at each temperature: an entropy-matched control for adversarial training.
 
@@ -455,7 +338,7 @@ def temperature_sweep(policy: Policy, temperatures: list[float], *, oracle: SeqG
         else:
             from rlgen.evaluation import evaluate_policy
 
-            settings = dataclasses.replace(sampling or SamplingSettings(), temperature=temp)
+            settings = dataclasses.replace(sampling or SamplingConfig(), temperature=temp)
             metrics = evaluate_policy(policy, list(prompts or []), list(reward_fns), settings)
         rows.append({"temperature": temp, **metrics})
     return rows
@@ -482,7 +365,6 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     """Run SeqGAN on `cfg.task`; save the generator to `cfg.output_dir` and D to `<output_dir>/discriminator`."""
     # 0. setup: preset, checks, threads, seeds, output folder
     cfg = apply_preset(cfg)
-    _check(cfg)
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -497,7 +379,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     total = _timer()
     summary: dict = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("report_to",)}}
     T = cfg.seq_len if oracle_task else cfg.max_new_tokens
-    sampling = SamplingSettings.from_config(cfg)
+    sampling = SamplingConfig.of(cfg)
 
     # 1. data and models: oracle + its samples (oracle task) or real replies (text task); generator; D
     if oracle_task:
@@ -526,9 +408,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
         train_rows = load_rows(cfg.dataset, "train", columns=("prompt", "completion"))
         test_rows = load_rows(cfg.dataset, "test", columns=("prompt", "completion"))
         if policy is None and cfg.mle_steps == 0:
-            policy = Policy.from_pretrained(cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                            lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
-                                            reference=True, seed=cfg.seed)
+            policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), reference=True, seed=cfg.seed)
         if policy is not None:
             policy.to(device)
         folder = minilm_folder() if cfg.discriminator in ("auto", "minilm") else Path(cfg.discriminator)
@@ -591,13 +471,10 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
         summary["temperature_sweep_mle"] = temperature_sweep(policy, cfg.eval_temperatures, oracle=oracle,
                                                              test_ids=test_ids, n=cfg.eval_samples, seed=cfg.seed)
     elif cfg.mle_steps > 0:
-        from rlgen.config import SFTConfig
         from rlgen.sft import train_sft
 
         sft_cfg = SFTConfig(model=cfg.model, output_dir=str(out / "sft"), dataset=cfg.dataset, max_steps=cfg.mle_steps,
-                            seed=cfg.seed, threads=cfg.threads, overwrite_output_dir=True, lora_r=cfg.lora_r,
-                            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            lora_target_modules=cfg.lora_target_modules)
+                            seed=cfg.seed, threads=cfg.threads, overwrite_output_dir=True, **lora_kwargs(cfg))
         policy = train_sft(sft_cfg, policy).to(device)
         summary["s_mle"] = clock()
     if policy.ref_model is None and not policy.is_peft and cfg.kl_coef > 0:

@@ -11,11 +11,11 @@ import time
 
 import torch
 
-from rlgen.config import SFTConfig, save_config
+from rlgen.config import SFTConfig, lora_kwargs, save_config
 from rlgen.data import load_sft_rows, render_prompt
 from rlgen.models import set_threads
 from rlgen.policy import Policy
-from rlgen.tracking import MetricsWriter, prepare_output_dir, trainer_metrics_callback
+from rlgen.tracking import MetricsWriter, prepare_output_dir, quiet_progress, trainer_metrics_callback
 
 # TRL/transformers log keys -> rlgen's fixed metric names (others are not recorded).
 SFT_METRIC_NAMES = {
@@ -27,18 +27,6 @@ SFT_METRIC_NAMES = {
     "num_tokens": "objective/num_tokens",
     "train_runtime": "time/train",
 }
-
-
-def _quiet_progress():
-    """A progress bar that shows the loss instead of printing every log dict."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.training_bar is not None and logs and "loss" in logs:
-                self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
-
-    return QuietProgress()
 
 
 def _dataset(rows: list[dict], tokenizer, n: int, seed: int):
@@ -70,9 +58,7 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
     save_config(cfg, out)
     rows = load_sft_rows(cfg.dataset, "train")
     if policy is None:
-        policy = Policy.from_pretrained(cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                        lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
-                                        reference=False, seed=cfg.seed)
+        policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), reference=False, seed=cfg.seed)
     # 1. data
     world = int(os.environ.get("WORLD_SIZE", "1"))
     train = _dataset(rows, policy.tokenizer, cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps * world,
@@ -92,7 +78,7 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
     trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train, processing_class=policy.tokenizer,
                          callbacks=[trainer_metrics_callback(writer, SFT_METRIC_NAMES)])
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_quiet_progress())
+    trainer.add_callback(quiet_progress())
     # 3. train
     start = time.perf_counter()
     resume = cfg.resume_from_checkpoint

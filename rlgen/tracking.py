@@ -52,19 +52,6 @@ def jsonable_row(metrics: dict) -> dict:
     return {k: _jsonable(v) for k, v in metrics.items()}
 
 
-def rewrite_metrics(path: str | Path, rows: list[dict]) -> None:
-    """Replace a metrics file with `rows` atomically (resume drops rows logged after the checkpoint)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def trainer_metrics_callback(writer: MetricsWriter, names: dict[str, str]):
     """A transformers TrainerCallback writing the logged values named in `names` (TRL key -> rlgen name)."""
     from transformers import TrainerCallback
@@ -77,3 +64,15 @@ def trainer_metrics_callback(writer: MetricsWriter, names: dict[str, str]):
                     writer.log(row, step=state.global_step)
 
     return WriteMetrics()
+
+
+def quiet_progress():
+    """A progress bar that shows the loss instead of printing every log dict."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+    return QuietProgress()

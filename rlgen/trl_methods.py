@@ -9,7 +9,7 @@
   `batch_size // 2` pairs a step. `beta` is DPO's beta.
 
 Budget rule: every method generates exactly `max_steps * batch_size` completions, sampled the same way (the
-`SamplingSettings`: new tokens, temperature, top-k, top-p) from prompts rendered and tokenised as rlgen's Policy does
+`SamplingConfig`: new tokens, temperature, top-k, top-p) from prompts rendered and tokenised as rlgen's Policy does
 (with one seed, TRL's generation and `Policy.sample` draw the same tokens). Rewards are called as rlgen's PPO calls
 them: raw prompt text, stripped completion.
 
@@ -34,11 +34,12 @@ from pathlib import Path
 
 import torch
 
+from rlgen.config import SamplingConfig
 from rlgen.data import render_prompt
 from rlgen.errors import UserError
-from rlgen.policy import Policy, SamplingSettings
+from rlgen.policy import Policy, peft_lora_config
 from rlgen.rewards import reward_mean_metrics, score_rewards
-from rlgen.tracking import MetricsWriter
+from rlgen.tracking import MetricsWriter, quiet_progress
 
 METHODS = ("grpo", "rloo", "dpo")
 # TRL log keys -> rlgen's fixed metric names; rewards/<name>/mean are kept as they are and `loss` is per method.
@@ -178,7 +179,7 @@ def _recorder(writer: MetricsWriter, names: dict, seen: dict, rows: list):
 
 def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list[str],
               reward_fns: list[tuple[str, Callable]], weights: list[float], max_steps: int, batch_size: int,
-              num_generations: int, learning_rate: float, beta: float, sampling: SamplingSettings,
+              num_generations: int, learning_rate: float, beta: float, sampling: SamplingConfig,
               lora: dict, seed: int, threads: int, options: dict) -> dict:
     """Train the model folder `model` with TRL's `method` on `prompts` (raw user texts); save the policy and
     `metrics.jsonl` to `output_dir`. Returns {"completions", "tokens", "curve", "train_s"} (see the module docstring)."""
@@ -188,7 +189,6 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list[
     from transformers.trainer_callback import ProgressCallback
 
     from rlgen.models import default_device, set_threads
-    from rlgen.sft import _quiet_progress
 
     config_cls = _check_input(method, options, batch_size, num_generations, reward_fns, weights)
     if method != "dpo" and len(prompts) < batch_size // num_generations:
@@ -208,12 +208,7 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list[
                 logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", push_to_hub=False,
                 use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, gradient_checkpointing=False,
                 dataloader_num_workers=0, disable_tqdm=False)
-    peft_config = None
-    if lora.get("r", 0) > 0:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    peft_config = peft_lora_config(**lora) if lora.get("lora_r", 0) > 0 else None
 
     sample_s = 0.0  # DPO's sampling happens before training; GRPO/RLOO generate inside trainer.train()
     if method == "dpo":
@@ -230,14 +225,14 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list[
         funcs, trl_weights = _trl_rewards(reward_fns, weights, dict(zip(rendered, prompts)), seen)
         args.update(per_device_train_batch_size=batch_size, num_generations=num_generations, reward_weights=trl_weights,
                     max_completion_length=sampling.max_new_tokens, temperature=sampling.temperature,
-                    top_k=sampling.top_k, top_p=sampling.top_p,
+                    top_k=0, top_p=1.0,
                     generation_kwargs={"min_new_tokens": sampling.min_new_tokens})  # as Policy.sample (0: none)
         trainer_kwargs = dict(reward_funcs=funcs, train_dataset=Dataset.from_list([{"prompt": p} for p in rendered]))
     trainer = _trainer_class(method, sampling.max_prompt_length)(
         model=policy.model, args=config_cls(**{**args, **options}), processing_class=tok, peft_config=peft_config,
         callbacks=[_recorder(MetricsWriter(out), names, seen, rows)], **trainer_kwargs)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_quiet_progress())
+    trainer.add_callback(quiet_progress())
     start = time.perf_counter()
     trainer.train()
     train_s = sample_s + time.perf_counter() - start

@@ -90,7 +90,8 @@ def test_resume_latest_without_checkpoints(files, tiny_folder, capsys):
 
 def test_long_prompts_are_cut_from_the_left(tiny_folder, tmp_path):
     """A prompt far beyond the model's context trains: it is cut from the left to max_prompt_length."""
-    from rlgen.ppo import PPOConfig, train_ppo
+    from rlgen.config import PPOConfig
+    from rlgen.ppo import train_ppo
 
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"prompt": "word " * 5000 + "the end?"}) + "\n")

@@ -115,7 +115,7 @@ def test_help_lists_every_option_with_help():
 
 
 def test_stage_command_reads_its_section_of_a_run_file(tmp_path):
-    from rlgen.ppo import PPOConfig
+    from rlgen.config import PPOConfig
 
     run_file = tmp_path / "exp.yaml"
     run_file.write_text("model: tiny\nseed: 3\nstages: [ppo]\nppo:\n  max_steps: 7\n  lora_r: 4\n"

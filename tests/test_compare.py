@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from rlgen.cli import main
-from rlgen.compare import CompareConfig, check_compare_config, run_compare
+from rlgen.compare import check_compare_config, run_compare
+from rlgen.config import CompareConfig
 from rlgen.errors import UserError
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,7 @@ import importlib.util
 
 import pytest
 
-from rlgen import data, models
+from rlgen import data, files, models
 from rlgen.errors import UserError
 
 
@@ -66,14 +66,15 @@ def test_model_names(tmp_path):
 
 def test_cache_dir_is_overridable(monkeypatch, tmp_path):
     monkeypatch.setenv("RLGEN_CACHE", str(tmp_path / "c"))
-    assert models.cache_dir() == tmp_path / "c"
+    assert files.cache_dir() == tmp_path / "c"
 
 
 @pytest.mark.slow
 def test_default_model_loads_from_the_cache_and_samples():
-    from rlgen.policy import Policy, SamplingSettings
+    from rlgen.config import SamplingConfig
+    from rlgen.policy import Policy
 
     policy = Policy.from_pretrained("default", reference=False)
     assert policy.base_config.num_hidden_layers == 30
-    ro = policy.sample(["hello, how are you?"], SamplingSettings(max_new_tokens=8), with_values=False)
+    ro = policy.sample(["hello, how are you?"], SamplingConfig(max_new_tokens=8), with_values=False)
     assert ro.completions[0]

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlgen.policy import Policy, SamplingSettings, completion_mask_from_ids
+from rlgen.config import SamplingConfig
+from rlgen.policy import Policy, completion_mask_from_ids
 
 PROMPTS = ["hello there, how are you?", "what did you do this weekend", "i love dogs"]
 
@@ -10,7 +11,7 @@ PROMPTS = ["hello there, how are you?", "what did you do this weekend", "i love 
 def test_sampled_logprobs_and_values_match_a_separate_forward(tiny_policy):
     torch.manual_seed(0)
     tiny_policy.value_head.weight.data.normal_()  # non-zero so the values check means something
-    ro = tiny_policy.sample(PROMPTS, SamplingSettings(max_new_tokens=12, temperature=0.7))
+    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.7))
     T = ro.completion_ids.shape[1]
     logprobs, values, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, T, temperature=0.7)
     m = ro.completion_mask.bool()
@@ -35,7 +36,7 @@ def _gpt2_policy(tokenizer):
 def test_left_padding_does_not_change_logprobs(arch, tiny_policy, tiny_tokenizer):
     policy = tiny_policy if arch == "llama" else _gpt2_policy(tiny_tokenizer)
     torch.manual_seed(1)
-    ro = policy.sample(PROMPTS, SamplingSettings(max_new_tokens=8))
+    ro = policy.sample(PROMPTS, SamplingConfig(max_new_tokens=8))
     T = ro.completion_ids.shape[1]
     batched, _, _ = policy.forward(ro.input_ids, ro.attention_mask, T)
     torch.testing.assert_close(ro.logprobs, batched * ro.completion_mask, atol=1e-4, rtol=1e-4)
@@ -50,13 +51,13 @@ def test_left_padding_does_not_change_logprobs(arch, tiny_policy, tiny_tokenizer
 
 
 def test_value_head_is_zero_at_init(tiny_policy):
-    ro = tiny_policy.sample(PROMPTS, SamplingSettings(max_new_tokens=4))
+    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=4))
     assert torch.count_nonzero(tiny_policy.value_head.weight) == 0
     assert torch.all(ro.values == 0)
 
 
 def test_reference_is_a_frozen_copy(tiny_policy):
-    ro = tiny_policy.sample(PROMPTS, SamplingSettings(max_new_tokens=6))
+    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=6))
     T = ro.completion_ids.shape[1]
     before = tiny_policy.ref_logprobs(ro.input_ids, ro.attention_mask, T)
     with torch.no_grad():
@@ -103,7 +104,7 @@ def test_lora_reference_disables_the_adapter_and_saves_merged(tiny_tokenizer, tm
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    ro = policy.sample(PROMPTS, SamplingSettings(max_new_tokens=6))
+    ro = policy.sample(PROMPTS, SamplingConfig(max_new_tokens=6))
     T = ro.completion_ids.shape[1]
     ref = policy.ref_logprobs(ro.input_ids, ro.attention_mask, T)
     expected = Policy(plain, tiny_tokenizer, reference=False).forward(ro.input_ids, ro.attention_mask, T)[0]
@@ -126,7 +127,7 @@ def test_separate_critic_gives_values_and_round_trips(tiny_tokenizer, tmp_path):
     policy = Policy(model, tiny_tokenizer, critic=copy.deepcopy(model.base_model))
     with torch.no_grad():
         policy.value_head.weight.normal_()
-    ro = policy.sample(PROMPTS, SamplingSettings(max_new_tokens=5))
+    ro = policy.sample(PROMPTS, SamplingConfig(max_new_tokens=5))
     T = ro.completion_ids.shape[1]
     _, values, _ = policy.forward(ro.input_ids, ro.attention_mask, T)
     m = ro.completion_mask.bool()

@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
+from rlgen.config import PPOConfig, SamplingConfig
 from rlgen.errors import RewardError, UserError
-from rlgen.policy import Policy, SamplingSettings
-from rlgen.ppo import PPOConfig, train_ppo
-from rlgen.tracking import read_metrics
+from rlgen.files import read_jsonl
+from rlgen.policy import Policy
+from rlgen.ppo import train_ppo
 
 torch.set_num_threads(1)
 
@@ -79,7 +80,7 @@ def learned_run(tiny_folder, reward_file, tmp_path_factory):
                     max_new_tokens=8, reward=[f"{reward_file}:starts_with_vowel"], learning_rate=1e-2,
                     lr_scheduler_type="constant", kl_coef=0.01, missing_eos_penalty=0.0)
     policy = train_ppo(cfg)
-    return out, policy, read_metrics(out / "metrics.jsonl")
+    return out, policy, read_jsonl(out / "metrics.jsonl")
 
 
 def test_ppo_raises_a_rule_reward_with_finite_kl(learned_run):
@@ -114,7 +115,7 @@ def test_rollout_logprobs_and_values_match_a_forward_pass(tiny_folder):
     policy = Policy.from_pretrained(str(tiny_folder), reference=False)
     torch.nn.init.normal_(policy.value_head.weight)
     torch.manual_seed(0)
-    settings = SamplingSettings(max_new_tokens=16, temperature=0.7)
+    settings = SamplingConfig(max_new_tokens=16, temperature=0.7)
     ro = policy.sample(["hello there", "how was your weekend? it was long"], settings)
     T = ro.completion_ids.shape[1]
     logprobs, values, _ = policy(ro.input_ids, ro.attention_mask, T, temperature=0.7)
@@ -135,7 +136,7 @@ def test_rollout_logprobs_and_values_match_a_forward_pass(tiny_folder):
 ], ids=["lora", "separate_critic", "lora_critic_and_options"])
 def test_variants_run(tiny_folder, tmp_path, overrides):
     policy = train_ppo(small_config(tiny_folder, tmp_path, **overrides))
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert len(rows) == 2 and all(math.isfinite(r["loss/policy"]) for r in rows)
     assert abs(rows[0]["objective/kl"]) < 1e-3
     assert (policy.critic is not None) == overrides.get("separate_critic", False)
@@ -149,7 +150,7 @@ def test_variants_run(tiny_folder, tmp_path, overrides):
 def test_user_reward_file_by_path(tiny_folder, reward_file, tmp_path):
     train_ppo(small_config(tiny_folder, tmp_path, max_steps=1, reward=[f"{reward_file}:vowel_share", "keyword(include=['a'])"],
                            reward_weights=[1.0, 0.5]))
-    row = read_metrics(tmp_path / "metrics.jsonl")[0]
+    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert 0.0 < row["rewards/vowel_share/mean"] < 1.0 and "rewards/keyword/mean" in row
 
 
@@ -177,7 +178,9 @@ DDP_SCRIPT = '''
 import os
 import sys
 
-from rlgen.ppo import PPOConfig, train_ppo
+from rlgen.config import PPOConfig
+
+from rlgen.ppo import train_ppo
 
 model, out, reward = sys.argv[1:4]
 cfg = PPOConfig(model=model, output_dir=out, max_steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=1,
@@ -214,7 +217,7 @@ def test_two_processes_with_accelerate_launch(tiny_folder, reward_file, tmp_path
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.rglob("metrics.jsonl")) == [out / "metrics.jsonl"]
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert len(rows) == 2
     for row in rows:  # rank 0 scores 0 and rank 1 scores 1: the logged means are over both processes
         assert row["objective/scores"] == pytest.approx(0.5)

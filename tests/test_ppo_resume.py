@@ -17,9 +17,10 @@ from rlgen.checkpoint import (
     complete_checkpoints,
     find_checkpoint,
 )
+from rlgen.config import PPOConfig
 from rlgen.errors import RewardError, UserError
-from rlgen.ppo import PPOConfig, train_ppo
-from rlgen.tracking import read_metrics
+from rlgen.files import read_jsonl
+from rlgen.ppo import train_ppo
 
 torch.set_num_threads(1)
 
@@ -89,7 +90,7 @@ def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, 
     wall-clock and excluded."""
     one_go = tmp_path / "one_go"
     policy_a = train_ppo(config(tiny_folder, reward_file, one_go, **overrides))
-    rows_a = read_metrics(one_go / "metrics.jsonl")
+    rows_a = read_jsonl(one_go / "metrics.jsonl")
     assert [n for n, _ in complete_checkpoints(one_go)] == [4, 6]  # save_total_limit 2
 
     split = tmp_path / "split"
@@ -100,12 +101,12 @@ def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, 
     assert (stopped.value.update, stopped.value.exit_code) == (3, 130)
     assert f"--resume_from_checkpoint {split.resolve() / 'checkpoint-3'}" in str(stopped.value)
     assert [n for n, _ in complete_checkpoints(split)] == [2, 3]
-    assert len(read_metrics(split / "metrics.jsonl")) == 3
+    assert len(read_jsonl(split / "metrics.jsonl")) == 3
     assert not list(split.glob("*.tmp-*"))
 
     policy_b = train_ppo(config(tiny_folder, reward_file, split, resume_from_checkpoint=str(split / "checkpoint-2"),
                                 **overrides))
-    rows_b = read_metrics(split / "metrics.jsonl")
+    rows_b = read_jsonl(split / "metrics.jsonl")
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
     assert _without_time(rows_b) == _without_time(rows_a)
     params_a, params_b = _params(policy_a), _params(policy_b)
@@ -151,7 +152,7 @@ def test_skip_nonfinite_counts_skipped_batches(tiny_folder, reward_file, tmp_pat
     out = tmp_path / "run"
     policy = train_ppo(config(tiny_folder, reward_file, out, max_steps=4, skip_nonfinite=True,
                               reward=[f"{reward_file}:huge_at(at=2, value=1e37)"]))
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     skipped = [r["policy/skipped_batches"] for r in rows]
     assert skipped[0] == 0 and skipped[1] > 0 and skipped[2:] == [0, 0]
     assert all(torch.isfinite(p).all() for p in policy.parameters())
@@ -163,10 +164,10 @@ def test_bad_reward_keeps_the_last_checkpoint_intact(tiny_folder, reward_file, t
         train_ppo(config(tiny_folder, reward_file, out, reward=[f"{reward_file}:raises_at(at=5)"]))
     assert [n for n, _ in complete_checkpoints(out)] == [2, 4] and not list(out.glob("*.tmp-*"))
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["update"] == 4
-    assert len(read_metrics(out / "metrics.jsonl")) == 4  # the failed update logged nothing
+    assert len(read_jsonl(out / "metrics.jsonl")) == 4  # the failed update logged nothing
     # resuming with a fixed reward works from the intact checkpoint
     train_ppo(config(tiny_folder, reward_file, out, resume_from_checkpoint="latest"))
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
 def _cli(*args):
@@ -198,5 +199,5 @@ def test_signal_through_the_cli_writes_a_checkpoint_and_resumes(tmp_path, sig, c
                                      "--resume_from_checkpoint", "latest"),
                                 env=env, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert [r["step"] for r in read_metrics(metrics)] == list(range(1, done + 3))
+        assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, done + 3))
         assert (out / "model.safetensors").is_file()

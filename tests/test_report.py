@@ -6,7 +6,7 @@ import math
 import pytest
 from matplotlib.image import imread
 
-from rlgen.report import summarize, write_report
+from rlgen.report import summarize, write_comparison_report
 
 PROXY, GOLD = ["sentiment_positive"], ["sentiment_textblob"]
 PROMPTS = [f"tell me about topic {i}" for i in range(12)]
@@ -44,7 +44,7 @@ def _records(gold=True):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
-    return write_report(folder, _records(), PROXY, GOLD, {"methods": ["sft", "ppo"], "seeds": [0, 1]},
+    return write_comparison_report(folder, _records(), PROXY, GOLD, {"methods": ["sft", "ppo"], "seeds": [0, 1]},
                         title="test <comparison>")
 
 
@@ -71,7 +71,7 @@ def test_missing_and_nan_values_are_left_out_and_marked(tmp_path):
     ppo = summarize(records, PROXY, GOLD)[2]
     assert ppo["kl_mean"] == pytest.approx(6.0) and ppo["kl_n"] == 1 and math.isnan(ppo["kl_se"])
     assert ppo["gold_sentiment_textblob_mean"] == pytest.approx(0.5)
-    paths = write_report(tmp_path, records, PROXY, GOLD, {})
+    paths = write_comparison_report(tmp_path, records, PROXY, GOLD, {})
     assert "6.00 [1/2]" in paths["comparison_md"].read_text()
 
 
@@ -109,7 +109,7 @@ def test_html_is_self_contained_and_escaped(report):
 
 
 def test_no_gold_still_writes_every_file(tmp_path):
-    paths = write_report(tmp_path, _records(gold=False), PROXY, [], {})
+    paths = write_comparison_report(tmp_path, _records(gold=False), PROXY, [], {})
     assert set(paths) == {"comparison_md", "comparison_csv", "frontier", "learning_curves", "proxy_vs_gold",
                           "samples", "html"}
     assert all(p.is_file() for p in paths.values())

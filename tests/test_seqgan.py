@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from rlgen import core
+from rlgen.config import SamplingConfig, SeqGANConfig, apply_preset
 from rlgen.errors import UserError
 from rlgen.lstm import SeqGANLSTMConfig, SeqGANLSTMForCausalLM, build_oracle, build_token_tokenizer
-from rlgen.policy import Policy, SamplingSettings
+from rlgen.policy import Policy
 from rlgen.rewards import score_rewards
 from rlgen.seqgan import (
     CNNDiscriminator,
     DiscriminatorReward,
-    SeqGANConfig,
-    apply_preset,
     lstm_rollouts,
     prob_real,
     train_discriminator,
@@ -90,7 +89,7 @@ def test_lstm_generate_matches_manual_sampling_loop():
     model = tiny_lstm(vocab=11, emb=6, hidden=8, seed=3)
     policy = Policy(model, build_token_tokenizer(11), reference=False)
     torch.manual_seed(123)
-    ro = policy.sample(["0"] * 4, SamplingSettings(max_new_tokens=6), with_values=False)
+    ro = policy.sample(["0"] * 4, SamplingConfig(max_new_tokens=6), with_values=False)
     torch.manual_seed(123)
     ids = torch.zeros(4, 1, dtype=torch.long)
     for _ in range(6):  # no cache: the whole sequence each step
@@ -243,7 +242,7 @@ def test_temperature_sweep_any_policy(tiny_policy):
     from rlgen.seqgan import temperature_sweep
 
     rows = temperature_sweep(tiny_policy, [1.0, 0.5], prompts=["hi", "how are you"],
-                             sampling=SamplingSettings(max_new_tokens=4))
+                             sampling=SamplingConfig(max_new_tokens=4))
     assert [r["temperature"] for r in rows] == [1.0, 0.5]
     assert all("eval/distinct_1" in r and "eval/perplexity_ref" in r for r in rows)
 

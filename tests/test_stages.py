@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from rlgen.cli import main
 from rlgen.config import SFTConfig
-from rlgen.tracking import read_metrics
+from rlgen.files import read_jsonl
 
 PAIRS = [{"prompt": f"say something nice about {w}", "completion": f"{w} is great and i love it"}
          for w in ["dogs", "cats", "music", "pizza", "rain", "books", "movies", "friends"]]
@@ -27,7 +27,7 @@ def test_sft_lowers_the_loss_and_changes_parameters(tmp_path):
     cfg = SFTConfig(model="tiny", output_dir=str(tmp_path / "sft"), dataset=str(data), max_steps=25,
                     batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, lr_scheduler_type="constant")
     train_sft(cfg)
-    rows = [r for r in read_metrics(tmp_path / "sft" / "metrics.jsonl") if "loss/sft" in r]
+    rows = [r for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "loss/sft" in r]
     assert len(rows) == 25
     first, last = rows[0]["loss/sft"], sum(r["loss/sft"] for r in rows[-3:]) / 3
     assert last < 0.6 * first, (first, last)
@@ -71,7 +71,7 @@ def test_evaluate_writes_samples_summary_and_metrics(tmp_path, capsys):
                for s in samples)
     assert abs(summary["eval/kl"]) < 1e-3  # the policy is its own reference
     assert summary["eval/reward/mean"] == sum(s["reward"] for s in samples) / 6
-    assert read_metrics(out / "metrics.jsonl")[0]["eval/kl"] == summary["eval/kl"]
+    assert read_jsonl(out / "metrics.jsonl")[0]["eval/kl"] == summary["eval/kl"]
     assert "eval/distinct_2" in capsys.readouterr().out
 
 

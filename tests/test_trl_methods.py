@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
+from rlgen.config import SamplingConfig
 from rlgen.errors import UserError
 from rlgen.models import set_threads
-from rlgen.policy import Policy, SamplingSettings
+from rlgen.policy import Policy
 from rlgen.trl_methods import check_options, preference_pairs, train_trl
 
 set_threads(1)
@@ -30,7 +31,7 @@ def gold(prompts, completions, **kwargs):
 def run(method, folder, out, reward_fns=(("words", words), ("gold", gold)), weights=(1.0, 0.0), **overrides):
     kwargs = dict(model=str(folder), output_dir=out, prompts=PROMPTS, reward_fns=list(reward_fns),
                   weights=list(weights), max_steps=2, batch_size=4, num_generations=2, learning_rate=1e-3, beta=0.05,
-                  sampling=SamplingSettings(max_new_tokens=8), lora={"r": 0}, seed=0, threads=1, options={})
+                  sampling=SamplingConfig(max_new_tokens=8), lora={"lora_r": 0}, seed=0, threads=1, options={})
     return train_trl(method, **{**kwargs, **overrides})
 
 
@@ -65,7 +66,7 @@ def test_online_methods_budget_metrics_and_saved_policy(method, tiny_folder, sta
 
 
 def test_lora_run_saves_a_merged_changed_policy(tiny_folder, start_weights, tmp_path):
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    lora = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_modules": "all-linear"}
     out = run("grpo", tiny_folder, tmp_path, lora=lora)
     assert out["completions"] == 8
     assert (tmp_path / "adapter").is_dir()

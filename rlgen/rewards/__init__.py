@@ -180,8 +180,8 @@ def _bind(name, fn, kwargs):
     return bound
 
 
-def load_reward(spec: str):
-    """Resolve a reward spec to ``(name, callable)``.
+def load_reward(spec):
+    """Resolve a reward spec to ``(name, callable)``; a callable is taken as it is, named by its ``__name__``.
 
     Specs: a built-in name (see BUILTIN_REWARDS), ``package.module:function``, ``path/to/file.py:function`` or
     a reward model folder (-> LearnedReward). Each may carry literal keyword arguments, bound with
@@ -189,6 +189,8 @@ def load_reward(spec: str):
     LearnedReward (``batch_size``, ``device``, ``max_length``). The name is the built-in name, the function's
     name or the folder name, without arguments, so it fits metric keys such as ``rewards/<name>/mean``.
     """
+    if callable(spec):
+        return getattr(spec, "__name__", type(spec).__name__), spec
     spec = spec.strip()
     if not spec:
         raise UserError("empty reward spec")
@@ -266,7 +268,7 @@ def _check_weights(weights, count):
     return [float(w) for w in weights]
 
 
-def _unique_name(name, taken):
+def unique_name(name, taken):
     """``name``, or ``name_2``, ``name_3``, ... when a reward of that name was already scored."""
     candidates = itertools.chain([name], (f"{name}_{i}" for i in itertools.count(2)))
     return next(c for c in candidates if c not in taken)
@@ -288,7 +290,7 @@ def score_rewards(reward_fns, prompts, completions, weights=None, **kwargs):
     per_fn = {}
     for (name, fn), weight in zip(reward_fns, weights):
         values = _call_reward(name, fn, prompts, completions, kwargs)
-        per_fn[_unique_name(name, per_fn)] = values
+        per_fn[unique_name(name, per_fn)] = values
         for i, value in enumerate(values):
             if value is not None:
                 totals[i] += weight * value

@@ -1,8 +1,8 @@
-"""Stage configs: one frozen dataclass per stage, loaded from YAML and overridden on the command line.
+"""Loading configs: YAML files, `--key value` flags and `--<section>.<key> VALUE` overrides.
 
 Precedence: dataclass defaults < `--config FILE.yaml` < `--key value` flags. Unknown keys and values of
-the wrong type are UserErrors that name the key (and the file). Help text lives once, in each field's
-metadata, and feeds `--help` and the README's option tables.
+the wrong type are UserErrors that name the key (and the file); a value the config's own check refuses is
+reported with the same source. Help text lives once, in each field's metadata, and feeds `--help`.
 """
 
 from __future__ import annotations
@@ -11,89 +11,12 @@ import argparse
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from rlgen.config.stages import CommonConfig
 from rlgen.errors import UserError
-
-
-def opt(default, help: str, **kw):
-    """A config field with its help text (mutable defaults are copied per instance)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass(frozen=True)
-class CommonConfig:
-    """Options every stage takes."""
-
-    model: str = opt("default", "policy model: default (embedded SmolLM2-135M-Instruct), tiny, a folder or a Hub id")
-    output_dir: str = opt("runs/latest", "folder for the resolved config, metrics.jsonl and the final model")
-    dataset: str = opt("chitchat", "chitchat (demo data), a .jsonl/.csv file or a folder")
-    max_steps: int = opt(20, "number of optimisation steps")
-    seed: int = opt(0, "random seed (each process adds its rank)")
-    save_steps: int = opt(0, "save a checkpoint every N steps (0: only at the end)")
-    resume_from_checkpoint: str | None = opt(None, "checkpoint folder or 'latest' to resume from")
-    overwrite_output_dir: bool = opt(False, "allow writing into a non-empty output_dir")
-    threads: int = opt(1, "torch intra-op threads (0: torch default; 1 is fastest on busy 2-core machines)")
-    report_to: list[str] = opt([], "trackers besides metrics.jsonl: tensorboard, wandb, ...")
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Sampling options shared by every stage that generates."""
-
-    max_new_tokens: int = opt(48, "tokens to generate per completion")
-    temperature: float = opt(1.0, "sampling temperature (log-probs use the same temperature)")
-    top_k: int = opt(0, "top-k sampling (0: off)")
-    top_p: float = opt(1.0, "nucleus sampling (1.0: off)")
-    max_prompt_length: int = opt(256, "prompts are cut from the left to this many tokens")
-
-
-@dataclass(frozen=True)
-class LoraConfigMixin:
-    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
-    lora_alpha: int = opt(16, "LoRA alpha")
-    lora_dropout: float = opt(0.0, "LoRA dropout")
-    lora_target_modules: str = opt("all-linear", "modules that get LoRA adapters")
-
-
-@dataclass(frozen=True)
-class RewardConfigMixin:
-    reward: list[str] = opt(["sentiment_positive"], "reward(s): built-in name, package.module:fn, file.py:fn or a "
-                                                     "reward-model folder; repeatable")
-    reward_weights: list[float] = opt([], "one weight per reward (default: all 1.0)")
-
-
-@dataclass(frozen=True)
-class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
-    """`rlgen evaluate`: sample completions for held-out prompts and report eval/* metrics."""
-
-    gold_reward: list[str] = opt([], "gold reward(s) reported as eval/gold/<fn>/* but never optimised "
-                                     "(e.g. the scorer that labelled a learned proxy reward)")
-    split: str = opt("test", "dataset split whose prompts are used")
-    num_prompts: int = opt(64, "number of prompts (the first N of the split)")
-    batch_size: int = opt(16, "prompts per generation batch")
-    self_bleu_max_texts: int = opt(200, "self-BLEU uses at most this many completions (quadratic cost)")
-
-
-@dataclass(frozen=True)
-class SFTConfig(LoraConfigMixin, CommonConfig):
-    """`rlgen sft`: supervised fine-tuning with TRL's SFTTrainer (full or LoRA)."""
-
-    learning_rate: float = opt(2e-5, "peak learning rate")
-    batch_size: int = opt(8, "sequences per device per step")
-    gradient_accumulation_steps: int = opt(1, "micro-batches per optimiser step")
-    max_length: int = opt(256, "sequences are truncated to this many tokens")
-    warmup_ratio: float = opt(0.1, "share of steps with linear warm-up")
-    lr_scheduler_type: str = opt("cosine", "learning-rate schedule (transformers names)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    logging_steps: int = opt(1, "log every N steps")
-    completion_only_loss: bool = opt(True, "train on completion tokens only (prompt/completion data)")
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -146,14 +69,32 @@ def _convert(value, tp, where: str):
     raise TypeError(f"unsupported config type {tp}")
 
 
+# Options rlgen refuses on purpose: log-probs, KL and PPO ratios are those of temperature sampling, and these
+# would make the sampling distribution differ from the one the log-probs describe (Huang et al. 2022).
+REFUSED_KEYS = {
+    "top_k": "rlgen samples with temperature only, so that stored log-probs, KL and PPO ratios are those of "
+             "the distribution that sampled (top-k would truncate it); lower the temperature instead",
+    "top_p": "rlgen samples with temperature only, so that stored log-probs, KL and PPO ratios are those of "
+             "the distribution that sampled (nucleus sampling would truncate it); lower the temperature instead",
+}
+
+
 def build_config(cls, values: dict, source: str):
-    """Instantiate `cls` from a mapping, rejecting unknown keys and wrong types (naming `source`)."""
+    """Instantiate `cls` from a mapping, rejecting unknown keys, wrong types and values the config's own
+    check refuses; every error names `source` and the key."""
     hints = typing.get_type_hints(cls)
     known = _fields(cls)
+    for k in values:
+        if k in REFUSED_KEYS and k not in known:
+            raise UserError(f"{source}: key '{k}' is not supported: {REFUSED_KEYS[k]}")
     unknown = [k for k in values if k not in known]
     if unknown:
         raise UserError(f"{source}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(known))})")
-    return cls(**{k: _convert(v, hints[k], f"{source}: key '{k}'") for k, v in values.items()})
+    converted = {k: _convert(v, hints[k], f"{source}: key '{k}'") for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
 
 
 def load_yaml(path: str) -> dict:
@@ -207,10 +148,11 @@ def parse_stage_config(cls, args: argparse.Namespace, config_path: str | None, s
             data = {**{k: v for k, v in data.items() if k in common}, **stage_values}
             source += f", section '{section}'"
         values.update(data)
-    flags = {k: v for k, v in vars(args).items() if k in _fields(cls)}
-    config = build_config(cls, values, source)
-    return dataclasses.replace(config, **{k: _convert(v, typing.get_type_hints(cls)[k], f"--{k}")
-                                          for k, v in flags.items()})
+    hints = typing.get_type_hints(cls)
+    flags = {k: _convert(v, hints[k], f"--{k}") for k, v in vars(args).items() if k in _fields(cls)}
+    if flags:
+        source += " and flags"
+    return build_config(cls, {**values, **flags}, source)
 
 
 def parse_section_overrides(extra: list[str], sections: tuple[str, ...]) -> dict[str, dict]:

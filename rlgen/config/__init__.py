@@ -1,0 +1,50 @@
+"""Every stage's config in one import-light home: frozen dataclasses loaded from YAML, overridden by flags.
+
+Importing this package loads no torch or transformers (the CLI builds its parser from it), and each config
+validates itself when it is built (`__post_init__`), so `rlgen run` and `rlgen compare` reject a bad option in
+any section before anything trains.
+"""
+
+from rlgen.config.compare import (
+    COMPARE_HELP,
+    DEFAULT_LR,
+    MAY_CHANGE,
+    METHODS,
+    RUN_HELP,
+    TRAINING_STAGES,
+    TRL_METHODS,
+    CompareConfig,
+    RunConfig,
+)
+from rlgen.config.fields import opt
+from rlgen.config.loader import (
+    add_arguments,
+    build_config,
+    load_yaml,
+    parse_section_overrides,
+    parse_stage_config,
+    save_config,
+    to_dict,
+)
+from rlgen.config.stages import (
+    PRESETS,
+    CommonConfig,
+    EvalConfig,
+    LoraConfigMixin,
+    PPOConfig,
+    RewardConfigMixin,
+    RewardModelConfig,
+    SamplingConfig,
+    SeqGANConfig,
+    SFTConfig,
+    apply_preset,
+    lora_kwargs,
+)
+
+__all__ = [
+    "COMPARE_HELP", "DEFAULT_LR", "MAY_CHANGE", "METHODS", "PRESETS", "RUN_HELP", "TRAINING_STAGES", "TRL_METHODS",
+    "CommonConfig", "CompareConfig", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
+    "RewardModelConfig", "RunConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
+    "apply_preset", "build_config", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",
+    "parse_stage_config", "save_config", "to_dict",
+]

@@ -1,0 +1,177 @@
+"""The configs that combine stages: `rlgen compare` (methods x seeds) and `rlgen run` (the pipeline).
+
+Both derive every stage config they will run from their own fields (`method_config`, `stage_config`), and
+build them all in `check()`, so a bad option in any section is refused before anything trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlgen.config.fields import opt
+from rlgen.config.loader import build_config
+from rlgen.config.stages import (
+    CommonConfig,
+    EvalConfig,
+    LoraConfigMixin,
+    PPOConfig,
+    RewardConfigMixin,
+    SamplingConfig,
+    SeqGANConfig,
+    SFTConfig,
+    at_least,
+    check_rewards,
+    lora_kwargs,
+)
+from rlgen.errors import UserError
+
+COMPARE_HELP = "train several methods from one model on equal terms and report them side by side"
+RUN_HELP = "the pipeline: evaluate the starting model, run each training stage, evaluate after each, report"
+METHODS = ("sft", "ppo", "seqgan", "grpo", "rloo", "dpo")
+TRL_METHODS = ("grpo", "rloo", "dpo")
+TRAINING_STAGES = ("sft", "ppo", "seqgan")
+STAGE_CONFIGS = {"sft": SFTConfig, "ppo": PPOConfig, "seqgan": SeqGANConfig}
+# Default learning rates (full fine-tuning, LoRA), overridable per method; LoRA adapters take ~10-30x larger steps.
+DEFAULT_LR = {"sft": (2e-5, 2e-4), "ppo": (1e-5, 3e-4), "seqgan": (1e-5, 1e-4), "grpo": (1e-5, 3e-4),
+              "rloo": (1e-5, 3e-4), "dpo": (5e-6, 1e-4)}
+# Settings that may change between invocations on the same output folder (they do not change any result).
+MAY_CHANGE = ("methods", "seeds", "output_dir", "overwrite_output_dir", "threads")
+
+
+@dataclass(frozen=True)
+class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
+    """`rlgen compare`: methods x seeds from one starting model, evaluated on equal terms."""
+
+    model: str = opt("default", "starting model of every method: default (embedded SmolLM2-135M-Instruct), tiny, "
+                                "a folder or a Hub id")
+    output_dir: str = opt("runs/compare", "folder for every run, the tables, the plots and report.html")
+    dataset: str = opt("chitchat", "prompts for training (train split) and evaluation (see evaluate.split)")
+    methods: list[str] = opt(["sft", "ppo", "grpo"], f"methods to compare, from: {', '.join(METHODS)}")
+    seeds: list[int] = opt([0, 1, 2], "one run per method and seed")
+    max_steps: int = opt(8, "budget: each run generates at most max_steps x batch_size completions (see "
+                            "rlgen/compare.py)")
+    batch_size: int = opt(8, "completions generated per policy update")
+    num_generations: int = opt(4, "grpo/rloo: completions per prompt (must divide batch_size)")
+    kl_coef: float = opt(0.05, "KL coefficient to the starting model for ppo, grpo, rloo and seqgan")
+    dpo_beta: float = opt(0.1, "dpo: beta (strength of the implicit KL constraint)")
+    learning_rate: float | None = opt(None, "learning rate of every method (default: each method's own, see "
+                                            "DEFAULT_LR in rlgen/config/compare.py)")
+    max_new_tokens: int = opt(32, "tokens to generate per completion, in training and evaluation")
+    gold_reward: list[str] = opt([], "gold reward(s): scored by the evaluator, never optimised")
+    samples_shown: int = opt(3, "prompts whose completions the report shows for every method")
+    threads: int = opt(1, "torch intra-op threads (1 is fastest on busy 2-core machines)")
+    overwrite_output_dir: bool = opt(False, "discard a previous comparison in output_dir instead of continuing it")
+    evaluate: dict = opt({}, "options of the evaluation (see rlgen evaluate --help), e.g. num_prompts")
+    sft: dict = opt({}, "options of the sft runs (rlgen sft --help)")
+    ppo: dict = opt({}, "options of the ppo runs (rlgen ppo --help)")
+    seqgan: dict = opt({}, "options of the seqgan runs (rlgen seqgan --help)")
+    grpo: dict = opt({}, "options passed to TRL's GRPOConfig")
+    rloo: dict = opt({}, "options passed to TRL's RLOOConfig")
+    dpo: dict = opt({}, "options passed to TRL's DPOConfig")
+
+    def check(self) -> None:
+        """Every setting and every rlgen method's derived config; TRL's own options are checked by
+        `rlgen.compare.check_compare_config`, which needs TRL."""
+        SamplingConfig.check(self)
+        check_rewards(self)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise UserError(f"methods: unknown method '{unknown[0]}' (known: {', '.join(METHODS)})")
+        if not self.methods or not self.seeds:
+            raise UserError("methods and seeds must each name at least one")
+        if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
+            raise UserError("methods and seeds must not repeat")
+        at_least(self, 1, "max_steps", "batch_size")
+        at_least(self, 0, "threads", "samples_shown")
+        if any(m in self.methods for m in ("grpo", "rloo")) and (
+                self.num_generations < 2 or self.batch_size % self.num_generations):
+            raise UserError(f"num_generations {self.num_generations} must be at least 2 and divide batch_size "
+                            f"{self.batch_size} (grpo/rloo)")
+        if "dpo" in self.methods and self.batch_size % 2:
+            raise UserError(f"dpo pairs two samples per prompt: batch_size {self.batch_size} must be even")
+        self.eval_config(self.model, Path(self.output_dir), 0)
+        for method in self.methods:
+            if method not in TRL_METHODS:
+                self.method_config(method, self.model, Path(self.output_dir), 0)
+
+    def learning_rate_of(self, method: str) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[method][self.lora_r > 0]
+
+    def method_config(self, method: str, model: str, output_dir: Path, seed: int):
+        """The rlgen stage config of one run: the comparison's shared settings, then the method's own section."""
+        common = {"model": model, "output_dir": str(output_dir), "dataset": self.dataset, "seed": seed,
+                  "threads": self.threads, "overwrite_output_dir": True, **lora_kwargs(self)}
+        sampling = dataclasses.asdict(SamplingConfig.of(self))
+        if method == "sft":
+            values = {"max_steps": self.max_steps, "batch_size": self.batch_size,
+                      "learning_rate": self.learning_rate_of("sft")}
+        elif method == "ppo":
+            values = {
+                **sampling, "max_steps": self.max_steps, "batch_size": self.batch_size,
+                "mini_batch_size": self.batch_size, "ppo_epochs": 1, "learning_rate": self.learning_rate_of("ppo"),
+                "kl_coef": self.kl_coef, "missing_eos_penalty": 0.0,
+                # the gold rewards ride along at weight 0: logged per update, never optimised
+                "reward": self.reward + self.gold_reward,
+                "reward_weights": (self.reward_weights or [1.0] * len(self.reward)) + [0.0] * len(self.gold_reward)}
+        elif method == "seqgan":
+            values = {
+                **sampling, "task": "text", "max_steps": max((self.max_steps - 1) // 2, 1),
+                "batch_size": self.batch_size, "learning_rate": self.learning_rate_of("seqgan"),
+                "kl_coef": self.kl_coef, "g_steps": 1, "rollout_num": 2, "rollout_update_rate": 0.0,
+                "baseline": "mean", "d_pretrain_rounds": 1, "d_pretrain_epochs": 1, "d_steps": 1, "d_epochs": 1,
+                "d_negatives": self.batch_size, "d_learning_rate": 2e-5, "d_max_length": 48, "d_dropout": 0.1,
+                "score_batch_size": 64, "max_grad_norm": 1.0, "eval_num_prompts": 0}
+        else:
+            raise ValueError(f"{method} is trained by TRL (rlgen.trl_methods), not by an rlgen stage config")
+        return build_config(STAGE_CONFIGS[method], {**common, **values, **getattr(self, method)},
+                            f"compare section '{method}'")
+
+    def eval_config(self, model: str, output_dir: Path, seed: int) -> EvalConfig:
+        """The shared evaluator's config for one run (same prompts, rewards and sampling for every method)."""
+        values = {"model": model, "output_dir": str(output_dir), "dataset": self.dataset, "seed": seed,
+                  "threads": self.threads, "overwrite_output_dir": True, "reward": self.reward,
+                  "reward_weights": self.reward_weights, "gold_reward": self.gold_reward, "num_prompts": 32,
+                  **dataclasses.asdict(SamplingConfig.of(self)), **self.evaluate}
+        return build_config(EvalConfig, values, "compare section 'evaluate'")
+
+
+@dataclass(frozen=True)
+class RunConfig(CommonConfig):
+    """`rlgen run`: top-level keys apply to every stage; each stage's section overrides them."""
+
+    output_dir: str = opt("runs/default", "folder for every stage's output and report.md")
+    stages: list[str] = opt(["sft"], f"training stages in order, from: {', '.join(TRAINING_STAGES)}")
+    sft: dict = opt({}, "options of the sft stage (see rlgen sft --help)")
+    ppo: dict = opt({}, "options of the ppo stage (see rlgen ppo --help)")
+    seqgan: dict = opt({}, "options of the seqgan stage (see rlgen seqgan --help)")
+    evaluate: dict = opt({}, "options of every evaluation (see rlgen evaluate --help)")
+    compare: dict = opt({}, "a comparison of methods from the starting model to end the run with (see rlgen "
+                            "compare --help); empty: none")
+
+    def check(self) -> None:
+        """The run's keys and every section it will use, each built as its stage would build it."""
+        CommonConfig.check(self)
+        bad = [s for s in self.stages if s not in TRAINING_STAGES]
+        if bad:
+            raise UserError(f"stages: unknown stage '{bad[0]}' (known: {', '.join(TRAINING_STAGES)})")
+        self.stage_config("evaluate", Path(self.output_dir), self.model)
+        for stage in self.stages:
+            self.stage_config(stage, Path(self.output_dir), self.model)
+        if self.compare:
+            self.compare_config()
+
+    def stage_config(self, section: str, output_dir: Path, model: str):
+        """A stage's config: the run's common keys, then the stage's section, then the pipeline's wiring."""
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(CommonConfig)}
+        common.pop("output_dir")
+        values = {**common, **getattr(self, section), "output_dir": str(output_dir), "model": model}
+        cls = EvalConfig if section == "evaluate" else STAGE_CONFIGS[section]
+        return build_config(cls, values, f"run config, section '{section}'")
+
+    def compare_config(self) -> CompareConfig:
+        """The comparison that ends a run: the run's model, data and threads, then the `compare` section."""
+        values = {"model": self.model, "dataset": self.dataset, "threads": self.threads, **self.compare,
+                  "output_dir": str(Path(self.output_dir) / "compare"), "overwrite_output_dir": True}
+        return build_config(CompareConfig, values, "run config, section 'compare'")

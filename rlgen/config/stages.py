@@ -1,0 +1,362 @@
+"""One frozen dataclass per stage (evaluate, sft, ppo, seqgan, reward-model train) and their shared parts.
+
+Each config checks its own values when it is built (`__post_init__` -> `check()`), so a bad option is refused
+where it is parsed, before anything trains; checks that need the model or tokenizer (context length, stop
+token) stay with the training function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlgen.config.fields import opt
+from rlgen.errors import UserError
+
+HUANG = "Huang et al. 2022, The N Implementation Details of RLHF with PPO"
+# transformers' SchedulerType values (tests/test_config.py checks this list against the installed transformers).
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                "warmup_stable_decay", "greedy")
+
+
+def at_least(cfg, minimum: float, *names: str) -> None:
+    """UserError naming the first of `names` whose value is below `minimum`."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise UserError(f"{name} must be at least {minimum}, got {getattr(cfg, name)}")
+
+
+def check_schedule(cfg) -> None:
+    at_least(cfg, 0, "warmup_ratio")
+    if not cfg.warmup_ratio < 1:
+        raise UserError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.lr_scheduler_type not in LR_SCHEDULES:
+        raise UserError(f"lr_scheduler_type {cfg.lr_scheduler_type!r} is not a transformers schedule "
+                        f"({', '.join(LR_SCHEDULES)})")
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    """Options every stage takes."""
+
+    model: str = opt("default", "policy model: default (embedded SmolLM2-135M-Instruct), tiny, a folder or a Hub id")
+    output_dir: str = opt("runs/latest", "folder for the resolved config, metrics.jsonl and the final model")
+    dataset: str = opt("chitchat", "chitchat (demo data), a .jsonl/.csv file or a folder")
+    max_steps: int = opt(20, "number of optimisation steps")
+    seed: int = opt(0, "random seed (each process adds its rank)")
+    save_steps: int = opt(0, "save a checkpoint every N steps (0: only at the end)")
+    resume_from_checkpoint: str | None = opt(None, "checkpoint folder or 'latest' to resume from")
+    overwrite_output_dir: bool = opt(False, "allow writing into a non-empty output_dir")
+    threads: int = opt(1, "torch intra-op threads (0: torch default; 1 is fastest on busy 2-core machines)")
+    report_to: list[str] = opt([], "trackers besides metrics.jsonl: tensorboard, wandb, ...")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """UserError naming the first bad option (subclasses extend it)."""
+        at_least(self, 0, "max_steps", "save_steps", "threads")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled: pure sampling at `temperature`; log-probs are taken at that temperature
+    with EOS blocked where `min_new_tokens` blocks it, i.e. exactly under the distribution that sampled."""
+
+    max_new_tokens: int = opt(48, "tokens to generate per completion")
+    min_new_tokens: int = opt(0, "generate at least this many tokens (EOS is blocked before; log-probs and KL "
+                                 "use the same blocked distribution)")
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same temperature)")
+    max_prompt_length: int = opt(256, "prompts are cut from the left to this many tokens")
+
+    @classmethod
+    def of(cls, cfg) -> SamplingConfig:
+        """The sampling settings of any config that has these fields."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    def check(self) -> None:
+        at_least(self, 1, "max_new_tokens", "max_prompt_length")
+        at_least(self, 0, "min_new_tokens")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise UserError(f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
+
+    def __post_init__(self):
+        self.check()
+
+
+@dataclass(frozen=True)
+class LoraConfigMixin:
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
+    lora_alpha: int = opt(16, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_target_modules: str = opt("all-linear", "modules that get LoRA adapters")
+
+
+def lora_kwargs(cfg) -> dict:
+    """The LoRA options of a config, as keyword arguments (`Policy.from_pretrained(..., **lora_kwargs(cfg))`).
+
+    >>> lora_kwargs(SFTConfig(lora_r=8))
+    {'lora_r': 8, 'lora_alpha': 16, 'lora_dropout': 0.0, 'lora_target_modules': 'all-linear'}
+    """
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LoraConfigMixin)}
+
+
+@dataclass(frozen=True)
+class RewardConfigMixin:
+    reward: list[str] = opt(["sentiment_positive"], "reward(s): built-in name, package.module:fn, file.py:fn or a "
+                                                     "reward-model folder; repeatable")
+    reward_weights: list[float] = opt([], "one weight per reward (default: all 1.0)")
+
+
+def check_rewards(cfg) -> None:
+    if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
+        raise UserError(f"reward_weights has {len(cfg.reward_weights)} values for {len(cfg.reward)} rewards")
+
+
+@dataclass(frozen=True)
+class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
+    """`rlgen evaluate`: sample completions for held-out prompts and report eval/* metrics."""
+
+    gold_reward: list[str] = opt([], "gold reward(s) reported as eval/gold/<fn>/* but never optimised "
+                                     "(e.g. the scorer that labelled a learned proxy reward)")
+    split: str = opt("test", "dataset split whose prompts are used")
+    num_prompts: int = opt(64, "number of prompts (the first N of the split)")
+    batch_size: int = opt(16, "prompts per generation batch")
+    self_bleu_max_texts: int = opt(200, "self-BLEU uses at most this many completions (quadratic cost)")
+
+    def check(self) -> None:
+        CommonConfig.check(self)
+        SamplingConfig.check(self)
+        check_rewards(self)
+        at_least(self, 1, "num_prompts", "batch_size")
+        at_least(self, 2, "self_bleu_max_texts")
+
+
+@dataclass(frozen=True)
+class SFTConfig(LoraConfigMixin, CommonConfig):
+    """`rlgen sft`: supervised fine-tuning with TRL's SFTTrainer (full or LoRA)."""
+
+    learning_rate: float = opt(2e-5, "peak learning rate")
+    batch_size: int = opt(8, "sequences per device per step")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimiser step")
+    max_length: int = opt(256, "sequences are truncated to this many tokens")
+    warmup_ratio: float = opt(0.1, "share of steps with linear warm-up")
+    lr_scheduler_type: str = opt("cosine", "learning-rate schedule (transformers names)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    logging_steps: int = opt(1, "log every N steps")
+    completion_only_loss: bool = opt(True, "train on completion tokens only (prompt/completion data)")
+
+    def check(self) -> None:
+        CommonConfig.check(self)
+        at_least(self, 1, "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps")
+        check_schedule(self)
+
+
+@dataclass(frozen=True)
+class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig):
+    """`rlgen ppo`: PPO on reward functions with a KL penalty to the starting model (full or LoRA)."""
+
+    max_steps: int = opt(20, "number of PPO updates (each: one rollout batch, then ppo_epochs of optimisation)")
+    batch_size: int = opt(16, "rollouts (prompts) per update and process")
+    mini_batch_size: int = opt(8, "rollouts per optimiser step; batch_size must be a multiple")
+    gradient_accumulation_steps: int = opt(1, "split each mini-batch into this many forward/backward passes")
+    ppo_epochs: int = opt(4, "optimisation passes over each rollout batch (lm-human-preferences: 4)")
+    learning_rate: float = opt(1e-5, "peak learning rate (Adam, eps 1e-5 as lm-human-preferences and CleanRL)")
+    lr_scheduler_type: str = opt("linear", f"transformers schedule over the updates; linear anneals to 0 ({HUANG})")
+    warmup_ratio: float = opt(0.0, "share of updates with linear warm-up")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    cliprange: float = opt(0.2, "PPO ratio clipping epsilon")
+    cliprange_value: float = opt(0.2, f"value clipping around the rollout values (0: off; {HUANG}: 0.2)")
+    vf_coef: float = opt(0.1, "weight of the value loss (lm-human-preferences: 0.1)")
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(0.95, "GAE lambda")
+    kl_coef: float = opt(0.05, "KL penalty coefficient beta (the initial one with adaptive_kl)")
+    adaptive_kl: bool = opt(False, "adapt beta towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = opt(6.0, "adaptive KL: target KL per completion (nats)")
+    kl_horizon: float = opt(10000.0, "adaptive KL: horizon in samples")
+    kl_estimator: str = opt("k1", "per-token KL estimate: k1 (log ratio, unbiased) or k3 (low variance, >= 0)")
+    whiten_rewards: bool = opt(False, f"scale the shaped rewards to unit variance per batch ({HUANG}: off)")
+    whiten_advantages: bool = opt(True, f"normalise advantages per batch ({HUANG}: on)")
+    missing_eos_penalty: float = opt(1.0, f"subtracted from the score of completions without EOS (0: off; {HUANG})")
+    stop_token: str = opt("", "truncate completions after the first occurrence of this one token, e.g. '.' "
+                              "(lm-human-preferences' truncate_token; it counts as an ending); '' for off")
+    target_kl: float = opt(0.0, "stop an update's epochs early once an epoch's mean approx KL exceeds this (0: off)")
+    separate_critic: bool = opt(False, "a separate critic trunk instead of a value head on the policy's trunk")
+    save_total_limit: int = opt(2, "keep only the newest N checkpoint-<update> folders (0: keep all)")
+    skip_nonfinite: bool = opt(False, "skip a batch whose loss, reward or gradient norm is not finite (counted in "
+                                      "policy/skipped_batches) instead of stopping the run")
+
+    def check(self) -> None:
+        CommonConfig.check(self)
+        SamplingConfig.check(self)
+        check_rewards(self)
+        at_least(self, 1, "max_steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs")
+        at_least(self, 0, "save_total_limit", "kl_coef", "cliprange", "cliprange_value", "target_kl")
+        if self.batch_size % self.mini_batch_size:
+            raise UserError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
+                            f"{self.mini_batch_size}")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise UserError(f"mini_batch_size {self.mini_batch_size} is not a multiple of "
+                            f"gradient_accumulation_steps {self.gradient_accumulation_steps}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise UserError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        check_schedule(self)
+
+
+@dataclass(frozen=True)
+class RewardModelConfig(SamplingConfig, CommonConfig):
+    """`rlgen reward-model train`: fit a reward model on preference pairs (TRL RewardTrainer) and calibrate it.
+
+    The sampling options apply to the calibration completions; match them to the RL stage that uses the reward.
+    """
+
+    model: str = opt("minilm", "base model: minilm (embedded all-MiniLM-L6-v2), default (SmolLM2-135M), tiny, "
+                               "a folder or a Hub id; loaded as a 1-label sequence classifier")
+    output_dir: str = opt("runs/reward_model", "folder for the reward model, its config, metrics and summary")
+    dataset: str = opt("chitchat-upbeat", "chitchat-upbeat (chit-chat replies paired by gold_reward) or a "
+                                          "preference .jsonl/.csv/folder with prompt, chosen, rejected columns")
+    max_steps: int = opt(200, "number of optimisation steps")
+    learning_rate: float = opt(2e-4, "peak learning rate")
+    batch_size: int = opt(16, "preference pairs per step")
+    max_length: int = opt(128, "prompt + completion tokens; longer texts are cut from the left (prompt first)")
+    warmup_ratio: float = opt(0.05, "share of steps with linear warm-up")
+    lr_scheduler_type: str = opt("linear", "learning-rate schedule (transformers names)")
+    center_rewards_coefficient: float = opt(0.01, "pull rewards towards 0 (Eisenstein et al. 2023); 0: off")
+    logging_steps: int = opt(10, "log training metrics every N steps")
+    margin: float = opt(0.5, "chitchat-upbeat: least gold-score gap between chosen and rejected")
+    num_pairs: int = opt(3200, "training pairs (a seeded sample; 0: all)")
+    eval_pairs: int = opt(1000, "held-out pairs for eval/pairwise_accuracy (0: all)")
+    eval_texts: int = opt(1000, "held-out texts for eval/gold_pearson and eval/gold_spearman (0: all)")
+    gold_reward: str = opt("sentiment_positive", "reward spec that labels chitchat-upbeat and is correlated with "
+                                                 "the model on held-out texts; none: no gold metrics")
+    calibration_model: str = opt("none", "policy whose samples on held-out prompts set the normalisation "
+                                         "(default, tiny, a folder); none: use held-out texts")
+    calibration_samples: int = opt(256, "texts used to measure the raw reward's mean and std")
+
+    def check(self) -> None:
+        CommonConfig.check(self)
+        SamplingConfig.check(self)
+        at_least(self, 1, "max_steps", "batch_size", "max_length", "logging_steps")
+        at_least(self, 0, "num_pairs", "eval_pairs", "eval_texts", "margin", "center_rewards_coefficient")
+        at_least(self, 2, "calibration_samples")
+        check_schedule(self)
+
+
+PRESETS = {
+    # the authors' code (sequence_gan.py)
+    "paper": dict(mle_epochs=120, d_pretrain_rounds=50, d_pretrain_epochs=3, max_steps=200, g_steps=1,
+                  rollout_num=16, d_steps=5, d_epochs=3),
+    # the reduced schedule the reference (TextGAN-PyTorch) ran in 88 minutes on 2 cores
+    "cpu": dict(mle_epochs=50, d_pretrain_rounds=5, d_pretrain_epochs=1, max_steps=33, g_steps=1,
+                rollout_num=16, d_steps=1, d_epochs=1),
+    # a few minutes: every phase runs once
+    "smoke": dict(mle_epochs=3, d_pretrain_rounds=1, d_pretrain_epochs=1, max_steps=3, g_steps=1, rollout_num=4,
+                  d_steps=1, d_epochs=1, num_train=2000, num_test=2000, eval_samples=2000, d_negatives=2000,
+                  mle_eval_every=0),
+}
+
+
+@dataclass(frozen=True)
+class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
+    """`rlgen seqgan`: SeqGAN on the paper's oracle (task oracle, model lstm) or on real text (task text)."""
+
+    task: str = opt("text", "oracle (the paper's synthetic benchmark; model must be lstm) or text (real replies)")
+    preset: str = opt("", "oracle schedule preset: paper, cpu or smoke; it sets only the fields left at their "
+                          "defaults")
+    max_steps: int = opt(200, "adversarial epochs")
+    batch_size: int = opt(64, "sequences per generator step, MLE step and D step")
+    # oracle task
+    oracle_params: str | None = opt(None, "oracle task: .npz of the oracle LSTM (e.g. the authors' arrays); "
+                                          "default: N(0, 1) parameters from oracle_seed")
+    oracle_seed: int = opt(0, "oracle task: seed of the N(0, 1) oracle")
+    vocab_size: int = opt(5000, "oracle task: vocabulary")
+    seq_len: int = opt(20, "oracle task: sequence length T")
+    embedding_size: int = opt(32, "oracle task: embedding size of oracle and generator")
+    hidden_size: int = opt(32, "oracle task: LSTM hidden size of oracle and generator")
+    num_train: int = opt(10000, "oracle task: training sequences sampled from the oracle")
+    num_test: int = opt(10000, "oracle task: held-out oracle sequences for eval/nll_test")
+    eval_samples: int = opt(10000, "oracle task: generator samples per NLL-oracle estimate")
+    eval_every: int = opt(1, "oracle task: evaluate every N adversarial epochs (0: only at the end)")
+    mle_eval_every: int = opt(10, "oracle task: evaluate every N MLE epochs (0: only at the end)")
+    eval_temperatures: list[float] = opt([1.0, 0.95, 0.9, 0.85], "oracle task: temperatures of the MLE "
+                                                                  "generator's control sweep ([] for none)")
+    # generator
+    mle_epochs: int = opt(120, "oracle task: MLE pre-training epochs")
+    mle_steps: int = opt(0, "text task: SFT steps before the adversarial phase (0: use the model as is)")
+    mle_learning_rate: float = opt(0.01, "oracle task: MLE Adam learning rate (authors: 0.01)")
+    learning_rate: float = opt(0.01, "generator Adam learning rate in the adversarial phase (authors: 0.01)")
+    max_grad_norm: float = opt(5.0, "generator gradient clipping norm (authors: 5.0)")
+    g_steps: int = opt(1, "generator steps per adversarial epoch")
+    rollout_num: int = opt(16, "Monte-Carlo rollouts N per prefix")
+    rollout_update_rate: float = opt(0.8, "rollout policy theta' <- r theta' + (1 - r) theta after each "
+                                          "generator step (0: the generator itself)")
+    baseline: str = opt("none", "subtract from Q: none (the paper) or mean (batch mean per position)")
+    kl_coef: float = opt(0.0, "KL penalty to the reference (the starting generator) per token (0: off)")
+    # discriminator
+    discriminator: str = opt("auto", "auto (cnn for task oracle, minilm for text), cnn (the paper's CNN over "
+                                     "token ids), minilm (all-MiniLM-L6-v2 classifier over text) or a "
+                                     "sequence-classifier folder")
+    d_pretrain_rounds: int = opt(50, "D pre-training rounds (fresh negatives each)")
+    d_pretrain_epochs: int = opt(3, "epochs per D pre-training round")
+    d_steps: int = opt(5, "D rounds per adversarial epoch (fresh negatives each)")
+    d_epochs: int = opt(3, "epochs per adversarial D round")
+    d_negatives: int = opt(10000, "generated (and as many real) sequences per D round")
+    d_learning_rate: float = opt(1e-4, "D Adam learning rate (authors: 1e-4; text D: use ~2e-5)")
+    d_l2: float = opt(0.2, "L2 on D's output layer (authors: 0.2, as tf.nn.l2_loss)")
+    d_dropout: float = opt(0.25, "dropout before D's output layer (authors: keep 0.75)")
+    d_embedding_size: int = opt(64, "cnn: D embedding size")
+    d_max_length: int = opt(64, "text D: tokens per reply")
+    score_batch_size: int = opt(2048, "sequences per D scoring pass (rollouts)")
+    # text task
+    eval_num_prompts: int = opt(64, "text task: test prompts for the shared evaluator (0: no final evaluation)")
+
+    def check(self) -> None:
+        CommonConfig.check(self)
+        SamplingConfig.check(self)
+        if self.preset and self.preset not in PRESETS:
+            raise UserError(f"preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.task not in ("oracle", "text"):
+            raise UserError(f"task must be oracle or text, got {self.task!r}")
+        if self.task == "oracle" and self.model != "lstm":
+            raise UserError(f"task oracle trains the paper's LSTM generator: set model: lstm (got {self.model!r})")
+        if self.task == "oracle" and self.discriminator not in ("auto", "cnn"):
+            raise UserError(f"task oracle needs discriminator: cnn (got {self.discriminator!r})")
+        if self.task == "text" and self.discriminator == "cnn":
+            raise UserError("task text needs discriminator: minilm or a sequence-classifier folder (cnn reads "
+                            "fixed-length token ids: task oracle)")
+        if (self.task == "text" and self.discriminator not in ("auto", "minilm")
+                and not Path(self.discriminator).is_dir()):
+            raise UserError(f"discriminator folder {self.discriminator} does not exist")
+        if self.task == "text" and self.model == "lstm":
+            raise UserError("model lstm is for task oracle; for text give default, tiny, a folder or a Hub id")
+        if self.baseline not in ("none", "mean"):
+            raise UserError(f"baseline must be none or mean, got {self.baseline!r}")
+        if not 0.0 <= self.rollout_update_rate < 1.0:
+            raise UserError(f"rollout_update_rate must be in [0, 1), got {self.rollout_update_rate}")
+        at_least(self, 1, "batch_size", "rollout_num", "seq_len", "num_train", "num_test", "eval_samples",
+                 "d_negatives", "score_batch_size", "vocab_size", "embedding_size", "hidden_size",
+                 "d_embedding_size")
+        at_least(self, 0, "mle_epochs", "mle_steps", "g_steps", "d_pretrain_rounds", "d_pretrain_epochs",
+                 "d_steps", "d_epochs", "eval_every", "mle_eval_every")
+        if self.task == "oracle" and self.num_train < self.batch_size:
+            raise UserError(f"num_train {self.num_train} is smaller than batch_size {self.batch_size}")
+        if any(not t > 0 for t in self.eval_temperatures):
+            raise UserError(f"eval_temperatures must be > 0, got {self.eval_temperatures}")
+        if self.oracle_params is not None and not Path(self.oracle_params).is_file():
+            raise UserError(f"oracle_params {self.oracle_params} does not exist")
+        if self.resume_from_checkpoint is not None:
+            raise UserError("seqgan cannot resume; start a new run with --model <generator folder> (text task)")
+
+
+def apply_preset(cfg: SeqGANConfig) -> SeqGANConfig:
+    """Fill the preset's values into the fields still at their defaults (YAML and flags win)."""
+    if not cfg.preset:
+        return cfg
+    defaults = {f.name: f.default for f in dataclasses.fields(SeqGANConfig)}
+    values = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) == defaults[k]}
+    return dataclasses.replace(cfg, **values)

@@ -1,0 +1,137 @@
+"""rlgen.config: import-light, every config checks itself, and the run/compare sections are checked up front."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlgen.cli import main
+from rlgen.config import (
+    CompareConfig,
+    EvalConfig,
+    PPOConfig,
+    RunConfig,
+    SamplingConfig,
+    SeqGANConfig,
+    SFTConfig,
+    build_config,
+    lora_kwargs,
+)
+from rlgen.config.stages import LR_SCHEDULES
+from rlgen.errors import UserError
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rlgen"
+
+
+def test_parser_imports_without_torch_or_transformers():
+    code = ("import sys; import rlgen.cli; rlgen.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_schedule_names_match_transformers():
+    from transformers import SchedulerType
+
+    assert set(LR_SCHEDULES) == {t.value for t in SchedulerType}
+
+
+def _rlgen_imports(path: Path) -> set[str]:
+    """Every `rlgen.*` module that `path` imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rlgen"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("rlgen"))
+    return found
+
+
+def test_no_import_circles():
+    """The module graph (lazy imports inside functions included) has no cycle; rlgen/__init__'s lazy API and
+    the CLI's lazily named training functions are the roots, not part of it."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        modules[name] = path
+    graph = {m: {i for i in _rlgen_imports(p) if i in modules and i != m and not m.startswith(i + ".")}
+             for m, p in modules.items() if m != "rlgen"}
+    graph = {m: {i for i in deps if i != "rlgen"} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in graph.get(m, ()):
+            if state.get(d) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+@pytest.mark.parametrize("cls, values, message", [
+    (PPOConfig, {"kl_estimator": "k5"}, "kl_estimator must be k1 or k3"),
+    (PPOConfig, {"batch_size": 6, "mini_batch_size": 4}, "batch_size 6 is not a multiple of mini_batch_size 4"),
+    (PPOConfig, {"lr_scheduler_type": "cosinus"}, "lr_scheduler_type 'cosinus' is not a transformers schedule"),
+    (PPOConfig, {"reward": ["a", "b"], "reward_weights": [1.0]}, "reward_weights has 1 values for 2 rewards"),
+    (SFTConfig, {"warmup_ratio": 1.0}, "warmup_ratio must be in [0, 1)"),
+    (EvalConfig, {"temperature": 0.0}, "temperature must be > 0"),
+    (EvalConfig, {"min_new_tokens": 9, "max_new_tokens": 8}, "min_new_tokens 9 exceeds max_new_tokens 8"),
+    (SeqGANConfig, {"preset": "fast"}, "preset 'fast' is not one of paper, cpu, smoke"),
+    (CompareConfig, {"methods": ["ppo", "a2c"]}, "unknown method 'a2c'"),
+    (CompareConfig, {"ppo": {"kl_estimator": "k5"}}, "compare section 'ppo': kl_estimator must be k1 or k3"),
+    (RunConfig, {"stages": ["sft", "ppo"], "ppo": {"kl_estimator": "k5"}},
+     "section 'ppo': kl_estimator must be k1 or k3"),
+    (RunConfig, {"compare": {"seeds": []}}, "section 'compare': methods and seeds must each name at least one"),
+])
+def test_configs_refuse_bad_values_naming_the_source(cls, values, message):
+    with pytest.raises(UserError) as e:
+        build_config(cls, values, "test.yaml")
+    assert str(e.value).startswith("test.yaml") and message in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["top_k", "top_p"])
+def test_truncated_sampling_is_refused_with_the_reason(key):
+    with pytest.raises(UserError, match=f"key '{key}' is not supported: rlgen samples with temperature only"):
+        build_config(PPOConfig, {key: 5}, "x.yaml")
+
+
+def test_a_bad_late_stage_stops_the_run_before_anything_trains(tmp_path, capsys):
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model: tiny\noutput_dir: {tmp_path / 'out'}\nstages: [sft, ppo]\nppo:\n  kl_estimator: k5\n")
+    assert main(["run", "--config", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "section 'ppo': kl_estimator must be k1 or k3" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # SFT did not start
+
+
+def test_flags_and_yaml_are_checked_together(tmp_path):
+    """A value that is only valid with a flag's value (batch_size 6 with mini_batch_size 3) parses."""
+    from rlgen.cli import build_parser
+    from rlgen.config import parse_stage_config
+
+    f = tmp_path / "p.yaml"
+    f.write_text("batch_size: 6\n")
+    args = build_parser().parse_args(["ppo", "--config", str(f), "--mini_batch_size", "3"])
+    cfg = parse_stage_config(PPOConfig, args, args.config, section="ppo")
+    assert (cfg.batch_size, cfg.mini_batch_size) == (6, 3)
+
+
+def test_compare_derives_each_method_config():
+    cfg = CompareConfig(model="tiny", methods=["ppo", "seqgan"], seeds=[0], max_steps=5, batch_size=4,
+                        lora_r=8, reward=["sentiment_positive"], gold_reward=["sentiment_textblob"],
+                        ppo={"cliprange": 0.1})
+    ppo = cfg.method_config("ppo", "start", Path("o"), 3)
+    assert (ppo.seed, ppo.max_steps, ppo.batch_size, ppo.mini_batch_size, ppo.ppo_epochs) == (3, 5, 4, 4, 1)
+    assert ppo.reward == ["sentiment_positive", "sentiment_textblob"] and ppo.reward_weights == [1.0, 0.0]
+    assert ppo.cliprange == 0.1 and lora_kwargs(ppo) == lora_kwargs(cfg) and ppo.learning_rate == 3e-4
+    assert SamplingConfig.of(ppo) == SamplingConfig.of(cfg)
+    assert cfg.eval_config("m", Path("e"), 0).num_prompts == 32
