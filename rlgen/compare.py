@@ -82,11 +82,11 @@ def _open_output(cfg: CompareConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file")
     if out.is_dir() and any(out.iterdir()):
+        if not saved.is_file():  # never delete a folder that is not a comparison, even when asked to
+            raise UserError(f"output_dir {out} is not empty and holds no comparison ({saved.name} is missing): "
+                            "choose another folder")
         if cfg.overwrite_output_dir:
             shutil.rmtree(out)
-        elif not saved.is_file():
-            raise UserError(f"output_dir {out} is not empty and holds no comparison: choose another folder or "
-                            "pass --overwrite_output_dir true")
         else:
             old = _fingerprint(build_config(CompareConfig, yaml.safe_load(saved.read_text()), str(saved)))
             new = _fingerprint(cfg)

@@ -119,11 +119,12 @@ def test_bad_settings_name_the_culprit(tmp_path, overrides, fragment):
         check_compare_config(CompareConfig(**_settings(tmp_path, **overrides)))
 
 
-def test_non_comparison_folder_is_refused(tmp_path):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_non_comparison_folder_is_refused_even_with_overwrite(tmp_path, overwrite):
     (tmp_path / "cmp").mkdir()
     (tmp_path / "cmp" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="holds no comparison"):
-        run_compare(CompareConfig(**_settings(tmp_path)))
+        run_compare(CompareConfig(**_settings(tmp_path, overwrite_output_dir=overwrite)))
     assert (tmp_path / "cmp" / "keep.txt").read_text() == "mine"
 
 
