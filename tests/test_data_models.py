@@ -1,4 +1,5 @@
 import importlib.util
+import json
 
 import pytest
 
@@ -77,3 +78,23 @@ def test_default_model_loads_from_the_cache_and_samples():
     assert policy.base_config.num_hidden_layers == 30
     ro = policy.sample(["hello, how are you?"], SamplingSettings(max_new_tokens=8), with_values=False)
     assert ro.completions[0]
+
+
+def test_conversational_prompts_render_with_the_chat_template_as_trl_does(tiny_tokenizer, tmp_path):
+    chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hey"}]
+    assert data.render_prompt(tiny_tokenizer, chat) == "system: be kind\nuser: hey\nassistant:"
+    assert data.prompt_of({"prompt": chat}) is chat and data.prompt_of({"prompt": 3}) == "3"
+    reply = [{"role": "assistant", "content": "hi"}]
+    assert data.render_prompt_completion(tiny_tokenizer, chat, reply) == {
+        "prompt": "system: be kind\nuser: hey\nassistant:", "completion": " hi\n"}
+    assert data.render_prompt_completion(tiny_tokenizer, chat, "hi") == data.render_prompt_completion(
+        tiny_tokenizer, chat, reply)
+    assert data.render_conversation(tiny_tokenizer, chat + reply) == "system: be kind\nuser: hey\nassistant: hi\n"
+    (tmp_path / "m.jsonl").write_text(json.dumps({"messages": chat + reply}) + "\n")
+    assert data.load_sft_rows(str(tmp_path / "m.jsonl"))[0]["messages"] == chat + reply
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(UserError, match="conversational data .* needs a tokenizer with a chat template"):
+        data.render_prompt(NoTemplate(), chat)
