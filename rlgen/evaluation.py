@@ -29,10 +29,12 @@ from rlgen.rewards import score_rewards
 def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list[tuple[str, object]],
                     sampling: SamplingSettings, *, weights: list[float] | None = None, batch_size: int = 16,
                     output_dir: str | Path | None = None, self_bleu_max_texts: int = 200,
-                    gold_rewards: list[tuple[str, object]] = ()) -> dict[str, float]:
+                    gold_rewards: list[tuple[str, object]] = (), columns: dict[str, list] | None = None
+                    ) -> dict[str, float]:
     """Sample one completion per prompt and return `eval/*` metrics.
 
-    `gold_rewards` are scored and reported under `eval/gold/` but are not part of `eval/reward/mean`.
+    `gold_rewards` are scored and reported under `eval/gold/` but are not part of `eval/reward/mean`. Every reward
+    gets `completion_ids` and `columns` (one value per prompt, e.g. `reward_columns(rows)`) as keyword lists.
     Writes `eval_samples.jsonl` (one object per sample) and `eval_summary.json` to `output_dir` if given.
     """
     start = time.perf_counter()
@@ -52,9 +54,11 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list[tuple[s
         ref_lp1 = ref_lp if sampling.temperature == 1.0 else policy.ref_logprobs(ids, attn, T, 1.0)
         nll_sum += float(-(ref_lp1 * mask).sum())
         n_tokens += int(mask.sum())
-        total, fn_values = score_rewards(reward_fns, ro.prompts, ro.completions, weights=weights)
+        extra = {k: v[i:i + batch_size] for k, v in (columns or {}).items()}
+        extra["completion_ids"] = ro.completion_id_lists
+        total, fn_values = score_rewards(reward_fns, ro.prompts, ro.completions, weights=weights, **extra)
         if gold_rewards:
-            _, gold_values = score_rewards(list(gold_rewards), ro.prompts, ro.completions)
+            _, gold_values = score_rewards(list(gold_rewards), ro.prompts, ro.completions, **extra)
             fn_values = {**fn_values, **{f"gold/{k}": v for k, v in gold_values.items()}}
         totals.extend(total)
         kl_seq.extend(kl.tolist())

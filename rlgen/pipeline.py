@@ -98,11 +98,11 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`."""
     import torch
 
-    from rlgen.data import load_rows
+    from rlgen.data import load_rows, prompt_of
     from rlgen.evaluation import evaluate_policy
     from rlgen.models import default_device, set_threads
     from rlgen.policy import Policy, SamplingSettings
-    from rlgen.rewards import load_reward
+    from rlgen.rewards import load_reward, reward_columns
 
     set_threads(cfg.threads)
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
@@ -110,14 +110,15 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     reward_fns = [load_reward(spec) for spec in cfg.reward]
     if cfg.reward_weights and len(cfg.reward_weights) != len(reward_fns):
         raise UserError(f"reward_weights has {len(cfg.reward_weights)} values for {len(reward_fns)} rewards")
-    prompts = [str(r["prompt"]) for r in load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]]
+    rows = load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]
     policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed).to(default_device())
     torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
     sampling = SamplingSettings.from_config(cfg)
     gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
-    metrics = evaluate_policy(policy, prompts, reward_fns, sampling, weights=cfg.reward_weights or None,
-                              batch_size=cfg.batch_size, output_dir=out, self_bleu_max_texts=cfg.self_bleu_max_texts,
-                              gold_rewards=gold_fns)
+    metrics = evaluate_policy(policy, [prompt_of(r) for r in rows], reward_fns, sampling,
+                              weights=cfg.reward_weights or None, batch_size=cfg.batch_size, output_dir=out,
+                              self_bleu_max_texts=cfg.self_bleu_max_texts, gold_rewards=gold_fns,
+                              columns=reward_columns(rows))
     MetricsWriter(out).log(metrics, step=log_step)
     return metrics
 
