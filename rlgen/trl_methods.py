@@ -142,8 +142,8 @@ def _trl_rewards(reward_fns, weights, raw_prompt: dict, column_names, seen: dict
 def _sample_pairs(policy, prompts, columns, reward_fns, weights, n_pairs, batch_size, sampling, seed, seen):
     """Sample two completions per prompt (batch_size completions per generate call) and rank each pair."""
     order = random.Random(seed).sample(range(len(prompts)), len(prompts))
-    rows = [order[i % len(order)] for i in range(n_pairs)]
-    chosen = [prompts[i] for i in rows]
+    picked = [order[i % len(order)] for i in range(n_pairs)]
+    chosen = [prompts[i] for i in picked]
     texts, ids, prompt_ids = ([], []), ([], []), []
     for i in range(0, n_pairs, batch_size // 2):
         chunk = chosen[i:i + batch_size // 2]
@@ -156,7 +156,7 @@ def _sample_pairs(policy, prompts, columns, reward_fns, weights, n_pairs, batch_
         prompt_ids += [p[m.bool()].tolist() for p, m in zip(ro.prompt_ids[:k], ro.prompt_mask[:k])]
         seen["completions"] += 2 * k
         seen["tokens"] += int(ro.completion_mask.sum())
-    extra = {k: [v[i] for i in rows] * 2 for k, v in columns.items()}
+    extra = {k: [v[i] for i in picked] * 2 for k, v in columns.items()}
     totals, per_fn = score_rewards(reward_fns, chosen * 2, texts[0] + texts[1], weights,
                                    completion_ids=ids[0] + ids[1], **extra)
     score_a, score_b = totals[:n_pairs], totals[n_pairs:]
