@@ -299,7 +299,8 @@ def sample_table(records: list[dict], n_prompts: int = 3) -> list[dict]:
     table = []
     for i in range(count):
         shown = [(run, run["samples"][i]) for run in runs if i < len(run.get("samples") or [])]
-        table.append({"prompt": shown[0][1]["prompt"], "completions": [
+        prompt = shown[0][1]["prompt"]  # a conversational prompt is shown as its JSON messages
+        table.append({"prompt": prompt if isinstance(prompt, str) else json.dumps(prompt), "completions": [
             {"method": run["method"], "seed": run.get("seed"), "completion": s["completion"],
              "proxy": s.get("reward"), "gold": {k.removeprefix("gold/"): v for k, v in s.get("rewards", {}).items()
                                                 if k.startswith("gold/")}}
