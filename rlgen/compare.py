@@ -129,13 +129,16 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
     """Train one run; returns {completions, tokens, curve}. The curve's keys: `completions`,
     `rewards/<proxy>/mean` and `rewards/gold_<gold>/mean` (training samples, online methods only)."""
     if method in TRL_METHODS:
-        from rlgen.rewards import load_reward
+        from rlgen.rewards import load_reward, reward_columns
+        from rlgen.text import prompt_of
         from rlgen.trl_methods import train_trl
 
         fns = [load_reward(s) for s in cfg.reward] + [(f"gold_{n}", f) for n, f in map(load_reward, cfg.gold_reward)]
         weights = (cfg.reward_weights or [1.0] * len(cfg.reward)) + [0.0] * len(cfg.gold_reward)
         sampling = SamplingConfig.of(cfg)
-        result = train_trl(method, model=start, output_dir=run_dir, prompts=_train_prompts(cfg),
+        rows = _train_rows(cfg)
+        result = train_trl(method, model=start, output_dir=run_dir, prompts=[prompt_of(r) for r in rows],
+                           columns=reward_columns(rows),
                            reward_fns=fns, weights=weights, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
                            num_generations=cfg.num_generations, learning_rate=cfg.learning_rate_of(method),
                            beta=cfg.dpo_beta if method == "dpo" else cfg.kl_coef, sampling=sampling,
@@ -167,10 +170,10 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
     return {"completions": len(rows) * cfg.batch_size, "tokens": tokens, "curve": curve}
 
 
-def _train_prompts(cfg: CompareConfig) -> list[str]:
+def _train_rows(cfg: CompareConfig) -> list[dict]:
     from rlgen.data import load_rows
 
-    return [str(r["prompt"]) for r in load_rows(cfg.dataset, "train")]
+    return load_rows(cfg.dataset, "train")
 
 
 def _evaluate(cfg: CompareConfig, model: str, start: str, folder: Path, seed: int) -> tuple[dict, list[dict], float]:

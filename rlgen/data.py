@@ -43,9 +43,21 @@ def _turns(conversation: dict) -> list[str]:
     return [" ".join(m["text"].strip() for m in turn).strip() for turn in conversation["messages"]]
 
 
-def split_of(conversation_id: str) -> str:
-    bucket = int(hashlib.sha1(conversation_id.encode()).hexdigest(), 16) % 100
+def split_of(key: str) -> str:
+    """The split of a conversation id (demo data) or of a row of a single user file (`row_key`):
+    sha1(key) mod 100 below 90 is train, below 95 validation, the rest test."""
+    bucket = int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100
     return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
+
+
+def row_key(row: dict) -> str:
+    """What a single file's rows are split by: the prompt (its JSON for a list of messages), else the `text`,
+    `messages` or `chosen` column, so every row with the same prompt lands in the same split."""
+    for column in ("prompt", "text", "messages", "chosen"):
+        if column in row:
+            value = row[column]
+            return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return json.dumps(row, sort_keys=True)
 
 
 def chitchat_texts(limit: int | None = None) -> list[str]:
@@ -92,6 +104,24 @@ def _read_file(path: Path) -> list[dict]:
     raise UserError(f"dataset {path}: unsupported file type (use .jsonl, .csv or a datasets folder)")
 
 
+def read_rows(path: str | Path, columns: tuple[str, ...] = ()) -> list[dict]:
+    """Every row of one .jsonl/.csv file, all splits together; UserError for a missing, empty or bad file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"dataset {path} does not exist")
+    rows = _read_file(path)
+    if not rows:
+        raise UserError(f"dataset {path} is empty")
+    _check_columns(path, rows, columns)
+    return rows
+
+
+def _check_columns(path, rows: list[dict], columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise UserError(f"dataset {path} has no column {', '.join(repr(c) for c in missing)} (has {sorted(rows[0])})")
+
+
 def _read_folder(path: Path, split: str) -> list[dict]:
     for ext in (".jsonl", ".csv"):
         if (path / f"{split}{ext}").is_file():
@@ -112,8 +142,9 @@ def _read_folder(path: Path, split: str) -> list[dict]:
 def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = ("prompt",)) -> list[dict]:
     """Rows of `dataset` (`chitchat`, a .jsonl/.csv file, or a folder) that must have `columns`.
 
-    A single file serves every split. Raises UserError naming the file for a missing file, an empty
-    dataset or a missing column.
+    A folder holds its splits (`train.jsonl`, `test.csv`, ... or a saved datasets folder); a single file is split
+    by `split_of(row_key(row))` as the demo data is by conversation, so evaluation never scores training prompts.
+    Raises UserError naming the file for a missing file, an empty dataset or split, or a missing column.
     """
     if dataset in ("chitchat", "default"):
         path = chitchat_folder()
@@ -122,27 +153,37 @@ def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = ("p
         path = Path(dataset).expanduser()
         if not path.exists():
             raise UserError(f"dataset {dataset} does not exist")
-        rows = _read_folder(path, split) if path.is_dir() else _read_file(path)
+        if path.is_dir():
+            rows = _read_folder(path, split)
+        else:
+            rows = [r for r in read_rows(path, columns) if split_of(row_key(r)) == split]
+            if not rows:
+                raise UserError(f"dataset {path}: no row falls in the {split} split (a single file is split by a "
+                                "hash of each prompt: ~90% train, ~5% validation, ~5% test); give more rows or a "
+                                f"folder with {split}.jsonl")
     if not rows:
         raise UserError(f"dataset {path} ({split}) is empty")
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise UserError(f"dataset {path} has no column {', '.join(repr(c) for c in missing)} (has {sorted(rows[0])})")
+    _check_columns(path, rows, columns)
     return rows
+
+
+def held_out_note(dataset: str, split: str, n: int) -> str:
+    """Which prompts an evaluation used and how they were kept apart from training, for reports."""
+    path = Path(dataset).expanduser()
+    if dataset in ("chitchat", "default"):
+        how = "split by a hash of the conversation id"
+    elif path.is_file():
+        how = "a single file, split by a hash of each prompt"
+    else:
+        how = "the folder's own split"
+    held = "held out from training" if split != "train" else "the TRAINING prompts (not held out)"
+    return f"the first {n} prompts of the {split} split of {dataset} ({how}; {held})"
 
 
 def load_sft_rows(dataset: str, split: str = "train") -> list[dict]:
-    """Rows with either `text` or `prompt` + `completion` (checked on the first row)."""
+    """Rows with `text`, `messages` or `prompt` + `completion` (checked on the first row)."""
     rows = load_rows(dataset, split, columns=())
-    if "text" not in rows[0] and not {"prompt", "completion"} <= set(rows[0]):
-        raise UserError(f"dataset {dataset} needs a 'text' column or 'prompt' and 'completion' columns "
-                        f"(has {sorted(rows[0])})")
+    if "text" not in rows[0] and "messages" not in rows[0] and not {"prompt", "completion"} <= set(rows[0]):
+        raise UserError(f"dataset {dataset} needs a 'text' column, a 'messages' column or 'prompt' and 'completion' "
+                        f"columns (has {sorted(rows[0])})")
     return rows
-
-
-def render_prompt(tokenizer, text: str) -> str:
-    """The string the model sees before its reply: the chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return text + "\n"

@@ -22,11 +22,12 @@ import torch
 
 from rlgen import metrics
 from rlgen.config import EvalConfig, SamplingConfig, save_config
-from rlgen.data import load_rows
+from rlgen.data import held_out_note, load_rows
 from rlgen.files import write_jsonl
 from rlgen.models import default_device, set_threads
 from rlgen.policy import Policy
-from rlgen.rewards import load_reward, score_rewards
+from rlgen.rewards import load_reward, reward_columns, score_rewards
+from rlgen.text import prompt_of
 from rlgen.tracking import MetricsWriter, prepare_output_dir
 
 
@@ -34,11 +35,12 @@ from rlgen.tracking import MetricsWriter, prepare_output_dir
 def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
                     sampling: SamplingConfig, *, weights: list[float] | None = None, batch_size: int = 16,
                     output_dir: str | Path | None = None, self_bleu_max_texts: int = 200,
-                    gold_rewards: list = ()) -> dict[str, float]:
+                    gold_rewards: list = (), columns: dict[str, list] | None = None) -> dict[str, float]:
     """Sample one completion per prompt and return `eval/*` metrics.
 
     `reward_fns`, `gold_rewards`: `(name, fn)` pairs, reward callables or specs (see `rlgen.rewards.load_reward`).
-    `gold_rewards` are scored and reported under `eval/gold/` but are not part of `eval/reward/mean`.
+    `gold_rewards` are scored and reported under `eval/gold/` but are not part of `eval/reward/mean`. Every reward
+    gets `completion_ids` and `columns` (one value per prompt, e.g. `reward_columns(rows)`) as keyword lists.
     Writes `eval_samples.jsonl` (one object per sample) and `eval_summary.json` to `output_dir` if given.
     """
     start = time.perf_counter()
@@ -60,9 +62,11 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         ref_lp1 = ref_lp if sampling.temperature == 1.0 else policy.ref_logprobs(ids, attn, T, 1.0)
         nll_sum += float(-(ref_lp1 * mask).sum())
         n_tokens += int(mask.sum())
-        total, fn_values = score_rewards(reward_fns, ro.prompts, ro.completions, weights=weights)
+        extra = {k: v[i:i + batch_size] for k, v in (columns or {}).items()}
+        extra["completion_ids"] = ro.completion_id_lists
+        total, fn_values = score_rewards(reward_fns, ro.prompts, ro.completions, weights=weights, **extra)
         if gold_rewards:
-            _, gold_values = score_rewards(list(gold_rewards), ro.prompts, ro.completions)
+            _, gold_values = score_rewards(list(gold_rewards), ro.prompts, ro.completions, **extra)
             fn_values = {**fn_values, **{f"gold/{k}": v for k, v in gold_values.items()}}
         totals.extend(total)
         kl_seq.extend(kl.tolist())
@@ -103,13 +107,14 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     save_config(cfg, out)
     reward_fns = [load_reward(spec) for spec in cfg.reward]
-    prompts = [str(r["prompt"]) for r in load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]]
+    rows = load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]
+    print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(rows))}", flush=True)
     policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed).to(default_device())
     torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
-    sampling = SamplingConfig.of(cfg)
     gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
-    metrics = evaluate_policy(policy, prompts, reward_fns, sampling, weights=cfg.reward_weights or None,
-                              batch_size=cfg.batch_size, output_dir=out, self_bleu_max_texts=cfg.self_bleu_max_texts,
-                              gold_rewards=gold_fns)
+    metrics = evaluate_policy(policy, [prompt_of(r) for r in rows], reward_fns, SamplingConfig.of(cfg),
+                              weights=cfg.reward_weights or None, batch_size=cfg.batch_size, output_dir=out,
+                              self_bleu_max_texts=cfg.self_bleu_max_texts, gold_rewards=gold_fns,
+                              columns=reward_columns(rows))
     MetricsWriter(out).log(metrics, step=log_step)
     return metrics

@@ -69,7 +69,10 @@ def run_pipeline(run: RunConfig) -> Path:
         seconds[stage] = time.perf_counter() - t
         model = str(out / stage)
         evaluate(stage, model)
-    report = write_run_report(out, rows, seconds)
+    from rlgen.data import held_out_note
+
+    prompts = held_out_note(eval_template.dataset, eval_template.split, eval_template.num_prompts)
+    report = write_run_report(out, rows, seconds, f"Every model was evaluated on {prompts}.")
     print(report.read_text())
     print(f"[rlgen] report: {report}")
     if run.compare:

@@ -22,7 +22,7 @@ from torch import nn
 
 from rlgen import core
 from rlgen.config import SamplingConfig
-from rlgen.data import render_prompt
+from rlgen.text import render_prompt
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -35,7 +35,8 @@ class Rollout:
     completion_ids [B, T] long (pad after the end), completion_mask [B, T] long (1 up to and including EOS)
     logprobs [B, T] float: log-probs of the sampled tokens at the sampling temperature (0 where masked)
     values [B, T] float or None: value estimates V(prefix) for each completion token (0 where masked)
-    ended_with_eos [B] bool; prompts/completions: the raw prompt texts and decoded completions (B each)
+    ended_with_eos [B] bool; prompts/completions: the raw prompts (texts or lists of messages) and decoded
+    completions (B each)
     """
 
     prompt_ids: torch.Tensor
@@ -57,6 +58,11 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         """[B, P + T]"""
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def completion_id_lists(self) -> list[list[int]]:
+        """Each completion's token ids up to and including EOS (TRL's `completion_ids` for reward functions)."""
+        return [ids[m.bool()].tolist() for ids, m in zip(self.completion_ids, self.completion_mask)]
 
 
 def peft_lora_config(lora_r: int, lora_alpha: int, lora_dropout: float, lora_target_modules: str):

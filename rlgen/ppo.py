@@ -78,7 +78,8 @@ from rlgen.errors import UserError
 from rlgen.files import write_jsonl
 from rlgen.models import set_threads
 from rlgen.policy import Policy, Rollout, completion_mask_from_ids
-from rlgen.rewards import load_reward, reward_mean_metrics, score_rewards
+from rlgen.rewards import load_reward, reward_columns, reward_mean_metrics, score_rewards
+from rlgen.text import prompt_of
 from rlgen.tracking import MetricsWriter, check_output_dir, jsonable_row, prepare_output_dir
 
 SAMPLES_SHOWN = 4
@@ -281,7 +282,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
             t0 = time.perf_counter()
             batch = list(itertools.islice(stream, cfg.batch_size * world))[rank * cfg.batch_size:][:cfg.batch_size]
             consumed += cfg.batch_size * world
-            ro = policy.sample([str(r["prompt"]) for r in batch], sampling)
+            ro = policy.sample([prompt_of(r) for r in batch], sampling)
             ro = _truncate(ro, stop_id, tokenizer)  # the reward sees the cut text
             mask = ro.completion_mask  # [B, T]
             input_ids, attention_mask, T = ro.input_ids, ro.attention_mask, mask.shape[1]  # [B, P + T]
@@ -289,11 +290,11 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
                 shown = (ro.prompts[:SAMPLES_SHOWN], ro.completions[:SAMPLES_SHOWN])
             t_rollout = time.perf_counter() - t0
 
-            # 2. score: reward functions get the dataset's other columns as keyword lists (TRL's convention);
-            #    one that raises or returns anything but one finite number per completion raises RewardError
+            # 2. score: reward functions get completion_ids and the dataset's other columns as keyword lists (TRL's
+            #    convention); one that raises or returns anything but one finite number per completion raises RewardError
             t0 = time.perf_counter()
-            columns = {k: [r.get(k) for r in batch] for k in batch[0] if k not in ("prompt", "completion")}
-            totals, per_fn = score_rewards(reward_fns, ro.prompts, ro.completions, weights, **columns)
+            totals, per_fn = score_rewards(reward_fns, ro.prompts, ro.completions, weights,
+                                           completion_ids=ro.completion_id_lists, **reward_columns(batch))
             raw_scores = torch.tensor(totals, dtype=torch.float32, device=mask.device)  # [B]
 
             # 3. shape: EOS penalty (HUANG), then per-token rewards = score at the last token - beta * KL.

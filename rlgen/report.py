@@ -304,7 +304,8 @@ def sample_table(records: list[dict], n_prompts: int = 3) -> list[dict]:
     table = []
     for i in range(count):
         shown = [(run, run["samples"][i]) for run in runs if i < len(run.get("samples") or [])]
-        table.append({"prompt": shown[0][1]["prompt"], "completions": [
+        prompt = shown[0][1]["prompt"]  # a conversational prompt is shown as its JSON messages
+        table.append({"prompt": prompt if isinstance(prompt, str) else json.dumps(prompt), "completions": [
             {"method": run["method"], "seed": run.get("seed"), "completion": s["completion"],
              "proxy": s.get("reward"), "gold": {k.removeprefix("gold/"): v for k, v in s.get("rewards", {}).items()
                                                 if k.startswith("gold/")}}
@@ -420,8 +421,8 @@ RUN_REPORT_COLUMNS = ["eval/reward/mean", "eval/kl", "eval/perplexity_ref", "eva
                       "eval/distinct_1", "eval/distinct_2", "eval/self_bleu"]
 
 
-def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, float]) -> Path:
-    """report.md and report.json: one row per evaluated model."""
+def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, float], prompts_note: str = "") -> Path:
+    """report.md and report.json: one row per evaluated model; `prompts_note` says which prompts were used."""
     reward_columns = sorted({k for m in rows.values() for k in m
                              if k.startswith(("eval/rewards/", "eval/gold/")) and k.endswith("/mean")})
     columns = reward_columns + RUN_REPORT_COLUMNS
@@ -429,7 +430,7 @@ def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, flo
              "|---" * (len(columns) + 1) + "|"]
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(float(m.get(c, math.nan))) for c in columns) + " |")
-    lines += ["", "KL and perplexity are measured against the starting model.", "",
+    lines += ["", "KL and perplexity are measured against the starting model.", "", *([prompts_note, ""] if prompts_note else []),
               "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))

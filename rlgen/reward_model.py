@@ -2,8 +2,9 @@
 
 Data (`dataset`):
 - a preference file (.jsonl/.csv) or folder with `prompt`, `chosen` and `rejected` columns (`prompt` may be
-  empty; an optional numeric `margin` column goes to TRL's margin loss, a missing value counting as 0). A
-  folder's `train` split trains and its `validation` (else `test`) split is held out; a single file holds out
+  empty; an optional numeric `margin` column goes to TRL's margin loss, a missing value counting as 0). TRL's
+  conversational pairs (lists of messages, the prompt explicit or implicit in chosen and rejected) are rendered
+  with the chat template, as `LearnedReward` renders conversations. A folder's `train` split trains and its `validation` (else `test`) split is held out; a single file holds out
   the pairs whose prompt (or, when the prompt is empty, chosen text) hashes into 10 of 100 buckets, so pairs
   sharing a prompt stay together. Over-long texts are cut from the left: the prompt goes before the reply.
 - `chitchat-upbeat`: pairs built from the chit-chat corpus (rlgen.data) labelled by `gold_reward` (VADER by
@@ -32,7 +33,6 @@ metrics.jsonl, calibration.jsonl and reward_model_summary.json.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -46,12 +46,13 @@ import numpy as np
 import torch
 
 from rlgen.config import RewardModelConfig, save_config
-from rlgen.data import load_rows
+from rlgen.data import load_rows, read_rows, row_key, split_of
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
 from rlgen.models import minilm_folder, resolve_model_path, set_threads
 from rlgen.rewards import LearnedReward, load_reward, score_rewards
-from rlgen.rewards.learned import NORMALISATION_FILE
+from rlgen.rewards.learned import NORMALISATION_FILE, scored_text
+from rlgen.text import is_conversation, prompt_of
 from rlgen.tracking import MetricsWriter, prepare_output_dir, trainer_metrics_callback
 
 UPBEAT_DATASET = "chitchat-upbeat"
@@ -60,7 +61,6 @@ SUMMARY_FILE = "reward_model_summary.json"
 CALIBRATION_FILE = "calibration.jsonl"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 CONTEXT_WORDS = 2
-HELDOUT_PERCENT = 10
 SAMPLE_BATCH = 16
 
 # TRL log keys -> rlgen metric names (others are not recorded).
@@ -137,11 +137,6 @@ def _sample(items: list, n: int, rng: random.Random) -> list:
     return rng.sample(items, n) if 0 < n < len(items) else list(items)
 
 
-def _heldout_by_hash(row: dict) -> bool:
-    key = str(row["prompt"]) or str(row["chosen"])
-    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
-
-
 def _has_split(folder: Path, split: str) -> bool:
     if any((folder / f"{split}{ext}").is_file() for ext in (".jsonl", ".csv")):
         return True
@@ -150,13 +145,20 @@ def _has_split(folder: Path, split: str) -> bool:
 
 
 def _checked_pairs(rows: list[dict], source: str) -> list[dict]:
-    """Rows as `{prompt, chosen, rejected[, margin]}` strings; UserError naming the row for a missing text."""
+    """Rows as `{prompt, chosen, rejected[, margin]}` (texts, or lists of messages); UserError naming the row for a
+    missing text."""
     out = []
     for i, row in enumerate(rows, 1):
         for column in ("chosen", "rejected"):
             if row.get(column) in (None, ""):
                 raise UserError(f"dataset {source}: row {i} has an empty '{column}'")
-        pair = {"prompt": str(row.get("prompt") or ""), "chosen": str(row["chosen"]), "rejected": str(row["rejected"])}
+        if is_conversation(row["chosen"]):  # TRL's conversational pairs; an implicit prompt is extracted as TRL does
+            from trl.data_utils import maybe_extract_prompt
+
+            pair = dict(maybe_extract_prompt({k: row[k] for k in PAIR_COLUMNS if row.get(k) not in (None, "")}))
+        else:
+            pair = {"prompt": prompt_of(row) if row.get("prompt") else "", "chosen": str(row["chosen"]),
+                    "rejected": str(row["rejected"])}
         if row.get("margin") not in (None, ""):
             try:
                 pair["margin"] = float(row["margin"])
@@ -169,16 +171,20 @@ def _checked_pairs(rows: list[dict], source: str) -> list[dict]:
 def load_preference_pairs(dataset: str) -> tuple[list[dict], list[dict]]:
     """(train, held-out) pairs from a preference file or folder (split rules in the module docstring)."""
     path = Path(dataset).expanduser()
-    train = _checked_pairs(load_rows(dataset, "train", PAIR_COLUMNS), dataset)
+    columns = PAIR_COLUMNS[1:]  # the prompt may be implicit (TRL)
     heldout_split = next((s for s in ("validation", "test") if path.is_dir() and _has_split(path, s)), None)
     if heldout_split is not None:
-        heldout = _checked_pairs(load_rows(dataset, heldout_split, PAIR_COLUMNS), dataset)
-    else:
-        train, heldout = [p for p in train if not _heldout_by_hash(p)], [p for p in train if _heldout_by_hash(p)]
+        train = _checked_pairs(load_rows(dataset, "train", columns), dataset)
+        heldout = _checked_pairs(load_rows(dataset, heldout_split, columns), dataset)
+    else:  # a single file (or a folder with a train split only): held out by the hash every user file is split by
+        rows = _checked_pairs(load_rows(dataset, "train", columns) if path.is_dir() else read_rows(path, columns),
+                              dataset)
+        train = [r for r in rows if split_of(row_key(r)) == "train"]
+        heldout = [r for r in rows if split_of(row_key(r)) != "train"]
     if not train or not heldout:
         which = "training" if not train else "held-out"
-        raise UserError(f"dataset {dataset}: no {which} pairs (a single file holds out ~{HELDOUT_PERCENT}% of its "
-                        "prompts; give more pairs or a folder with train and validation files)")
+        raise UserError(f"dataset {dataset}: no {which} pairs (a single file holds out ~10% of its prompts by a "
+                        "hash; give more pairs or a folder with train and validation files)")
     return train, heldout
 
 
@@ -255,13 +261,13 @@ def load_reward_base(name: str, seed: int = 0):
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int):
-    """A `datasets.Dataset` of `chosen_ids`/`rejected_ids` for `prompt + chosen`/`prompt + rejected`,
+    """A `datasets.Dataset` of `chosen_ids`/`rejected_ids` for `prompt + chosen`/`prompt + rejected` (`scored_text`),
     tokenised as LearnedReward tokenises (special tokens, no appended EOS), cut to `max_length` on the
     tokenizer's truncation side."""
     from datasets import Dataset
 
     def ids(side):
-        texts = [p["prompt"] + p[side] for p in pairs]
+        texts = [scored_text(tokenizer, p["prompt"], p[side]) for p in pairs]
         return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
     columns = {"chosen_ids": ids("chosen"), "rejected_ids": ids("rejected")}
@@ -359,7 +365,8 @@ def calibration_texts(cfg: RewardModelConfig, heldout: list[dict], rng: random.R
     """Held-out texts, or the calibration policy's completions for held-out prompts."""
     if cfg.calibration_model.lower() == "none":
         return _sample(heldout, cfg.calibration_samples, rng)
-    prompts = _sample(sorted({t["prompt"] for t in heldout}), cfg.calibration_samples, rng)
+    unique = {json.dumps(t["prompt"]): t["prompt"] for t in heldout}  # prompts may be lists of messages
+    prompts = _sample([unique[k] for k in sorted(unique)], cfg.calibration_samples, rng)
     completions = sample_completions(cfg.calibration_model, prompts, cfg)
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
 

@@ -1,6 +1,7 @@
 """Stage 1, SFT: supervised fine-tuning with TRL's SFTTrainer on the shared policy wrapper (full or LoRA).
 
-Data rows have `text`, or `prompt` + `completion`; prompts are rendered with the model's chat template
+Data rows have `text`, `messages` (a conversation, rendered with the chat template into `text`), or `prompt` +
+`completion` (texts or TRL's conversational lists of messages); prompts are rendered with the model's chat template
 exactly as the RL stages and the evaluator render them, and the loss covers completion tokens only.
 """
 
@@ -12,9 +13,10 @@ import time
 import torch
 
 from rlgen.config import SFTConfig, lora_kwargs, save_config
-from rlgen.data import load_sft_rows, render_prompt
+from rlgen.data import load_sft_rows
 from rlgen.models import set_threads
 from rlgen.policy import Policy
+from rlgen.text import render_conversation, render_prompt_completion
 from rlgen.tracking import MetricsWriter, prepare_output_dir, quiet_progress, trainer_metrics_callback
 
 # TRL/transformers log keys -> rlgen's fixed metric names (others are not recorded).
@@ -40,8 +42,9 @@ def _dataset(rows: list[dict], tokenizer, n: int, seed: int):
 
     if "text" in rows[0]:
         return Dataset.from_list([{"text": str(r["text"])} for r in rows])
-    return Dataset.from_list([{"prompt": render_prompt(tokenizer, str(r["prompt"])), "completion": str(r["completion"])}
-                              for r in rows])
+    if "messages" in rows[0]:
+        return Dataset.from_list([{"text": render_conversation(tokenizer, r["messages"])} for r in rows])
+    return Dataset.from_list([render_prompt_completion(tokenizer, r["prompt"], r["completion"]) for r in rows])
 
 
 def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:

@@ -11,7 +11,7 @@
 Budget rule: every method generates exactly `max_steps * batch_size` completions, sampled the same way (the
 `SamplingConfig`: new tokens, temperature, top-k, top-p) from prompts rendered and tokenised as rlgen's Policy does
 (with one seed, TRL's generation and `Policy.sample` draw the same tokens). Rewards are called as rlgen's PPO calls
-them: raw prompt text, stripped completion.
+them: raw prompt (text or messages), stripped completion, `completion_ids` and the dataset's other columns.
 
 Outputs in `output_dir`: the trained policy (`Policy.save`, LoRA merged), `metrics.jsonl` (one row per step, rlgen's
 metric names plus `completions/generated`) and, for DPO, `preference_pairs.jsonl` (the ranked pairs it trained on).
@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from rlgen.config import SamplingConfig
-from rlgen.data import render_prompt
 from rlgen.errors import UserError
 from rlgen.policy import Policy, peft_lora_config
 from rlgen.rewards import reward_mean_metrics, score_rewards
+from rlgen.text import render_prompt
 from rlgen.tracking import MetricsWriter, quiet_progress
 
 METHODS = ("grpo", "rloo", "dpo")
@@ -116,20 +116,22 @@ def _trainer_class(method: str, max_prompt_length: int):
     return PolicyPrompts
 
 
-def _trl_rewards(reward_fns, weights, raw_prompt: dict, seen: dict):
+def _trl_rewards(reward_fns, weights, raw_prompt: dict, column_names, seen: dict):
     """TRL reward functions for the optimised rewards (weight != 0), called as rlgen's PPO calls them (raw prompt,
-    stripped completion); the first also counts what TRL generated and scores the gold rewards."""
+    stripped completion, completion_ids, the dataset columns `column_names`, which TRL passes on); the first also
+    counts what TRL generated and scores the gold rewards."""
     golds = [fn for fn, w in zip(reward_fns, weights) if w == 0]
 
     def wrap(name, fn, first):
-        def reward(prompts, completions, completion_ids, log_metric, **_):
+        def reward(prompts, completions, completion_ids, log_metric, **kwargs):
             prompts, completions = [raw_prompt[p] for p in prompts], [c.strip() for c in completions]
+            extra = {"completion_ids": completion_ids, **{k: kwargs[k] for k in column_names}}
             if first:
                 seen["completions"] += len(completions)
                 seen["tokens"] += sum(len(ids) for ids in completion_ids)  # up to and including EOS
-                for key, value in reward_mean_metrics(score_rewards(golds, prompts, completions)[1]).items():
+                for key, value in reward_mean_metrics(score_rewards(golds, prompts, completions, **extra)[1]).items():
                     log_metric(key, value)
-            return score_rewards([(name, fn)], prompts, completions)[1][name]
+            return score_rewards([(name, fn)], prompts, completions, **extra)[1][name]
 
         reward.__name__ = name  # TRL names reward functions (rewards/<name>/mean) by __name__
         return reward
@@ -138,10 +140,11 @@ def _trl_rewards(reward_fns, weights, raw_prompt: dict, seen: dict):
     return [wrap(*fn, i == 0) for i, (fn, _) in enumerate(optimised)], [w for _, w in optimised]
 
 
-def _sample_pairs(policy, prompts, reward_fns, weights, n_pairs, batch_size, sampling, seed, seen):
+def _sample_pairs(policy, prompts, columns, reward_fns, weights, n_pairs, batch_size, sampling, seed, seen):
     """Sample two completions per prompt (batch_size completions per generate call) and rank each pair."""
-    order = random.Random(seed).sample(prompts, len(prompts))
-    chosen = [order[i % len(order)] for i in range(n_pairs)]
+    order = random.Random(seed).sample(range(len(prompts)), len(prompts))
+    picked = [order[i % len(order)] for i in range(n_pairs)]
+    chosen = [prompts[i] for i in picked]
     texts, ids, prompt_ids = ([], []), ([], []), []
     for i in range(0, n_pairs, batch_size // 2):
         chunk = chosen[i:i + batch_size // 2]
@@ -154,7 +157,9 @@ def _sample_pairs(policy, prompts, reward_fns, weights, n_pairs, batch_size, sam
         prompt_ids += [p[m.bool()].tolist() for p, m in zip(ro.prompt_ids[:k], ro.prompt_mask[:k])]
         seen["completions"] += 2 * k
         seen["tokens"] += int(ro.completion_mask.sum())
-    totals, per_fn = score_rewards(reward_fns, chosen * 2, texts[0] + texts[1], weights)
+    extra = {k: [v[i] for i in picked] * 2 for k, v in columns.items()}
+    totals, per_fn = score_rewards(reward_fns, chosen * 2, texts[0] + texts[1], weights,
+                                   completion_ids=ids[0] + ids[1], **extra)
     score_a, score_b = totals[:n_pairs], totals[n_pairs:]
     rendered = [render_prompt(policy.tokenizer, p) for p in chosen]
     pairs = preference_pairs(rendered, *texts, score_a, score_b)
@@ -177,12 +182,13 @@ def _recorder(writer: MetricsWriter, names: dict, seen: dict, rows: list):
     return Record()
 
 
-def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list[str],
+def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
               reward_fns: list[tuple[str, Callable]], weights: list[float], max_steps: int, batch_size: int,
               num_generations: int, learning_rate: float, beta: float, sampling: SamplingConfig,
-              lora: dict, seed: int, threads: int, options: dict) -> dict:
-    """Train the model folder `model` with TRL's `method` on `prompts` (raw user texts); save the policy and
-    `metrics.jsonl` to `output_dir`. Returns {"completions", "tokens", "curve", "train_s"} (see the module docstring)."""
+              lora: dict, seed: int, threads: int, options: dict, columns: dict[str, list] | None = None) -> dict:
+    """Train the model folder `model` with TRL's `method` on `prompts` (raw user texts or lists of messages), whose
+    dataset `columns` (one value per prompt) the rewards get; save the policy and `metrics.jsonl` to `output_dir`.
+    Returns {"completions", "tokens", "curve", "train_s"} (see the module docstring)."""
     import datasets
     import transformers
     from datasets import Dataset
@@ -191,6 +197,7 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list[
     from rlgen.models import default_device, set_threads
 
     config_cls = _check_input(method, options, batch_size, num_generations, reward_fns, weights)
+    columns = columns or {}
     if method != "dpo" and len(prompts) < batch_size // num_generations:
         raise UserError(f"{method}: {len(prompts)} prompts, fewer than the {batch_size // num_generations} a step needs")
     datasets.disable_progress_bars()
@@ -213,8 +220,8 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list[
     sample_s = 0.0  # DPO's sampling happens before training; GRPO/RLOO generate inside trainer.train()
     if method == "dpo":
         start = time.perf_counter()
-        pairs, train_rows, sampled_means = _sample_pairs(policy, prompts, reward_fns, weights, max_steps * batch_size // 2,
-                                                         batch_size, sampling, seed, seen)
+        pairs, train_rows, sampled_means = _sample_pairs(policy, prompts, columns, reward_fns, weights,
+                                                         max_steps * batch_size // 2, batch_size, sampling, seed, seen)
         sample_s = time.perf_counter() - start
         with open(out / "preference_pairs.jsonl", "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in pairs)
@@ -222,12 +229,13 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list[
         trainer_kwargs = dict(train_dataset=Dataset.from_list(train_rows))
     else:
         rendered = [render_prompt(tok, p) for p in prompts]
-        funcs, trl_weights = _trl_rewards(reward_fns, weights, dict(zip(rendered, prompts)), seen)
+        funcs, trl_weights = _trl_rewards(reward_fns, weights, dict(zip(rendered, prompts)), list(columns), seen)
         args.update(per_device_train_batch_size=batch_size, num_generations=num_generations, reward_weights=trl_weights,
                     max_completion_length=sampling.max_new_tokens, temperature=sampling.temperature,
                     top_k=0, top_p=1.0,
                     generation_kwargs={"min_new_tokens": sampling.min_new_tokens})  # as Policy.sample (0: none)
-        trainer_kwargs = dict(reward_funcs=funcs, train_dataset=Dataset.from_list([{"prompt": p} for p in rendered]))
+        train_rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(rendered)]
+        trainer_kwargs = dict(reward_funcs=funcs, train_dataset=Dataset.from_list(train_rows))
     trainer = _trainer_class(method, sampling.max_prompt_length)(
         model=policy.model, args=config_cls(**{**args, **options}), processing_class=tok, peft_config=peft_config,
         callbacks=[_recorder(MetricsWriter(out), names, seen, rows)], **trainer_kwargs)

@@ -20,7 +20,8 @@ REWARDS = "def other(completions, **kwargs):\n    return [0.0] * len(completions
 def files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "nocol.jsonl").write_text('{"question": "hi"}\n')
-    (tmp_path / "ok.jsonl").write_text('{"prompt": "hi there"}\n')
+    # a single file is split by a hash of the prompt: ten rows leave some in every split
+    (tmp_path / "ok.jsonl").write_text("".join(f'{{"prompt": "hi there {i}"}}\n' for i in range(10)))
     (tmp_path / "unknown_key.yaml").write_text("max_stepz: 3\n")
     (tmp_path / "wrong_type.yaml").write_text("learning_rate: fast\n")
     (tmp_path / "rewards.py").write_text(REWARDS)
@@ -35,7 +36,7 @@ def _cases(d, tiny):
         ("wrong type (flag)", ["--max_steps", "three"], "--max_steps: expected an integer, got 'three'"),
         ("missing config file", ["--config", str(d / "nope.yaml")], f"config file {d / 'nope.yaml'} does not exist"),
         ("missing dataset file", [*ok, "--dataset", str(d / "none.jsonl")], "does not exist"),
-        ("empty dataset", [*ok, "--dataset", str(d / "empty.jsonl")], "(train) is empty"),
+        ("empty dataset", [*ok, "--dataset", str(d / "empty.jsonl")], "empty.jsonl is empty"),
         ("dataset without 'prompt'", [*ok, "--dataset", str(d / "nocol.jsonl")], "has no column 'prompt'"),
         ("prompt + completion beyond the context", [*ok, "--max_prompt_length", "1000", "--max_new_tokens", "48"],
          "max_prompt_length 1000 + max_new_tokens 48 exceeds the model's context of 1024 tokens"),

@@ -1,8 +1,9 @@
 import importlib.util
+import json
 
 import pytest
 
-from rlgen import data, files, models
+from rlgen import data, files, models, text
 from rlgen.errors import UserError
 
 
@@ -31,12 +32,12 @@ def test_csv_and_text_datasets(tmp_path):
 
 
 def test_render_prompt_uses_the_chat_template(tiny_tokenizer):
-    assert data.render_prompt(tiny_tokenizer, "hey") == "user: hey\nassistant:"
+    assert text.render_prompt(tiny_tokenizer, "hey") == "user: hey\nassistant:"
 
     class NoTemplate:
         chat_template = None
 
-    assert data.render_prompt(NoTemplate(), "hey") == "hey\n"
+    assert text.render_prompt(NoTemplate(), "hey") == "hey\n"
 
 
 def test_tiny_tokenizer_round_trips_any_text(tiny_tokenizer):
@@ -78,3 +79,59 @@ def test_default_model_loads_from_the_cache_and_samples():
     assert policy.base_config.num_hidden_layers == 30
     ro = policy.sample(["hello, how are you?"], SamplingConfig(max_new_tokens=8), with_values=False)
     assert ro.completions[0]
+
+
+def test_conversational_prompts_render_with_the_chat_template_as_trl_does(tiny_tokenizer, tmp_path):
+    chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hey"}]
+    assert text.render_prompt(tiny_tokenizer, chat) == "system: be kind\nuser: hey\nassistant:"
+    assert text.prompt_of({"prompt": chat}) is chat and text.prompt_of({"prompt": 3}) == "3"
+    reply = [{"role": "assistant", "content": "hi"}]
+    assert text.render_prompt_completion(tiny_tokenizer, chat, reply) == {
+        "prompt": "system: be kind\nuser: hey\nassistant:", "completion": " hi\n"}
+    assert text.render_prompt_completion(tiny_tokenizer, chat, "hi") == text.render_prompt_completion(
+        tiny_tokenizer, chat, reply)
+    assert text.render_conversation(tiny_tokenizer, chat + reply) == "system: be kind\nuser: hey\nassistant: hi\n"
+    (tmp_path / "m.jsonl").write_text(json.dumps({"messages": chat + reply}) + "\n")
+    assert data.load_sft_rows(str(tmp_path / "m.jsonl"))[0]["messages"] == chat + reply
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(UserError, match="conversational data .* needs a tokenizer with a chat template"):
+        text.render_prompt(NoTemplate(), chat)
+
+
+def test_a_single_user_file_is_split_by_a_hash_of_the_prompt(tmp_path):
+    """Held-out prompts for user data: train, validation and test are disjoint, cover the file, follow
+    sha1(prompt) mod 100 (< 90 train, < 95 validation), and the same prompt always lands in the same split."""
+    import hashlib
+    import json
+
+    rows = [{"prompt": f"question {i}", "completion": "x"} for i in range(300)]
+    rows.append({"prompt": [{"role": "user", "content": "hi"}], "completion": "x"})
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = {s: data.load_rows(str(path), s, columns=("prompt",)) for s in data.SPLITS}
+    assert sum(len(v) for v in splits.values()) == len(rows)
+    for split, got in splits.items():
+        for r in got:
+            key = r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"], sort_keys=True)
+            bucket = int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100
+            assert split == ("train" if bucket < 90 else "validation" if bucket < 95 else "test")
+    assert 240 < len(splits["train"]) < 290 and splits["test"]  # ~90% / ~5%
+    assert not {str(r["prompt"]) for r in splits["train"]} & {str(r["prompt"]) for r in splits["test"]}
+
+
+def test_an_empty_split_of_a_small_file_is_one_clear_line(tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_text('{"prompt": "question 1"}\n{"prompt": "question 2"}\n')
+    missing = [s for s in data.SPLITS if not any(data.split_of(f"question {i}") == s for i in (1, 2))]
+    with pytest.raises(UserError, match=f"no row falls in the {missing[0]} split .*hash of each prompt"):
+        data.load_rows(str(path), missing[0])
+
+
+def test_the_report_says_which_prompts_were_held_out(tmp_path):
+    (tmp_path / "f.jsonl").write_text("{}\n")
+    assert "held out from training" in data.held_out_note("chitchat", "test", 24)
+    assert "single file, split by a hash of each prompt" in data.held_out_note(str(tmp_path / "f.jsonl"), "test", 5)
+    assert "TRAINING prompts" in data.held_out_note(str(tmp_path), "train", 5)

@@ -2,6 +2,7 @@
 variant, surfaces bad rewards as RewardError, and runs under `accelerate launch` with 2 CPU processes."""
 
 import importlib.util
+import json
 import math
 import os
 import socket
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from rlgen.config import PPOConfig, SamplingConfig
+from rlgen.data import row_key, split_of
 from rlgen.errors import RewardError, UserError
 from rlgen.files import read_jsonl
 from rlgen.policy import Policy
@@ -224,3 +226,42 @@ def test_two_processes_with_accelerate_launch(tiny_folder, reward_file, tmp_path
         assert row["rewards/process_rank/mean"] == pytest.approx(0.5)
     sums = [float((tmp_path / f"param_sum_{rank}.txt").read_text()) for rank in (0, 1)]
     assert sums[0] == sums[1]  # gradients were averaged, so both processes hold the same weights
+
+
+TRL_REWARDS = '''
+from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment
+
+overlong = get_soft_overlong_punishment(max_completion_len=8, soft_punish_cache=4)
+repetition = get_repetition_penalty_reward(ngram_size=2)
+
+
+def solved(prompts, completions, solution, **kwargs):
+    """TRL's accuracy_reward shape (math_verify is not installed): conversational completions, a solution column,
+    checked against the prompt it belongs to (1.0 when the rows line up)."""
+    assert all(len(c) == 1 and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in completions)
+    return [float(s == p[-1]["content"].split()[-1]) for p, s in zip(prompts, solution, strict=True)]
+'''
+
+
+def test_trl_reward_functions_run_unchanged_in_ppo_and_the_evaluator(tiny_folder, tmp_path):
+    from rlgen.cli import main
+
+    (tmp_path / "trl_rewards.py").write_text(TRL_REWARDS)
+    rows = [{"prompt": [{"role": "system", "content": "answer"}, {"role": "user", "content": f"say {w}"}],
+             "solution": w} for w in ["one", "two", "three", "four", "five", "six"]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    specs = ["trl.rewards:think_format_reward", *(f"{tmp_path / 'trl_rewards.py'}:{f}"
+                                                   for f in ("overlong", "repetition", "solved"))]
+    train_ppo(small_config(tiny_folder, tmp_path / "ppo", dataset=str(data), reward=specs))
+    names = ["think_format_reward", "overlong", "repetition", "solved"]
+    for row in read_jsonl(tmp_path / "ppo" / "metrics.jsonl"):
+        assert row["rewards/solved/mean"] == 1.0 and all(f"rewards/{n}/mean" in row for n in names)
+    args = ["evaluate", "--model", str(tmp_path / "ppo"), "--dataset", str(data), "--split", "train",
+            "--num_prompts", "6", "--max_new_tokens", "8", "--output_dir", str(tmp_path / "eval")]
+    assert main(args + [a for s in specs for a in ("--reward", s)]) == 0
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in rows if split_of(row_key(r)) == "train"]
+    for s in samples:  # completion_ids are the sampled tokens, EOS included
+        assert s["rewards"]["overlong"] == pytest.approx(min(0.0, (4 - s["length"]) / 4))
+        assert s["rewards"]["solved"] == 1.0 and s["rewards"]["think_format_reward"] == 0.0

@@ -117,3 +117,13 @@ def test_no_gold_still_writes_every_file(tmp_path):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "gold" not in paths["comparison_csv"].read_text().splitlines()[0]
     assert paths["html"].read_text().count("data:image/png;base64,") == 3
+
+
+def test_conversational_prompts_are_shown_as_their_messages(tmp_path):
+    records = _records()
+    for record in records:
+        for s in record["samples"]:
+            s["prompt"] = [{"role": "user", "content": s["prompt"] + " <b>"}]
+    paths = write_comparison_report(tmp_path, records, PROXY, GOLD, {})
+    assert '"content": "tell me about topic 0 <b>"' in paths["samples"].read_text()
+    assert "topic 0 &lt;b&gt;" in paths["html"].read_text()

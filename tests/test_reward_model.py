@@ -143,6 +143,28 @@ def test_tokenize_pairs_matches_learned_reward_inputs():
     assert with_margin["margin"] == [0.5, 0.0]  # TRL's margin loss column
 
 
+def _chat(pair):
+    """A pair in TRL's conversational format with an implicit prompt (the shared first message)."""
+    user = [{"role": "user", "content": pair["prompt"]}]
+    return {side: user + [{"role": "assistant", "content": pair[side]}] for side in ("chosen", "rejected")}
+
+
+def test_conversational_pairs_are_scored_as_learned_reward_scores_conversations(tmp_path):
+    data = _write_jsonl(tmp_path / "chat.jsonl", [_chat(p) for p in _pairs(60)])
+    train, heldout = reward_model.load_preference_pairs(str(data))
+    first = next(p for p in _pairs(60) if p["prompt"] == train[0]["prompt"][0]["content"])
+    assert train[0]["chosen"] == [{"role": "assistant", "content": first["chosen"]}] and len(train) + len(heldout) == 60
+    summary = train_reward_model(_config(tmp_path, data, max_steps=2))
+    assert summary["counts"]["eval_pairs"] == len(heldout)
+    _, tokenizer = load_reward_base("tiny")
+    ids = tokenize_pairs(train[:1], tokenizer, max_length=128)[0]["chosen_ids"]
+    text = f"user: {first['prompt']}\nassistant: {first['chosen']}\n"
+    assert ids == tokenizer(text)["input_ids"]
+    reward = LearnedReward(tmp_path / "rm")
+    scores = reward([train[0]["prompt"]] * 2, [first["chosen"], train[0]["chosen"]])
+    assert scores == pytest.approx([reward([text], [""])[0]] * 2, abs=1e-5)
+
+
 # ---------------------------------------------------------------- training end to end
 
 
@@ -199,7 +221,7 @@ def test_normalisation_on_calibration_set(toy_model):
     ("rows", "overrides", "pattern"),
     [
         (None, {}, r"prefs\.jsonl does not exist"),
-        ([], {}, r"prefs\.jsonl \(train\) is empty"),
+        ([], {}, r"prefs\.jsonl is empty"),
         ([{"prompt": "p", "chosen": "a"}], {}, r"prefs\.jsonl has no column 'rejected'"),
         ([{"prompt": "p", "chosen": "a", "rejected": None}], {}, r"prefs\.jsonl: row 1 has an empty 'rejected'"),
         ([{"prompt": "p", "chosen": "a", "rejected": "b"}], {}, r"prefs\.jsonl: no held-out pairs"),

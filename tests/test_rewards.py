@@ -424,3 +424,69 @@ def test_learned_reward_errors(tmp_path, tiny_model):
             LearnedReward(tiny_model, device="cpu")
     finally:
         (tiny_model / "rlgen_reward.json").unlink()
+
+
+# ---------------------------------------------------------------- conversational data, Hub ids
+
+CHAT = [[{"role": "user", "content": "the cat"}], [{"role": "system", "content": "be brief"},
+                                                  {"role": "user", "content": "a dog"}]]
+
+
+def test_conversational_prompts_get_conversational_completions_as_in_trl():
+    from trl.rewards import think_format_reward
+
+    seen = {}
+
+    def record(prompts, completions, completion_ids, solution, **kwargs):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids, solution=solution)
+        return [0.0] * len(completions)
+
+    fns = [("think", think_format_reward), load_reward("target_length(target=2)"), ("record", record)]
+    completions = ["<think>hm</think> yes", "no"]
+    _, per_fn = score_rewards(fns, CHAT, completions, completion_ids=[[1], [2, 3]], solution=["a", "b"])
+    assert per_fn["think"] == [1.0, 0.0] and per_fn["target_length"] == [0.0, -0.5]
+    assert seen["completions"] == [[{"role": "assistant", "content": c}] for c in completions]
+    assert seen["prompts"] == CHAT and seen["ids"] == [[1], [2, 3]] and seen["solution"] == ["a", "b"]
+    score_rewards([("record", record)], ["the cat", "a dog"], completions, completion_ids=[[1], [2]], solution=[1, 2])
+    assert seen["completions"] == completions  # text prompts: text completions, as before
+
+
+def test_learned_reward_scores_a_conversation_with_its_chat_template(tiny_model):
+    reward = LearnedReward(tiny_model, device="cpu")
+    reward.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    replies = [[{"role": "assistant", "content": "sat on the mat"}], [{"role": "assistant", "content": "ran"}]]
+    texts = [reward.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(CHAT, replies)]
+    assert texts[1] == "be brief a dog ran "
+    assert reward(CHAT, replies) == pytest.approx(reward(texts, ["", ""]), abs=1e-6)
+
+
+def _hub_cache(root, repo_id, folder):
+    """A Hugging Face cache holding `folder` as the snapshot of `repo_id` (what a download leaves behind)."""
+    import shutil
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_reward_model_id_loads_from_the_hub_cache(tiny_model, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    _hub_cache(tmp_path, "rlgen-test/tiny-rm", tiny_model)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    name, reward = load_reward("rlgen-test/tiny-rm(batch_size=2)")
+    assert name == "tiny-rm" and reward.batch_size == 2
+    assert reward(PROMPTS, COMPLETIONS) == pytest.approx(LearnedReward(tiny_model)(PROMPTS, COMPLETIONS), abs=1e-5)
+
+
+def test_hub_reward_model_id_offline_error_names_the_id(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"Hub model 'nobody-xyz/made-up-rm' is not in the local .*offline") as info:
+        load_reward("nobody-xyz/made-up-rm")
+    assert "\n" not in str(info.value)

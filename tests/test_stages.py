@@ -52,7 +52,8 @@ def test_sft_with_lora_trains_only_the_adapter(tmp_path):
 
 
 def test_evaluate_writes_samples_summary_and_metrics(tmp_path, capsys):
-    data = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    (tmp_path / "prompts").mkdir()
+    data = _write_jsonl(tmp_path / "prompts" / "test.jsonl", [{"prompt": p["prompt"]} for p in PAIRS]).parent
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", "tiny", "--dataset", str(data), "--num_prompts", "6", "--max_new_tokens",
                  "8", "--batch_size", "4", "--reward", "sentiment_positive", "--reward", "target_length(target=5)",
@@ -92,3 +93,17 @@ def test_run_pipeline_end_to_end(tmp_path, capsys):
     after = json.loads((out / "eval_sft" / "eval_summary.json").read_text())
     assert abs(start["eval/kl"]) < 1e-4 and abs(after["eval/kl"]) > 1e-2
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+
+
+def test_sft_trains_on_conversational_rows(tmp_path, tiny_tokenizer):
+    from rlgen.sft import _dataset, train_sft
+
+    chats = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["completion"]}]
+             for p in PAIRS]
+    pairs = _dataset([{"prompt": c[:1], "completion": c[1:]} for c in chats], tiny_tokenizer, 8, 0)
+    assert pairs[0] == {"prompt": f"user: {PAIRS[0]['prompt']}\nassistant:", "completion": f" {PAIRS[0]['completion']}\n"}
+    texts = _dataset([{"messages": c} for c in chats], tiny_tokenizer, 8, 0)["text"]
+    assert texts[0] == pairs[0]["prompt"] + pairs[0]["completion"]
+    data = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in chats])
+    train_sft(SFTConfig(model="tiny", output_dir=str(tmp_path / "sft"), dataset=str(data), max_steps=2, batch_size=4))
+    assert [r["loss/sft"] > 0 for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "loss/sft" in r] == [True] * 2

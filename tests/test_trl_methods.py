@@ -128,3 +128,24 @@ def test_unknown_option_names_method_and_key(method, tiny_folder, tmp_path):
 def test_num_generations_must_divide_the_batch(num_generations, tiny_folder, tmp_path):
     with pytest.raises(UserError, match="num_generations"):
         run("grpo", tiny_folder, tmp_path, num_generations=num_generations)
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "dpo"])
+def test_rewards_get_conversational_completions_completion_ids_and_columns(method, tiny_folder, tiny_tokenizer,
+                                                                           tmp_path):
+    """As TRL calls its reward functions (and rlgen's PPO calls them): one assistant message per completion of a
+    conversational prompt, the sampled token ids and the dataset's other columns, row by row."""
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    calls = []
+
+    def check(prompts, completions, completion_ids, solution, **kwargs):
+        texts = [c[0]["content"] for c in completions]
+        assert all(len(c) == 1 and c[0]["role"] == "assistant" for c in completions)
+        assert texts == [tiny_tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completion_ids]
+        assert solution == [p[0]["content"].upper() for p in prompts]
+        calls.append(len(completions))
+        return [float(len(ids)) for ids in completion_ids]
+
+    out = run(method, tiny_folder, tmp_path, prompts=prompts, reward_fns=[("check", check), ("gold", check)],
+              columns={"solution": [p.upper() for p in PROMPTS]})
+    assert sum(calls) == 2 * out["completions"]  # the proxy and the gold saw every completion

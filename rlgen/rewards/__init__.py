@@ -2,7 +2,10 @@
 
 A reward is any callable ``f(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]``
 (the TRL GRPO ``reward_funcs`` convention) returning one value per completion; ``None`` means the reward does
-not apply to that sample. Extra keyword arguments (dataset columns and more) must be accepted.
+not apply to that sample. Extra keyword arguments must be accepted: every caller (PPO, the evaluator, the TRL
+baselines) passes ``completion_ids`` (each completion's token ids, EOS included) and the dataset's other columns
+(``reward_columns``). As in TRL, when the prompts are conversational (lists of messages) each completion is
+passed as one assistant message, ``[{"role": "assistant", "content": text}]``.
 """
 
 import ast
@@ -18,7 +21,7 @@ import sys
 from pathlib import Path
 
 from rlgen.errors import RewardError, UserError
-from rlgen.rewards.learned import LearnedReward
+from rlgen.rewards.learned import LearnedReward, is_hub_id
 from rlgen.rewards.rules import (
     keyword,
     regex_match,
@@ -29,8 +32,9 @@ from rlgen.rewards.rules import (
     target_length,
     toxicity_penalty,
 )
+from rlgen.text import is_conversation
 
-__all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_mean_metrics", "score_rewards"]
+__all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_columns", "reward_mean_metrics", "score_rewards"]
 
 BUILTIN_REWARDS = {
     "sentiment_positive": sentiment_positive,
@@ -183,8 +187,8 @@ def _bind(name, fn, kwargs):
 def load_reward(spec):
     """Resolve a reward spec to ``(name, callable)``; a callable is taken as it is, named by its ``__name__``.
 
-    Specs: a built-in name (see BUILTIN_REWARDS), ``package.module:function``, ``path/to/file.py:function`` or
-    a reward model folder (-> LearnedReward). Each may carry literal keyword arguments, bound with
+    Specs: a built-in name (see BUILTIN_REWARDS), ``package.module:function``, ``path/to/file.py:function``,
+    a reward model folder or a Hub model id ``owner/name`` that is not a folder (-> LearnedReward). Each may carry literal keyword arguments, bound with
     functools.partial: ``target_length(target=30)``, ``mypkg.mod:fn(scale=2.0)``; a folder's arguments go to
     LearnedReward (``batch_size``, ``device``, ``max_length``). The name is the built-in name, the function's
     name or the folder name, without arguments, so it fits metric keys such as ``rewards/<name>/mean``.
@@ -205,6 +209,8 @@ def load_reward(spec):
     elif ":" in target:
         name, fn = _load_attribute(target, spec)
         _check_kwargs(spec, fn, kwargs, strict=False)
+    elif is_hub_id(target):
+        return _learned(target, kwargs, spec)
     elif "/" in target or "\\" in target:
         raise UserError(f"reward spec {spec!r}: reward model folder not found: {target}")
     else:
@@ -282,9 +288,12 @@ def score_rewards(reward_fns, prompts, completions, weights=None, **kwargs):
     (floats or None); a repeated name gets a ``_2``, ``_3``, ... suffix. Functions are called as TRL does,
     ``fn(prompts=..., completions=..., **kwargs)``, so ``def f(completions, **kwargs)`` works too. A function
     that raises or returns anything but one finite number (or None) per completion raises RewardError naming it.
+    Text completions of conversational prompts are passed as one assistant message each, as TRL passes them.
     """
     if len(prompts) != len(completions):
         raise UserError(f"score_rewards: {len(prompts)} prompts but {len(completions)} completions")
+    if prompts and is_conversation(prompts[0]):
+        completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]
     weights = _check_weights(weights, len(reward_fns))
     totals = [0.0] * len(completions)
     per_fn = {}
@@ -295,6 +304,13 @@ def score_rewards(reward_fns, prompts, completions, weights=None, **kwargs):
             if value is not None:
                 totals[i] += weight * value
     return totals, per_fn
+
+
+def reward_columns(rows):
+    """The dataset columns reward functions get, as keyword lists (TRL's convention): all but `prompt`,
+    `completion` and `completion_ids` (the sampled ones are passed instead)."""
+    keys = [k for k in (rows[0] if rows else {}) if k not in ("prompt", "completion", "completion_ids")]
+    return {k: [r.get(k) for r in rows] for k in keys}
 
 
 def reward_mean_metrics(per_fn):

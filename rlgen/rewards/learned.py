@@ -1,4 +1,5 @@
-"""A learned reward: a local sequence-classification model with one logit scoring ``prompt + completion``."""
+"""A learned reward: a sequence-classification model (a local folder or, online, a Hub id) with one logit
+scoring ``prompt + completion``, or the whole conversation (chat template) for conversational prompts."""
 
 import json
 import re
@@ -8,9 +9,11 @@ from pathlib import Path
 import torch
 
 from rlgen.errors import UserError
+from rlgen.text import as_messages, is_conversation, render_conversation
 
 NORMALISATION_FILE = "rlgen_reward.json"
 _SANE_MAX_LENGTH = 1_000_000
+_HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")
 
 
 def _one_line(text):
@@ -40,19 +43,43 @@ def _read_normalisation(folder):
     return float(values[0]), float(values[1])
 
 
-def _load(folder):
-    """Tokenizer and one-logit classifier from a local folder; UserError naming the folder otherwise."""
+def is_hub_id(name) -> bool:
+    """`owner/name` that is not an existing path: a Hugging Face Hub model id (as `rlgen.models` reads `--model`)."""
+    return bool(_HUB_ID.fullmatch(str(name))) and not Path(name).exists()
+
+
+def _from_hub(name):
+    """Tokenizer and model from the Hub (or its local cache); UserError naming the id when neither has it."""
+    from huggingface_hub import constants
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if not folder.is_dir():
-        raise UserError(f"reward model folder not found: {folder}")
-    if not (folder / "config.json").is_file():
-        raise UserError(f"no reward model in {folder}: config.json is missing")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name), AutoModelForSequenceClassification.from_pretrained(name)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load reward model from {folder}: {_one_line(e)}") from e
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"reward model folder not found: {name}, and the Hub model {name!r} is not in the local "
+                            "Hugging Face cache (offline: HF_HUB_OFFLINE is set)") from e
+        raise UserError(f"reward model folder not found: {name}, and cannot load the Hub model {name!r}: "
+                        f"{_one_line(e)}") from e
+
+
+def _load(path):
+    """Tokenizer and one-logit classifier from a local folder or a Hub id; UserError naming it otherwise."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(path)
+    if is_hub_id(path):
+        tokenizer, model = _from_hub(str(path))
+    elif not folder.is_dir():
+        raise UserError(f"reward model folder not found: {folder}")
+    elif not (folder / "config.json").is_file():
+        raise UserError(f"no reward model in {folder}: config.json is missing")
+    else:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot load reward model from {folder}: {_one_line(e)}") from e
     if model.config.num_labels != 1:
         raise UserError(f"reward model {folder} has {model.config.num_labels} labels; a reward model needs 1")
     return tokenizer, model
@@ -68,8 +95,18 @@ def _ensure_pad_token(tokenizer, model, folder):
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def scored_text(tokenizer, prompt, completion) -> str:
+    """What a reward model scores: ``prompt + completion``, or for a conversational prompt the whole conversation
+    (a text completion as one assistant message) rendered with the chat template, as TRL's GRPO renders it."""
+    if is_conversation(prompt):
+        return render_conversation(tokenizer, prompt + as_messages(completion, "assistant"))
+    return prompt + completion
+
+
 class LearnedReward:
-    """Scores ``prompt + completion`` with a local one-logit sequence classifier: ``gain * logit + bias``.
+    """Scores ``prompt + completion`` with a one-logit sequence classifier: ``gain * logit + bias`` (gain and bias
+    from a folder's rlgen_reward.json; 1 and 0 for a Hub id). Conversational prompts are scored as TRL's GRPO
+    scores them with a reward model: the chat template of the prompt's messages followed by the completion's.
 
     Texts longer than the model's context are truncated on the tokenizer's truncation side, with one warning
     per call. Nothing is cached between calls.
@@ -85,7 +122,7 @@ class LearnedReward:
         self.__name__ = re.sub(r"[^\w.-]+", "_", folder.resolve().name)
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer, self.model = _load(folder)
+        self.tokenizer, self.model = _load(path)
         _ensure_pad_token(self.tokenizer, self.model, folder)
         self.tokenizer.padding_side = "right"
         self.model.to(self.device).eval()
@@ -131,7 +168,7 @@ class LearnedReward:
         return self.model(**enc).logits[:, 0].float().tolist()
 
     def __call__(self, prompts, completions, **kwargs):
-        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        texts = [scored_text(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
         if not texts:
             return []
         self._warn_truncation(texts)

@@ -1,6 +1,7 @@
 """Built-in rule-based rewards: ``f(prompts, completions, **kwargs) -> list[float]``.
 
-Each scores the completion only; extra keyword arguments (TRL passes dataset columns and more) are ignored.
+Each scores the completion only (a conversational completion, one assistant message as TRL passes it, by its
+content); extra keyword arguments (TRL passes dataset columns and more) are ignored.
 Bad arguments raise UserError naming the reward, even for empty batches, so ``load_reward`` can check them early.
 """
 
@@ -8,6 +9,10 @@ import re
 from functools import lru_cache
 
 from rlgen.errors import UserError
+
+
+def _texts(completions):
+    return [c[0]["content"] if isinstance(c, list) else c for c in completions]
 
 
 @lru_cache(maxsize=1)
@@ -25,7 +30,7 @@ def sentiment_positive(prompts, completions, **kwargs):
     [0.8478, 0.0]
     """
     analyzer = _analyzer()
-    return [analyzer.polarity_scores(c)["compound"] for c in completions]
+    return [analyzer.polarity_scores(c)["compound"] for c in _texts(completions)]
 
 
 def sentiment_negative(prompts, completions, **kwargs):
@@ -46,7 +51,7 @@ def sentiment_textblob(prompts, completions, **kwargs):
     """
     from textblob import TextBlob
 
-    return [float(TextBlob(c).sentiment.polarity) for c in completions]
+    return [float(TextBlob(c).sentiment.polarity) for c in _texts(completions)]
 
 
 def target_length(prompts, completions, target=20, unit="words", **kwargs):
@@ -61,7 +66,7 @@ def target_length(prompts, completions, target=20, unit="words", **kwargs):
         raise UserError(f"target_length: unit must be 'words' or 'chars', got {unit!r}")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0:
         raise UserError(f"target_length: target must be a positive number, got {target!r}")
-    lengths = [len(c.split()) if unit == "words" else len(c) for c in completions]
+    lengths = [len(c.split()) if unit == "words" else len(c) for c in _texts(completions)]
     return [-abs(n - target) / target for n in lengths]
 
 
@@ -89,7 +94,7 @@ def keyword(prompts, completions, include=(), exclude=(), case_sensitive=False, 
         hits = sum(bool(p.search(text)) for p in wanted) - sum(bool(p.search(text)) for p in unwanted)
         return hits / total
 
-    return [score(c) for c in completions]
+    return [score(c) for c in _texts(completions)]
 
 
 def regex_match(prompts, completions, pattern, **kwargs):
@@ -102,7 +107,7 @@ def regex_match(prompts, completions, pattern, **kwargs):
         compiled = re.compile(pattern)
     except (re.error, TypeError) as e:
         raise UserError(f"regex_match: bad pattern {pattern!r}: {e}") from e
-    return [1.0 if compiled.search(c) else 0.0 for c in completions]
+    return [1.0 if compiled.search(c) else 0.0 for c in _texts(completions)]
 
 
 def _minus_repeated_fraction(words, n):
@@ -121,7 +126,7 @@ def repetition_penalty(prompts, completions, n=3, **kwargs):
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError(f"repetition_penalty: n must be a positive integer, got {n!r}")
-    return [_minus_repeated_fraction(c.split(), n) for c in completions]
+    return [_minus_repeated_fraction(c.split(), n) for c in _texts(completions)]
 
 
 @lru_cache(maxsize=1)
@@ -142,4 +147,4 @@ def toxicity_penalty(prompts, completions, **kwargs):
     predict_prob = _profanity_prob()
     if not completions:
         return []
-    return [-float(p) for p in predict_prob(list(completions))]
+    return [-float(p) for p in predict_prob(_texts(completions))]
