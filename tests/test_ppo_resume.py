@@ -200,3 +200,32 @@ def test_signal_through_the_cli_writes_a_checkpoint_and_resumes(tmp_path, sig, c
         assert result.returncode == 0, result.stderr[-2000:]
         assert [r["step"] for r in read_metrics(metrics)] == list(range(1, done + 3))
         assert (out / "model.safetensors").is_file()
+
+
+class _Planted:
+    """Unpickling it would call os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_planted_rng_pickle_is_refused_with_one_line(tiny_folder, reward_file, tmp_path, capsys):
+    """Before the fix the RNG file was unpickled with weights_only=False: the callable ran and resume went on."""
+    from rlgen.cli import main
+
+    out, ran = tmp_path / "run", tmp_path / "planted_code_ran"
+    train_ppo(config(tiny_folder, reward_file, out, max_steps=1, save_steps=0))
+    rng_file = out / "checkpoint-1" / "rng_state_0.pth"
+    torch.save({"python": _Planted(ran)}, rng_file)
+    capsys.readouterr()
+    argv = ["ppo", "--model", str(tiny_folder), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "4",
+            "--mini_batch_size", "2", "--max_new_tokens", "8", "--reward", f"{reward_file}:vowels",
+            "--resume_from_checkpoint", "latest"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith(f"rlgen: error: resume_from_checkpoint: {rng_file} is not an RNG state rlgen wrote"), err
+    assert "system" in err and not ran.exists()
