@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,15 +234,35 @@ class Policy(nn.Module):
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def generation_config(self, s: SamplingSettings, hidden_states: bool = False):
-        """Pure sampling (no model-specific defaults such as top_k=50) that returns raw logits per step."""
+        """Pure sampling (no model-specific defaults such as top_k=50) that returns raw logits per step.
+
+        Every field with a neutral value is set: generate() fills each None from the model's generation_config
+        (a folder's generation_config.json), then from the global defaults (top_k=50). Fields that are off only
+        when None (min_p, suppress_tokens, bad_words_ids, forced_eos_token_id, ...) need the model's config
+        hidden too: generate through `model_generation_defaults_hidden()`, as `sample` does."""
         from transformers import GenerationConfig
 
-        # top_k=0 and repetition_penalty=1.0 are explicit: a None would be filled in by generate() from the
-        # model's generation_config or the global default top_k=50, silently changing the sampled distribution.
-        return GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k, repetition_penalty=1.0,
-                                top_p=s.top_p, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
-                                eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-                                return_dict_in_generate=True, output_logits=True, output_hidden_states=hidden_states)
+        return GenerationConfig(do_sample=True, num_beams=1, num_return_sequences=1, temperature=s.temperature,
+                                top_k=s.top_k, top_p=s.top_p, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                                repetition_penalty=1.0, encoder_repetition_penalty=1.0, length_penalty=1.0,
+                                no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, renormalize_logits=False,
+                                remove_invalid_values=False, max_new_tokens=s.max_new_tokens,
+                                min_new_tokens=s.min_new_tokens, eos_token_id=self.eos_token_ids,
+                                pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True,
+                                output_logits=True, output_hidden_states=hidden_states)
+
+    @contextmanager
+    def model_generation_defaults_hidden(self):
+        """While open, generate() sees an empty model generation_config, so nothing from the model folder
+        fills the fields `generation_config` leaves None; only transformers' neutral global defaults do."""
+        from transformers import GenerationConfig
+
+        model = self.base_model
+        saved, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            yield
+        finally:
+            model.generation_config = saved
 
     @torch.no_grad()
     def sample(self, prompts: list[str], settings: SamplingSettings, with_values: bool = True) -> Rollout:
@@ -252,8 +272,9 @@ class Policy(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                      generation_config=self.generation_config(settings, shared_values))
+            with self.model_generation_defaults_hidden():
+                out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                          generation_config=self.generation_config(settings, shared_values))
         finally:
             self.model.train(was_training)
         completion_ids = out.sequences[:, prompt_ids.shape[1]:]

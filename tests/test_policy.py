@@ -135,3 +135,36 @@ def test_separate_critic_gives_values_and_round_trips(tiny_tokenizer, tmp_path):
     loaded = Policy.from_pretrained(str(tmp_path / "c"), separate_critic=True)
     _, values2, _ = loaded.forward(ro.input_ids, ro.attention_mask, T)
     torch.testing.assert_close(values2[m], values[m], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_folders_generation_config_does_not_change_sampling(tiny_folder, tmp_path):
+    """generate() fills every field rlgen leaves unset from the folder's generation_config.json; each of these
+    would change the sampled tokens (and with them the log-probs). Same weights, same seed: same rollout."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    tok = Policy.from_pretrained(str(tiny_folder), reference=False).tokenizer
+    banned = tok(" you", add_special_tokens=False)["input_ids"]
+    folder = tmp_path / "opinionated"
+    shutil.copytree(tiny_folder, folder)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.3, top_k=5,
+                     top_p=0.5, min_p=0.2, typical_p=0.5, epsilon_cutoff=0.01, eta_cutoff=0.01, min_length=40,
+                     no_repeat_ngram_size=1, repetition_penalty=5.0, suppress_tokens=banned[:1],
+                     bad_words_ids=[banned], begin_suppress_tokens=[2], sequence_bias=[[[3], 5.0]],
+                     renormalize_logits=True, forced_eos_token_id=2,
+                     exponential_decay_length_penalty=(2, 1.5)).save_pretrained(folder)
+    settings = SamplingSettings(max_new_tokens=12, temperature=0.7)
+    rollouts = []
+    for path in (tiny_folder, folder):
+        policy = Policy.from_pretrained(str(path), reference=False)
+        torch.manual_seed(0)
+        rollouts.append(policy.sample(PROMPTS * 3, settings, with_values=False))
+    plain, opinionated = rollouts
+    assert torch.equal(opinionated.completion_ids, plain.completion_ids)
+    assert opinionated.completions == plain.completions
+    torch.testing.assert_close(opinionated.logprobs, plain.logprobs, atol=0, rtol=0)
+    # the stored log-probs are those of the distribution that sampled: a plain forward pass at the temperature
+    T = opinionated.completion_ids.shape[1]
+    forward, _, _ = policy.forward(opinionated.input_ids, opinionated.attention_mask, T, temperature=0.7)
+    torch.testing.assert_close(opinionated.logprobs, forward * opinionated.completion_mask, atol=1e-4, rtol=1e-4)
