@@ -124,13 +124,22 @@ def test_separate_critic_gives_values_and_round_trips(tiny_tokenizer, tmp_path):
 
     model = build_tiny_model(tiny_tokenizer, seed=0)
     policy = Policy(model, tiny_tokenizer, critic=copy.deepcopy(model.base_model))
+    torch.manual_seed(0)
     with torch.no_grad():
         policy.value_head.weight.normal_()
+        for p in policy.critic.parameters():  # no longer the policy's trunk: shared-trunk values would differ
+            p.add_(0.05 * torch.randn_like(p))
     ro = policy.sample(PROMPTS, SamplingSettings(max_new_tokens=5))
     T = ro.completion_ids.shape[1]
     _, values, _ = policy.forward(ro.input_ids, ro.attention_mask, T)
     m = ro.completion_mask.bool()
-    torch.testing.assert_close(ro.values[m], values[m], atol=1e-5, rtol=1e-5)
+    for i in range(len(PROMPTS)):  # by hand: the critic on the unpadded row, hidden state P - 1 + t values token t
+        P = int(ro.prompt_mask[i].sum())
+        ids = torch.cat([ro.prompt_ids[i][-P:], ro.completion_ids[i]])[None]
+        with torch.no_grad():
+            expected = policy.value_head(policy.critic(input_ids=ids).last_hidden_state[0, P - 1:P - 1 + T])[:, 0]
+        torch.testing.assert_close(ro.values[i][m[i]], expected[m[i]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[i][m[i]], expected[m[i]], atol=1e-5, rtol=1e-5)
     policy.save(tmp_path / "c")
     loaded = Policy.from_pretrained(str(tmp_path / "c"), separate_critic=True)
     _, values2, _ = loaded.forward(ro.input_ids, ro.attention_mask, T)
