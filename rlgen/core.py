@@ -108,17 +108,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of ``x`` over all positions where ``mask`` is set, as a 0-dim tensor.
 
-    With ``unbiased=True`` Bessel's correction ``n / (n - 1)`` is applied, and fewer than 2 real values
-    raise ValueError (this reads the count on the host, i.e. one device sync). With ``unbiased=False``
-    an empty mask gives nan, like :func:`masked_mean`.
+    With ``unbiased=True`` Bessel's correction ``n / (n - 1)`` is applied for n >= 2 real values. One real
+    value has variance 0 (no spread, either way); an empty mask gives nan, like :func:`masked_mean`.
     """
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     if unbiased:
-        n = int(mask.bool().sum().item())
-        if n < 2:
-            raise ValueError(f"unbiased masked_var needs at least 2 real values, the mask has {n}")
-        var = var * (n / (n - 1))
+        n = mask.bool().sum().to(var.dtype)
+        var = var * (n / (n - 1).clamp(min=1))  # n = 1: 0 * 1; n = 0: nan * 0 = nan
     return var
 
 
@@ -135,7 +132,8 @@ def masked_whiten(
         eps: added to the variance before the square root.
 
     Returns:
-        ``[B, T]``; masked positions are 0. Needs at least 2 real tokens (see :func:`masked_var`).
+        ``[B, T]``; masked positions are 0. A single real token has variance 0 (see :func:`masked_var`), so it
+        becomes 0, or keeps its value with ``shift_mean=False``.
     """
     mean = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=True)

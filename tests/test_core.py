@@ -167,12 +167,19 @@ def test_masked_var_hand_value():
     assert core.masked_var(x, mask, unbiased=False).item() == pytest.approx(2.0 / 3.0)
 
 
-@pytest.mark.parametrize("count", [0, 1])
-def test_masked_var_unbiased_needs_two_values(count):
-    mask = torch.zeros(1, 4)
-    mask[0, :count] = 1
-    with pytest.raises(ValueError):
-        core.masked_var(torch.randn(1, 4), mask, unbiased=True)
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_masked_var_of_one_value_is_zero_and_of_none_nan(unbiased):
+    x = torch.tensor([[2.5, 7.0, -3.0, 9.0]], dtype=D)
+    assert core.masked_var(x, torch.tensor([[0, 1, 0, 0]]), unbiased=unbiased).item() == 0.0
+    assert math.isnan(core.masked_var(x, torch.zeros(1, 4), unbiased=unbiased).item())
+
+
+def test_masked_whiten_of_one_real_token():
+    """A batch of one single-token completion (batch_size 1, immediate EOS): its mean is removed, nothing else."""
+    x = torch.tensor([[0.7, 5.0], [99.0, -4.0]], dtype=D)
+    mask = torch.tensor([[1, 0], [0, 0]])
+    assert core.masked_whiten(x, mask).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert core.masked_whiten(x, mask, shift_mean=False).tolist() == [[0.7, 0.0], [0.0, 0.0]]
 
 
 def test_masked_whiten_mean_zero_var_one_and_zero_padding():
