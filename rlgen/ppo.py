@@ -359,7 +359,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             #    one that raises or returns anything but one finite number per completion raises RewardError
             t0 = time.perf_counter()
             columns = {k: [r.get(k) for r in batch] for k in batch[0] if k not in ("prompt", "completion")}
-            totals, per_fn = score_rewards(reward_fns, ro.prompts, ro.completions, weights, **columns)
+            totals, per_fn = score_rewards(reward_fns, ro.prompts, ro.completions, weights, columns)
             raw_scores = torch.tensor(totals, dtype=torch.float32, device=mask.device)  # [B]
 
             # 3. shape: EOS penalty (HUANG), then per-token rewards = score at the last token - beta * KL.

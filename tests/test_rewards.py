@@ -249,10 +249,24 @@ def test_score_rewards_passes_kwargs_and_accepts_arrays():
         [("col", uses_column), ("t", tensor), ("t", _constant((True, 1)))],
         ["p", "q"],
         ["x", "y"],
-        answer=["x", "z"],
+        columns={"answer": ["x", "z"]},
     )
     assert per_fn == {"col": [1.0, 0.0], "t": [0.25, 0.25], "t_2": [1.0, 1.0]}
     assert totals == [2.25, 1.25]
+
+
+def test_columns_named_like_score_rewards_arguments_reach_the_reward():
+    """Before columns were a dict, a `weights` column was score_rewards' own argument: a TypeError traceback."""
+
+    def sees(prompts, completions, weights, reward_fns, columns, **kwargs):
+        return [w * r + c for w, r, c in zip(weights, reward_fns, columns)]
+
+    columns = {"weights": [2.0, 3.0], "reward_fns": [1.0, 10.0], "columns": [0.5, 0.0]}
+    totals, per_fn = score_rewards([("sees", sees)], ["p", "q"], ["a", "b"], [2.0], columns)
+    assert per_fn == {"sees": [2.5, 30.0]} and totals == [5.0, 60.0]
+    for name in ("prompts", "completions"):
+        with pytest.raises(UserError, match=f"^dataset column '{name}' collides with the reward argument"):
+            score_rewards([("sees", sees)], ["p"], ["a"], columns={name: ["x"]})
 
 
 def test_score_rewards_with_builtins():

@@ -272,17 +272,23 @@ def _unique_name(name, taken):
     return next(c for c in candidates if c not in taken)
 
 
-def score_rewards(reward_fns, prompts, completions, weights=None, **kwargs):
+def score_rewards(reward_fns, prompts, completions, weights=None, columns=None):
     """Call each ``(name, fn)`` and return ``(totals, per_fn)``.
 
     ``totals[i]`` is the weighted sum (weights default to 1) of the values for sample i, where None contributes
     nothing; a sample every function gives None totals 0.0. ``per_fn`` maps each name to its validated values
     (floats or None); a repeated name gets a ``_2``, ``_3``, ... suffix. Functions are called as TRL does,
-    ``fn(prompts=..., completions=..., **kwargs)``, so ``def f(completions, **kwargs)`` works too. A function
-    that raises or returns anything but one finite number (or None) per completion raises RewardError naming it.
+    ``fn(prompts=..., completions=..., **columns)`` (``columns``: dataset column name -> one value per sample,
+    a dict so no column name can collide with this function's own arguments), so ``def f(completions,
+    **kwargs)`` works too. A function that raises or returns anything but one finite number (or None) per
+    completion raises RewardError naming it.
     """
     if len(prompts) != len(completions):
         raise UserError(f"score_rewards: {len(prompts)} prompts but {len(completions)} completions")
+    kwargs = dict(columns or {})
+    for name in ("prompts", "completions"):
+        if name in kwargs:
+            raise UserError(f"dataset column {name!r} collides with the reward argument {name!r}: rename it")
     weights = _check_weights(weights, len(reward_fns))
     totals = [0.0] * len(completions)
     per_fn = {}
