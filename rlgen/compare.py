@@ -231,11 +231,11 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _reward_names(specs: list[str]) -> list[str]:
     """The names score_rewards logs for these specs, in order (a repeated name gets _2, _3, ...)."""
-    from rlgen.rewards import _unique_name, load_reward
+    from rlgen.rewards import _unique_name, reward_name
 
     names: list[str] = []
     for spec in specs:
-        names.append(_unique_name(load_reward(spec)[0], names))
+        names.append(_unique_name(reward_name(spec), names))
     return names
 
 

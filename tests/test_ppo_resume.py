@@ -31,7 +31,7 @@ _calls = 0
 
 
 def vowels(completions, **kwargs):
-    """Vowel share; sends this process SIGINT during update $RLGEN_TEST_STOP_AT (one call per update)."""
+    """Vowel share; sends this process SIGINT at call $RLGEN_TEST_STOP_AT (one call per update)."""
     global _calls
     _calls += 1
     if os.environ.get("RLGEN_TEST_STOP_AT") == str(_calls):
@@ -57,9 +57,10 @@ def raises_at(completions, at=3, **kwargs):
 TIME_KEYS = {"time/rollout", "time/score", "time/update"}
 
 
-@pytest.fixture(scope="module")
-def reward_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rewards") / "resume_rewards.py"
+@pytest.fixture
+def reward_file(tmp_path):
+    """One file per test: a reward file runs once per process, so its call counter spans the test's runs."""
+    path = tmp_path / "resume_rewards.py"
     path.write_text(REWARDS)
     return path
 
@@ -93,7 +94,7 @@ def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, 
     assert [n for n, _ in complete_checkpoints(one_go)] == [4, 6]  # save_total_limit 2
 
     split = tmp_path / "split"
-    monkeypatch.setenv("RLGEN_TEST_STOP_AT", "3")
+    monkeypatch.setenv("RLGEN_TEST_STOP_AT", "9")  # update 3 of this run: the one-go run made calls 1-6
     with pytest.raises(TrainingInterrupted) as stopped:
         train_ppo(config(tiny_folder, reward_file, split, **overrides))
     monkeypatch.delenv("RLGEN_TEST_STOP_AT")

@@ -20,6 +20,7 @@ from rlgen.rewards import (  # noqa: E402
     LearnedReward,
     load_reward,
     reward_mean_metrics,
+    reward_name,
     rules,
     score_rewards,
 )
@@ -171,7 +172,39 @@ def test_file_function(tmp_path):
     name, fn = load_reward(f"{path}:bonus(value=0.5)")
     assert name == "bonus" and fn(["p", "q"], ["a", "b"]) == [0.5, 0.5]
     other_name, other = load_reward(f"{path}:bonus")
-    assert other_name == "bonus" and other.__module__ != fn.func.__module__
+    assert other_name == "bonus" and other is fn.func  # the file ran once: one module
+
+
+def test_a_reward_file_runs_once_per_process(tmp_path):
+    """Before, every load_reward of a file spec ran the file again (several times per comparison)."""
+    runs = tmp_path / "runs.txt"
+    path = tmp_path / "counted.py"
+    path.write_text(f"open({str(runs)!r}, 'a').write('ran\\n')\n\n\n"
+                    "def first(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n\n\n"
+                    "def second(prompts, completions, scale=1.0, **kwargs):\n    return [scale] * len(completions)\n")
+    specs = [f"{path}:first", f"{path}:second(scale=2.0)", f"{tmp_path}/../{tmp_path.name}/counted.py:first"]
+    loaded = [load_reward(spec) for spec in specs]
+    assert runs.read_text() == "ran\n"
+    assert [name for name, _ in loaded] == ["first", "second", "first"] and loaded[0][1] is loaded[2][1]
+    assert [fn(["p"], ["c"]) for _, fn in loaded] == [[1.0], [2.0], [1.0]]
+
+
+def test_reward_name_loads_nothing(tmp_path, reward_package):
+    """compare names rewards with reward_name: before, it loaded each learned model (here: a broken one)."""
+    from rlgen.compare import _reward_names
+
+    broken = tmp_path / "my rm"
+    broken.mkdir()
+    assert reward_name(str(broken)) == reward_name(f"{broken}(batch_size=2)") == "my_rm"
+    with pytest.raises(UserError, match="config.json is missing"):
+        load_reward(str(broken))
+    assert _reward_names([str(broken), "target_length(target=3)", str(broken)]) == ["my_rm", "target_length",
+                                                                                     "my_rm_2"]
+    never_run = tmp_path / "never_run.py"
+    never_run.write_text("raise RuntimeError('ran')\n")
+    assert reward_name(f"{never_run}:fn(scale=2)") == "fn"
+    for spec in ("target_length(target=3)", "myrewards.mod:scaled_length(scale=2.0)", "sentiment_positive"):
+        assert reward_name(spec) == load_reward(spec)[0], spec
 
 
 @pytest.mark.parametrize(

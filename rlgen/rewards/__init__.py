@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from rlgen.errors import RewardError, UserError
-from rlgen.rewards.learned import LearnedReward
+from rlgen.rewards.learned import LearnedReward, folder_reward_name
 from rlgen.rewards.rules import (
     keyword,
     regex_match,
@@ -30,7 +30,7 @@ from rlgen.rewards.rules import (
     toxicity_penalty,
 )
 
-__all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_mean_metrics", "score_rewards"]
+__all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_mean_metrics", "reward_name", "score_rewards"]
 
 BUILTIN_REWARDS = {
     "sentiment_positive": sentiment_positive,
@@ -45,6 +45,7 @@ BUILTIN_REWARDS = {
 
 _SPEC = re.compile(r"([^()]*?)\s*(?:\((.*)\))?", re.DOTALL)
 _module_counter = itertools.count()
+_file_modules = {}  # resolved path of a reward file -> its module
 
 
 def _one_line(text):
@@ -86,9 +87,12 @@ def _split_spec(spec):
 
 
 def _import_file(location, spec):
+    """The module of a reward file, run once per process (per resolved path), like an imported module."""
     path = Path(location)
     if not path.is_file():
         raise UserError(f"reward spec {spec!r}: file not found: {location}")
+    if path.resolve() in _file_modules:
+        return _file_modules[path.resolve()]
     stem = re.sub(r"\W", "_", path.stem)
     module_name = f"_rlgen_reward_{next(_module_counter)}_{stem}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -103,6 +107,7 @@ def _import_file(location, spec):
         raise UserError(
             f"reward spec {spec!r}: loading {location} raised {type(e).__name__}: {_one_line(e)}"
         ) from e
+    _file_modules[path.resolve()] = module
     return module
 
 
@@ -212,6 +217,17 @@ def load_reward(spec: str):
             "or give module:function, path/to/file.py:function or a reward model folder"
         )
     return name, _bind(name, fn, kwargs)
+
+
+def reward_name(spec: str) -> str:
+    """The name ``load_reward(spec)`` gives a valid spec, without loading it (no model, no file run)."""
+    spec = spec.strip()
+    target = spec if Path(spec).is_dir() else _split_spec(spec)[0]
+    if Path(target).is_dir():
+        return folder_reward_name(target)
+    if target not in BUILTIN_REWARDS and ":" in target:
+        return target.rpartition(":")[2].rpartition(".")[2]
+    return target
 
 
 def _as_list(name, result):

@@ -68,6 +68,11 @@ def _ensure_pad_token(tokenizer, model, folder):
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def folder_reward_name(path):
+    """A reward model folder's reward name: its folder name, kept to ``[\\w.-]`` for metric keys."""
+    return re.sub(r"[^\w.-]+", "_", Path(path).resolve().name)
+
+
 class LearnedReward:
     """Scores ``prompt + completion`` with a local one-logit sequence classifier: ``gain * logit + bias``.
 
@@ -82,7 +87,7 @@ class LearnedReward:
                 f"reward model {folder}: batch_size must be a positive integer, got {batch_size!r}"
             )
         self.path = folder
-        self.__name__ = re.sub(r"[^\w.-]+", "_", folder.resolve().name)
+        self.__name__ = folder_reward_name(folder)
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer, self.model = _load(folder)
