@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -238,5 +239,12 @@ def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -
     load_policy_weights(folder, policy)
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-    set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: tuples and numpy lists
+    try:  # tuples, lists, numbers and tensors only: a planted pickle's callables are refused, never run
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        reason = found[0].rstrip(".") if found else "not tuples, lists, numbers and tensors"
+        raise UserError(f"resume_from_checkpoint: {rng_file} is not an RNG state rlgen wrote, refusing to load "
+                        f"it ({reason})") from None
+    set_rng_state(rng)
     return json.loads((folder / STATE_FILE).read_text())

@@ -117,11 +117,11 @@ def _start_model(cfg: CompareConfig, out: Path) -> str:
 
 def _reward_names(specs: list[str]) -> list[str]:
     """The names score_rewards logs for these specs, in order (a repeated name gets _2, _3, ...)."""
-    from rlgen.rewards import load_reward, unique_name
+    from rlgen.rewards import reward_name, unique_name
 
     names: list[str] = []
     for spec in specs:
-        names.append(unique_name(load_reward(spec)[0], names))
+        names.append(unique_name(reward_name(spec), names))
     return names
 
 

@@ -65,6 +65,28 @@ def logprobs_from_logits(
     return _on_rows(fn, logits, tokens)
 
 
+BLOCKED_LOGIT = -1.0e4  # finite, so entropies stay defined; exp(-1e4 / T) is 0 in every float type
+
+
+def block_tokens(logits: torch.Tensor, token_ids: list[int], until: int) -> torch.Tensor:
+    """``logits`` with ``token_ids`` blocked at the first ``until`` positions (a copy when anything is blocked).
+
+    Args:
+        logits: ``[B, T, V]``; position ``t`` predicts completion token ``t``.
+        token_ids: the blocked ids, e.g. the EOS ids while ``min_new_tokens`` forbids ending.
+        until: positions ``t < until`` are blocked.
+
+    This is the distribution generate() samples from under ``min_new_tokens`` (its logits processor sets those
+    logits to -inf), so log-probs, KL and PPO ratios taken after it are those of the sampling policy.
+    """
+    until = min(until, logits.shape[1])
+    if until <= 0 or not token_ids:
+        return logits
+    out = logits.clone()
+    out[:, :until, token_ids] = BLOCKED_LOGIT
+    return out
+
+
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of ``softmax(logits / temperature)`` at every position.
 
@@ -108,17 +130,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of ``x`` over all positions where ``mask`` is set, as a 0-dim tensor.
 
-    With ``unbiased=True`` Bessel's correction ``n / (n - 1)`` is applied, and fewer than 2 real values
-    raise ValueError (this reads the count on the host, i.e. one device sync). With ``unbiased=False``
-    an empty mask gives nan, like :func:`masked_mean`.
+    With ``unbiased=True`` Bessel's correction ``n / (n - 1)`` is applied for n >= 2 real values. One real
+    value has variance 0 (no spread, either way); an empty mask gives nan, like :func:`masked_mean`.
     """
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     if unbiased:
-        n = int(mask.bool().sum().item())
-        if n < 2:
-            raise ValueError(f"unbiased masked_var needs at least 2 real values, the mask has {n}")
-        var = var * (n / (n - 1))
+        n = mask.bool().sum().to(var.dtype)
+        var = var * (n / (n - 1).clamp(min=1))  # n = 1: 0 * 1; n = 0: nan * 0 = nan
     return var
 
 
@@ -135,7 +154,8 @@ def masked_whiten(
         eps: added to the variance before the square root.
 
     Returns:
-        ``[B, T]``; masked positions are 0. Needs at least 2 real tokens (see :func:`masked_var`).
+        ``[B, T]``; masked positions are 0. A single real token has variance 0 (see :func:`masked_var`), so it
+        becomes 0, or keeps its value with ``shift_mean=False``.
     """
     mean = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=True)

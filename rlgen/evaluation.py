@@ -10,6 +10,10 @@ Metrics (all under `eval/`):
 - `eval/perplexity_ref`: exp(mean NLL per completion token under the reference at temperature 1)
 - `eval/mean_length` (tokens, EOS included), `eval/eos_fraction`, `eval/distinct_1`, `eval/distinct_2`,
   `eval/self_bleu`
+- `eval/bleu`, `eval/rouge_l`: the completions against the held-out reference replies (the dataset's
+  `completion` column), when there are references
+- standard errors of the per-sample means: `eval/reward/se`, `eval/rewards/<fn>/se`, `eval/gold/<fn>/se`,
+  `eval/kl_se`, `eval/mean_length_se`
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ from rlgen.tracking import MetricsWriter, prepare_output_dir
 def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
                     sampling: SamplingConfig, *, weights: list[float] | None = None, batch_size: int = 16,
                     output_dir: str | Path | None = None, self_bleu_max_texts: int = 200,
-                    gold_rewards: list = (), columns: dict[str, list] | None = None) -> dict[str, float]:
+                    gold_rewards: list = (), columns: dict[str, list] | None = None,
+                    references: list[str] | None = None) -> dict[str, float]:
     """Sample one completion per prompt and return `eval/*` metrics.
 
     `reward_fns`, `gold_rewards`: `(name, fn)` pairs, reward callables or specs (see `rlgen.rewards.load_reward`).
     `gold_rewards` are scored and reported under `eval/gold/` but are not part of `eval/reward/mean`. Every reward
     gets `completion_ids` and `columns` (one value per prompt, e.g. `reward_columns(rows)`) as keyword lists.
+    `references`: one reference reply per prompt for `eval/bleu` and `eval/rouge_l`.
     Writes `eval_samples.jsonl` (one object per sample) and `eval_summary.json` to `output_dir` if given.
     """
     start = time.perf_counter()
@@ -57,16 +63,16 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         T = ro.completion_ids.shape[1]
         mask = ro.completion_mask.float()
         ids, attn = ro.input_ids, ro.attention_mask
-        ref_lp = policy.ref_logprobs(ids, attn, T, sampling.temperature)
+        ref_lp = policy.ref_logprobs(ids, attn, T, sampling.temperature, sampling.min_new_tokens)
         kl = ((ro.logprobs - ref_lp) * mask).sum(1)
         ref_lp1 = ref_lp if sampling.temperature == 1.0 else policy.ref_logprobs(ids, attn, T, 1.0)
         nll_sum += float(-(ref_lp1 * mask).sum())
         n_tokens += int(mask.sum())
         extra = {k: v[i:i + batch_size] for k, v in (columns or {}).items()}
         extra["completion_ids"] = ro.completion_id_lists
-        total, fn_values = score_rewards(reward_fns, ro.prompts, ro.completions, weights=weights, **extra)
+        total, fn_values = score_rewards(reward_fns, ro.prompts, ro.completions, weights, extra)
         if gold_rewards:
-            _, gold_values = score_rewards(list(gold_rewards), ro.prompts, ro.completions, **extra)
+            _, gold_values = score_rewards(list(gold_rewards), ro.prompts, ro.completions, columns=extra)
             fn_values = {**fn_values, **{f"gold/{k}": v for k, v in gold_values.items()}}
         totals.extend(total)
         kl_seq.extend(kl.tolist())
@@ -83,14 +89,19 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         mean, std = metrics.mean_std([v for v in values if v is not None])
         key = f"eval/{name}" if name.startswith("gold/") else f"eval/rewards/{name}"
         out[f"{key}/mean"], out[f"{key}/std"] = mean, std
-    out["eval/reward/mean"] = metrics.mean_std(totals)[0]
-    out["eval/kl"] = metrics.mean_std(kl_seq)[0]
+        out[f"{key}/se"] = metrics.standard_error([v for v in values if v is not None])
+    out["eval/reward/mean"], out["eval/reward/se"] = metrics.mean_std(totals)[0], metrics.standard_error(totals)
+    out["eval/kl"], out["eval/kl_se"] = metrics.mean_std(kl_seq)[0], metrics.standard_error(kl_seq)
     out["eval/perplexity_ref"] = metrics.perplexity(nll_sum, n_tokens)
-    out["eval/mean_length"] = metrics.mean_std([s["length"] for s in samples])[0]
+    lengths = [s["length"] for s in samples]
+    out["eval/mean_length"], out["eval/mean_length_se"] = metrics.mean_std(lengths)[0], metrics.standard_error(lengths)
     out["eval/eos_fraction"] = sum(s["eos"] for s in samples) / max(len(samples), 1)
     out["eval/distinct_1"] = metrics.distinct_n(completions, 1)
     out["eval/distinct_2"] = metrics.distinct_n(completions, 2)
     out["eval/self_bleu"] = metrics.self_bleu(completions, max_texts=self_bleu_max_texts)
+    if references is not None:
+        out["eval/bleu"] = metrics.bleu(completions, references)
+        out["eval/rouge_l"] = metrics.rouge_l(completions, references)
     out["eval/num_samples"] = len(samples)
     out["time/eval"] = time.perf_counter() - start
     if output_dir is not None:
@@ -99,6 +110,15 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         write_jsonl(folder / "eval_samples.jsonl", samples)
         (folder / "eval_summary.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def reference_replies(rows: list[dict]) -> list[str] | None:
+    """The rows' reference replies (the `completion` column; a list of messages gives its contents), or None
+    when the rows have none."""
+    if not rows or any(r.get("completion") in (None, "") for r in rows):
+        return None
+    return [c if isinstance(c, str) else " ".join(str(m.get("content", "")) for m in c)
+            for c in (r["completion"] for r in rows)]
 
 
 def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int = 0) -> dict[str, float]:
@@ -115,6 +135,6 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     metrics = evaluate_policy(policy, [prompt_of(r) for r in rows], reward_fns, SamplingConfig.of(cfg),
                               weights=cfg.reward_weights or None, batch_size=cfg.batch_size, output_dir=out,
                               self_bleu_max_texts=cfg.self_bleu_max_texts, gold_rewards=gold_fns,
-                              columns=reward_columns(rows))
+                              columns=reward_columns(rows), references=reference_replies(rows))
     MetricsWriter(out).log(metrics, step=log_step)
     return metrics

@@ -1,4 +1,8 @@
-"""Text metrics as plain functions (offline; no `evaluate.load` from the Hub)."""
+"""Text metrics as plain functions, offline: sacrebleu for BLEU, Google's rouge-score for ROUGE-L.
+
+(The `evaluate` package is not used: its metrics are scripts fetched from the Hugging Face Hub at `load` time,
+which fails offline.)
+"""
 
 from __future__ import annotations
 
@@ -41,6 +45,44 @@ def self_bleu(texts: list[str], max_texts: int = 200, seed: int = 0) -> float:
     return sum(scores) / len(scores) / 100.0
 
 
+def bleu(completions: list[str], references: list[str]) -> float:
+    """Corpus BLEU-4 (Papineni et al. 2002; sacrebleu's 13a tokenisation) of completions against one reference
+    each, in [0, 1].
+
+    By hand: "a b c d e" against "a b c d f" matches 4/5 unigrams, 3/4 bigrams, 2/3 trigrams and 1/2 4-grams
+    at equal length (brevity penalty 1), so BLEU = (4/5 * 3/4 * 2/3 * 1/2) ** (1/4) = 0.2 ** 0.25:
+
+    >>> round(bleu(["a b c d e"], ["a b c d f"]), 6), round(0.2 ** 0.25, 6)
+    (0.66874, 0.66874)
+    >>> round(bleu(["the cat sat on the mat"], ["the cat sat on the mat"]), 6)
+    1.0
+    """
+    if len(completions) != len(references):
+        raise ValueError(f"{len(completions)} completions but {len(references)} references")
+    return BLEU().corpus_score(completions, [references]).score / 100.0
+
+
+def rouge_l(completions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure (Lin 2004: longest common subsequence of words) of each completion against its
+    reference, in [0, 1].
+
+    By hand: "the cat sat on the mat" and "the cat is on the mat" share the subsequence "the cat on the mat",
+    5 of 6 words on each side, so precision = recall = F = 5/6; "a b c d e" against "a b c d f": 4/5.
+
+    >>> round(rouge_l(["the cat sat on the mat"], ["the cat is on the mat"]), 6), round(5 / 6, 6)
+    (0.833333, 0.833333)
+    >>> round(rouge_l(["the cat sat on the mat", "a b c d e"], ["the cat is on the mat", "a b c d f"]), 6)
+    0.816667
+    """
+    from rouge_score import rouge_scorer
+
+    if len(completions) != len(references):
+        raise ValueError(f"{len(completions)} completions but {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [scorer.score(r, c)["rougeL"].fmeasure for c, r in zip(completions, references)]
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
 def perplexity(nll_sum: float, n_tokens: int) -> float:
     """exp(total negative log-likelihood / number of tokens); nan if there are no tokens.
 
@@ -48,6 +90,19 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
     4.0
     """
     return math.exp(nll_sum / n_tokens) if n_tokens else float("nan")
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean, sample std / sqrt(n) (nan for fewer than two values).
+
+    >>> standard_error([1.0, 3.0])
+    1.0
+    """
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    m = sum(values) / n
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

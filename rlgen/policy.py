@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,8 +172,10 @@ class Policy(nn.Module):
         return model(**kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
-                temperature: float = 1.0, with_values: bool = True, with_entropy: bool = False):
-        """Log-probs (and values, entropy) of the last `n_completion` tokens of `input_ids`.
+                temperature: float = 1.0, with_values: bool = True, with_entropy: bool = False,
+                min_new_tokens: int = 0):
+        """Log-probs (and values, entropy) of the last `n_completion` tokens of `input_ids`, under the sampling
+        distribution: logits / temperature, EOS blocked before `min_new_tokens` (as generate() samples).
 
         input_ids, attention_mask: [B, P + T] with T = n_completion.
         Returns logprobs [B, T], values [B, T] or None, entropy [B, T] or None.
@@ -181,6 +183,7 @@ class Policy(nn.Module):
         shared_values = with_values and self.critic is None
         out = self._lm_forward(self.model, input_ids, attention_mask, n_completion, hidden=shared_values)
         logits = out.logits[:, -(n_completion + 1):-1].float()  # position P-1+t predicts completion token t
+        logits = core.block_tokens(logits, self.eos_token_ids, min_new_tokens)
         targets = input_ids[:, -n_completion:]
         logprobs = core.logprobs_from_logits(logits, targets, temperature)
         entropy = core.entropy_from_logits(logits, temperature) if with_entropy else None
@@ -201,8 +204,9 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
-                     temperature: float = 1.0) -> torch.Tensor:
-        """Reference-policy log-probs [B, T]: the frozen reference model, else the adapter disabled under LoRA."""
+                     temperature: float = 1.0, min_new_tokens: int = 0) -> torch.Tensor:
+        """Reference-policy log-probs [B, T] (the frozen reference model, else the adapter disabled under LoRA),
+        under the same sampling distribution as `forward`."""
         if self.ref_model is not None:
             context, model = nullcontext(), self.ref_model
         elif self.is_peft:
@@ -211,8 +215,8 @@ class Policy(nn.Module):
             raise RuntimeError("this Policy was built with reference=False")
         with context:
             out = self._lm_forward(model, input_ids, attention_mask, n_completion, hidden=False)
-        return core.logprobs_from_logits(out.logits[:, -(n_completion + 1):-1].float(),
-                                         input_ids[:, -n_completion:], temperature)
+        logits = core.block_tokens(out.logits[:, -(n_completion + 1):-1].float(), self.eos_token_ids, min_new_tokens)
+        return core.logprobs_from_logits(logits, input_ids[:, -n_completion:], temperature)
 
     # ---- sampling -----------------------------------------------------------------------------------------
 
@@ -229,15 +233,35 @@ class Policy(nn.Module):
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def generation_config(self, s: SamplingConfig, hidden_states: bool = False):
-        """Pure sampling (no model-specific defaults such as top_k=50) that returns raw logits per step."""
+        """Pure sampling (no model-specific defaults such as top_k=50) that returns raw logits per step.
+
+        Every field with a neutral value is set: generate() fills each None from the model's generation_config
+        (a folder's generation_config.json), then from the global defaults (top_k=50). Fields that are off only
+        when None (min_p, suppress_tokens, bad_words_ids, forced_eos_token_id, ...) need the model's config
+        hidden too: generate through `model_generation_defaults_hidden()`, as `sample` does."""
         from transformers import GenerationConfig
 
-        # top_k=0 and repetition_penalty=1.0 are explicit: a None would be filled in by generate() from the
-        # model's generation_config or the global default top_k=50, silently changing the sampled distribution.
-        return GenerationConfig(do_sample=True, temperature=s.temperature, top_k=0, repetition_penalty=1.0,
-                                top_p=1.0, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
-                                eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-                                return_dict_in_generate=True, output_logits=True, output_hidden_states=hidden_states)
+        return GenerationConfig(do_sample=True, num_beams=1, num_return_sequences=1, temperature=s.temperature,
+                                top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                                repetition_penalty=1.0, encoder_repetition_penalty=1.0, length_penalty=1.0,
+                                no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, renormalize_logits=False,
+                                remove_invalid_values=False, max_new_tokens=s.max_new_tokens,
+                                min_new_tokens=s.min_new_tokens, eos_token_id=self.eos_token_ids,
+                                pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True,
+                                output_logits=True, output_hidden_states=hidden_states)
+
+    @contextmanager
+    def model_generation_defaults_hidden(self):
+        """While open, generate() sees an empty model generation_config, so nothing from the model folder
+        fills the fields `generation_config` leaves None; only transformers' neutral global defaults do."""
+        from transformers import GenerationConfig
+
+        model = self.base_model
+        saved, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            yield
+        finally:
+            model.generation_config = saved
 
     @torch.no_grad()
     def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
@@ -247,14 +271,16 @@ class Policy(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                      generation_config=self.generation_config(settings, shared_values))
+            with self.model_generation_defaults_hidden():
+                out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                          generation_config=self.generation_config(settings, shared_values))
         finally:
             self.model.train(was_training)
         completion_ids = out.sequences[:, prompt_ids.shape[1]:]
         mask, ended = completion_mask_from_ids(completion_ids, self.eos_token_ids)
         completion_ids = completion_ids.masked_fill(mask == 0, self.tokenizer.pad_token_id)
         logits = torch.stack(out.logits, dim=1).float()  # [B, T, V], raw (before temperature)
+        logits = core.block_tokens(logits, self.eos_token_ids, settings.min_new_tokens)
         logprobs = core.logprobs_from_logits(logits, completion_ids, settings.temperature) * mask
         values = None
         if shared_values:

@@ -293,14 +293,14 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
             # 2. score: reward functions get completion_ids and the dataset's other columns as keyword lists (TRL's
             #    convention); one that raises or returns anything but one finite number per completion raises RewardError
             t0 = time.perf_counter()
-            totals, per_fn = score_rewards(reward_fns, ro.prompts, ro.completions, weights,
-                                           completion_ids=ro.completion_id_lists, **reward_columns(batch))
+            columns = {**reward_columns(batch), "completion_ids": ro.completion_id_lists}
+            totals, per_fn = score_rewards(reward_fns, ro.prompts, ro.completions, weights, columns)
             raw_scores = torch.tensor(totals, dtype=torch.float32, device=mask.device)  # [B]
 
             # 3. shape: EOS penalty (HUANG), then per-token rewards = score at the last token - beta * KL.
             #    A non-finite score (e.g. beyond float32) or shaped reward stops the run, or skips this batch.
             scores = raw_scores - cfg.missing_eos_penalty * (~ro.ended_with_eos).float()
-            ref_logprobs = policy.ref_logprobs(input_ids, attention_mask, T, cfg.temperature)  # [B, T]
+            ref_logprobs = policy.ref_logprobs(input_ids, attention_mask, T, cfg.temperature, cfg.min_new_tokens)
             rewards, kl = core.shape_rewards(scores, ro.logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
             rlhf_reward = rewards.sum(1)  # [B], before any whitening
             if cfg.whiten_rewards:
@@ -328,7 +328,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
                     loss_finite = True
                     for idx in mini.split(micro_size):
                         with accelerator.accumulate(model):
-                            logprobs, values, _ = model(input_ids[idx], attention_mask[idx], T, cfg.temperature)
+                            logprobs, values, _ = model(input_ids[idx], attention_mask[idx], T, cfg.temperature,
+                                                         min_new_tokens=cfg.min_new_tokens)
                             pg_loss, pg_stats = core.ppo_policy_loss(logprobs, ro.logprobs[idx], advantages[idx],
                                                                      mask[idx], cfg.cliprange)
                             vf_loss, _ = core.ppo_value_loss(values, ro.values[idx], returns[idx], mask[idx],

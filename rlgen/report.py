@@ -418,19 +418,29 @@ def write_comparison_report(folder: Path, records: list[dict], proxy_names: list
 # ---- rlgen run: one row per evaluated model ----------------------------------------------------------
 
 RUN_REPORT_COLUMNS = ["eval/reward/mean", "eval/kl", "eval/perplexity_ref", "eval/mean_length", "eval/eos_fraction",
-                      "eval/distinct_1", "eval/distinct_2", "eval/self_bleu"]
+                      "eval/distinct_1", "eval/distinct_2", "eval/self_bleu", "eval/bleu", "eval/rouge_l"]
+
+
+def se_key(key: str) -> str:
+    """The evaluator's standard-error key of a per-sample mean (`.../mean` -> `.../se`, `eval/kl` -> `eval/kl_se`).
+
+    >>> se_key("eval/rewards/vader/mean"), se_key("eval/kl")
+    ('eval/rewards/vader/se', 'eval/kl_se')
+    """
+    return key[:-len("/mean")] + "/se" if key.endswith("/mean") else key + "_se"
 
 
 def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, float], prompts_note: str = "") -> Path:
     """report.md and report.json: one row per evaluated model; `prompts_note` says which prompts were used."""
     reward_columns = sorted({k for m in rows.values() for k in m
                              if k.startswith(("eval/rewards/", "eval/gold/")) and k.endswith("/mean")})
-    columns = reward_columns + RUN_REPORT_COLUMNS
+    columns = reward_columns + [c for c in RUN_REPORT_COLUMNS if any(c in m for m in rows.values())]
     lines = ["# rlgen run report", "", "| model | " + " | ".join(c.removeprefix("eval/") for c in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(float(m.get(c, math.nan))) for c in columns) + " |")
-    lines += ["", "KL and perplexity are measured against the starting model.", "", *([prompts_note, ""] if prompts_note else []),
+        lines.append(f"| {name} | " + " | ".join(_fmt(float(m.get(c, math.nan)), float(m.get(se_key(c), math.nan))) for c in columns) + " |")
+    lines += ["", "Mean ± standard error over the evaluation prompts where a metric is a per-sample mean. KL and "
+              "perplexity are measured against the starting model.", "", *([prompts_note, ""] if prompts_note else []),
               "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))

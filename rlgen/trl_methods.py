@@ -129,9 +129,9 @@ def _trl_rewards(reward_fns, weights, raw_prompt: dict, column_names, seen: dict
             if first:
                 seen["completions"] += len(completions)
                 seen["tokens"] += sum(len(ids) for ids in completion_ids)  # up to and including EOS
-                for key, value in reward_mean_metrics(score_rewards(golds, prompts, completions, **extra)[1]).items():
+                for key, value in reward_mean_metrics(score_rewards(golds, prompts, completions, columns=extra)[1]).items():
                     log_metric(key, value)
-            return score_rewards([(name, fn)], prompts, completions, **extra)[1][name]
+            return score_rewards([(name, fn)], prompts, completions, columns=extra)[1][name]
 
         reward.__name__ = name  # TRL names reward functions (rewards/<name>/mean) by __name__
         return reward
@@ -158,8 +158,8 @@ def _sample_pairs(policy, prompts, columns, reward_fns, weights, n_pairs, batch_
         seen["completions"] += 2 * k
         seen["tokens"] += int(ro.completion_mask.sum())
     extra = {k: [v[i] for i in picked] * 2 for k, v in columns.items()}
-    totals, per_fn = score_rewards(reward_fns, chosen * 2, texts[0] + texts[1], weights,
-                                   completion_ids=ids[0] + ids[1], **extra)
+    extra["completion_ids"] = ids[0] + ids[1]
+    totals, per_fn = score_rewards(reward_fns, chosen * 2, texts[0] + texts[1], weights, extra)
     score_a, score_b = totals[:n_pairs], totals[n_pairs:]
     rendered = [render_prompt(policy.tokenizer, p) for p in chosen]
     pairs = preference_pairs(rendered, *texts, score_a, score_b)

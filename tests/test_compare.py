@@ -50,7 +50,11 @@ def test_table_has_every_method_and_column(compared):
     for row in rows[1:]:
         assert float(row["completions_mean"]) == 8  # the matched budget: max_steps x batch_size
         assert float(row["tokens_mean"]) > 0
-        assert float(row["kl_se"]) >= 0
+        kl = [json.loads((out / "runs" / row["method"] / f"seed{seed}" / "result.json").read_text())["metrics"]
+              ["eval/kl"] for seed in (0, 1)]
+        # two seeds a, b: mean (a + b) / 2, standard error stdev / sqrt(2) = |a - b| / 2
+        assert float(row["kl_mean"]) == pytest.approx(sum(kl) / 2, rel=1e-5)
+        assert float(row["kl_se"]) == pytest.approx(abs(kl[0] - kl[1]) / 2, rel=1e-5) and kl[0] != kl[1]
     markdown = (out / "comparison.md").read_text()
     assert "| ppo |" in markdown and "| grpo |" in markdown and "±" in markdown
 

@@ -167,12 +167,19 @@ def test_masked_var_hand_value():
     assert core.masked_var(x, mask, unbiased=False).item() == pytest.approx(2.0 / 3.0)
 
 
-@pytest.mark.parametrize("count", [0, 1])
-def test_masked_var_unbiased_needs_two_values(count):
-    mask = torch.zeros(1, 4)
-    mask[0, :count] = 1
-    with pytest.raises(ValueError):
-        core.masked_var(torch.randn(1, 4), mask, unbiased=True)
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_masked_var_of_one_value_is_zero_and_of_none_nan(unbiased):
+    x = torch.tensor([[2.5, 7.0, -3.0, 9.0]], dtype=D)
+    assert core.masked_var(x, torch.tensor([[0, 1, 0, 0]]), unbiased=unbiased).item() == 0.0
+    assert math.isnan(core.masked_var(x, torch.zeros(1, 4), unbiased=unbiased).item())
+
+
+def test_masked_whiten_of_one_real_token():
+    """A batch of one single-token completion (batch_size 1, immediate EOS): its mean is removed, nothing else."""
+    x = torch.tensor([[0.7, 5.0], [99.0, -4.0]], dtype=D)
+    mask = torch.tensor([[1, 0], [0, 0]])
+    assert core.masked_whiten(x, mask).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert core.masked_whiten(x, mask, shift_mean=False).tolist() == [[0.7, 0.0], [0.0, 0.0]]
 
 
 def test_masked_whiten_mean_zero_var_one_and_zero_padding():
@@ -655,3 +662,23 @@ def test_monte_carlo_q_values_match_naive_loop():
         assert float(q[b, T - 1]) == pytest.approx(float(final[b]))
     with pytest.raises(ValueError, match="batch"):
         core.monte_carlo_q_values(scores, final[:1])
+
+
+def test_block_tokens_renormalises_without_the_blocked_ids_at_early_positions():
+    """Under min_new_tokens the sampled distribution is the softmax over the other tokens: by hand,
+    log p'(y) = log p(y) - log(1 - p(eos)) for t < until, unchanged after."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    original = logits.clone()
+    tokens = torch.tensor([[1, 2, 3, 5], [0, 4, 5, 2]])  # the blocked id only where it is allowed
+    blocked = core.block_tokens(logits, [5], until=2)
+    assert torch.equal(logits, original)  # the caller's logits are left as they were
+    got = core.logprobs_from_logits(blocked, tokens, temperature=0.7)
+    p = torch.softmax(logits / 0.7, dim=-1)
+    base = torch.log(p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+    expected = base.clone()
+    expected[:, :2] -= torch.log1p(-p[:, :2, 5])
+    assert torch.allclose(got[:, :2], expected[:, :2], atol=1e-5)
+    assert torch.equal(got[:, 2:], core.logprobs_from_logits(logits, tokens, temperature=0.7)[:, 2:])
+    assert torch.isfinite(core.entropy_from_logits(blocked)).all()
+    assert core.block_tokens(logits, [5], until=0) is logits

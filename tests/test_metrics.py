@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 
@@ -26,9 +27,17 @@ def test_self_bleu_hand_values():
     assert metrics.self_bleu(["only one"]) == 0.0
 
 
-def test_self_bleu_subsamples_deterministically():
-    texts = [f"sentence number {i} about topic {i % 3}" for i in range(30)]
-    assert metrics.self_bleu(texts, max_texts=10) == metrics.self_bleu(texts, max_texts=10)
+def test_self_bleu_subsamples_the_seeds_fixed_subset():
+    """Two identical texts among eight that share no word: a text scores 1 when its twin is in the subset,
+    else 0, so self-BLEU is 2/5 when random.Random(seed) picks both twins among 5, else 0 (2/10 on all)."""
+    texts = ["the same words here", "the same words here"] + [f"w{i}a w{i}b w{i}c w{i}d" for i in range(8)]
+    assert metrics.self_bleu(texts) == pytest.approx(0.2)
+    seen = set()
+    for seed in range(20):
+        both = {0, 1} <= set(random.Random(seed).sample(range(10), 5))
+        assert metrics.self_bleu(texts, max_texts=5, seed=seed) == pytest.approx(0.4 if both else 0.0), seed
+        seen.add(both)
+    assert seen == {True, False}
 
 
 def test_perplexity_and_mean_std():

@@ -21,6 +21,28 @@ def test_sampled_logprobs_and_values_match_a_separate_forward(tiny_policy):
     assert len(ro.completions) == len(PROMPTS) and ro.prompts == PROMPTS
 
 
+def test_min_new_tokens_logprobs_are_those_of_the_distribution_that_sampled(tiny_policy):
+    """EOS is blocked before min_new_tokens in sampling, and so in the log-probs of generation, forward and
+    reference alike: the first PPO ratio is 1 and the KL is that of the sampling policies."""
+    eos = tiny_policy.eos_token_ids
+    boost = torch.zeros(tiny_policy.model.get_output_embeddings().out_features)
+    boost[eos] = 4.0  # make ending likely, so blocking it changes the distribution visibly
+    for model in (tiny_policy.model, tiny_policy.ref_model):
+        model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + boost)
+    torch.manual_seed(0)
+    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=8, min_new_tokens=4, temperature=0.9))
+    T = ro.completion_ids.shape[1]
+    assert (ro.completion_mask.sum(1) > 4).all()  # no completion ended inside the first 4 tokens
+    m = ro.completion_mask.bool()
+    blocked, _, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, T, temperature=0.9, min_new_tokens=4)
+    plain, _, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, T, temperature=0.9)
+    torch.testing.assert_close(ro.logprobs[m], blocked[m], atol=1e-4, rtol=1e-4)
+    ref = tiny_policy.ref_logprobs(ro.input_ids, ro.attention_mask, T, 0.9, min_new_tokens=4)
+    torch.testing.assert_close(ref[m], blocked[m], atol=1e-4, rtol=1e-4)  # the reference is the policy here
+    assert (blocked[:, :4] - plain[:, :4] > 0.01).all()  # renormalised without EOS: log p - log(1 - p_eos)
+    torch.testing.assert_close(blocked[:, 4:][m[:, 4:]], plain[:, 4:][m[:, 4:]])
+
+
 def _gpt2_policy(tokenizer):
     """GPT-2 has absolute position embeddings, so wrong positions under left padding would show."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -125,14 +147,56 @@ def test_separate_critic_gives_values_and_round_trips(tiny_tokenizer, tmp_path):
 
     model = build_tiny_model(tiny_tokenizer, seed=0)
     policy = Policy(model, tiny_tokenizer, critic=copy.deepcopy(model.base_model))
+    torch.manual_seed(0)
     with torch.no_grad():
         policy.value_head.weight.normal_()
+        for p in policy.critic.parameters():  # no longer the policy's trunk: shared-trunk values would differ
+            p.add_(0.05 * torch.randn_like(p))
     ro = policy.sample(PROMPTS, SamplingConfig(max_new_tokens=5))
     T = ro.completion_ids.shape[1]
     _, values, _ = policy.forward(ro.input_ids, ro.attention_mask, T)
     m = ro.completion_mask.bool()
-    torch.testing.assert_close(ro.values[m], values[m], atol=1e-5, rtol=1e-5)
+    for i in range(len(PROMPTS)):  # by hand: the critic on the unpadded row, hidden state P - 1 + t values token t
+        P = int(ro.prompt_mask[i].sum())
+        ids = torch.cat([ro.prompt_ids[i][-P:], ro.completion_ids[i]])[None]
+        with torch.no_grad():
+            expected = policy.value_head(policy.critic(input_ids=ids).last_hidden_state[0, P - 1:P - 1 + T])[:, 0]
+        torch.testing.assert_close(ro.values[i][m[i]], expected[m[i]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[i][m[i]], expected[m[i]], atol=1e-5, rtol=1e-5)
     policy.save(tmp_path / "c")
     loaded = Policy.from_pretrained(str(tmp_path / "c"), separate_critic=True)
     _, values2, _ = loaded.forward(ro.input_ids, ro.attention_mask, T)
     torch.testing.assert_close(values2[m], values[m], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_folders_generation_config_does_not_change_sampling(tiny_folder, tmp_path):
+    """generate() fills every field rlgen leaves unset from the folder's generation_config.json; each of these
+    would change the sampled tokens (and with them the log-probs). Same weights, same seed: same rollout."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    tok = Policy.from_pretrained(str(tiny_folder), reference=False).tokenizer
+    banned = tok(" you", add_special_tokens=False)["input_ids"]
+    folder = tmp_path / "opinionated"
+    shutil.copytree(tiny_folder, folder)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.3, top_k=5,
+                     top_p=0.5, min_p=0.2, typical_p=0.5, epsilon_cutoff=0.01, eta_cutoff=0.01, min_length=40,
+                     no_repeat_ngram_size=1, repetition_penalty=5.0, suppress_tokens=banned[:1],
+                     bad_words_ids=[banned], begin_suppress_tokens=[2], sequence_bias=[[[3], 5.0]],
+                     renormalize_logits=True, forced_eos_token_id=2,
+                     exponential_decay_length_penalty=(2, 1.5)).save_pretrained(folder)
+    settings = SamplingConfig(max_new_tokens=12, temperature=0.7)
+    rollouts = []
+    for path in (tiny_folder, folder):
+        policy = Policy.from_pretrained(str(path), reference=False)
+        torch.manual_seed(0)
+        rollouts.append(policy.sample(PROMPTS * 3, settings, with_values=False))
+    plain, opinionated = rollouts
+    assert torch.equal(opinionated.completion_ids, plain.completion_ids)
+    assert opinionated.completions == plain.completions
+    torch.testing.assert_close(opinionated.logprobs, plain.logprobs, atol=0, rtol=0)
+    # the stored log-probs are those of the distribution that sampled: a plain forward pass at the temperature
+    T = opinionated.completion_ids.shape[1]
+    forward, _, _ = policy.forward(opinionated.input_ids, opinionated.attention_mask, T, temperature=0.7)
+    torch.testing.assert_close(opinionated.logprobs, forward * opinionated.completion_mask, atol=1e-4, rtol=1e-4)

@@ -57,6 +57,11 @@ def wrong_length(completions, **kwargs):
 
 def not_a_number(completions, **kwargs):
     return [math.nan] * len(completions)
+
+
+def column_weights(completions, weights, **kwargs):
+    """The dataset's `weights` column, named like score_rewards' own argument."""
+    return list(weights)
 '''
 
 
@@ -154,6 +159,15 @@ def test_user_reward_file_by_path(tiny_folder, reward_file, tmp_path):
                            reward_weights=[1.0, 0.5]))
     row = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert 0.0 < row["rewards/vowel_share/mean"] < 1.0 and "rewards/keyword/mean" in row
+
+
+def test_a_dataset_column_named_weights_reaches_the_reward(tiny_folder, reward_file, tmp_path):
+    """Before, the column went to score_rewards(**columns) and collided with its `weights`: a TypeError."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"prompt": "hello {i}", "weights": 0.25}}\n' for i in range(8)))
+    train_ppo(small_config(tiny_folder, tmp_path / "run", max_steps=1, dataset=str(data),
+                           reward=[f"{reward_file}:column_weights"]))
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["rewards/column_weights/mean"] == 0.25
 
 
 @pytest.mark.parametrize("name, message", [("raises", "raised ValueError: boom"),

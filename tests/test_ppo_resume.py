@@ -32,7 +32,7 @@ _calls = 0
 
 
 def vowels(completions, **kwargs):
-    """Vowel share; sends this process SIGINT during update $RLGEN_TEST_STOP_AT (one call per update)."""
+    """Vowel share; sends this process SIGINT at call $RLGEN_TEST_STOP_AT (one call per update)."""
     global _calls
     _calls += 1
     if os.environ.get("RLGEN_TEST_STOP_AT") == str(_calls):
@@ -58,9 +58,10 @@ def raises_at(completions, at=3, **kwargs):
 TIME_KEYS = {"time/rollout", "time/score", "time/update"}
 
 
-@pytest.fixture(scope="module")
-def reward_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rewards") / "resume_rewards.py"
+@pytest.fixture
+def reward_file(tmp_path):
+    """One file per test: a reward file runs once per process, so its call counter spans the test's runs."""
+    path = tmp_path / "resume_rewards.py"
     path.write_text(REWARDS)
     return path
 
@@ -94,7 +95,7 @@ def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, 
     assert [n for n, _ in complete_checkpoints(one_go)] == [4, 6]  # save_total_limit 2
 
     split = tmp_path / "split"
-    monkeypatch.setenv("RLGEN_TEST_STOP_AT", "3")
+    monkeypatch.setenv("RLGEN_TEST_STOP_AT", "9")  # update 3 of this run: the one-go run made calls 1-6
     with pytest.raises(TrainingInterrupted) as stopped:
         train_ppo(config(tiny_folder, reward_file, split, **overrides))
     monkeypatch.delenv("RLGEN_TEST_STOP_AT")
@@ -201,3 +202,32 @@ def test_signal_through_the_cli_writes_a_checkpoint_and_resumes(tmp_path, sig, c
         assert result.returncode == 0, result.stderr[-2000:]
         assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, done + 3))
         assert (out / "model.safetensors").is_file()
+
+
+class _Planted:
+    """Unpickling it would call os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_planted_rng_pickle_is_refused_with_one_line(tiny_folder, reward_file, tmp_path, capsys):
+    """Before the fix the RNG file was unpickled with weights_only=False: the callable ran and resume went on."""
+    from rlgen.cli import main
+
+    out, ran = tmp_path / "run", tmp_path / "planted_code_ran"
+    train_ppo(config(tiny_folder, reward_file, out, max_steps=1, save_steps=0))
+    rng_file = out / "checkpoint-1" / "rng_state_0.pth"
+    torch.save({"python": _Planted(ran)}, rng_file)
+    capsys.readouterr()
+    argv = ["ppo", "--model", str(tiny_folder), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "4",
+            "--mini_batch_size", "2", "--max_new_tokens", "8", "--reward", f"{reward_file}:vowels",
+            "--resume_from_checkpoint", "latest"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith(f"rlgen: error: resume_from_checkpoint: {rng_file} is not an RNG state rlgen wrote"), err
+    assert "system" in err and not ran.exists()

@@ -20,6 +20,7 @@ from rlgen.rewards import (  # noqa: E402
     LearnedReward,
     load_reward,
     reward_mean_metrics,
+    reward_name,
     rules,
     score_rewards,
 )
@@ -171,7 +172,39 @@ def test_file_function(tmp_path):
     name, fn = load_reward(f"{path}:bonus(value=0.5)")
     assert name == "bonus" and fn(["p", "q"], ["a", "b"]) == [0.5, 0.5]
     other_name, other = load_reward(f"{path}:bonus")
-    assert other_name == "bonus" and other.__module__ != fn.func.__module__
+    assert other_name == "bonus" and other is fn.func  # the file ran once: one module
+
+
+def test_a_reward_file_runs_once_per_process(tmp_path):
+    """Before, every load_reward of a file spec ran the file again (several times per comparison)."""
+    runs = tmp_path / "runs.txt"
+    path = tmp_path / "counted.py"
+    path.write_text(f"open({str(runs)!r}, 'a').write('ran\\n')\n\n\n"
+                    "def first(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n\n\n"
+                    "def second(prompts, completions, scale=1.0, **kwargs):\n    return [scale] * len(completions)\n")
+    specs = [f"{path}:first", f"{path}:second(scale=2.0)", f"{tmp_path}/../{tmp_path.name}/counted.py:first"]
+    loaded = [load_reward(spec) for spec in specs]
+    assert runs.read_text() == "ran\n"
+    assert [name for name, _ in loaded] == ["first", "second", "first"] and loaded[0][1] is loaded[2][1]
+    assert [fn(["p"], ["c"]) for _, fn in loaded] == [[1.0], [2.0], [1.0]]
+
+
+def test_reward_name_loads_nothing(tmp_path, reward_package):
+    """compare names rewards with reward_name: before, it loaded each learned model (here: a broken one)."""
+    from rlgen.compare import _reward_names
+
+    broken = tmp_path / "my rm"
+    broken.mkdir()
+    assert reward_name(str(broken)) == reward_name(f"{broken}(batch_size=2)") == "my_rm"
+    with pytest.raises(UserError, match="config.json is missing"):
+        load_reward(str(broken))
+    assert _reward_names([str(broken), "target_length(target=3)", str(broken)]) == ["my_rm", "target_length",
+                                                                                     "my_rm_2"]
+    never_run = tmp_path / "never_run.py"
+    never_run.write_text("raise RuntimeError('ran')\n")
+    assert reward_name(f"{never_run}:fn(scale=2)") == "fn"
+    for spec in ("target_length(target=3)", "myrewards.mod:scaled_length(scale=2.0)", "sentiment_positive"):
+        assert reward_name(spec) == load_reward(spec)[0], spec
 
 
 @pytest.mark.parametrize(
@@ -249,10 +282,24 @@ def test_score_rewards_passes_kwargs_and_accepts_arrays():
         [("col", uses_column), ("t", tensor), ("t", _constant((True, 1)))],
         ["p", "q"],
         ["x", "y"],
-        answer=["x", "z"],
+        columns={"answer": ["x", "z"]},
     )
     assert per_fn == {"col": [1.0, 0.0], "t": [0.25, 0.25], "t_2": [1.0, 1.0]}
     assert totals == [2.25, 1.25]
+
+
+def test_columns_named_like_score_rewards_arguments_reach_the_reward():
+    """Before columns were a dict, a `weights` column was score_rewards' own argument: a TypeError traceback."""
+
+    def sees(prompts, completions, weights, reward_fns, columns, **kwargs):
+        return [w * r + c for w, r, c in zip(weights, reward_fns, columns)]
+
+    columns = {"weights": [2.0, 3.0], "reward_fns": [1.0, 10.0], "columns": [0.5, 0.0]}
+    totals, per_fn = score_rewards([("sees", sees)], ["p", "q"], ["a", "b"], [2.0], columns)
+    assert per_fn == {"sees": [2.5, 30.0]} and totals == [5.0, 60.0]
+    for name in ("prompts", "completions"):
+        with pytest.raises(UserError, match=f"^dataset column '{name}' collides with the reward argument"):
+            score_rewards([("sees", sees)], ["p"], ["a"], columns={name: ["x"]})
 
 
 def test_score_rewards_with_builtins():
@@ -443,11 +490,12 @@ def test_conversational_prompts_get_conversational_completions_as_in_trl():
 
     fns = [("think", think_format_reward), load_reward("target_length(target=2)"), ("record", record)]
     completions = ["<think>hm</think> yes", "no"]
-    _, per_fn = score_rewards(fns, CHAT, completions, completion_ids=[[1], [2, 3]], solution=["a", "b"])
+    _, per_fn = score_rewards(fns, CHAT, completions, columns={"completion_ids": [[1], [2, 3]], "solution": ["a", "b"]})
     assert per_fn["think"] == [1.0, 0.0] and per_fn["target_length"] == [0.0, -0.5]
     assert seen["completions"] == [[{"role": "assistant", "content": c}] for c in completions]
     assert seen["prompts"] == CHAT and seen["ids"] == [[1], [2, 3]] and seen["solution"] == ["a", "b"]
-    score_rewards([("record", record)], ["the cat", "a dog"], completions, completion_ids=[[1], [2]], solution=[1, 2])
+    score_rewards([("record", record)], ["the cat", "a dog"], completions,
+                  columns={"completion_ids": [[1], [2]], "solution": [1, 2]})
     assert seen["completions"] == completions  # text prompts: text completions, as before
 
 

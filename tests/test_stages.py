@@ -93,6 +93,26 @@ def test_run_pipeline_end_to_end(tmp_path, capsys):
     after = json.loads((out / "eval_sft" / "eval_summary.json").read_text())
     assert abs(start["eval/kl"]) < 1e-4 and abs(after["eval/kl"]) > 1e-2
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    assert " ± " in report and "bleu" in report and "the first 4 prompts of the train split" in report
+
+
+def test_evaluation_scores_references_and_gives_standard_errors(tmp_path):
+    from rlgen import metrics
+
+    (tmp_path / "d").mkdir()
+    _write_jsonl(tmp_path / "d" / "test.jsonl", PAIRS)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", "tiny", "--dataset", str(tmp_path / "d"), "--num_prompts", "6",
+                 "--max_new_tokens", "8", "--reward", "target_length(target=5)", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "eval_summary.json").read_text())
+    samples = read_jsonl(out / "eval_samples.jsonl")
+    completions, references = [s["completion"] for s in samples], [p["completion"] for p in PAIRS[:6]]
+    assert summary["eval/bleu"] == metrics.bleu(completions, references)
+    assert summary["eval/rouge_l"] == metrics.rouge_l(completions, references)
+    rewards = [s["reward"] for s in samples]
+    mean = sum(rewards) / 6
+    assert summary["eval/reward/se"] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / 5 / 6) ** 0.5)
+    assert summary["eval/kl_se"] == pytest.approx(metrics.standard_error([s["kl"] for s in samples]))
 
 
 def test_sft_trains_on_conversational_rows(tmp_path, tiny_tokenizer):

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from rlgen.errors import RewardError, UserError
-from rlgen.rewards.learned import LearnedReward, is_hub_id
+from rlgen.rewards.learned import LearnedReward, folder_reward_name, is_hub_id
 from rlgen.rewards.rules import (
     keyword,
     regex_match,
@@ -34,7 +34,8 @@ from rlgen.rewards.rules import (
 )
 from rlgen.text import is_conversation
 
-__all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_columns", "reward_mean_metrics", "score_rewards"]
+__all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_columns", "reward_mean_metrics", "reward_name",
+           "score_rewards"]
 
 BUILTIN_REWARDS = {
     "sentiment_positive": sentiment_positive,
@@ -49,6 +50,7 @@ BUILTIN_REWARDS = {
 
 _SPEC = re.compile(r"([^()]*?)\s*(?:\((.*)\))?", re.DOTALL)
 _module_counter = itertools.count()
+_file_modules = {}  # resolved path of a reward file -> its module
 
 
 def _one_line(text):
@@ -90,9 +92,12 @@ def _split_spec(spec):
 
 
 def _import_file(location, spec):
+    """The module of a reward file, run once per process (per resolved path), like an imported module."""
     path = Path(location)
     if not path.is_file():
         raise UserError(f"reward spec {spec!r}: file not found: {location}")
+    if path.resolve() in _file_modules:
+        return _file_modules[path.resolve()]
     stem = re.sub(r"\W", "_", path.stem)
     module_name = f"_rlgen_reward_{next(_module_counter)}_{stem}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -107,6 +112,7 @@ def _import_file(location, spec):
         raise UserError(
             f"reward spec {spec!r}: loading {location} raised {type(e).__name__}: {_one_line(e)}"
         ) from e
+    _file_modules[path.resolve()] = module
     return module
 
 
@@ -222,6 +228,17 @@ def load_reward(spec):
     return name, _bind(name, fn, kwargs)
 
 
+def reward_name(spec: str) -> str:
+    """The name ``load_reward(spec)`` gives a valid spec, without loading it (no model, no file run)."""
+    spec = spec.strip()
+    target = spec if Path(spec).is_dir() else _split_spec(spec)[0]
+    if Path(target).is_dir():
+        return folder_reward_name(target)
+    if target not in BUILTIN_REWARDS and ":" in target:
+        return target.rpartition(":")[2].rpartition(".")[2]
+    return target
+
+
 def _as_list(name, result):
     """A list/tuple or 1-D array-like (numpy, torch) as a list; RewardError otherwise."""
     if isinstance(result, (list, tuple)):
@@ -280,18 +297,24 @@ def unique_name(name, taken):
     return next(c for c in candidates if c not in taken)
 
 
-def score_rewards(reward_fns, prompts, completions, weights=None, **kwargs):
+def score_rewards(reward_fns, prompts, completions, weights=None, columns=None):
     """Call each ``(name, fn)`` and return ``(totals, per_fn)``.
 
     ``totals[i]`` is the weighted sum (weights default to 1) of the values for sample i, where None contributes
     nothing; a sample every function gives None totals 0.0. ``per_fn`` maps each name to its validated values
     (floats or None); a repeated name gets a ``_2``, ``_3``, ... suffix. Functions are called as TRL does,
-    ``fn(prompts=..., completions=..., **kwargs)``, so ``def f(completions, **kwargs)`` works too. A function
-    that raises or returns anything but one finite number (or None) per completion raises RewardError naming it.
-    Text completions of conversational prompts are passed as one assistant message each, as TRL passes them.
+    ``fn(prompts=..., completions=..., **columns)`` (``columns``: dataset column name -> one value per sample,
+    ``completion_ids`` among them; a dict, so no column name can collide with this function's own arguments), so
+    ``def f(completions, **kwargs)`` works too. A function that raises or returns anything but one finite number
+    (or None) per completion raises RewardError naming it. Text completions of conversational prompts are passed
+    as one assistant message each, as TRL passes them.
     """
     if len(prompts) != len(completions):
         raise UserError(f"score_rewards: {len(prompts)} prompts but {len(completions)} completions")
+    kwargs = dict(columns or {})
+    for name in ("prompts", "completions"):
+        if name in kwargs:
+            raise UserError(f"dataset column {name!r} collides with the reward argument {name!r}: rename it")
     if prompts and is_conversation(prompts[0]):
         completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]
     weights = _check_weights(weights, len(reward_fns))

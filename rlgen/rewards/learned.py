@@ -103,6 +103,11 @@ def scored_text(tokenizer, prompt, completion) -> str:
     return prompt + completion
 
 
+def folder_reward_name(path):
+    """A reward model folder's reward name: its folder name, kept to ``[\\w.-]`` for metric keys."""
+    return re.sub(r"[^\w.-]+", "_", Path(path).resolve().name)
+
+
 class LearnedReward:
     """Scores ``prompt + completion`` with a one-logit sequence classifier: ``gain * logit + bias`` (gain and bias
     from a folder's rlgen_reward.json; 1 and 0 for a Hub id). Conversational prompts are scored as TRL's GRPO
@@ -119,7 +124,7 @@ class LearnedReward:
                 f"reward model {folder}: batch_size must be a positive integer, got {batch_size!r}"
             )
         self.path = folder
-        self.__name__ = re.sub(r"[^\w.-]+", "_", folder.resolve().name)
+        self.__name__ = folder_reward_name(folder)
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer, self.model = _load(path)
