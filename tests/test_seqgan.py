@@ -11,15 +11,8 @@ from rlgen.config import SamplingConfig, SeqGANConfig, apply_preset
 from rlgen.errors import UserError
 from rlgen.lstm import SeqGANLSTMConfig, SeqGANLSTMForCausalLM, build_oracle, build_token_tokenizer
 from rlgen.policy import Policy
-from rlgen.rewards import score_rewards
-from rlgen.seqgan import (
-    CNNDiscriminator,
-    DiscriminatorReward,
-    lstm_rollouts,
-    prob_real,
-    train_discriminator,
-    train_seqgan,
-)
+from rlgen.seqgan import train_seqgan
+from rlgen.seqgan_tasks import lstm_rollouts
 
 torch.set_num_threads(1)
 
@@ -141,21 +134,6 @@ def test_oracle_sanity_n01_own_samples_beat_uniform():
     assert 10.5 < uniform_nll < 12.5
 
 
-def test_discriminator_learns_separable_toy_set():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    d = CNNDiscriminator(10, 16, widths=(1, 2, 3), filters=(8, 8, 8), dropout=0.25, seq_len=6)
-    pos = torch.ones(200, 6, dtype=torch.long)
-    neg = torch.randint(2, 10, (200, 6), generator=g)
-    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
-    stats = train_discriminator(d, opt, pos, neg, epochs=3, batch_size=32, l2=0.2, generator=g)
-    assert stats["val/d_accuracy_train"] > 0.95
-    assert prob_real(d, pos[:20]).min() > 0.8 and prob_real(d, neg[:20]).max() < 0.2
-    reward = DiscriminatorReward(d)
-    totals, per_fn = score_rewards([("discriminator", reward)], ["", ""], ["1 1 1 1 1 1", "5 7 9 3 4 2"])
-    assert totals[0] > 0.8 and totals[1] < 0.2
-
-
 def tiny_oracle_config(tmp_path, **kw):
     base = dict(task="oracle", model="lstm", discriminator="cnn", output_dir=str(tmp_path / "run"),
                 vocab_size=12, seq_len=6, embedding_size=8, hidden_size=8, num_train=640, num_test=500,
@@ -180,6 +158,22 @@ def test_tiny_oracle_adversarial_training_lowers_nll_oracle(tmp_path):
     x = torch.randint(12, (2, 6))
     assert isinstance(reloaded.base_model, SeqGANLSTMForCausalLM)
     assert torch.allclose(reloaded.base_model(x).logits, result.policy.base_model(x).logits, atol=1e-6)
+
+
+def test_tiny_oracle_run_gives_pinned_numbers(tmp_path, monkeypatch):
+    """The same seed gives the same numbers: a refactor of the stage must leave them unchanged (CPU)."""
+    monkeypatch.setattr("rlgen.seqgan.default_device", lambda: torch.device("cpu"))
+    cfg = tiny_oracle_config(tmp_path, max_steps=2, eval_every=1, kl_coef=0.05, baseline="mean")
+    s = train_seqgan(cfg).summary
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "loss/policy" in r]
+    assert s["mle"]["eval/nll_oracle"] == pytest.approx(2.868752705891927, rel=1e-5)
+    assert s["adv"]["eval/nll_oracle"] == pytest.approx(2.710649393717448, rel=1e-5)
+    assert s["adv"]["eval/nll_self"] == pytest.approx(2.393767833709717, rel=1e-5)
+    assert [r["loss/policy"] for r in epochs] == pytest.approx([-0.019052302464842796, -0.022585293278098106], rel=1e-4)
+    assert [r["objective/kl"] for r in epochs] == pytest.approx([0.006042212247848511, 0.032341599464416504], rel=1e-4)
+    assert [r["loss/d"] for r in epochs] == pytest.approx([0.6173773676156997, 0.6575187563896179], rel=1e-5)
+    assert [r["eval/d_accuracy_heldout"] for r in epochs] == pytest.approx([0.694, 0.61])
 
 
 def test_presets_fill_only_default_fields():
@@ -239,7 +233,7 @@ def test_text_task_runs_with_rollouts_and_evaluator(tmp_path, tiny_classifier):
 
 
 def test_temperature_sweep_any_policy(tiny_policy):
-    from rlgen.seqgan import temperature_sweep
+    from rlgen.oracle import temperature_sweep
 
     rows = temperature_sweep(tiny_policy, [1.0, 0.5], prompts=["hi", "how are you"],
                              sampling=SamplingConfig(max_new_tokens=4))
