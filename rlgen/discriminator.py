@@ -67,8 +67,21 @@ class CNNDiscriminator(nn.Module):
 
 
 def l2_loss(layer: nn.Linear) -> torch.Tensor:
-    """tf.nn.l2_loss of a linear layer (the paper's penalty on D's output layer): sum(w^2) / 2 + sum(b^2) / 2."""
-    return 0.5 * (layer.weight.square().sum() + layer.bias.square().sum())
+    """tf.nn.l2_loss of a linear layer (the paper's penalty on D's output layer): sum(w^2) / 2 + sum(b^2) / 2
+    (no bias: sum(w^2) / 2)."""
+    total = layer.weight.square().sum()
+    if layer.bias is not None:
+        total = total + layer.bias.square().sum()
+    return 0.5 * total
+
+
+def output_layer_name(model: nn.Module, num_labels: int) -> str:
+    """The name of a sequence classifier's output layer: its last Linear with `num_labels` outputs (BERT's
+    `classifier`, RoBERTa's `classifier.out_proj`, a causal LM's `score`)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
+    if not names:
+        raise UserError(f"discriminator {type(model).__name__}: no linear output layer with {num_labels} outputs")
+    return names[-1]
 
 
 class TextDiscriminator(nn.Module):
@@ -85,6 +98,11 @@ class TextDiscriminator(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:
             raise UserError(f"discriminator {folder}: cannot load a sequence classifier ({str(e).splitlines()[0]})") from e
+        if self.tokenizer.pad_token is None:  # decoder tokenizers (GPT-2, Llama) may have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # a causal LM's classifier reads the last non-pad token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.head = output_layer_name(self.model, 2)
         self.max_length = max_length
 
     def logits(self, texts: list[str]) -> torch.Tensor:
@@ -94,7 +112,7 @@ class TextDiscriminator(nn.Module):
         return self.model(**enc.to(self.model.device)).logits.float()
 
     def l2_penalty(self) -> torch.Tensor:
-        return l2_loss(self.model.classifier)
+        return l2_loss(self.model.get_submodule(self.head))
 
     def save(self, folder: str | Path) -> Path:
         self.model.save_pretrained(folder)
@@ -181,7 +199,7 @@ def _join(pos, neg):
 def train_discriminator(d: nn.Module, optimizer, pos, neg, epochs: int, batch_size: int, l2: float,
                         generator: torch.Generator) -> dict[str, float]:
     """`epochs` passes over real (label 1) + generated (label 0) sequences, shuffled, minibatches of
-    `batch_size`; cross-entropy + l2 * output-layer L2. pos/neg: ids [M, L] or lists of texts.
+    `batch_size`; cross-entropy + l2 * output-layer L2 (none at l2 = 0). pos/neg: ids [M, L] or lists of texts.
     Returns the last epoch's mean loss and accuracy."""
     data = _join(pos, neg)
     labels = torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)])
@@ -195,7 +213,9 @@ def train_discriminator(d: nn.Module, optimizer, pos, neg, epochs: int, batch_si
             idx = perm[lo:lo + batch_size]
             logits = d.logits(_take(data, idx))
             y = labels[idx]
-            loss = nn.functional.cross_entropy(logits, y) + l2 * d.l2_penalty()
+            loss = nn.functional.cross_entropy(logits, y)
+            if l2 > 0:
+                loss = loss + l2 * d.l2_penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
