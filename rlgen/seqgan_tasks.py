@@ -19,6 +19,7 @@ cached prefix states (h, c); for other models one cached `generate` call per pre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -93,11 +94,13 @@ def lstm_rollouts(model: SeqGANLSTMForCausalLM, seqs: torch.Tensor, n: int, temp
 @torch.no_grad()
 def generate_rollout_texts(model, policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            completion_ids: torch.Tensor, lengths: torch.Tensor, n: int,
-                           temperature: float = 1.0) -> tuple[list[list[str]], list[torch.Tensor], int]:
+                           sampling: SamplingConfig) -> tuple[list[list[str]], list[torch.Tensor], int]:
     """Monte-Carlo completions of every proper prefix of each completion, with `model.generate` (any causal LM).
 
     prompt_ids/prompt_mask [B, P] (left-padded), completion_ids [B, T], lengths [B] (real tokens, EOS included).
-    For each prefix length t = 1..T-1, one cached `generate` call continues the rows with lengths > t N times.
+    For each prefix length t = 1..T-1, one cached `generate` call continues the rows with lengths > t N times,
+    sampled as the completions were (`sampling`), so a reply has at most `sampling.max_new_tokens` tokens and
+    at least `sampling.min_new_tokens`, whatever the longest completion T of the batch.
     Returns, per t, the decoded texts (rows * N, row-major) and the row indices they belong to, and the number
     of tokens generated (EOS included).
     """
@@ -114,7 +117,8 @@ def generate_rollout_texts(model, policy: Policy, prompt_ids: torch.Tensor, prom
                 continue
             ids = torch.cat([prompt_ids[idx], completion_ids[idx, :t]], 1).repeat_interleave(n, 0)
             mask = torch.cat([prompt_mask[idx], torch.ones_like(completion_ids[idx, :t])], 1).repeat_interleave(n, 0)
-            gen = policy.generation_config(SamplingConfig(max_new_tokens=T - t, temperature=temperature))
+            gen = policy.generation_config(dataclasses.replace(
+                sampling, max_new_tokens=sampling.max_new_tokens - t, min_new_tokens=max(sampling.min_new_tokens - t, 0)))
             gen.output_logits = False
             new = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen).sequences[:, ids.shape[1]:]
             new_mask, _ = completion_mask_from_ids(new, policy.eos_token_ids)
@@ -303,8 +307,7 @@ class TextTask:
         ro = policy.sample([r["prompt"] for r in rows], self.sampling, with_values=False)
         lengths = ro.completion_mask.sum(1)
         texts, rows_of, n_rollout = generate_rollout_texts(rollout_model, policy, ro.prompt_ids, ro.prompt_mask,
-                                                           ro.completion_ids, lengths, cfg.rollout_num,
-                                                           cfg.temperature)
+                                                           ro.completion_ids, lengths, cfg.rollout_num, self.sampling)
         self.generated["completions"] += len(ro.completions)
         self.generated["tokens"] += int(lengths.sum()) + n_rollout
         self.generated["rollout_tokens"] += n_rollout

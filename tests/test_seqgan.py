@@ -12,7 +12,7 @@ from rlgen.errors import UserError
 from rlgen.lstm import SeqGANLSTMConfig, SeqGANLSTMForCausalLM, build_oracle, build_token_tokenizer
 from rlgen.policy import Policy
 from rlgen.seqgan import train_seqgan
-from rlgen.seqgan_tasks import lstm_rollouts
+from rlgen.seqgan_tasks import generate_rollout_texts, lstm_rollouts
 
 torch.set_num_threads(1)
 
@@ -76,6 +76,31 @@ def test_mc_q_averages_rollouts_exactly_for_prefix_only_scores():
     rolls = lstm_rollouts(model, seqs, n=4)
     q = core.monte_carlo_q_values(rolls[..., 0].float() / 10, seqs[:, 0].float() / 10)
     assert torch.allclose(q, torch.tensor([[0.1] * 5, [0.3] * 5]))
+
+
+def test_text_rollouts_run_to_max_new_tokens_with_the_run_sampling(tiny_policy, monkeypatch):
+    """A batch whose longest completion has 3 tokens: a rollout of prefix t still continues up to
+    max_new_tokens - t tokens, and samples as the run does (temperature, min_new_tokens)."""
+    policy = tiny_policy
+    eos, pad = policy.eos_token_ids[0], policy.tokenizer.pad_token_id
+    completion_ids = torch.tensor([[5, 6, eos], [7, eos, pad]])
+    prompt_ids, prompt_mask = policy.tokenize_prompts(["hi", "how are you"], 16)
+    configs, generate = [], policy.model.generate
+
+    def spy(**kwargs):
+        configs.append(kwargs["generation_config"])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(policy.model, "generate", spy)
+    sampling = SamplingConfig(max_new_tokens=8, min_new_tokens=5, temperature=0.7)
+    torch.manual_seed(0)
+    texts, rows, n_tokens = generate_rollout_texts(policy.model, policy, prompt_ids, prompt_mask, completion_ids,
+                                                   torch.tensor([3, 2]), 2, sampling)
+    assert [(c.max_new_tokens, c.min_new_tokens, c.temperature) for c in configs] == [(7, 4, 0.7), (6, 3, 0.7)]
+    assert [r.tolist() for r in rows] == [[0, 1], [0]]
+    assert n_tokens >= 2 * 2 * 4 + 2 * 3  # EOS blocked before min_new_tokens: longer than the batch's 3 tokens
+    prefix_1 = policy.tokenizer.decode([5], skip_special_tokens=True).strip()
+    assert all(text.startswith(prefix_1) for text in texts[0][:2])
 
 
 def test_lstm_generate_matches_manual_sampling_loop():
