@@ -257,7 +257,9 @@ class TextTask:
         self.train_rows = load_rows(cfg.dataset, "train", columns=("prompt", "completion"))
         self.test_rows = load_rows(cfg.dataset, "test", columns=("prompt", "completion"))
         self.sampling = SamplingConfig.of(cfg)
-        self.generated = {"completions": 0, "tokens": 0, "rollout_tokens": 0}  # what the generator sampled
+        # what the generator sampled: completions, and Monte-Carlo rollouts (partial continuations); `tokens`
+        # counts both
+        self.generated = {"completions": 0, "tokens": 0, "rollouts": 0, "rollout_tokens": 0}
         self.summary: dict = {}
 
     def generator(self, policy: Policy | None) -> Policy | None:
@@ -310,6 +312,7 @@ class TextTask:
                                                            ro.completion_ids, lengths, cfg.rollout_num, self.sampling)
         self.generated["completions"] += len(ro.completions)
         self.generated["tokens"] += int(lengths.sum()) + n_rollout
+        self.generated["rollouts"] += sum(map(len, texts))
         self.generated["rollout_tokens"] += n_rollout
         return Batch(ro.input_ids, ro.attention_mask, ro.completion_mask, ro.logprobs, ro.completions,
                      (texts, rows_of))

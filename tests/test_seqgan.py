@@ -277,3 +277,39 @@ def test_experiment_files_are_valid_configs(name):
     assert cfg.task in ("oracle", "text")
     if cfg.task == "oracle":
         assert (cfg.mle_epochs, cfg.d_pretrain_rounds, cfg.max_steps, cfg.rollout_num) == (50, 5, 33, 16)
+
+
+def test_compare_refuses_a_seqgan_budget_below_three_steps():
+    from rlgen.config import CompareConfig
+
+    with pytest.raises(UserError, match="seqgan needs max_steps >= 3"):
+        CompareConfig(model="tiny", methods=["ppo", "seqgan"], seeds=[0], max_steps=2, batch_size=4)
+    CompareConfig(model="tiny", methods=["ppo"], seeds=[0], max_steps=2, batch_size=4)
+
+
+@pytest.mark.parametrize("max_steps", [3, 4])
+def test_compare_seqgan_run_keeps_the_budget_and_counts_every_token(tmp_path, tiny_folder, tiny_classifier,
+                                                                    monkeypatch, max_steps):
+    """At most max_steps x batch_size completions; every sequence `generate` makes is a completion or a rollout,
+    and `tokens` counts the tokens of both."""
+    from rlgen.config import CompareConfig
+    from rlgen.policy import completion_mask_from_ids
+
+    cfg = CompareConfig(model=str(tiny_folder), methods=["seqgan"], seeds=[0], max_steps=max_steps, batch_size=4,
+                        max_new_tokens=4, seqgan={"discriminator": tiny_classifier, "d_max_length": 16})
+    stage = cfg.method_config("seqgan", str(tiny_folder), tmp_path / "run", 0)
+    policy = Policy.from_pretrained(str(tiny_folder), reference=True)
+    made, generate = {"sequences": 0, "tokens": 0}, policy.model.generate
+
+    def spy(**kwargs):
+        out = generate(**kwargs)
+        new = out.sequences[:, kwargs["input_ids"].shape[1]:]
+        made["sequences"] += len(new)
+        made["tokens"] += int(completion_mask_from_ids(new, policy.eos_token_ids)[0].sum())
+        return out
+
+    monkeypatch.setattr(policy.model, "generate", spy)
+    generated = train_seqgan(stage, policy).summary["generated"]
+    assert generated["completions"] <= max_steps * cfg.batch_size
+    assert generated["completions"] + generated["rollouts"] == made["sequences"]
+    assert generated["tokens"] == made["tokens"] and generated["rollout_tokens"] > 0
