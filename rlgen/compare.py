@@ -10,7 +10,7 @@ Budget, matched by generated completions: every run generates at most `max_steps
 - grpo, rloo (TRL): `max_steps` steps of `batch_size` completions (`num_generations` per prompt);
 - dpo (TRL): 2 own samples for each of `max_steps * batch_size / 2` prompts, ranked by the proxy into
   preference pairs, then `max_steps` DPO steps;
-- seqgan (rlgen.seqgan): one discriminator pre-training round on `batch_size` samples, then
+- seqgan (rlgen.seqgan; max_steps >= 3): one discriminator pre-training round on `batch_size` samples, then
   `(max_steps - 1) // 2` adversarial epochs of one generator step (`batch_size` samples; its Monte-Carlo
   rollouts are partial continuations, counted in the tokens column) and one D step on `batch_size` fresh samples;
 - sft (TRL SFTTrainer): `max_steps` steps of `batch_size` real replies; it generates nothing.

@@ -11,15 +11,8 @@ from rlgen.config import SamplingConfig, SeqGANConfig, apply_preset
 from rlgen.errors import UserError
 from rlgen.lstm import SeqGANLSTMConfig, SeqGANLSTMForCausalLM, build_oracle, build_token_tokenizer
 from rlgen.policy import Policy
-from rlgen.rewards import score_rewards
-from rlgen.seqgan import (
-    CNNDiscriminator,
-    DiscriminatorReward,
-    lstm_rollouts,
-    prob_real,
-    train_discriminator,
-    train_seqgan,
-)
+from rlgen.seqgan import train_seqgan
+from rlgen.seqgan_tasks import generate_rollout_texts, lstm_rollouts
 
 torch.set_num_threads(1)
 
@@ -85,6 +78,31 @@ def test_mc_q_averages_rollouts_exactly_for_prefix_only_scores():
     assert torch.allclose(q, torch.tensor([[0.1] * 5, [0.3] * 5]))
 
 
+def test_text_rollouts_run_to_max_new_tokens_with_the_run_sampling(tiny_policy, monkeypatch):
+    """A batch whose longest completion has 3 tokens: a rollout of prefix t still continues up to
+    max_new_tokens - t tokens, and samples as the run does (temperature, min_new_tokens)."""
+    policy = tiny_policy
+    eos, pad = policy.eos_token_ids[0], policy.tokenizer.pad_token_id
+    completion_ids = torch.tensor([[5, 6, eos], [7, eos, pad]])
+    prompt_ids, prompt_mask = policy.tokenize_prompts(["hi", "how are you"], 16)
+    configs, generate = [], policy.model.generate
+
+    def spy(**kwargs):
+        configs.append(kwargs["generation_config"])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(policy.model, "generate", spy)
+    sampling = SamplingConfig(max_new_tokens=8, min_new_tokens=5, temperature=0.7)
+    torch.manual_seed(0)
+    texts, rows, n_tokens = generate_rollout_texts(policy.model, policy, prompt_ids, prompt_mask, completion_ids,
+                                                   torch.tensor([3, 2]), 2, sampling)
+    assert [(c.max_new_tokens, c.min_new_tokens, c.temperature) for c in configs] == [(7, 4, 0.7), (6, 3, 0.7)]
+    assert [r.tolist() for r in rows] == [[0, 1], [0]]
+    assert n_tokens >= 2 * 2 * 4 + 2 * 3  # EOS blocked before min_new_tokens: longer than the batch's 3 tokens
+    prefix_1 = policy.tokenizer.decode([5], skip_special_tokens=True).strip()
+    assert all(text.startswith(prefix_1) for text in texts[0][:2])
+
+
 def test_lstm_generate_matches_manual_sampling_loop():
     model = tiny_lstm(vocab=11, emb=6, hidden=8, seed=3)
     policy = Policy(model, build_token_tokenizer(11), reference=False)
@@ -141,21 +159,6 @@ def test_oracle_sanity_n01_own_samples_beat_uniform():
     assert 10.5 < uniform_nll < 12.5
 
 
-def test_discriminator_learns_separable_toy_set():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    d = CNNDiscriminator(10, 16, widths=(1, 2, 3), filters=(8, 8, 8), dropout=0.25, seq_len=6)
-    pos = torch.ones(200, 6, dtype=torch.long)
-    neg = torch.randint(2, 10, (200, 6), generator=g)
-    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
-    stats = train_discriminator(d, opt, pos, neg, epochs=3, batch_size=32, l2=0.2, generator=g)
-    assert stats["val/d_accuracy_train"] > 0.95
-    assert prob_real(d, pos[:20]).min() > 0.8 and prob_real(d, neg[:20]).max() < 0.2
-    reward = DiscriminatorReward(d)
-    totals, per_fn = score_rewards([("discriminator", reward)], ["", ""], ["1 1 1 1 1 1", "5 7 9 3 4 2"])
-    assert totals[0] > 0.8 and totals[1] < 0.2
-
-
 def tiny_oracle_config(tmp_path, **kw):
     base = dict(task="oracle", model="lstm", discriminator="cnn", output_dir=str(tmp_path / "run"),
                 vocab_size=12, seq_len=6, embedding_size=8, hidden_size=8, num_train=640, num_test=500,
@@ -180,6 +183,22 @@ def test_tiny_oracle_adversarial_training_lowers_nll_oracle(tmp_path):
     x = torch.randint(12, (2, 6))
     assert isinstance(reloaded.base_model, SeqGANLSTMForCausalLM)
     assert torch.allclose(reloaded.base_model(x).logits, result.policy.base_model(x).logits, atol=1e-6)
+
+
+def test_tiny_oracle_run_gives_pinned_numbers(tmp_path, monkeypatch):
+    """The same seed gives the same numbers: a refactor of the stage must leave them unchanged (CPU)."""
+    monkeypatch.setattr("rlgen.seqgan.default_device", lambda: torch.device("cpu"))
+    cfg = tiny_oracle_config(tmp_path, max_steps=2, eval_every=1, kl_coef=0.05, baseline="mean")
+    s = train_seqgan(cfg).summary
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "loss/policy" in r]
+    assert s["mle"]["eval/nll_oracle"] == pytest.approx(2.868752705891927, rel=1e-5)
+    assert s["adv"]["eval/nll_oracle"] == pytest.approx(2.710649393717448, rel=1e-5)
+    assert s["adv"]["eval/nll_self"] == pytest.approx(2.393767833709717, rel=1e-5)
+    assert [r["loss/policy"] for r in epochs] == pytest.approx([-0.019052302464842796, -0.022585293278098106], rel=1e-4)
+    assert [r["objective/kl"] for r in epochs] == pytest.approx([0.006042212247848511, 0.032341599464416504], rel=1e-4)
+    assert [r["loss/d"] for r in epochs] == pytest.approx([0.6173773676156997, 0.6575187563896179], rel=1e-5)
+    assert [r["eval/d_accuracy_heldout"] for r in epochs] == pytest.approx([0.694, 0.61])
 
 
 def test_presets_fill_only_default_fields():
@@ -245,7 +264,7 @@ def test_text_task_runs_with_rollouts_and_evaluator(tmp_path, tiny_classifier):
 
 
 def test_temperature_sweep_any_policy(tiny_policy):
-    from rlgen.seqgan import temperature_sweep
+    from rlgen.oracle import temperature_sweep
 
     rows = temperature_sweep(tiny_policy, [1.0, 0.5], prompts=["hi", "how are you"],
                              sampling=SamplingConfig(max_new_tokens=4))
@@ -264,3 +283,39 @@ def test_experiment_files_are_valid_configs(name):
     assert cfg.task in ("oracle", "text")
     if cfg.task == "oracle":
         assert (cfg.mle_epochs, cfg.d_pretrain_rounds, cfg.max_steps, cfg.rollout_num) == (50, 5, 33, 16)
+
+
+def test_compare_refuses_a_seqgan_budget_below_three_steps():
+    from rlgen.config import CompareConfig
+
+    with pytest.raises(UserError, match="seqgan needs max_steps >= 3"):
+        CompareConfig(model="tiny", methods=["ppo", "seqgan"], seeds=[0], max_steps=2, batch_size=4)
+    CompareConfig(model="tiny", methods=["ppo"], seeds=[0], max_steps=2, batch_size=4)
+
+
+@pytest.mark.parametrize("max_steps", [3, 4])
+def test_compare_seqgan_run_keeps_the_budget_and_counts_every_token(tmp_path, tiny_folder, tiny_classifier,
+                                                                    monkeypatch, max_steps):
+    """At most max_steps x batch_size completions; every sequence `generate` makes is a completion or a rollout,
+    and `tokens` counts the tokens of both."""
+    from rlgen.config import CompareConfig
+    from rlgen.policy import completion_mask_from_ids
+
+    cfg = CompareConfig(model=str(tiny_folder), methods=["seqgan"], seeds=[0], max_steps=max_steps, batch_size=4,
+                        max_new_tokens=4, seqgan={"discriminator": tiny_classifier, "d_max_length": 16})
+    stage = cfg.method_config("seqgan", str(tiny_folder), tmp_path / "run", 0)
+    policy = Policy.from_pretrained(str(tiny_folder), reference=True)
+    made, generate = {"sequences": 0, "tokens": 0}, policy.model.generate
+
+    def spy(**kwargs):
+        out = generate(**kwargs)
+        new = out.sequences[:, kwargs["input_ids"].shape[1]:]
+        made["sequences"] += len(new)
+        made["tokens"] += int(completion_mask_from_ids(new, policy.eos_token_ids)[0].sum())
+        return out
+
+    monkeypatch.setattr(policy.model, "generate", spy)
+    generated = train_seqgan(stage, policy).summary["generated"]
+    assert generated["completions"] <= max_steps * cfg.batch_size
+    assert generated["completions"] + generated["rollouts"] == made["sequences"]
+    assert generated["tokens"] == made["tokens"] and generated["rollout_tokens"] > 0

@@ -116,8 +116,12 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
                 "reward": self.reward + self.gold_reward,
                 "reward_weights": (self.reward_weights or [1.0] * len(self.reward)) + [0.0] * len(self.gold_reward)}
         elif method == "seqgan":
+            # batch_size x (1 D pre-training round + 2 per adversarial epoch: a generator and a D step)
+            if self.max_steps < 3:
+                raise UserError(f"seqgan needs max_steps >= 3: one D pre-training round and one adversarial epoch "
+                                f"generate 3 x batch_size completions (got max_steps {self.max_steps})")
             values = {
-                **sampling, "task": "text", "max_steps": max((self.max_steps - 1) // 2, 1),
+                **sampling, "task": "text", "max_steps": (self.max_steps - 1) // 2,
                 "batch_size": self.batch_size, "learning_rate": self.learning_rate_of("seqgan"),
                 "kl_coef": self.kl_coef, "g_steps": 1, "rollout_num": 2, "rollout_update_rate": 0.0,
                 "baseline": "mean", "d_pretrain_rounds": 1, "d_pretrain_epochs": 1, "d_steps": 1, "d_epochs": 1,

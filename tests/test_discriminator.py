@@ -1,0 +1,104 @@
+"""The SeqGAN discriminator: the paper's CNN, training, P(real), held-out accuracy and D as a reward."""
+
+import pytest
+import torch
+
+from rlgen.discriminator import (
+    CNNDiscriminator,
+    DiscriminatorReward,
+    TextDiscriminator,
+    heldout_accuracy,
+    prob_real,
+    train_discriminator,
+)
+from rlgen.rewards import score_rewards
+
+torch.set_num_threads(1)
+
+
+def toy_cnn_and_data():
+    """A small CNN trained to tell all-ones sequences (real) from sequences of tokens 2..9 (generated)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    d = CNNDiscriminator(10, 16, widths=(1, 2, 3), filters=(8, 8, 8), dropout=0.25, seq_len=6)
+    pos = torch.ones(200, 6, dtype=torch.long)
+    neg = torch.randint(2, 10, (200, 6), generator=g)
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+    stats = train_discriminator(d, opt, pos, neg, epochs=3, batch_size=32, l2=0.2, generator=g)
+    return d, pos, neg, stats
+
+
+def test_discriminator_learns_separable_toy_set():
+    d, pos, neg, stats = toy_cnn_and_data()
+    assert stats["val/d_accuracy_train"] > 0.95
+    assert prob_real(d, pos[:20]).min() > 0.8 and prob_real(d, neg[:20]).max() < 0.2
+    reward = DiscriminatorReward(d)
+    totals, per_fn = score_rewards([("discriminator", reward)], ["", ""], ["1 1 1 1 1 1", "5 7 9 3 4 2"])
+    assert totals[0] > 0.8 and totals[1] < 0.2
+
+
+def test_heldout_accuracy_labels_each_side_whatever_the_sizes():
+    """Real and fake sets of different sizes: each sequence is judged against its own label."""
+    d, pos, neg, _ = toy_cnn_and_data()
+    assert heldout_accuracy(d, pos[:30], neg[:100]) == 1.0
+    assert heldout_accuracy(d, neg[:30], pos[:100]) == 0.0
+    assert heldout_accuracy(d, pos[:30], pos[:90]) == 0.25
+
+
+def save_tiny_classifier(folder, kind, tokenizer):
+    """A tiny random sequence classifier (2 labels) of one head kind, built from a config (no download)."""
+    import transformers
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=72, num_labels=2)
+    if kind == "bert":  # classifier: one Linear with a bias
+        model = transformers.BertForSequenceClassification(
+            transformers.BertConfig(**common, pad_token_id=tokenizer.pad_token_id))
+    elif kind == "roberta":  # classifier.dense, then classifier.out_proj
+        model = transformers.RobertaForSequenceClassification(
+            transformers.RobertaConfig(**common, pad_token_id=tokenizer.pad_token_id))
+    else:  # a causal LM's score layer, no bias; no pad_token_id in the config
+        model = transformers.LlamaForSequenceClassification(
+            transformers.LlamaConfig(**common, num_key_value_heads=2, pad_token_id=None))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind, head", [("bert", "classifier"), ("roberta", "classifier.out_proj"),
+                                        ("llama", "score")])
+def test_text_discriminator_trains_with_any_classifier_head(tmp_path, tiny_tokenizer, kind, head):
+    torch.manual_seed(0)
+    d = TextDiscriminator(str(save_tiny_classifier(tmp_path, kind, tiny_tokenizer)), max_length=16)
+    layer = d.model.get_submodule(head)
+    bias = 0.0 if layer.bias is None else float(layer.bias.detach().square().sum())
+    assert float(d.l2_penalty().detach()) == pytest.approx(0.5 * (float(layer.weight.detach().square().sum()) + bias))
+    real, fake = ["hello there", "how are you", "nice day"], ["ok", "the the the", ""]
+    opt = torch.optim.Adam(d.parameters(), lr=1e-3)
+    before = layer.weight.detach().clone()
+    stats = train_discriminator(d, opt, real, fake, epochs=1, batch_size=4, l2=0.2,
+                                generator=torch.Generator().manual_seed(0))
+    assert stats["loss/d"] > 0 and not torch.equal(before, layer.weight)
+    assert prob_real(d, real + fake).shape == (6,)
+
+
+class NoPenaltyD(torch.nn.Module):
+    """A D whose output layer has no L2 penalty to give: train_discriminator must not ask at l2 = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = torch.nn.Linear(3, 2)
+
+    def logits(self, x):
+        return self.out(x)
+
+    def l2_penalty(self):
+        raise AssertionError("l2_penalty called with l2 = 0")
+
+
+def test_train_discriminator_skips_the_penalty_at_l2_zero():
+    d = NoPenaltyD()
+    pos, neg = torch.randn(8, 3), torch.randn(8, 3)
+    stats = train_discriminator(d, torch.optim.SGD(d.parameters(), lr=0.1), pos, neg, epochs=1, batch_size=4, l2=0.0,
+                                generator=torch.Generator().manual_seed(0))
+    assert stats["loss/d"] > 0
