@@ -251,12 +251,13 @@ class Policy(nn.Module):
                                 output_logits=True, output_hidden_states=hidden_states)
 
     @contextmanager
-    def model_generation_defaults_hidden(self):
-        """While open, generate() sees an empty model generation_config, so nothing from the model folder
-        fills the fields `generation_config` leaves None; only transformers' neutral global defaults do."""
+    def model_generation_defaults_hidden(self, model=None):
+        """While open, generate() of `model` (default: the policy's) sees an empty model generation_config, so
+        nothing from the model folder fills the fields `generation_config` leaves None; only transformers'
+        neutral global defaults do."""
         from transformers import GenerationConfig
 
-        model = self.base_model
+        model = self.base_model if model is None else getattr(model, "get_base_model", lambda: model)()
         saved, model.generation_config = model.generation_config, GenerationConfig()
         try:
             yield

@@ -122,7 +122,8 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             q = core.monte_carlo_q_values(scores, final)  # [B, T]
             advantages = q - core.masked_mean(q, mask, dim=0) if cfg.baseline == "mean" else q
             if cfg.kl_coef > 0:  # per-token KL to the reference, as a penalty on the return (not in the paper)
-                ref_lp = policy.ref_logprobs(batch.input_ids, batch.attention_mask, mask.shape[1], cfg.temperature)
+                ref_lp = policy.ref_logprobs(batch.input_ids, batch.attention_mask, mask.shape[1], cfg.temperature,
+                                             cfg.min_new_tokens)
                 kl = core.kl_estimate(batch.logprobs, ref_lp, "k1")
                 advantages = advantages - cfg.kl_coef * core.discounted_returns(kl, mask)
                 row["objective/kl"] = float(core.masked_sum(kl, mask) / len(mask))
@@ -131,7 +132,8 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             clock = _timer()
             with torch.backends.cudnn.flags(enabled=False):  # cuDNN's LSTM backward refuses eval mode
                 logprobs, _, _ = policy(batch.input_ids, batch.attention_mask, mask.shape[1],
-                                        temperature=cfg.temperature, with_values=False)
+                                        temperature=cfg.temperature, with_values=False,
+                                        min_new_tokens=cfg.min_new_tokens)
             loss, stats = core.policy_gradient_loss(logprobs, advantages, mask)
             opt_g.zero_grad(set_to_none=True)
             loss.backward()

@@ -120,7 +120,8 @@ def generate_rollout_texts(model, policy: Policy, prompt_ids: torch.Tensor, prom
             gen = policy.generation_config(dataclasses.replace(
                 sampling, max_new_tokens=sampling.max_new_tokens - t, min_new_tokens=max(sampling.min_new_tokens - t, 0)))
             gen.output_logits = False
-            new = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen).sequences[:, ids.shape[1]:]
+            with policy.model_generation_defaults_hidden(model):  # the model folder cannot change the sampling
+                new = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen).sequences[:, ids.shape[1]:]
             new_mask, _ = completion_mask_from_ids(new, policy.eos_token_ids)
             n_tokens += int(new_mask.sum())
             full = torch.cat([completion_ids[idx, :t].repeat_interleave(n, 0),
