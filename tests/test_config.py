@@ -135,3 +135,26 @@ def test_compare_derives_each_method_config():
     assert ppo.cliprange == 0.1 and lora_kwargs(ppo) == lora_kwargs(cfg) and ppo.learning_rate == 3e-4
     assert SamplingConfig.of(ppo) == SamplingConfig.of(cfg)
     assert cfg.eval_config("m", Path("e"), 0).num_prompts == 32
+
+
+ROOT = PACKAGE.parent
+SHIPPED = sorted((ROOT / "experiments").glob("*.yaml")) + sorted((ROOT / "reward_models").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_builds(path):
+    """Each experiment and recipe YAML builds the config of the command the README runs it with."""
+    from rlgen.cli import STAGES
+    from rlgen.config import load_yaml
+
+    data = load_yaml(str(path))
+    if "stages" in data:
+        cfg = build_config(RunConfig, data, str(path))
+        assert cfg.stages
+    elif "methods" in data:
+        build_config(CompareConfig, data, str(path))
+    elif path.parent.name == "reward_models":
+        build_config(STAGES["reward-model train"][0], data, str(path))
+    else:
+        command = "seqgan" if "seqgan" in path.name else "ppo"
+        build_config(STAGES[command][0], data, str(path))
