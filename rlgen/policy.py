@@ -3,7 +3,8 @@
 `Policy` holds a causal LM (optionally wrapped in a PEFT LoRA adapter), a scalar value head on the
 shared trunk (zero-initialised, so values start at 0) or a separate critic, and a reference: the same
 model with the adapter disabled under LoRA, otherwise a frozen copy. Sampling returns a typed `Rollout`
-whose log-probs and values come from the generation pass itself (no second forward).
+whose log-probs and values come from the generation pass itself (no second forward): forward hooks read each
+step's raw logits and final hidden state, keeping one step's logits at a time, never `[B, T, V]`.
 
 Sequence layout used everywhere: `input_ids = [prompt (left-padded, P) | completion (right-padded, T)]`.
 Completion token t is predicted by the hidden state at position P - 1 + t.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,99 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return (positions[None, :] <= first[:, None]).long(), ended
 
 
+class _StepRecorder:
+    """Forward hooks that keep, while `Policy.sample` generates, what a rollout needs from each step: the sampled
+    token's log-prob and the final hidden state [B, H] of the last position (the value's input).
+
+    Generate's forward at step t + 1 is fed the token sampled at step t, so that token's log-prob is read from the
+    previous step's raw logits (kept for one step only: [B, V], never [B, T, V]); the last token's after generate
+    returns. Raw logits, not the processed scores a LogitsProcessor sees: `Policy.forward` does not block EOS
+    under min_new_tokens, and the first PPO ratio must be 1. The hooks stay registered and idle outside `sample`
+    (torch.compile skips hook guards, so a hook added after compiling would never run), and are excluded from
+    compiled graphs so that what they keep is copied out of a CUDA graph's reused output buffers.
+    """
+
+    def __init__(self):
+        self.temperature: float | None = None  # None: idle
+        self.keep_hidden = False
+        self.last_logits: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []
+        self.hidden: list[torch.Tensor] = []
+
+    def start(self, temperature: float, keep_hidden: bool) -> None:
+        self.temperature, self.keep_hidden, self.last_logits, self.logprobs, self.hidden = (
+            temperature, keep_hidden, None, [], [])
+
+    def stop(self) -> None:
+        self.temperature, self.last_logits = None, None
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        """Log-prob [B] of `tokens` [B] under the previous step's logits."""
+        self.logprobs.append(core.logprobs_from_logits(self.last_logits[:, None], tokens[:, None],
+                                                       self.temperature)[:, 0])
+
+    @torch.compiler.disable
+    def on_logits(self, module, args, kwargs, output) -> None:
+        if self.temperature is None:
+            return
+        if self.last_logits is not None:
+            self._take(kwargs["input_ids"][:, -1])
+        self.last_logits = output.logits[:, -1].to(torch.float32, copy=True)  # [B, V]
+
+    @torch.compiler.disable
+    def on_hidden(self, module, args, output) -> None:
+        if self.temperature is not None and self.keep_hidden:
+            self.hidden.append(output[0][:, -1].clone())  # [B, H]
+
+    def finish(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """completion_ids [B, T] -> (log-probs [B, T], last hidden states [B, T, H] or None if not recorded)."""
+        self._take(completion_ids[:, -1])
+        T = completion_ids.shape[1]
+        logprobs = torch.stack(self.logprobs[:T], dim=1)
+        hidden = torch.stack(self.hidden[:T], dim=1) if self.hidden else None
+        return logprobs, hidden
+
+
+@contextmanager
+def merged_lora(model):
+    """Fold the active LoRA adapters of a PEFT `model` into its base weights for the duration of the block (the
+    adapters disabled, so each layer runs its base layer only), then put the exact base weights back.
+
+    Sampling through PEFT's per-layer adapter calls made a CPU rollout of the default model ~1.4x slower. The
+    base weights are copied and restored rather than merged and unmerged (PEFT's `unmerge_adapter` subtracts
+    the delta again): in floating point W + d - d drifts from W, and under LoRA the base model is the reference.
+    In place, so that compiled graphs keep their weights' addresses. Models with other adapter kinds (DoRA,
+    LoRA biases, embeddings, modules_to_save) run unmerged.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    modules = list(model.modules())
+    layers = [m for m in modules if isinstance(m, LoraLayer)]
+    mergeable = layers and not any(isinstance(m, ModulesToSaveWrapper) for m in modules) and all(
+        type(m) is LoraLinear and not m.lora_variant and not any(m.lora_bias.values()) for m in layers)
+    if not mergeable:
+        yield
+        return
+    saved = []
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.get_base_layer().weight
+            active = [a for a in layer.active_adapters if a in layer.lora_A]
+            if active:
+                saved.append((weight, weight.clone()))
+                for adapter in active:
+                    weight.add_(layer.get_delta_weight(adapter).to(weight.dtype))
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+
+
 class Policy(nn.Module):
     """Causal LM + value head (or critic) + reference. See the module docstring for the layout."""
 
@@ -98,6 +192,13 @@ class Policy(nn.Module):
         if reference and ref_model is None and not self.is_peft:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
+        # After the reference copy above, which must not carry the hooks.
+        self._recorder = _StepRecorder()
+        self.base_model.register_forward_hook(self._recorder.on_logits, with_kwargs=True)
+        trunk = self.base_model.base_model  # the transformer under the LM head (the model itself if it has none)
+        self._hidden_hooked = trunk is not self.base_model
+        if self._hidden_hooked:
+            trunk.register_forward_hook(self._recorder.on_hidden)
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -222,8 +323,8 @@ class Policy(nn.Module):
             tok.padding_side, tok.truncation_side = side, tside
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def generation_config(self, s: SamplingConfig, hidden_states: bool = False):
-        """Pure sampling (no model-specific defaults such as top_k=50) that returns raw logits per step."""
+    def generation_config(self, s: SamplingConfig):
+        """Pure sampling (no model-specific defaults such as top_k=50)."""
         from transformers import GenerationConfig
 
         # top_k=0 and repetition_penalty=1.0 are explicit: a None would be filled in by generate() from the
@@ -231,32 +332,46 @@ class Policy(nn.Module):
         return GenerationConfig(do_sample=True, temperature=s.temperature, top_k=0, repetition_penalty=1.0,
                                 top_p=1.0, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
                                 eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-                                return_dict_in_generate=True, output_logits=True, output_hidden_states=hidden_states)
+                                return_dict_in_generate=True)
+
+    def _cache_kwargs(self, s: SamplingConfig) -> dict:
+        """On CUDA, a static KV cache (generate then compiles the decoding step) sized for the longest prompt, so
+        that every rollout reuses one cache and one compiled graph; elsewhere, or for a model that cannot compile
+        in one graph, the dynamic cache."""
+        if self.device.type != "cuda" or not getattr(self.base_model, "_can_compile_fullgraph", False):
+            return {}
+        return {"cache_implementation": "static", "max_cache_len": s.max_prompt_length + s.max_new_tokens}
 
     @torch.no_grad()
     def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
-        """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass."""
+        """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass
+        (LoRA merged into the weights meanwhile; see `merged_lora`)."""
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts, settings.max_prompt_length)
         shared_values = with_values and self.critic is None
         was_training = self.model.training
         self.model.eval()
+        self._recorder.start(settings.temperature, keep_hidden=shared_values)
         try:
-            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                      generation_config=self.generation_config(settings, shared_values))
+            with merged_lora(self.model) if self.is_peft else nullcontext():
+                out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                          generation_config=self.generation_config(settings),
+                                          **self._cache_kwargs(settings))
+            completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+            logprobs, hidden = self._recorder.finish(completion_ids)
         finally:
+            self._recorder.stop()
             self.model.train(was_training)
-        completion_ids = out.sequences[:, prompt_ids.shape[1]:]
         mask, ended = completion_mask_from_ids(completion_ids, self.eos_token_ids)
         completion_ids = completion_ids.masked_fill(mask == 0, self.tokenizer.pad_token_id)
-        logits = torch.stack(out.logits, dim=1).float()  # [B, T, V], raw (before temperature)
-        logprobs = core.logprobs_from_logits(logits, completion_ids, settings.temperature) * mask
+        logprobs = logprobs * mask
         values = None
-        if shared_values:
-            last = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)  # [B, T, H]
-            values = self.value_head(last.float()).squeeze(-1) * mask
-        elif with_values:
-            input_ids = torch.cat([prompt_ids, completion_ids], 1)
-            values = self.critic_values(input_ids, torch.cat([prompt_mask, mask], 1), completion_ids.shape[1]) * mask
+        if shared_values and self._hidden_hooked:
+            values = self.value_head(hidden.float()).squeeze(-1) * mask
+        elif with_values:  # a separate critic, or a model without a trunk to hook: one forward for the values
+            input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
+            T = completion_ids.shape[1]
+            values = (self.critic_values(input_ids, attention_mask, T) if self.critic is not None
+                      else self.forward(input_ids, attention_mask, T)[1]) * mask
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # pad after the end
         return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, values, ended,
                        list(prompts), [t.strip() for t in texts])

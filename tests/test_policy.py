@@ -8,17 +8,33 @@ from rlgen.policy import Policy, completion_mask_from_ids
 PROMPTS = ["hello there, how are you?", "what did you do this weekend", "i love dogs"]
 
 
-def test_sampled_logprobs_and_values_match_a_separate_forward(tiny_policy):
+@pytest.mark.parametrize("min_new_tokens", [0, 12])
+def test_sampled_logprobs_and_values_match_a_separate_forward(tiny_policy, min_new_tokens):
+    """fp32: the generation pass (KV cache, one step at a time) and one full forward agree to 1e-5, so the first
+    PPO ratio is 1; also when min_new_tokens blocks EOS while sampling (the log-probs are those of the raw logits,
+    as `Policy.forward` computes them)."""
     torch.manual_seed(0)
     tiny_policy.value_head.weight.data.normal_()  # non-zero so the values check means something
-    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.7))
+    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=12, min_new_tokens=min_new_tokens, temperature=0.7))
     T = ro.completion_ids.shape[1]
     logprobs, values, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, T, temperature=0.7)
     m = ro.completion_mask.bool()
     assert ro.logprobs.shape == ro.completion_ids.shape == ro.values.shape
-    torch.testing.assert_close(ro.logprobs[m], logprobs[m], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ro.values[m], values[m], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ro.logprobs[m], logprobs[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ro.values[m], values[m], atol=1e-5, rtol=1e-5)
+    assert torch.all(ro.logprobs[~m] == 0) and torch.all(ro.values[~m] == 0)
     assert len(ro.completions) == len(PROMPTS) and ro.prompts == PROMPTS
+
+
+def test_sampling_keeps_no_per_step_logits(tiny_policy):
+    gen = tiny_policy.generation_config(SamplingConfig(max_new_tokens=4))
+    assert not gen.output_logits and not gen.output_scores and not gen.output_hidden_states
+    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=4))
+    recorder = tiny_policy._recorder
+    assert recorder.temperature is None and recorder.last_logits is None  # idle outside sample
+    kept = len(recorder.logprobs)
+    tiny_policy.forward(ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1])
+    assert len(recorder.logprobs) == kept and recorder.last_logits is None
 
 
 def _gpt2_policy(tokenizer):
@@ -136,3 +152,64 @@ def test_separate_critic_gives_values_and_round_trips(tiny_tokenizer, tmp_path):
     loaded = Policy.from_pretrained(str(tmp_path / "c"), separate_critic=True)
     _, values2, _ = loaded.forward(ro.input_ids, ro.attention_mask, T)
     torch.testing.assert_close(values2[m], values[m], atol=1e-5, rtol=1e-5)
+
+
+def _lora_policy(tiny_tokenizer):
+    """A tiny LoRA policy with a non-zero adapter and value head."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlgen.models import build_tiny_model
+
+    peft = get_peft_model(build_tiny_model(tiny_tokenizer, seed=0),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    policy = Policy(peft, tiny_tokenizer)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        policy.value_head.weight.normal_()
+    return policy
+
+
+def test_merged_lora_sampling_equals_unmerged(tiny_tokenizer, monkeypatch):
+    """Sampling folds the adapter into the weights: same tokens as through PEFT's adapter layers with the same
+    seed, log-probs and values within 1e-5 (fp32), and the base weights (the reference) restored bit for bit."""
+    from contextlib import nullcontext
+
+    import rlgen.policy
+
+    policy = _lora_policy(tiny_tokenizer)
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    settings = SamplingConfig(max_new_tokens=10, temperature=0.8)
+    torch.manual_seed(3)
+    merged = policy.sample(PROMPTS, settings)
+    for k, v in policy.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    monkeypatch.setattr(rlgen.policy, "merged_lora", lambda model: nullcontext())
+    torch.manual_seed(3)
+    unmerged = policy.sample(PROMPTS, settings)
+    assert torch.equal(merged.completion_ids, unmerged.completion_ids)
+    torch.testing.assert_close(merged.logprobs, unmerged.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged.values, unmerged.values, atol=1e-5, rtol=1e-5)
+    T = merged.completion_ids.shape[1]
+    logprobs, _, _ = policy.forward(merged.input_ids, merged.attention_mask, T, temperature=0.8)
+    m = merged.completion_mask.bool()
+    torch.testing.assert_close(merged.logprobs[m], logprobs[m], atol=1e-5, rtol=1e-5)
+
+
+def test_merged_lora_restores_the_weights_on_error(tiny_tokenizer):
+    from rlgen.policy import merged_lora
+
+    policy = _lora_policy(tiny_tokenizer)
+    ids = torch.tensor([[3, 10, 20, 30]])
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    adapted = policy.model(ids).logits
+    with pytest.raises(KeyboardInterrupt):
+        with merged_lora(policy.model):
+            assert any(not torch.equal(v, before[k]) for k, v in policy.model.state_dict().items())  # merged
+            torch.testing.assert_close(policy.model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+            raise KeyboardInterrupt
+    for k, v in policy.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    torch.testing.assert_close(policy.model(ids).logits, adapted)
