@@ -24,7 +24,7 @@ from rlgen import metrics
 from rlgen.config import EvalConfig, SamplingConfig, save_config
 from rlgen.data import load_rows
 from rlgen.files import write_jsonl
-from rlgen.models import default_device, set_threads
+from rlgen.models import default_device, resolve_dtype, set_threads
 from rlgen.policy import Policy
 from rlgen.rewards import load_reward, score_rewards
 from rlgen.tracking import MetricsWriter, prepare_output_dir
@@ -104,7 +104,8 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     save_config(cfg, out)
     reward_fns = [load_reward(spec) for spec in cfg.reward]
     prompts = [str(r["prompt"]) for r in load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]]
-    policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed).to(default_device())
+    policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed,
+                                    dtype=resolve_dtype(cfg.dtype)).to(default_device())
     torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
     sampling = SamplingConfig.of(cfg)
     gold_fns = [load_reward(spec) for spec in cfg.gold_reward]

@@ -205,23 +205,26 @@ class Policy(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str, *, lora_r: int = 0, lora_alpha: int = 16, lora_dropout: float = 0.0,
                         lora_target_modules: str = "all-linear", separate_critic: bool = False,
-                        reference: bool = True, ref_name: str | None = None, seed: int = 0) -> Policy:
+                        reference: bool = True, ref_name: str | None = None, seed: int = 0,
+                        dtype: torch.dtype = torch.float32) -> Policy:
         """Load `default`, `tiny`, a folder (an rlgen policy folder restores its value head) or a Hub id.
 
         The reference is the model itself (adapter disabled under LoRA, else a frozen copy), or the model
-        `ref_name` when given (e.g. the base model when evaluating a fine-tuned folder).
+        `ref_name` when given (e.g. the base model when evaluating a fine-tuned folder). Models, reference and
+        critic load in `dtype`; a LoRA adapter and the value head stay float32 (PEFT upcasts adapters).
         """
         from rlgen.models import load_model
 
-        model, tokenizer = load_model(name, seed=seed)
-        ref_model = load_model(ref_name, seed=seed)[0] if reference and ref_name not in (None, name) else None
+        model, tokenizer = load_model(name, seed=seed, dtype=dtype)
+        ref_model = (load_model(ref_name, seed=seed, dtype=dtype)[0] if reference and ref_name not in (None, name)
+                     else None)
         critic = None
         if separate_critic:
             saved = Path(name) / "critic"
             if saved.is_dir():
                 from transformers import AutoModel
 
-                critic = AutoModel.from_pretrained(saved, dtype=torch.float32)
+                critic = AutoModel.from_pretrained(saved, dtype=dtype)
             else:
                 critic = copy.deepcopy(model.base_model)
         if lora_r > 0:
@@ -257,6 +260,22 @@ class Policy(nn.Module):
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
+    def checkpoint_in_eval(self) -> None:
+        """Gradient checkpointing for the policy (and critic) trunk while it stays in eval mode (dropout off, as
+        PPO needs). transformers checkpoints a layer only while that layer is training, so the checkpointed layers
+        themselves, not their submodules (dropout, attention), are marked as training. `eval()` and `sample`
+        clear the mark: call this before each optimisation phase."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for model in (self.base_model, self.critic):
+            if model is None:
+                continue
+            if not model.is_gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for module in model.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    module.training = True
+
     # ---- forwards -----------------------------------------------------------------------------------------
 
     def _lm_forward(self, model, input_ids, attention_mask, n_completion: int, hidden: bool):
@@ -275,7 +294,8 @@ class Policy(nn.Module):
         """
         shared_values = with_values and self.critic is None
         out = self._lm_forward(self.model, input_ids, attention_mask, n_completion, hidden=shared_values)
-        logits = out.logits[:, -(n_completion + 1):-1].float()  # position P-1+t predicts completion token t
+        # position P-1+t predicts completion token t; core upcasts half-precision logits to fp32 row by row
+        logits = out.logits[:, -(n_completion + 1):-1]
         targets = input_ids[:, -n_completion:]
         logprobs = core.logprobs_from_logits(logits, targets, temperature)
         entropy = core.entropy_from_logits(logits, temperature) if with_entropy else None
@@ -306,8 +326,8 @@ class Policy(nn.Module):
             raise RuntimeError("this Policy was built with reference=False")
         with context:
             out = self._lm_forward(model, input_ids, attention_mask, n_completion, hidden=False)
-        return core.logprobs_from_logits(out.logits[:, -(n_completion + 1):-1].float(),
-                                         input_ids[:, -n_completion:], temperature)
+        return core.logprobs_from_logits(out.logits[:, -(n_completion + 1):-1], input_ids[:, -n_completion:],
+                                         temperature)
 
     # ---- sampling -----------------------------------------------------------------------------------------
 
