@@ -8,7 +8,7 @@ the same seed they sample the same tokens, which the output checks. `--dtypes` a
 current path (its own copy of the model in that dtype). Runs alternate between the arms, so a busy machine slows
 all alike; CPU seconds (process time) are reported beside wall seconds, as they depend less on other jobs.
 
-Prints one JSON line: seconds per rollout (median and each run) of each arm, the speed-ups over `before`, the
+Prints one JSON line: seconds per rollout (median, best and each run) of each arm, the speed-ups over `before`, the
 largest log-prob and value differences between the fp32 arms' rollouts, and for each current arm the largest
 difference between its rollout log-probs and a forward pass over the rollout (the first PPO ratio's distance
 from 1, in log space).
@@ -88,18 +88,23 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "before": args.before}
     for name in policies:
         result[f"s_per_rollout_{name}"] = statistics.median(wall[name])
+        result[f"min_s_per_rollout_{name}"] = min(wall[name])
         result[f"cpu_s_per_rollout_{name}"] = statistics.median(cpu[name])
         result[f"runs_{name}"] = wall[name]
         result[f"completion_tokens_{name}"] = int(rollouts[name].completion_mask.sum())
         if name != "before":
             result[f"speedup_{name}"] = round(result["s_per_rollout_before"] / result[f"s_per_rollout_{name}"], 2)
+            result[f"min_speedup_{name}"] = round(result["min_s_per_rollout_before"]
+                                                  / result[f"min_s_per_rollout_{name}"], 2)
             result[f"cpu_speedup_{name}"] = round(result["cpu_s_per_rollout_before"]
                                                   / result[f"cpu_s_per_rollout_{name}"], 2)
             ro, policy = rollouts[name], policies[name]
             with torch.no_grad():
                 forward = policy.forward(ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1])[0]
             mask = ro.completion_mask.bool()
-            result[f"max_logprob_vs_forward_{name}"] = float((ro.logprobs - forward)[mask].abs().max())
+            gap = (ro.logprobs - forward)[mask].abs()
+            result[f"max_logprob_vs_forward_{name}"] = float(gap.max())
+            result[f"mean_logprob_vs_forward_{name}"] = float(gap.mean())
     if "after_float32" in rollouts:
         before, after = rollouts["before"], rollouts["after_float32"]
         same = torch.equal(before.completion_ids, after.completion_ids)
