@@ -159,7 +159,7 @@ else
   PPO_SMALL=(--model-size small)
   # the shape of issue 11's H200 figures; the first rollout compiles the static-cache decoding step (tens of s),
   # which s_per_update_steady leaves out and s_per_update counts
-  PPO_BASE=(--model-size base --batch 64 --response-length 128 --steps 6)
+  PPO_BASE=(--model-size base --batch 64 --response-length 128 --prompt-length 32 --steps 5 --threads 4)
   HALF=bfloat16
   # cpu preset shapes (10k training sequences, 10k negatives per D round, 16 rollouts, batch 64) for 2 MLE
   # epochs, 1 D pre-training round and 1 adversarial epoch; evals on 2k samples instead of 10k (the 6 fixed

@@ -145,11 +145,11 @@ def merged_lora(model):
     """Fold the active LoRA adapters of a PEFT `model` into its base weights for the duration of the block (the
     adapters disabled, so each layer runs its base layer only), then put the exact base weights back.
 
-    Sampling through PEFT's per-layer adapter calls made a CPU rollout of the default model ~1.4x slower. The
-    base weights are copied and restored rather than merged and unmerged (PEFT's `unmerge_adapter` subtracts
-    the delta again): in floating point W + d - d drifts from W, and under LoRA the base model is the reference.
-    In place, so that compiled graphs keep their weights' addresses. Models with other adapter kinds (DoRA,
-    LoRA biases, embeddings, modules_to_save) run unmerged.
+    PEFT's per-layer adapter calls made a CPU rollout of the default model 1.1-1.4x slower (the more so the busier
+    the machine). The base weights are copied and restored rather than merged and unmerged (PEFT's
+    `unmerge_adapter` subtracts the delta again): in floating point W + d - d drifts from W, and under LoRA the
+    base model is the reference. In place, so that compiled graphs keep their weights' addresses. Models with
+    other adapter kinds (DoRA, LoRA biases, embeddings, modules_to_save) run unmerged.
     """
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
