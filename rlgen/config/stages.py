@@ -23,8 +23,8 @@ LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "const
 
 DTYPE_HELP = ("model precision: auto (bfloat16 on a CUDA device that supports it, else float32), bfloat16, "
               "float16 or float32. ppo, evaluate: the models load in it (a LoRA adapter and the value head stay "
-              "float32); sft, reward-model, TRL methods: mixed precision (bf16/fp16) over float32 weights. "
-              "Log-probs, values, KL, advantages and losses are float32")
+              "float32); sft, reward-model, TRL methods: mixed precision (bf16/fp16) over float32 weights; "
+              "seqgan: float32 for now. Log-probs, values, KL, advantages and losses are float32")
 
 
 def check_dtype(cfg) -> None:
@@ -165,7 +165,7 @@ class SFTConfig(LoraConfigMixin, CommonConfig):
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     logging_steps: int = opt(1, "log every N steps")
     completion_only_loss: bool = opt(True, "train on completion tokens only (prompt/completion data)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, ~30% "
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, about a third "
                                               "more compute)")
 
     def check(self) -> None:
@@ -205,7 +205,7 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
     target_kl: float = opt(0.0, "stop an update's epochs early once an epoch's mean approx KL exceeds this (0: off)")
     separate_critic: bool = opt(False, "a separate critic trunk instead of a value head on the policy's trunk")
     gradient_checkpointing: bool = opt(False, "recompute the policy's activations in the backward pass (less "
-                                              "memory, ~30% more compute)")
+                                              "memory, about a third more compute)")
     save_total_limit: int = opt(2, "keep only the newest N checkpoint-<update> folders (0: keep all)")
     skip_nonfinite: bool = opt(False, "skip a batch whose loss, reward or gradient norm is not finite (counted in "
                                       "policy/skipped_batches) instead of stopping the run")
