@@ -365,10 +365,10 @@ class Policy(nn.Module):
                                 eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
                                 return_dict_in_generate=True)
 
-    def _cache_kwargs(self, s: SamplingConfig) -> dict:
+    def _cache_settings(self, s: SamplingConfig) -> dict:
         """On CUDA, a static KV cache (generate then compiles the decoding step) sized for the longest prompt, so
         that every rollout reuses one cache and one compiled graph; elsewhere, or for a model that cannot compile
-        in one graph, the dynamic cache."""
+        in one graph, the dynamic cache. Generation-config fields."""
         if self.device.type != "cuda" or not getattr(self.base_model, "_can_compile_fullgraph", False):
             return {}
         return {"cache_implementation": "static", "max_cache_len": s.max_prompt_length + s.max_new_tokens}
@@ -381,12 +381,13 @@ class Policy(nn.Module):
         shared_values = with_values and self.critic is None
         was_training = self.model.training
         self.model.eval()
+        generation_config = self.generation_config(settings)
+        generation_config.update(**self._cache_settings(settings))
         self._recorder.start(settings.temperature, keep_hidden=shared_values)
         try:
             with merged_lora(self.model) if self.is_peft else nullcontext():
                 out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                          generation_config=self.generation_config(settings),
-                                          **self._cache_kwargs(settings))
+                                          generation_config=generation_config)
             completion_ids = out.sequences[:, prompt_ids.shape[1]:]
             logprobs, hidden = self._recorder.finish(completion_ids)
         finally:

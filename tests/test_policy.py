@@ -266,3 +266,23 @@ def test_gradient_checkpointing_in_eval_mode_gives_the_same_gradients(tiny_token
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_sampling_matches_a_forward(tiny_policy):
+    """The CUDA path (static KV cache, generate compiles the decoding step), forced on the CPU: the hooks registered
+    before compilation still read every step, across a recompilation for a new batch size and a cached graph."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(mode="default")  # no CUDA graphs on the CPU
+    compile_config._compile_all_devices = True
+    tiny_policy._cache_settings = lambda s: {"cache_implementation": "static", "compile_config": compile_config,
+                                             "max_cache_len": s.max_prompt_length + s.max_new_tokens}
+    tiny_policy.value_head.weight.data.normal_()
+    for prompts in (PROMPTS, PROMPTS[:2], PROMPTS[:2]):
+        ro = tiny_policy.sample(prompts, SamplingConfig(max_new_tokens=12, max_prompt_length=32))
+        logprobs, values, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1])
+        m = ro.completion_mask.bool()
+        torch.testing.assert_close(ro.logprobs[m], logprobs[m], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ro.values[m], values[m], atol=1e-5, rtol=1e-5)
+    assert hasattr(tiny_policy.base_model, "_compiled_call")  # generate did compile the decoding step
