@@ -11,7 +11,8 @@ all alike; CPU seconds (process time) are reported beside wall seconds, as they 
 Prints one JSON line: seconds per rollout (median, best and each run) of each arm, the speed-ups over `before`, the
 largest log-prob and value differences between the fp32 arms' rollouts, and for each current arm the largest
 difference between its rollout log-probs and a forward pass over the rollout (the first PPO ratio's distance
-from 1, in log space).
+from 1, in log space; 0 in half precision, whose rollouts re-read their log-probs with that forward pass, which
+the timing includes).
 """
 
 import argparse

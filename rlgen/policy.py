@@ -376,9 +376,13 @@ class Policy(nn.Module):
     @torch.no_grad()
     def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
         """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass
-        (LoRA merged into the weights meanwhile; see `merged_lora`)."""
+        (LoRA merged into the weights meanwhile; see `merged_lora`), in half precision from one forward pass."""
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts, settings.max_prompt_length)
-        shared_values = with_values and self.critic is None
+        # In half precision the cached generation and a full forward round differently (default model, bf16: 0.04
+        # nats per token on average, benchmarks/rollout_speed.py): one forward re-reads the log-probs and values,
+        # so that they are `forward`'s (the first PPO ratio 1, eval/kl unbiased), as generation's are in float32.
+        reread = self.base_model.dtype != torch.float32
+        shared_values = with_values and self.critic is None and not reread
         was_training = self.model.training
         self.model.eval()
         generation_config = self.generation_config(settings)
@@ -395,15 +399,18 @@ class Policy(nn.Module):
             self.model.train(was_training)
         mask, ended = completion_mask_from_ids(completion_ids, self.eos_token_ids)
         completion_ids = completion_ids.masked_fill(mask == 0, self.tokenizer.pad_token_id)
-        logprobs = logprobs * mask
+        input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
+        T = completion_ids.shape[1]
         values = None
-        if shared_values and self._hidden_hooked:
-            values = self.value_head(hidden.float()).squeeze(-1) * mask
+        if reread:
+            logprobs, values, _ = self.forward(input_ids, attention_mask, T, settings.temperature, with_values)
+        elif shared_values and self._hidden_hooked:
+            values = self.value_head(hidden.float()).squeeze(-1)
         elif with_values:  # a separate critic, or a model without a trunk to hook: one forward for the values
-            input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
-            T = completion_ids.shape[1]
             values = (self.critic_values(input_ids, attention_mask, T) if self.critic is not None
-                      else self.forward(input_ids, attention_mask, T)[1]) * mask
+                      else self.forward(input_ids, attention_mask, T)[1])
+        logprobs = logprobs * mask
+        values = values * mask if values is not None else None
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # pad after the end
         return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, values, ended,
                        list(prompts), [t.strip() for t in texts])

@@ -286,14 +286,6 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
             ro = _truncate(ro, stop_id, tokenizer)  # the reward sees the cut text
             mask = ro.completion_mask  # [B, T]
             input_ids, attention_mask, T = ro.input_ids, ro.attention_mask, mask.shape[1]  # [B, P + T]
-            if policy.base_model.dtype != torch.float32:
-                # In half precision the cached generation and a full forward round differently (default model,
-                # bf16: 0.04 nats per token on average, benchmarks/rollout_speed.py); one forward re-reads the
-                # log-probs and values so that the first PPO ratio is 1, as it is in float32.
-                with torch.no_grad():
-                    logprobs, values, _ = policy(input_ids, attention_mask, T, cfg.temperature)
-                ro = dataclasses.replace(ro, logprobs=logprobs * mask,
-                                         values=values * mask if values is not None else None)
             if update == 1:
                 shown = (ro.prompts[:SAMPLES_SHOWN], ro.completions[:SAMPLES_SHOWN])
             t_rollout = time.perf_counter() - t0
