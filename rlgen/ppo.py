@@ -76,7 +76,7 @@ from rlgen.config import PPOConfig, SamplingConfig, lora_kwargs, save_config, to
 from rlgen.data import load_rows
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
-from rlgen.models import set_threads
+from rlgen.models import resolve_dtype, set_threads
 from rlgen.policy import Policy, Rollout, completion_mask_from_ids
 from rlgen.rewards import load_reward, reward_columns, reward_mean_metrics, score_rewards
 from rlgen.text import prompt_of
@@ -224,6 +224,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
         rows = load_rows(cfg.dataset, "train")
         if policy is None:
             policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic,
+                                            dtype=resolve_dtype(cfg.dtype),
                                             reference=True, seed=cfg.seed)
     if policy.ref_model is None and not policy.is_peft:
         raise UserError("train_ppo needs a policy with a reference model (Policy(..., reference=True))")
@@ -319,6 +320,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
             # 5. update: ppo_epochs passes over shuffled mini-batches, each split into accumulation micro-batches.
             #    A mini-batch with a non-finite loss or gradient norm stops the run, or is skipped (no step).
             t0 = time.perf_counter()
+            if cfg.gradient_checkpointing:
+                policy.checkpoint_in_eval()
             lr = scheduler.get_last_lr()[0]
             stats: dict[str, list[torch.Tensor]] = {"approxkl": [], "clipfrac": [], "ratio": [], "pg": [], "vf": []}
             skipped = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size) if fault else 0

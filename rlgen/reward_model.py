@@ -49,7 +49,7 @@ from rlgen.config import RewardModelConfig, save_config
 from rlgen.data import load_rows, read_rows, row_key, split_of
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
-from rlgen.models import minilm_folder, resolve_model_path, set_threads
+from rlgen.models import minilm_folder, mixed_precision_flags, resolve_model_path, set_threads
 from rlgen.rewards import LearnedReward, load_reward, score_rewards
 from rlgen.rewards.learned import NORMALISATION_FILE, scored_text
 from rlgen.text import is_conversation, prompt_of
@@ -430,7 +430,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(cfg.save_steps, 1),
         report_to=cfg.report_to or "none", use_cpu=not torch.cuda.is_available(), **checkpointing,
-        dataloader_num_workers=0, bf16=False, fp16=False,
+        dataloader_num_workers=0, **mixed_precision_flags(cfg.dtype),
     )
     writer = MetricsWriter(out)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,

@@ -14,7 +14,7 @@ import torch
 
 from rlgen.config import SFTConfig, lora_kwargs, save_config
 from rlgen.data import load_sft_rows
-from rlgen.models import set_threads
+from rlgen.models import mixed_precision_flags, set_threads
 from rlgen.policy import Policy
 from rlgen.text import render_conversation, render_prompt_completion
 from rlgen.tracking import MetricsWriter, prepare_output_dir, quiet_progress, trainer_metrics_callback
@@ -75,7 +75,8 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(cfg.save_steps, 1),
         report_to=cfg.report_to or "none", use_cpu=not torch.cuda.is_available(), max_length=cfg.max_length,
         completion_only_loss=cfg.completion_only_loss if "prompt" in train.column_names else None,
-        dataloader_num_workers=0, disable_tqdm=False, bf16=False, fp16=False,
+        dataloader_num_workers=0, disable_tqdm=False, **mixed_precision_flags(cfg.dtype),
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
     writer = MetricsWriter(out)
     trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train, processing_class=policy.tokenizer,

@@ -185,7 +185,8 @@ def _recorder(writer: MetricsWriter, names: dict, seen: dict, rows: list):
 def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
               reward_fns: list[tuple[str, Callable]], weights: list[float], max_steps: int, batch_size: int,
               num_generations: int, learning_rate: float, beta: float, sampling: SamplingConfig,
-              lora: dict, seed: int, threads: int, options: dict, columns: dict[str, list] | None = None) -> dict:
+              lora: dict, seed: int, threads: int, options: dict, columns: dict[str, list] | None = None,
+              dtype: str = "float32") -> dict:
     """Train the model folder `model` with TRL's `method` on `prompts` (raw user texts or lists of messages), whose
     dataset `columns` (one value per prompt) the rewards get; save the policy and `metrics.jsonl` to `output_dir`.
     Returns {"completions", "tokens", "curve", "train_s"} (see the module docstring)."""
@@ -194,7 +195,7 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
     from datasets import Dataset
     from transformers.trainer_callback import ProgressCallback
 
-    from rlgen.models import default_device, set_threads
+    from rlgen.models import default_device, mixed_precision_flags, set_threads
 
     config_cls = _check_input(method, options, batch_size, num_generations, reward_fns, weights)
     columns = columns or {}
@@ -213,7 +214,7 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
              **{f"rewards/{name}/mean": f"rewards/{name}/mean" for name, _ in reward_fns}}
     args = dict(output_dir=str(out), max_steps=max_steps, learning_rate=learning_rate, beta=beta, seed=seed,
                 logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", push_to_hub=False,
-                use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, gradient_checkpointing=False,
+                use_cpu=not torch.cuda.is_available(), **mixed_precision_flags(dtype), gradient_checkpointing=False,
                 dataloader_num_workers=0, disable_tqdm=False)
     peft_config = peft_lora_config(**lora) if lora.get("lora_r", 0) > 0 else None
 

@@ -12,6 +12,7 @@ from rlgen.config import (
     CompareConfig,
     EvalConfig,
     PPOConfig,
+    RewardModelConfig,
     RunConfig,
     SamplingConfig,
     SeqGANConfig,
@@ -158,3 +159,49 @@ def test_every_shipped_config_builds(path):
     else:
         command = "seqgan" if "seqgan" in path.name else "ppo"
         build_config(STAGES[command][0], data, str(path))
+
+
+STAGE_CLASSES = [EvalConfig, SFTConfig, PPOConfig, SeqGANConfig, RewardModelConfig, CompareConfig, RunConfig]
+
+
+@pytest.mark.parametrize("cls", STAGE_CLASSES, ids=lambda c: c.__name__)
+def test_every_stage_takes_a_dtype(cls):
+    assert cls().dtype == "auto"
+    assert cls(dtype="float32").dtype == "float32"
+    with pytest.raises(UserError, match="dtype must be auto, bfloat16, float16 or float32, got 'fp8'"):
+        build_config(cls, {"dtype": "fp8"}, "x.yaml")
+
+
+def test_run_and_compare_pass_their_dtype_to_every_stage():
+    run = RunConfig(dtype="float32", stages=["sft", "ppo"], compare={"methods": ["ppo"], "seeds": [0]})
+    assert {run.stage_config(s, Path("o"), "tiny").dtype for s in ("sft", "ppo", "evaluate")} == {"float32"}
+    compare = run.compare_config()
+    assert compare.dtype == "float32" and compare.method_config("ppo", "tiny", Path("o"), 0).dtype == "float32"
+    assert compare.eval_config("tiny", Path("o"), 0).dtype == "float32"
+
+
+def test_a_dtype_the_device_cannot_run_is_refused_in_one_line(monkeypatch):
+    import torch
+
+    import rlgen.models
+
+    assert rlgen.models.resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(rlgen.models, "_cpu_runs", lambda dtype: False)
+    for name in ("bfloat16", "float16"):
+        with pytest.raises(UserError) as e:
+            build_config(PPOConfig, {"dtype": name}, "x.yaml")
+        assert f"dtype {name}: this CPU has no {name} kernels" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(UserError, match="^dtype bfloat16: Tesla V100 does not support it; use float16 or float32$"):
+        rlgen.models.resolve_dtype("bfloat16", "cuda")
+    assert rlgen.models.resolve_dtype("auto", "cuda") == torch.float32
+
+
+def test_trainer_stages_get_mixed_precision_flags(monkeypatch):
+    import rlgen.models
+
+    monkeypatch.setattr(rlgen.models, "_cpu_runs", lambda dtype: True)
+    assert rlgen.models.mixed_precision_flags("bfloat16") == {"bf16": True, "fp16": False}
+    assert rlgen.models.mixed_precision_flags("float16") == {"bf16": False, "fp16": True}
+    assert rlgen.models.mixed_precision_flags("float32") == {"bf16": False, "fp16": False}

@@ -8,16 +8,21 @@ from rlgen.policy import Policy, completion_mask_from_ids
 PROMPTS = ["hello there, how are you?", "what did you do this weekend", "i love dogs"]
 
 
-def test_sampled_logprobs_and_values_match_a_separate_forward(tiny_policy):
+@pytest.mark.parametrize("min_new_tokens", [0, 12])
+def test_sampled_logprobs_and_values_match_a_separate_forward(tiny_policy, min_new_tokens):
+    """fp32: the generation pass (KV cache, one step at a time) and one full forward agree to 1e-5, so the first
+    PPO ratio is 1; also when min_new_tokens blocks EOS while sampling (both then block it)."""
     torch.manual_seed(0)
     tiny_policy.value_head.weight.data.normal_()  # non-zero so the values check means something
-    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.7))
+    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=12, min_new_tokens=min_new_tokens, temperature=0.7))
     T = ro.completion_ids.shape[1]
-    logprobs, values, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, T, temperature=0.7)
+    logprobs, values, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, T, temperature=0.7,
+                                              min_new_tokens=min_new_tokens)
     m = ro.completion_mask.bool()
     assert ro.logprobs.shape == ro.completion_ids.shape == ro.values.shape
-    torch.testing.assert_close(ro.logprobs[m], logprobs[m], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ro.values[m], values[m], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ro.logprobs[m], logprobs[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ro.values[m], values[m], atol=1e-5, rtol=1e-5)
+    assert torch.all(ro.logprobs[~m] == 0) and torch.all(ro.values[~m] == 0)
     assert len(ro.completions) == len(PROMPTS) and ro.prompts == PROMPTS
 
 
@@ -41,6 +46,17 @@ def test_min_new_tokens_logprobs_are_those_of_the_distribution_that_sampled(tiny
     torch.testing.assert_close(ref[m], blocked[m], atol=1e-4, rtol=1e-4)  # the reference is the policy here
     assert (blocked[:, :4] - plain[:, :4] > 0.01).all()  # renormalised without EOS: log p - log(1 - p_eos)
     torch.testing.assert_close(blocked[:, 4:][m[:, 4:]], plain[:, 4:][m[:, 4:]])
+
+
+def test_sampling_keeps_no_per_step_logits(tiny_policy):
+    gen = tiny_policy.generation_config(SamplingConfig(max_new_tokens=4))
+    assert not gen.output_logits and not gen.output_scores and not gen.output_hidden_states
+    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=4))
+    recorder = tiny_policy._recorder
+    assert recorder.temperature is None and recorder.last_logits is None  # idle outside sample
+    kept = len(recorder.logprobs)
+    tiny_policy.forward(ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1])
+    assert len(recorder.logprobs) == kept and recorder.last_logits is None
 
 
 def _gpt2_policy(tokenizer):
@@ -200,3 +216,139 @@ def test_a_model_folders_generation_config_does_not_change_sampling(tiny_folder,
     T = opinionated.completion_ids.shape[1]
     forward, _, _ = policy.forward(opinionated.input_ids, opinionated.attention_mask, T, temperature=0.7)
     torch.testing.assert_close(opinionated.logprobs, forward * opinionated.completion_mask, atol=1e-4, rtol=1e-4)
+
+
+def _lora_policy(tiny_tokenizer):
+    """A tiny LoRA policy with a non-zero adapter and value head."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlgen.models import build_tiny_model
+
+    peft = get_peft_model(build_tiny_model(tiny_tokenizer, seed=0),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    policy = Policy(peft, tiny_tokenizer)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        policy.value_head.weight.normal_()
+    return policy
+
+
+def test_merged_lora_sampling_equals_unmerged(tiny_tokenizer, monkeypatch):
+    """Sampling folds the adapter into the weights: same tokens as through PEFT's adapter layers with the same
+    seed, log-probs and values within 1e-5 (fp32), and the base weights (the reference) restored bit for bit."""
+    from contextlib import nullcontext
+
+    import rlgen.policy
+
+    policy = _lora_policy(tiny_tokenizer)
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    settings = SamplingConfig(max_new_tokens=10, temperature=0.8)
+    torch.manual_seed(3)
+    merged = policy.sample(PROMPTS, settings)
+    for k, v in policy.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    monkeypatch.setattr(rlgen.policy, "merged_lora", lambda model: nullcontext())
+    torch.manual_seed(3)
+    unmerged = policy.sample(PROMPTS, settings)
+    assert torch.equal(merged.completion_ids, unmerged.completion_ids)
+    torch.testing.assert_close(merged.logprobs, unmerged.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged.values, unmerged.values, atol=1e-5, rtol=1e-5)
+    T = merged.completion_ids.shape[1]
+    logprobs, _, _ = policy.forward(merged.input_ids, merged.attention_mask, T, temperature=0.8)
+    m = merged.completion_mask.bool()
+    torch.testing.assert_close(merged.logprobs[m], logprobs[m], atol=1e-5, rtol=1e-5)
+
+
+def test_merged_lora_restores_the_weights_on_error(tiny_tokenizer):
+    from rlgen.policy import merged_lora
+
+    policy = _lora_policy(tiny_tokenizer)
+    ids = torch.tensor([[3, 10, 20, 30]])
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    adapted = policy.model(ids).logits
+    with pytest.raises(KeyboardInterrupt):
+        with merged_lora(policy.model):
+            assert any(not torch.equal(v, before[k]) for k, v in policy.model.state_dict().items())  # merged
+            torch.testing.assert_close(policy.model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+            raise KeyboardInterrupt
+    for k, v in policy.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    torch.testing.assert_close(policy.model(ids).logits, adapted)
+
+
+def _cpu_bf16() -> bool:
+    from rlgen.models import _cpu_runs
+
+    return _cpu_runs(torch.bfloat16)
+
+
+@pytest.mark.skipif(not _cpu_bf16(), reason="this CPU has no bfloat16 kernels")
+def test_bfloat16_policy_keeps_float32_logprobs_and_values(tiny_tokenizer):
+    """Weights in bf16, maths in fp32. The generation pass (KV cache) and one full forward round differently in
+    bf16 (0.04 nats per token on average on the default model), so a bf16 rollout's log-probs and values are
+    re-read with one forward pass: they equal `forward`'s, and the first PPO ratio is exactly 1."""
+    from rlgen.models import build_tiny_model
+
+    policy = Policy(build_tiny_model(tiny_tokenizer, seed=0).to(torch.bfloat16), tiny_tokenizer)
+    torch.manual_seed(0)
+    ro = policy.sample(PROMPTS, SamplingConfig(max_new_tokens=12))
+    T = ro.completion_ids.shape[1]
+    logprobs, values, entropy = policy.forward(ro.input_ids, ro.attention_mask, T, with_entropy=True)
+    ref = policy.ref_logprobs(ro.input_ids, ro.attention_mask, T)
+    assert {t.dtype for t in (ro.logprobs, ro.values, logprobs, values, entropy, ref)} == {torch.float32}
+    m = ro.completion_mask.bool()
+    torch.testing.assert_close(ro.logprobs[m], logprobs[m], atol=0, rtol=0)
+    torch.testing.assert_close(ro.values[m], values[m], atol=0, rtol=0)
+    torch.testing.assert_close(ref, logprobs)  # the frozen copy is the same bf16 model
+
+
+def test_gradient_checkpointing_in_eval_mode_gives_the_same_gradients(tiny_tokenizer):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from rlgen.models import build_tiny_model
+
+    ids = torch.tensor([[3, 10, 20, 30, 40, 50], [0, 3, 11, 21, 31, 41]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    grads, calls = [], []
+    for checkpoint in (False, True):
+        policy = Policy(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, reference=False).eval()
+        with torch.no_grad():
+            policy.value_head.weight.fill_(0.1)
+        if checkpoint:
+            policy.checkpoint_in_eval()
+            layers = [m for m in policy.modules() if isinstance(m, GradientCheckpointingLayer)]
+            assert layers and all(m.training for m in layers) and policy.base_model.is_gradient_checkpointing
+            assert not any(m.training for m in policy.modules() if not isinstance(m, GradientCheckpointingLayer))
+            for m in layers:  # count the checkpointed layer calls
+                m._gradient_checkpointing_func = lambda *a, f=m._gradient_checkpointing_func, **k: (
+                    calls.append(1), f(*a, **k))[1]
+        logprobs, values, _ = policy(ids, mask, 3)
+        (logprobs.sum() + values.sum()).backward()
+        grads.append({n: p.grad for n, p in policy.named_parameters() if p.grad is not None})
+    assert len(calls) == len(layers)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_sampling_matches_a_forward(tiny_policy):
+    """The CUDA path (static KV cache, generate compiles the decoding step), forced on the CPU: the hooks registered
+    before compilation still read every step, across a recompilation for a new batch size and a cached graph."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(mode="default")  # no CUDA graphs on the CPU
+    compile_config._compile_all_devices = True
+    tiny_policy._cache_settings = lambda s: {"cache_implementation": "static", "compile_config": compile_config,
+                                             "max_cache_len": s.max_prompt_length + s.max_new_tokens}
+    tiny_policy.value_head.weight.data.normal_()
+    for prompts in (PROMPTS, PROMPTS[:2], PROMPTS[:2]):
+        ro = tiny_policy.sample(prompts, SamplingConfig(max_new_tokens=12, max_prompt_length=32))
+        logprobs, values, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1])
+        m = ro.completion_mask.bool()
+        torch.testing.assert_close(ro.logprobs[m], logprobs[m], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ro.values[m], values[m], atol=1e-5, rtol=1e-5)
+    assert hasattr(tiny_policy.base_model, "_compiled_call")  # generate did compile the decoding step

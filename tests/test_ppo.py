@@ -135,12 +135,20 @@ def test_rollout_logprobs_and_values_match_a_forward_pass(tiny_folder):
     assert ranks.max() >= 50  # tokens outside the top 50 get sampled
 
 
+def _cpu_bf16() -> bool:
+    from rlgen.models import _cpu_runs
+
+    return torch.cuda.is_available() or _cpu_runs(torch.bfloat16)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(lora_r=4, learning_rate=1e-3),
     dict(separate_critic=True),
     dict(lora_r=4, separate_critic=True, adaptive_kl=True, kl_target=0.1, kl_estimator="k3", whiten_rewards=True,
          stop_token="e", target_kl=1e-9, gradient_accumulation_steps=2, ppo_epochs=2),
-], ids=["lora", "separate_critic", "lora_critic_and_options"])
+    pytest.param(dict(lora_r=4, dtype="bfloat16", gradient_checkpointing=True, batch_size=2),
+                 marks=pytest.mark.skipif(not _cpu_bf16(), reason="no bfloat16 kernels")),
+], ids=["lora", "separate_critic", "lora_critic_and_options", "bf16_checkpointing"])
 def test_variants_run(tiny_folder, tmp_path, overrides):
     policy = train_ppo(small_config(tiny_folder, tmp_path, **overrides))
     rows = read_jsonl(tmp_path / "metrics.jsonl")
@@ -152,6 +160,9 @@ def test_variants_run(tiny_folder, tmp_path, overrides):
         assert (tmp_path / "adapter").is_dir()
     if overrides.get("adaptive_kl"):
         assert rows[1]["objective/kl_coef"] != rows[0]["objective/kl_coef"]
+    if overrides.get("dtype") == "bfloat16":  # one mini-batch, one epoch: the only ratio is the first, exactly 1
+        assert policy.base_model.dtype == torch.bfloat16
+        assert rows[0]["val/ratio"] == 1.0 and rows[0]["policy/approxkl"] == 0.0
 
 
 def test_user_reward_file_by_path(tiny_folder, reward_file, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from rlgen.config.fields import opt
 from rlgen.config.loader import build_config
 from rlgen.config.stages import (
+    DTYPE_HELP,
     CommonConfig,
     EvalConfig,
     LoraConfigMixin,
@@ -22,6 +23,7 @@ from rlgen.config.stages import (
     SeqGANConfig,
     SFTConfig,
     at_least,
+    check_dtype,
     check_rewards,
     lora_kwargs,
 )
@@ -62,6 +64,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     gold_reward: list[str] = opt([], "gold reward(s): scored by the evaluator, never optimised")
     samples_shown: int = opt(3, "prompts whose completions the report shows for every method")
     threads: int = opt(1, "torch intra-op threads (1 is fastest on busy 2-core machines)")
+    dtype: str = opt("auto", DTYPE_HELP)
     overwrite_output_dir: bool = opt(False, "discard a previous comparison in output_dir instead of continuing it")
     evaluate: dict = opt({}, "options of the evaluation (see rlgen evaluate --help), e.g. num_prompts")
     sft: dict = opt({}, "options of the sft runs (rlgen sft --help)")
@@ -85,6 +88,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
             raise UserError("methods and seeds must not repeat")
         at_least(self, 1, "max_steps", "batch_size")
         at_least(self, 0, "threads", "samples_shown")
+        check_dtype(self)
         if any(m in self.methods for m in ("grpo", "rloo")) and (
                 self.num_generations < 2 or self.batch_size % self.num_generations):
             raise UserError(f"num_generations {self.num_generations} must be at least 2 and divide batch_size "
@@ -102,7 +106,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     def method_config(self, method: str, model: str, output_dir: Path, seed: int):
         """The rlgen stage config of one run: the comparison's shared settings, then the method's own section."""
         common = {"model": model, "output_dir": str(output_dir), "dataset": self.dataset, "seed": seed,
-                  "threads": self.threads, "overwrite_output_dir": True, **lora_kwargs(self)}
+                  "threads": self.threads, "dtype": self.dtype, "overwrite_output_dir": True, **lora_kwargs(self)}
         sampling = dataclasses.asdict(SamplingConfig.of(self))
         if method == "sft":
             values = {"max_steps": self.max_steps, "batch_size": self.batch_size,
@@ -135,7 +139,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     def eval_config(self, model: str, output_dir: Path, seed: int) -> EvalConfig:
         """The shared evaluator's config for one run (same prompts, rewards and sampling for every method)."""
         values = {"model": model, "output_dir": str(output_dir), "dataset": self.dataset, "seed": seed,
-                  "threads": self.threads, "overwrite_output_dir": True, "reward": self.reward,
+                  "threads": self.threads, "dtype": self.dtype, "overwrite_output_dir": True, "reward": self.reward,
                   "reward_weights": self.reward_weights, "gold_reward": self.gold_reward, "num_prompts": 32,
                   **dataclasses.asdict(SamplingConfig.of(self)), **self.evaluate}
         return build_config(EvalConfig, values, "compare section 'evaluate'")
@@ -175,7 +179,8 @@ class RunConfig(CommonConfig):
         return build_config(cls, values, f"run config, section '{section}'")
 
     def compare_config(self) -> CompareConfig:
-        """The comparison that ends a run: the run's model, data and threads, then the `compare` section."""
-        values = {"model": self.model, "dataset": self.dataset, "threads": self.threads, **self.compare,
+        """The comparison that ends a run: the run's model, data, threads and dtype, then the `compare` section."""
+        values = {"model": self.model, "dataset": self.dataset, "threads": self.threads, "dtype": self.dtype,
+                  **self.compare,
                   "output_dir": str(Path(self.output_dir) / "compare"), "overwrite_output_dir": True}
         return build_config(CompareConfig, values, "run config, section 'compare'")

@@ -21,6 +21,19 @@ LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "const
                 "warmup_stable_decay", "greedy")
 
 
+DTYPE_HELP = ("model precision: auto (bfloat16 on a CUDA device that supports it, else float32), bfloat16, "
+              "float16 or float32. ppo, evaluate: the models load in it (a LoRA adapter and the value head stay "
+              "float32); sft, reward-model, TRL methods: mixed precision (bf16/fp16) over float32 weights; "
+              "seqgan: float32 for now. Log-probs, values, KL, advantages and losses are float32")
+
+
+def check_dtype(cfg) -> None:
+    """UserError for a dtype name, or one this machine's device cannot run (imports torch, only here)."""
+    from rlgen.models import resolve_dtype
+
+    resolve_dtype(cfg.dtype)
+
+
 def at_least(cfg, minimum: float, *names: str) -> None:
     """UserError naming the first of `names` whose value is below `minimum`."""
     for name in names:
@@ -51,6 +64,7 @@ class CommonConfig:
     overwrite_output_dir: bool = opt(False, "allow writing into a non-empty output_dir")
     threads: int = opt(1, "torch intra-op threads (0: torch default; 1 is fastest on busy 2-core machines)")
     report_to: list[str] = opt([], "trackers besides metrics.jsonl: tensorboard, wandb, ...")
+    dtype: str = opt("auto", DTYPE_HELP)
 
     def __post_init__(self):
         self.check()
@@ -58,6 +72,7 @@ class CommonConfig:
     def check(self) -> None:
         """UserError naming the first bad option (subclasses extend it)."""
         at_least(self, 0, "max_steps", "save_steps", "threads")
+        check_dtype(self)
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,8 @@ class SFTConfig(LoraConfigMixin, CommonConfig):
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     logging_steps: int = opt(1, "log every N steps")
     completion_only_loss: bool = opt(True, "train on completion tokens only (prompt/completion data)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, about a third "
+                                              "more compute)")
 
     def check(self) -> None:
         CommonConfig.check(self)
@@ -187,6 +204,8 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
                               "(lm-human-preferences' truncate_token; it counts as an ending); '' for off")
     target_kl: float = opt(0.0, "stop an update's epochs early once an epoch's mean approx KL exceeds this (0: off)")
     separate_critic: bool = opt(False, "a separate critic trunk instead of a value head on the policy's trunk")
+    gradient_checkpointing: bool = opt(False, "recompute the policy's activations in the backward pass (less "
+                                              "memory, about a third more compute)")
     save_total_limit: int = opt(2, "keep only the newest N checkpoint-<update> folders (0: keep all)")
     skip_nonfinite: bool = opt(False, "skip a batch whose loss, reward or gradient norm is not finite (counted in "
                                       "policy/skipped_batches) instead of stopping the run")
