@@ -26,7 +26,6 @@ optimised reward instead and reported through TRL's `log_metric` hook.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import torch
 
 from rlgen.config import SamplingConfig
 from rlgen.errors import UserError
+from rlgen.files import write_jsonl
 from rlgen.policy import Policy, peft_lora_config
 from rlgen.rewards import reward_mean_metrics, score_rewards
 from rlgen.text import render_prompt
@@ -224,8 +224,7 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
         pairs, train_rows, sampled_means = _sample_pairs(policy, prompts, columns, reward_fns, weights,
                                                          max_steps * batch_size // 2, batch_size, sampling, seed, seen)
         sample_s = time.perf_counter() - start
-        with open(out / "preference_pairs.jsonl", "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in pairs)
+        write_jsonl(out / "preference_pairs.jsonl", pairs)
         args.update(per_device_train_batch_size=batch_size // 2, max_length=None)  # train on whole samples
         trainer_kwargs = dict(train_dataset=Dataset.from_list(train_rows))
     else:
