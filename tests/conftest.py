@@ -44,3 +44,17 @@ def tiny_policy(tiny_tokenizer):
     from rlgen.policy import Policy
 
     return Policy(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer)
+
+
+def load_shipped_yaml(path, tmp_path) -> dict:
+    """An experiment/recipe YAML's values; an `oracle_params` file missing here (../shared is not beside every
+    clone) is replaced by an empty one in `tmp_path`, since only the values' validity is under test."""
+    from pathlib import Path
+
+    from rlgen.config import load_yaml
+
+    data = load_yaml(str(path))
+    if data.get("oracle_params") and not Path(data["oracle_params"]).is_file():
+        (tmp_path / "oracle.npz").touch()
+        data["oracle_params"] = str(tmp_path / "oracle.npz")
+    return data

@@ -145,13 +145,11 @@ SHIPPED = sorted((ROOT / "experiments").glob("*.yaml")) + sorted((ROOT / "reward
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_builds(path, tmp_path):
     """Each experiment and recipe YAML builds the config of the command the README runs it with."""
-    from rlgen.cli import STAGES
-    from rlgen.config import load_yaml
+    from conftest import load_shipped_yaml
 
-    data = load_yaml(str(path))
-    if data.get("oracle_params") and not Path(data["oracle_params"]).is_file():  # ../shared is not beside every clone
-        (tmp_path / "oracle.npz").touch()
-        data["oracle_params"] = str(tmp_path / "oracle.npz")
+    from rlgen.cli import STAGES
+
+    data = load_shipped_yaml(path, tmp_path)
     if "stages" in data:
         cfg = build_config(RunConfig, data, str(path))
         assert cfg.stages

@@ -276,14 +276,12 @@ def test_temperature_sweep_any_policy(tiny_policy):
 def test_experiment_files_are_valid_configs(name, tmp_path):
     from pathlib import Path
 
-    from rlgen.config import build_config, load_yaml
+    from conftest import load_shipped_yaml
+
+    from rlgen.config import build_config
 
     path = Path(__file__).resolve().parents[1] / "experiments" / name
-    data = load_yaml(str(path))
-    if data.get("oracle_params") and not Path(data["oracle_params"]).is_file():  # ../shared is not beside every clone
-        (tmp_path / "oracle.npz").touch()
-        data["oracle_params"] = str(tmp_path / "oracle.npz")
-    cfg = apply_preset(build_config(SeqGANConfig, data, str(path)))
+    cfg = apply_preset(build_config(SeqGANConfig, load_shipped_yaml(path, tmp_path), str(path)))
     assert cfg.task in ("oracle", "text")
     if cfg.task == "oracle":
         assert (cfg.mle_epochs, cfg.d_pretrain_rounds, cfg.max_steps, cfg.rollout_num) == (50, 5, 33, 16)
