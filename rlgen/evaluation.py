@@ -12,8 +12,11 @@ Metrics (all under `eval/`):
   `eval/self_bleu`
 - `eval/bleu`, `eval/rouge_l`: the completions against the held-out reference replies (the dataset's
   `completion` column), when there are references
+- `eval/reference_nll`: the evaluated model's NLL per token of those reference replies given their prompts
+  (teacher forcing, temperature 1; mean over replies of each reply's per-token mean): how close the model is
+  to the data, the quantity SFT lowers
 - standard errors of the per-sample means: `eval/reward/se`, `eval/rewards/<fn>/se`, `eval/gold/<fn>/se`,
-  `eval/kl_se`, `eval/mean_length_se`
+  `eval/kl_se`, `eval/mean_length_se`, `eval/eos_fraction_se`, `eval/reference_nll_se`
 """
 
 from __future__ import annotations
@@ -95,13 +98,16 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
     out["eval/perplexity_ref"] = metrics.perplexity(nll_sum, n_tokens)
     lengths = [s["length"] for s in samples]
     out["eval/mean_length"], out["eval/mean_length_se"] = metrics.mean_std(lengths)[0], metrics.standard_error(lengths)
-    out["eval/eos_fraction"] = sum(s["eos"] for s in samples) / max(len(samples), 1)
+    eos = [float(s["eos"]) for s in samples]
+    out["eval/eos_fraction"], out["eval/eos_fraction_se"] = metrics.mean_std(eos)[0], metrics.standard_error(eos)
     out["eval/distinct_1"] = metrics.distinct_n(completions, 1)
     out["eval/distinct_2"] = metrics.distinct_n(completions, 2)
     out["eval/self_bleu"] = metrics.self_bleu(completions, max_texts=self_bleu_max_texts)
     if references is not None:
         out["eval/bleu"] = metrics.bleu(completions, references)
         out["eval/rouge_l"] = metrics.rouge_l(completions, references)
+        nll = reference_nll(policy, prompts, references, batch_size, sampling.max_prompt_length)
+        out["eval/reference_nll"], out["eval/reference_nll_se"] = metrics.mean_std(nll)[0], metrics.standard_error(nll)
     out["eval/num_samples"] = len(samples)
     out["time/eval"] = time.perf_counter() - start
     if output_dir is not None:
@@ -109,6 +115,29 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "eval_samples.jsonl", samples)
         (folder / "eval_summary.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+@torch.no_grad()
+def reference_nll(policy: Policy, prompts: list, references: list[str], batch_size: int = 16,
+                  max_prompt_length: int = 512) -> list[float]:
+    """Per reply: the mean NLL per token of `references[i]` (its text tokens, no EOS) after `prompts[i]`
+    rendered as the policy samples it, under the policy at temperature 1 (the adapter on under LoRA)."""
+    tok = policy.tokenizer
+    out: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        p_ids, p_mask = policy.tokenize_prompts(prompts[i:i + batch_size], max_prompt_length)  # [B, P] left-padded
+        side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            enc = tok(references[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        r_ids, r_mask = enc["input_ids"].to(policy.device), enc["attention_mask"].to(policy.device)  # [B, T]
+        logprobs, _, _ = policy(torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_ids.shape[1],
+                                with_values=False)
+        mask = r_mask.float()
+        out.extend((-(logprobs.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist())
     return out
 
 

@@ -417,8 +417,36 @@ def write_comparison_report(folder: Path, records: list[dict], proxy_names: list
 
 # ---- rlgen run: one row per evaluated model ----------------------------------------------------------
 
-RUN_REPORT_COLUMNS = ["eval/reward/mean", "eval/kl", "eval/perplexity_ref", "eval/mean_length", "eval/eos_fraction",
-                      "eval/distinct_1", "eval/distinct_2", "eval/self_bleu", "eval/bleu", "eval/rouge_l"]
+RUN_REPORT_COLUMNS = ["eval/reward/mean", "eval/kl", "eval/reference_nll", "eval/perplexity_ref", "eval/mean_length",
+                      "eval/eos_fraction", "eval/distinct_1", "eval/distinct_2", "eval/self_bleu", "eval/bleu",
+                      "eval/rouge_l"]
+# What each stage changed, against the model before it: (metric, its name in the sentence).
+RUN_REPORT_CHANGES = [("eval/reward/mean", "reward"), ("eval/reference_nll", "NLL of the reference replies")]
+
+
+def stage_changes(rows: dict[str, dict]) -> list[str]:
+    """One line per stage: each RUN_REPORT_CHANGES metric's change from the previous model, with the standard
+    error of the difference of two independent means, sqrt(se_a^2 + se_b^2), its ratio to that error, and the
+    stage's KL to the starting model.
+
+    >>> stage_changes({"start": {"eval/reward/mean": 0.1, "eval/reward/se": 0.03, "eval/kl": 0.0},
+    ...                "ppo": {"eval/reward/mean": 0.5, "eval/reward/se": 0.04, "eval/kl": 2.5, "eval/kl_se": 0.2}})
+    ['- ppo (from start): reward 0.100 -> 0.500, change +0.400 ± 0.050 (8.0 SE); KL to the start 2.50 ± 0.20 nats']
+    """
+    names = list(rows)
+    lines = []
+    for before, after in zip(names, names[1:]):
+        a, b = rows[before], rows[after]
+        parts = []
+        for key, label in RUN_REPORT_CHANGES:
+            if key in a and key in b:
+                delta = float(b[key]) - float(a[key])
+                se = math.hypot(float(a.get(se_key(key), math.nan)), float(b.get(se_key(key), math.nan)))
+                ratio = f" ({delta / se:.1f} SE)" if se > 0 else ""
+                parts.append(f"{label} {float(a[key]):.3f} -> {float(b[key]):.3f}, change {delta:+.3f} ± {se:.3f}{ratio}")
+        kl = f"KL to the start {_fmt(float(b.get('eval/kl', math.nan)), float(b.get('eval/kl_se', math.nan)))} nats"
+        lines.append(f"- {after} (from {before}): " + "; ".join([*parts, kl]))
+    return lines
 
 
 def se_key(key: str) -> str:
@@ -440,8 +468,11 @@ def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, flo
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(float(m.get(c, math.nan)), float(m.get(se_key(c), math.nan))) for c in columns) + " |")
     lines += ["", "Mean ± standard error over the evaluation prompts where a metric is a per-sample mean. KL and "
-              "perplexity are measured against the starting model.", "", *([prompts_note, ""] if prompts_note else []),
-              "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+              "perplexity are measured against the starting model; reference_nll is the model's own NLL per token "
+              "of the held-out reference replies.", "", *([prompts_note, ""] if prompts_note else [])]
+    if len(rows) > 1:
+        lines += ["What each stage changed:", "", *stage_changes(rows), ""]
+    lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     (folder / "report.json").write_text(json.dumps({"models": rows, "seconds": seconds}, indent=2))

@@ -94,6 +94,9 @@ def test_run_pipeline_end_to_end(tmp_path, capsys):
     assert abs(start["eval/kl"]) < 1e-4 and abs(after["eval/kl"]) > 1e-2
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     assert " ± " in report and "bleu" in report and "the first 4 prompts of the train split" in report
+    # SFT on these very replies lowers their NLL; the report states the change with its standard error.
+    assert after["eval/reference_nll"] < start["eval/reference_nll"]
+    assert "- sft (from start): reward " in report and "NLL of the reference replies" in report
 
 
 def test_evaluation_scores_references_and_gives_standard_errors(tmp_path):
@@ -113,6 +116,23 @@ def test_evaluation_scores_references_and_gives_standard_errors(tmp_path):
     mean = sum(rewards) / 6
     assert summary["eval/reward/se"] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / 5 / 6) ** 0.5)
     assert summary["eval/kl_se"] == pytest.approx(metrics.standard_error([s["kl"] for s in samples]))
+
+
+def test_reference_nll_matches_one_unpadded_forward_per_reply(tiny_policy):
+    from rlgen.evaluation import reference_nll
+    from rlgen.text import render_prompt
+
+    prompts = [p["prompt"] for p in PAIRS[:3]]
+    references = ["dogs are great", "a much longer reply about cats and music", "ok"]  # different lengths pad
+    tok = tiny_policy.tokenizer
+    naive = []
+    for prompt, reply in zip(prompts, references):
+        p_ids = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        r_ids = tok(reply, add_special_tokens=False)["input_ids"]
+        logits = tiny_policy.model(torch.tensor([p_ids + r_ids])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        naive.append(-sum(logp[len(p_ids) + t - 1, r].item() for t, r in enumerate(r_ids)) / len(r_ids))
+    assert reference_nll(tiny_policy, prompts, references, batch_size=2) == pytest.approx(naive, abs=1e-5)
 
 
 def test_sft_trains_on_conversational_rows(tmp_path, tiny_tokenizer):
