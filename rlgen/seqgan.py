@@ -26,6 +26,7 @@ and counters, the task's state, the states of the private generators and the met
 `resume_from_checkpoint` restores all of it and skips the finished phases, so a resumed run equals one that
 was never stopped. SIGINT/SIGTERM finishes the current unit of work (the MLE phase, a D pre-training round,
 an adversarial epoch), writes a checkpoint and raises TrainingInterrupted.
+Runs in one process: the Monte-Carlo rollouts and the D training are not distributed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -118,6 +120,15 @@ def _timer():
     return lambda: time.perf_counter() - start
 
 
+def _check_one_process() -> None:
+    """UserError under a multi-process launch (accelerate/torchrun set WORLD_SIZE, as `rlgen sft` reads it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise UserError(f"seqgan runs in one process (its Monte-Carlo rollouts and discriminator training are not "
+                        f"distributed), but was launched with {world} (WORLD_SIZE={world}): run it without "
+                        "accelerate launch, or with --num_processes 1")
+
+
 def _required(folder: Path, name: str) -> Path:
     """folder / name, a file that only runs with some options write; UserError when it is missing."""
     path = folder / name
@@ -178,6 +189,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     """Run SeqGAN on `cfg.task`; save the generator to `cfg.output_dir` and D to `<output_dir>/discriminator`."""
     # 0. setup: checks first (nothing is written before they pass), then preset, threads, seeds, output folder
     cfg = apply_preset(cfg)
+    _check_one_process()
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     # Resuming may write into the checkpoint's own run folder; any other non-empty folder needs overwriting.
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()

@@ -1,5 +1,5 @@
 """SeqGAN runs that survive: checkpoints after each phase and every save_steps epochs, exact resume from any of
-them, SIGINT and SIGTERM."""
+them, SIGINT and SIGTERM, and the one-process refusal."""
 
 import json
 import os
@@ -171,3 +171,16 @@ def test_sigterm_through_the_cli_saves_and_exits_143(tmp_path, monkeypatch, caps
                    f"the same command with --resume_from_checkpoint {(out / 'checkpoint-0').resolve()}")
     state = json.loads((out / "checkpoint-0" / "trainer_state.json").read_text())
     assert (state["progress"]["phase"], state["progress"]["d_pretrain_rounds"]) == (2, 0)
+
+
+def test_several_processes_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from rlgen.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch / torchrun set for 2 processes
+    out = tmp_path / "run"
+    assert main(["seqgan", "--task", "oracle", "--model", "lstm", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("rlgen: error: seqgan runs in one process (its Monte-Carlo rollouts and discriminator "
+                          "training are not distributed), but was launched with 2"), err
+    assert not out.exists()
