@@ -3,7 +3,7 @@
 A checkpoint is a folder `output_dir/checkpoint-<update>/` holding
 - the policy as `Policy.save` writes it (model or merged model + `adapter/`, value head, `critic/`), so a
   checkpoint is also a usable model folder;
-- `optimizer.pt`, `scheduler.pt`: optimiser and LR-scheduler state dicts;
+- `optimizer.pt`, `scheduler.pt`: optimiser and LR-scheduler state dicts (a stage without a scheduler has none);
 - `trainer_state.json`: update counter, data position, KL controller state, metrics history and whatever
   else the stage needs to continue exactly;
 - `rng_state_<rank>.pth`: python, numpy, torch (and CUDA) generator states, one file per process;
@@ -36,14 +36,15 @@ _NAME = re.compile(r"checkpoint-(\d+)")
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM: the current update finished and a checkpoint was written. The CLI exits 128 + signal."""
+    """SIGINT/SIGTERM: the current update finished and a checkpoint was written. The CLI exits 128 + signal.
+    `after` names the finished unit of work when it is not an update (e.g. SeqGAN's "D pre-training round 3")."""
 
-    def __init__(self, signum: int, update: int, checkpoint: Path):
+    def __init__(self, signum: int, update: int, checkpoint: Path, after: str = ""):
         self.signum, self.update, self.checkpoint = signum, update, Path(checkpoint)
         self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM (the shell convention)
         name = signal.Signals(signum).name
-        super().__init__(f"{name} received: stopped after update {update}, checkpoint saved; resume by running "
-                         f"the same command with --resume_from_checkpoint {self.checkpoint}")
+        super().__init__(f"{name} received: stopped after {after or f'update {update}'}, checkpoint saved; resume "
+                         f"by running the same command with --resume_from_checkpoint {self.checkpoint}")
 
 
 class NonFiniteError(UserError):
@@ -194,12 +195,14 @@ def write_atomically(output_dir: str | Path, update: int, write: Callable[[Path]
 
 
 def save_training_state(folder: Path, policy, optimizer, scheduler, state: dict, rng_states: list[dict]) -> None:
-    """Everything but the config: policy, optimiser, scheduler, trainer state, one RNG file per process."""
+    """Everything but the config: policy, optimiser, scheduler (None: none), trainer state, one RNG file per
+    process."""
     import torch
 
     policy.save(folder)
     torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-    torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
     (folder / STATE_FILE).write_text(json.dumps(state))
     for rank, rng in enumerate(rng_states):
         torch.save(rng, folder / f"rng_state_{rank}.pth")
@@ -230,7 +233,7 @@ def load_policy_weights(folder: Path, policy) -> None:
 
 
 def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -> dict:
-    """Restore policy, optimiser, scheduler and this process's RNG; return the trainer state."""
+    """Restore policy, optimiser, scheduler (None: none) and this process's RNG; return the trainer state."""
     import torch
 
     rng_file = folder / f"rng_state_{rank}.pth"
@@ -238,7 +241,8 @@ def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -
         raise UserError(f"resume_from_checkpoint: {folder} has no {rng_file.name} (written by fewer processes?)")
     load_policy_weights(folder, policy)
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     try:  # tuples, lists, numbers and tensors only: a planted pickle's callables are refused, never run
         rng = torch.load(rng_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

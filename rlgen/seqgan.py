@@ -6,15 +6,27 @@ token ids or a Hugging Face sequence classifier over text (default for real text
 and the evaluation; `train_seqgan` runs the same numbered phases for either:
 1. data and models: the oracle task samples its training (and held-out test) sequences from an oracle LSTM;
    the text task reads real replies of `dataset`.
-2. MLE pre-training of G (oracle: Adam over the oracle data; text: the SFT stage).
-3. D pre-training: `d_pretrain_rounds` x (fresh negatives, `d_pretrain_epochs` epochs over real + generated).
+2. MLE pre-training of G (oracle: Adam over the oracle data; text: the SFT stage); then checkpoint-0.
+3. D pre-training: `d_pretrain_rounds` x (fresh negatives, `d_pretrain_epochs` epochs over real + generated);
+   then checkpoint-0 again.
 4. adversarial epochs: `g_steps` policy-gradient steps, each on one batch with per-token rewards
    Q(t) = mean of D over `rollout_num` Monte-Carlo completions of the prefix (eq. 4; D of the whole sequence
    at t = T) by a rollout policy (a delayed copy, theta' <- r theta' + (1 - r) theta); then `d_steps` x
-   (fresh negatives, `d_epochs` epochs).
+   (fresh negatives, `d_epochs` epochs); checkpoint-<epoch> every `save_steps` epochs and after the last.
 5. evaluation and save: NLL-oracle / NLL-test / own-sample NLL (oracle, `rlgen.oracle`), or the shared
    evaluator (text).
 The policy-gradient maths lives in `rlgen.core`.
+
+Checkpoints use PPO's format and helpers (`rlgen.checkpoint`: atomic folders with a completion marker, the
+newest `save_total_limit` kept). Besides the generator (a usable model folder), `optimizer.pt`,
+`trainer_state.json` and `rng_state_0.pth`, a SeqGAN checkpoint holds `discriminator/` (a usable D folder),
+`optimizer_d.pt`, the rollout policy (`rollout_model.safetensors`, when it is a delayed copy), the reference
+this run made from the MLE generator (`reference_model.safetensors`), and in `trainer_state.json` the phase
+and counters, the task's state, the states of the private generators and the metrics history.
+`resume_from_checkpoint` restores all of it and skips the finished phases, so a resumed run equals one that
+was never stopped. SIGINT/SIGTERM finishes the current unit of work (the MLE phase, a D pre-training round,
+an adversarial epoch), writes a checkpoint and raises TrainingInterrupted.
+Runs in one process: the Monte-Carlo rollouts and the D training are not distributed.
 """
 
 from __future__ import annotations
@@ -22,22 +34,42 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlgen import core
+from rlgen.checkpoint import (
+    STATE_FILE,
+    StopSignals,
+    TrainingInterrupted,
+    find_checkpoint,
+    load_training_state,
+    remove_checkpoints,
+    remove_stale_temporaries,
+    rng_state,
+    save_training_state,
+    write_atomically,
+)
 from rlgen.config import SeqGANConfig, apply_preset, save_config
-from rlgen.discriminator import discriminator, train_discriminator
+from rlgen.discriminator import discriminator, load_discriminator, train_discriminator
+from rlgen.errors import UserError
+from rlgen.files import read_jsonl, write_jsonl
 from rlgen.models import default_device, set_threads
 from rlgen.policy import Policy
 from rlgen.seqgan_tasks import TASKS
-from rlgen.tracking import MetricsWriter, prepare_output_dir
+from rlgen.tracking import MetricsWriter, check_output_dir, prepare_output_dir
 
 __all__ = ["SeqGANResult", "discriminator", "ema_update", "train_seqgan"]  # discriminator: the reward spec's home
+
+D_OPTIMIZER_FILE = "optimizer_d.pt"
+ROLLOUT_FILE = "rollout_model.safetensors"
+REFERENCE_FILE = "reference_model.safetensors"
 
 
 @torch.no_grad()
@@ -56,118 +88,256 @@ class SeqGANResult:
     summary: dict
 
 
+@dataclass
+class _Parts:
+    """What a checkpoint saves and restores besides the trainer state: models, optimisers, private generators."""
+
+    policy: Policy
+    reference: nn.Module | None  # the reference this run made (a copy of the MLE generator); None: it came with G
+    rollout_model: nn.Module  # the rollout policy: a delayed copy, or the generator itself (policy.model)
+    d: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    generators: list[torch.Generator]  # g (data, shuffles), and g_sample when it is another device's
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: the phase finished last (2: MLE, 3: D pre-training, 4: once an adversarial epoch
+    ended), the units of work done, and the seconds spent (summed over resumed runs)."""
+
+    phase: int = 2
+    d_pretrain_rounds: int = 0
+    epoch: int = 0
+    g_steps: int = 0
+    d_steps: int = 0
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(
+        ("d_pretrain", "adv", "rollout", "score", "update", "d_step", "eval"), 0.0))
+
+
 def _timer():
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
 
 
+def _check_one_process() -> None:
+    """UserError under a multi-process launch (accelerate/torchrun set WORLD_SIZE, as `rlgen sft` reads it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise UserError(f"seqgan runs in one process (its Monte-Carlo rollouts and discriminator training are not "
+                        f"distributed), but was launched with {world} (WORLD_SIZE={world}): run it without "
+                        "accelerate launch, or with --num_processes 1")
+
+
+def _required(folder: Path, name: str) -> Path:
+    """folder / name, a file that only runs with some options write; UserError when it is missing."""
+    path = folder / name
+    if not path.exists():
+        raise UserError(f"resume_from_checkpoint: {folder} has no {name}; it was written by a run with other "
+                        "options (kl_coef, rollout_update_rate): resume with the options of that run")
+    return path
+
+
+def _save_checkpoint(cfg: SeqGANConfig, out: Path, epoch: int, parts: _Parts, progress: _Progress, task) -> Path:
+    """`out/checkpoint-<epoch>`, written atomically (PPO's layout plus D, its optimiser, rollout and reference)."""
+    from safetensors.torch import save_model
+
+    state = {"progress": dataclasses.asdict(progress), "task": task.state_dict(),
+             "generators": [gen.get_state().tolist() for gen in parts.generators],
+             "history": read_jsonl(out / "metrics.jsonl", missing_ok=True)}
+
+    def write(tmp: Path) -> None:
+        save_training_state(tmp, parts.policy, parts.opt_g, None, state, [rng_state()])
+        parts.d.save(tmp / "discriminator")
+        torch.save(parts.opt_d.state_dict(), tmp / D_OPTIMIZER_FILE)
+        if parts.rollout_model is not parts.policy.model:
+            save_model(parts.rollout_model, str(tmp / ROLLOUT_FILE))  # save_model: tied weights are fine
+        if parts.reference is not None:
+            save_model(parts.reference, str(tmp / REFERENCE_FILE))
+        save_config(cfg, tmp)
+
+    return write_atomically(out, epoch, write, cfg.save_total_limit).resolve()
+
+
+def _load_checkpoint(folder: Path, parts: _Parts, task, out: Path) -> _Progress:
+    """Restore `parts`, the task's state and `out/metrics.jsonl` (rows a killed run logged after the checkpoint
+    go); the generator, its optimiser and the RNG states last, so nothing draws random numbers after them."""
+    from safetensors.torch import load_model
+
+    state = json.loads((folder / STATE_FILE).read_text())
+    if "progress" not in state:
+        raise UserError(f"resume_from_checkpoint: {folder} is not a seqgan checkpoint")
+    try:
+        parts.d.load_state_dict(load_discriminator(folder / "discriminator").state_dict())
+        parts.opt_d.load_state_dict(torch.load(folder / D_OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        if parts.rollout_model is not parts.policy.model:
+            load_model(parts.rollout_model, str(_required(folder, ROLLOUT_FILE)))
+        if parts.reference is not None:
+            load_model(parts.reference, str(_required(folder, REFERENCE_FILE)))
+        task.load_state_dict(state["task"])
+        write_jsonl(out / "metrics.jsonl", state["history"])
+        load_training_state(folder, parts.policy, parts.opt_g, None, rank=0)
+    except (RuntimeError, ValueError) as e:  # shapes or parameter groups that differ: other model options
+        raise UserError(f"resume_from_checkpoint: {folder} does not fit this run's models "
+                        f"({str(e).strip().splitlines()[0]}); resume with the options of the run that wrote it") from e
+    for gen, saved in zip(parts.generators, state["generators"]):
+        gen.set_state(torch.tensor(saved, dtype=torch.uint8))
+    return _Progress(**state["progress"])
+
+
 def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResult:
     """Run SeqGAN on `cfg.task`; save the generator to `cfg.output_dir` and D to `<output_dir>/discriminator`."""
-    # 0. setup: preset, threads, seeds, output folder
+    # 0. setup: checks first (nothing is written before they pass), then preset, threads, seeds, output folder
     cfg = apply_preset(cfg)
+    _check_one_process()
+    resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
+    # Resuming may write into the checkpoint's own run folder; any other non-empty folder needs overwriting.
+    in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)  # data, shuffles; sampling uses g_sample (g itself on the CPU)
     device = default_device()
     g_sample = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(cfg.seed)
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)
+    remove_stale_temporaries(out)
+    if not in_place:  # a fresh folder (over an old run only with --overwrite_output_dir)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        remove_checkpoints(out)
     save_config(cfg, out)
     writer = MetricsWriter(out)
     total = _timer()
     summary: dict = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("report_to",)}}
 
-    # 1. data and models (the text task leaves an unset generator to the SFT stage of phase 2)
+    # 1. data and models (the text task leaves an unset generator to the SFT stage of phase 2, unless resuming)
     task = TASKS[cfg.task](cfg, out, writer, device, g, g_sample)
-    policy = task.generator(policy)
+    policy = task.generator(policy, resuming=resume is not None)
     d = task.discriminator()
 
-    # 2. MLE pre-training of the generator; the reference of the KL penalty is the MLE generator
-    policy = task.pretrain(policy)
-    if policy.ref_model is None and not policy.is_peft and cfg.kl_coef > 0:
-        policy.ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    with StopSignals() as stop:
+        # 2. MLE pre-training of the generator (a resumed run has it in its checkpoint). The reference of the KL
+        #    penalty is the MLE generator, and so is the rollout policy G_beta at first (or G itself, rate 0).
+        if resume is None:
+            policy = task.pretrain(policy)
+        policy.model.eval()  # dropout off for sampling and the policy gradient alike (as PPO)
+        reference = None
+        if policy.ref_model is None and not policy.is_peft and cfg.kl_coef > 0:
+            policy.ref_model = reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        rollout_model = policy.model
+        if cfg.rollout_update_rate > 0:
+            rollout_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        opt_g = torch.optim.Adam(params, lr=cfg.learning_rate)
+        opt_d = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=cfg.d_learning_rate)
+        parts = _Parts(policy, reference, rollout_model, d, opt_g, opt_d, [g] if g_sample is g else [g, g_sample])
+        if resume is None:
+            progress = _Progress()
+            signum = stop.signum
+            checkpoint = _save_checkpoint(cfg, out, 0, parts, progress, task)
+            if signum:
+                raise TrainingInterrupted(signum, 0, checkpoint, "MLE pre-training")
+        else:
+            progress = _load_checkpoint(resume, parts, task, out)
+            print(f"[seqgan] resumed from {resume} (phase {progress.phase} done, {progress.d_pretrain_rounds} D "
+                  f"pre-training rounds, {progress.epoch} adversarial epochs)", flush=True)
 
-    # 3. D pre-training on real vs fresh generated sequences
-    opt_d = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=cfg.d_learning_rate)
-    clock = _timer()
-    for rnd in range(cfg.d_pretrain_rounds):
-        stats = train_discriminator(d, opt_d, task.positives(cfg.d_negatives), task.negatives(policy, cfg.d_negatives),
-                                    cfg.d_pretrain_epochs, cfg.batch_size, cfg.d_l2, g)
-        writer.log({f"d_pretrain/{k}": v for k, v in stats.items()}, step=rnd + 1)
-    summary["s_per_d_pretrain_round"] = clock() / max(cfg.d_pretrain_rounds, 1)
-    print(f"[seqgan] D pre-training {cfg.d_pretrain_rounds} rounds "
-          f"({summary['s_per_d_pretrain_round']:.1f} s/round)", flush=True)
+        # 3. D pre-training on real vs fresh generated sequences (the rounds a resumed run has not done), then
+        #    checkpoint-0 again; a signal stops it after the round under way
+        if progress.phase == 2:
+            signum = None
+            for rnd in range(progress.d_pretrain_rounds + 1, cfg.d_pretrain_rounds + 1):
+                clock = _timer()
+                stats = train_discriminator(d, opt_d, task.positives(cfg.d_negatives),
+                                            task.negatives(policy, cfg.d_negatives), cfg.d_pretrain_epochs,
+                                            cfg.batch_size, cfg.d_l2, g)
+                writer.log({f"d_pretrain/{k}": v for k, v in stats.items()}, step=rnd)
+                progress.d_pretrain_rounds = rnd
+                progress.seconds["d_pretrain"] += clock()
+                signum = stop.signum  # read once: a signal arriving after this is handled after the next unit
+                if signum:
+                    break
+            if progress.d_pretrain_rounds == cfg.d_pretrain_rounds:
+                progress.phase = 3
+                print(f"[seqgan] D pre-training {cfg.d_pretrain_rounds} rounds "
+                      f"({progress.seconds['d_pretrain'] / max(cfg.d_pretrain_rounds, 1):.1f} s/round)", flush=True)
+            checkpoint = _save_checkpoint(cfg, out, 0, parts, progress, task)
+            if signum:
+                raise TrainingInterrupted(signum, 0, checkpoint, f"D pre-training round {progress.d_pretrain_rounds}")
 
-    # 4. adversarial epochs: g-steps (Monte-Carlo rollout rewards, policy gradient), then d-steps
-    rollout_model = policy.model  # the rollout policy G_beta: the generator itself, or a delayed copy
-    if cfg.rollout_update_rate > 0:
-        rollout_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    opt_g = torch.optim.Adam(params, lr=cfg.learning_rate)
-    times = {"rollout": 0.0, "score": 0.0, "update": 0.0, "d_step": 0.0, "eval": 0.0}
-    n_g = n_d = 0
-    adv_clock = _timer()
-    for epoch in range(1, cfg.max_steps + 1):
-        row: dict[str, float] = {}
-        for _ in range(cfg.g_steps):
-            # 4a. a batch of B sequences, and N rollouts of each proper prefix by the rollout policy
+        # 4. adversarial epochs: g-steps (Monte-Carlo rollout rewards, policy gradient), then d-steps
+        times = progress.seconds
+        for epoch in range(progress.epoch + 1, cfg.max_steps + 1):
+            epoch_clock = _timer()
+            row: dict[str, float] = {}
+            for _ in range(cfg.g_steps):
+                # 4a. a batch of B sequences, and N rollouts of each proper prefix by the rollout policy
+                clock = _timer()
+                batch = task.sample(policy, rollout_model)
+                mask = batch.completion_mask  # [B, T]
+                times["rollout"] += clock()
+                # 4b. Q(t) = mean over the N rollouts of D, and D of the whole sequence at t = T (eq. 4)
+                clock = _timer()
+                scores, final = task.score(d, batch)  # [T-1, N, B], [B]
+                q = core.monte_carlo_q_values(scores, final)  # [B, T]
+                advantages = q - core.masked_mean(q, mask, dim=0) if cfg.baseline == "mean" else q
+                if cfg.kl_coef > 0:  # per-token KL to the reference, as a penalty on the return (not in the paper)
+                    ref_lp = policy.ref_logprobs(batch.input_ids, batch.attention_mask, mask.shape[1],
+                                                 cfg.temperature, cfg.min_new_tokens)
+                    kl = core.kl_estimate(batch.logprobs, ref_lp, "k1")
+                    advantages = advantages - cfg.kl_coef * core.discounted_returns(kl, mask)
+                    row["objective/kl"] = float(core.masked_sum(kl, mask) / len(mask))
+                times["score"] += clock()
+                # 4c. the policy gradient of eq. 6 on these per-token rewards (eval mode, as PPO: no dropout noise)
+                clock = _timer()
+                with torch.backends.cudnn.flags(enabled=False):  # cuDNN's LSTM backward refuses eval mode
+                    logprobs, _, _ = policy(batch.input_ids, batch.attention_mask, mask.shape[1],
+                                            temperature=cfg.temperature, with_values=False,
+                                            min_new_tokens=cfg.min_new_tokens)
+                loss, stats = core.policy_gradient_loss(logprobs, advantages, mask)
+                opt_g.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt_g.step()
+                if cfg.rollout_update_rate > 0:
+                    ema_update(rollout_model, policy.model, cfg.rollout_update_rate)
+                times["update"] += clock()
+                progress.g_steps += 1
+                row.update({"loss/policy": float(loss.detach()), "objective/q_mean": float(core.masked_mean(q, mask)),
+                            "objective/q_last": float(final.mean()), "policy/grad_norm": float(grad_norm),
+                            "policy/logprob_mean": float(stats["logprob_mean"])})
+            # 4d. D steps, each on fresh negatives (Algorithm 1)
             clock = _timer()
-            batch = task.sample(policy, rollout_model)
-            mask = batch.completion_mask  # [B, T]
-            times["rollout"] += clock()
-            # 4b. Q(t) = mean over the N rollouts of D, and D of the whole sequence at t = T (eq. 4)
+            for _ in range(cfg.d_steps):
+                row.update(train_discriminator(d, opt_d, task.positives(cfg.d_negatives),
+                                               task.negatives(policy, cfg.d_negatives), cfg.d_epochs, cfg.batch_size,
+                                               cfg.d_l2, g))
+                progress.d_steps += 1
+            times["d_step"] += clock()
+            # 4e. the task's evaluation of this epoch (oracle: every eval_every epochs)
             clock = _timer()
-            scores, final = task.score(d, batch)  # [T-1, N, B], [B]
-            q = core.monte_carlo_q_values(scores, final)  # [B, T]
-            advantages = q - core.masked_mean(q, mask, dim=0) if cfg.baseline == "mean" else q
-            if cfg.kl_coef > 0:  # per-token KL to the reference, as a penalty on the return (not in the paper)
-                ref_lp = policy.ref_logprobs(batch.input_ids, batch.attention_mask, mask.shape[1], cfg.temperature,
-                                             cfg.min_new_tokens)
-                kl = core.kl_estimate(batch.logprobs, ref_lp, "k1")
-                advantages = advantages - cfg.kl_coef * core.discounted_returns(kl, mask)
-                row["objective/kl"] = float(core.masked_sum(kl, mask) / len(mask))
-            times["score"] += clock()
-            # 4c. the policy gradient of eq. 6 on these per-token rewards (eval mode, as PPO: no dropout noise)
-            clock = _timer()
-            with torch.backends.cudnn.flags(enabled=False):  # cuDNN's LSTM backward refuses eval mode
-                logprobs, _, _ = policy(batch.input_ids, batch.attention_mask, mask.shape[1],
-                                        temperature=cfg.temperature, with_values=False,
-                                        min_new_tokens=cfg.min_new_tokens)
-            loss, stats = core.policy_gradient_loss(logprobs, advantages, mask)
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt_g.step()
-            if cfg.rollout_update_rate > 0:
-                ema_update(rollout_model, policy.model, cfg.rollout_update_rate)
-            times["update"] += clock()
-            n_g += 1
-            row.update({"loss/policy": float(loss.detach()), "objective/q_mean": float(core.masked_mean(q, mask)),
-                        "objective/q_last": float(final.mean()), "policy/grad_norm": float(grad_norm),
-                        "policy/logprob_mean": float(stats["logprob_mean"])})
-        # 4d. D steps, each on fresh negatives (Algorithm 1)
-        clock = _timer()
-        for _ in range(cfg.d_steps):
-            row.update(train_discriminator(d, opt_d, task.positives(cfg.d_negatives),
-                                           task.negatives(policy, cfg.d_negatives), cfg.d_epochs, cfg.batch_size,
-                                           cfg.d_l2, g))
-            n_d += 1
-        times["d_step"] += clock()
-        # 4e. the task's evaluation of this epoch (oracle: every eval_every epochs)
-        clock = _timer()
-        row.update(task.evaluate(policy, d, epoch))
-        times["eval"] += clock()
-        row["time/adv_epoch"] = adv_clock() / epoch
-        writer.log(row, step=epoch)
-        print(f"[seqgan] adv epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+            row.update(task.evaluate(policy, d, epoch))
+            times["eval"] += clock()
+            times["adv"] += epoch_clock()
+            row["time/adv_epoch"] = times["adv"] / epoch
+            writer.log(row, step=epoch)
+            print(f"[seqgan] adv epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+            # 4f. checkpoint: every save_steps epochs, after the last, and when SIGINT/SIGTERM arrived
+            progress.phase, progress.epoch = 4, epoch
+            signum = stop.signum
+            if (cfg.save_steps and epoch % cfg.save_steps == 0) or epoch == cfg.max_steps or signum:
+                checkpoint = _save_checkpoint(cfg, out, epoch, parts, progress, task)
+            if signum and epoch < cfg.max_steps:
+                raise TrainingInterrupted(signum, epoch, checkpoint, f"adversarial epoch {epoch}")
 
     # 5. final evaluation and save
-    summary["s_adv_total"] = adv_clock()
-    summary["s_per_adv_epoch"] = adv_clock() / max(cfg.max_steps, 1)
-    summary["s_per_g_step"] = (times["rollout"] + times["score"] + times["update"]) / max(n_g, 1)
-    summary["s_per_d_step"] = times["d_step"] / max(n_d, 1)
-    summary["g_step_split"] = {k: times[k] / max(n_g, 1) for k in ("rollout", "score", "update")}
+    n_g, n_d = max(progress.g_steps, 1), max(progress.d_steps, 1)
+    summary["s_per_d_pretrain_round"] = times["d_pretrain"] / max(cfg.d_pretrain_rounds, 1)
+    summary["s_adv_total"] = times["adv"]
+    summary["s_per_adv_epoch"] = times["adv"] / max(cfg.max_steps, 1)
+    summary["s_per_g_step"] = (times["rollout"] + times["score"] + times["update"]) / n_g
+    summary["s_per_d_step"] = times["d_step"] / n_d
+    summary["g_step_split"] = {k: times[k] / n_g for k in ("rollout", "score", "update")}
     summary["s_eval_total"] = times["eval"]
     task.finish(policy, d)
     summary.update(task.summary)

@@ -6,12 +6,13 @@ oracle LSTM, the generator an LSTM of the same size, D the paper's CNN over toke
 classifier over reply texts.
 
 Each task holds its data and a `summary` (what it adds to the run's summary), and has the same methods:
-- `generator(policy)`, `discriminator()`: the models (phase 1);
-- `pretrain(policy)`: MLE pre-training of the generator (phase 2);
+- `generator(policy, resuming)`, `discriminator()`: the models (phase 1);
+- `pretrain(policy)`: MLE pre-training of the generator (phase 2; a resumed run skips it);
 - `positives(n)`, `negatives(policy, n)`: real and fresh generated sequences for D (phases 3 and 4d);
 - `sample(policy, rollout_model)`: a batch of B sequences with `rollout_num` (N) Monte-Carlo rollouts of each
   proper prefix (4a); `score(d, batch)`: D of those rollouts [T-1, N, B] and of the whole sequences [B] (4b);
-- `evaluate(policy, d, epoch)`: the metrics of an adversarial epoch; `finish(policy, d)`: the final evaluation.
+- `evaluate(policy, d, epoch)`: the metrics of an adversarial epoch; `finish(policy, d)`: the final evaluation;
+- `state_dict()`, `load_state_dict(state)`: what a checkpoint keeps of the task (JSON: summary, curves, counts).
 
 The rollouts of one batch are batched: for the LSTM all (T-1) x N x B rollouts advance together from the
 cached prefix states (h, c); for other models one cached `generate` call per prefix length covers all N x B.
@@ -153,7 +154,7 @@ class OracleTask:
         self.oracle, self.train_ids, self.test_ids = oracle.to(device), train_ids.to(device), test_ids.to(device)
         self.curve: list[tuple[int, float]] = []  # (adversarial epoch, eval/nll_oracle)
 
-    def generator(self, policy: Policy | None) -> Policy:
+    def generator(self, policy: Policy | None, resuming: bool = False) -> Policy:
         cfg = self.cfg
         if policy is None:
             lm = SeqGANLSTMForCausalLM(SeqGANLSTMConfig(vocab_size=cfg.vocab_size, embedding_size=cfg.embedding_size,
@@ -246,6 +247,13 @@ class OracleTask:
     def finish(self, policy: Policy, d: nn.Module) -> None:
         self.summary["adv"] = {**self.last_eval, "nll_oracle_curve": self.curve}
 
+    def state_dict(self) -> dict:
+        return {"summary": self.summary, "curve": self.curve, "last_eval": self.last_eval}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.summary, self.last_eval = state["summary"], state["last_eval"]
+        self.curve = [tuple(point) for point in state["curve"]]  # JSON made the pairs lists
+
 
 class TextTask:
     """Real replies: the prompts and completions of `dataset` (train split for training, test for evaluation)."""
@@ -263,10 +271,12 @@ class TextTask:
         self.generated = {"completions": 0, "tokens": 0, "rollouts": 0, "rollout_tokens": 0}
         self.summary: dict = {}
 
-    def generator(self, policy: Policy | None) -> Policy | None:
-        """The given or loaded policy; None when the SFT stage (phase 2) loads it."""
-        if policy is None and self.cfg.mle_steps == 0:
-            policy = Policy.from_pretrained(self.cfg.model, **lora_kwargs(self.cfg), reference=True, seed=self.cfg.seed)
+    def generator(self, policy: Policy | None, resuming: bool = False) -> Policy | None:
+        """The given or loaded policy; None when the SFT stage (phase 2) loads it, unless resuming past phase 2:
+        then the model SFT loads (its weights come from the checkpoint)."""
+        cfg = self.cfg
+        if policy is None and (cfg.mle_steps == 0 or resuming):
+            policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), reference=cfg.mle_steps == 0, seed=cfg.seed)
         return None if policy is None else policy.to(self.device)
 
     def discriminator(self) -> nn.Module:
@@ -347,6 +357,12 @@ class TextTask:
         adv["eval/d_accuracy"] = heldout_accuracy(d, real, self.negatives(policy, len(real)))
         self.writer.log(adv, step=cfg.max_steps)
         self.summary["adv"] = adv
+
+    def state_dict(self) -> dict:
+        return {"summary": self.summary, "generated": self.generated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.summary, self.generated = state["summary"], state["generated"]
 
 
 TASKS = {"oracle": OracleTask, "text": TextTask}

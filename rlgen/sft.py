@@ -90,6 +90,9 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
     # 4. save the final policy (a plain Hugging Face folder plus the value head)
     policy.model = trainer.model
     policy.model.eval()
+    # TRL's SFTTrainer replaces the model's forward with a closure over the original bound method (its fused LM
+    # head): a deepcopy of the model (SeqGAN's reference and rollout policy) would run this model's weights.
+    vars(policy.model.get_base_model() if policy.is_peft else policy.model).pop("forward", None)
     if trainer.is_world_process_zero():
         policy.save(out)
     print(f"[rlgen] sft: {cfg.max_steps} steps in {time.perf_counter() - start:.0f}s; model saved to {out}")

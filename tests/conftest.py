@@ -46,6 +46,24 @@ def tiny_policy(tiny_tokenizer):
     return Policy(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    """A tiny random BERT sequence classifier over the tiny tokenizer, saved as a folder (a text D)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rlgen.models import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.model_max_length = 64
+    folder = tmp_path_factory.mktemp("tiny_d")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=2, pad_token_id=tok.pad_token_id)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def load_shipped_yaml(path, tmp_path) -> dict:
     """An experiment/recipe YAML's values; an `oracle_params` file missing here (../shared is not beside every
     clone) is replaced by an empty one in `tmp_path`, since only the values' validity is under test."""

@@ -223,24 +223,6 @@ def test_bad_config_raises_user_error(tmp_path, kw, match):
         train_seqgan(SeqGANConfig(output_dir=str(tmp_path / "run"), **kw))
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory):
-    """A tiny random BERT sequence classifier over the tiny tokenizer, saved as a folder (a text D)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from rlgen.models import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    tok.model_max_length = 64
-    folder = tmp_path_factory.mktemp("tiny_d")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, num_labels=2, pad_token_id=tok.pad_token_id)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 def test_text_task_runs_with_rollouts_and_evaluator(tmp_path, tiny_classifier):
     cfg = SeqGANConfig(task="text", model="tiny", discriminator=tiny_classifier, output_dir=str(tmp_path / "run"),
                        max_new_tokens=4, batch_size=4, max_steps=1, rollout_num=2, rollout_update_rate=0.8,

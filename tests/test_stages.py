@@ -51,6 +51,23 @@ def test_sft_with_lora_trains_only_the_adapter(tmp_path):
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_a_copy_of_the_sft_model_runs_its_own_weights(tmp_path):
+    """TRL's SFTTrainer patches the model's forward with a closure over the original model; before train_sft
+    dropped it, a deepcopy (SeqGAN's KL reference, its rollout policy) computed the original's logits."""
+    import copy
+
+    from rlgen.sft import train_sft
+
+    data = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    policy = train_sft(SFTConfig(model="tiny", output_dir=str(tmp_path / "sft"), dataset=str(data), max_steps=1,
+                                 batch_size=4))
+    twin = copy.deepcopy(policy.model)
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.add_(1.0)
+        ids = torch.tensor([[5, 6, 7]])
+        assert not torch.equal(twin(ids).logits, policy.model(ids).logits)
+
+
 def test_evaluate_writes_samples_summary_and_metrics(tmp_path, capsys):
     (tmp_path / "prompts").mkdir()
     data = _write_jsonl(tmp_path / "prompts" / "test.jsonl", [{"prompt": p["prompt"]} for p in PAIRS]).parent

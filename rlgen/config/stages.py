@@ -288,6 +288,12 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
     preset: str = opt("", "oracle schedule preset: paper, cpu or smoke; it sets only the fields left at their "
                           "defaults")
     max_steps: int = opt(200, "adversarial epochs")
+    save_steps: int = opt(0, "save checkpoint-<epoch> every N adversarial epochs (0: none between); checkpoint-0 is "
+                             "written after MLE pre-training and again after D pre-training, and one after the last "
+                             "epoch")
+    save_total_limit: int = opt(2, "keep only the newest N checkpoint-<epoch> folders (0: keep all)")
+    resume_from_checkpoint: str | None = opt(None, "checkpoint-N folder or 'latest' (the newest in output_dir): "
+                                                   "continue that run exactly, skipping the phases it finished")
     batch_size: int = opt(64, "sequences per generator step, MLE step and D step")
     # oracle task
     oracle_params: str | None = opt(None, "oracle task: .npz of the oracle LSTM (e.g. the authors' arrays); "
@@ -361,15 +367,13 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
                  "d_negatives", "score_batch_size", "vocab_size", "embedding_size", "hidden_size",
                  "d_embedding_size")
         at_least(self, 0, "mle_epochs", "mle_steps", "g_steps", "d_pretrain_rounds", "d_pretrain_epochs",
-                 "d_steps", "d_epochs", "eval_every", "mle_eval_every")
+                 "d_steps", "d_epochs", "eval_every", "mle_eval_every", "save_total_limit")
         if self.task == "oracle" and self.num_train < self.batch_size:
             raise UserError(f"num_train {self.num_train} is smaller than batch_size {self.batch_size}")
         if any(not t > 0 for t in self.eval_temperatures):
             raise UserError(f"eval_temperatures must be > 0, got {self.eval_temperatures}")
         if self.oracle_params is not None and not Path(self.oracle_params).is_file():
             raise UserError(f"oracle_params {self.oracle_params} does not exist")
-        if self.resume_from_checkpoint is not None:
-            raise UserError("seqgan cannot resume; start a new run with --model <generator folder> (text task)")
 
 
 def apply_preset(cfg: SeqGANConfig) -> SeqGANConfig:
