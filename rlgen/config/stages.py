@@ -150,6 +150,11 @@ class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
         at_least(self, 1, "num_prompts", "batch_size")
         at_least(self, 2, "self_bleu_max_texts")
 
+    def own_options(self) -> dict:
+        """Its options beyond CommonConfig's: what a training run's `evaluate` option holds."""
+        common = {f.name for f in dataclasses.fields(CommonConfig)}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in common}
+
 
 @dataclass(frozen=True)
 class SFTConfig(LoraConfigMixin, CommonConfig):
