@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from rlgen.errors import UserError
@@ -114,6 +115,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def preserved_rng():
+    """This process's generator states restored on exit, so that what draws random numbers inside (an evaluation
+    along training) leaves the training's random streams as they were."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 # ---- folders --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from rlgen import metrics
+from rlgen.checkpoint import preserved_rng
 from rlgen.config import EvalConfig, SamplingConfig, save_config
 from rlgen.data import held_out_note, load_rows
 from rlgen.files import write_jsonl
@@ -150,21 +151,48 @@ def reference_replies(rows: list[dict]) -> list[str] | None:
             for c in (r["completion"] for r in rows)]
 
 
+class Evaluator:
+    """The evaluation an EvalConfig describes, its prompts and rewards loaded once, for any policy: `rlgen evaluate`
+    runs it once, a training run with `eval_steps` every N steps on the live policy (`along_training`)."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self.reward_fns = [load_reward(spec) for spec in cfg.reward]
+        self.gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
+        self.rows = load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]
+
+    def __call__(self, policy: Policy, output_dir: str | Path | None) -> dict[str, float]:
+        cfg, rows = self.cfg, self.rows
+        return evaluate_policy(policy, [prompt_of(r) for r in rows], self.reward_fns, SamplingConfig.of(cfg),
+                               weights=cfg.reward_weights or None, batch_size=cfg.batch_size, output_dir=output_dir,
+                               self_bleu_max_texts=cfg.self_bleu_max_texts, gold_rewards=self.gold_fns,
+                               columns=reward_columns(rows), references=reference_replies(rows))
+
+    def along_training(self, policy: Policy, step: int, completions: int) -> dict:
+        """The metrics row of an evaluation at training step `step`, after `completions` generated completions;
+        samples in `<cfg.output_dir>/step<step>/`. Seeded with cfg.seed as `rlgen evaluate` is, in eval mode, and
+        the generator states and the model's mode are restored afterwards: training goes on exactly as without it."""
+        was_training = policy.model.training
+        with preserved_rng():
+            torch.manual_seed(self.cfg.seed)
+            policy.model.eval()
+            try:
+                metrics = self(policy, Path(self.cfg.output_dir) / f"step{step}")
+            finally:
+                policy.model.train(was_training)
+        return {"completions/generated": completions, **metrics}
+
+
 def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int = 0) -> dict[str, float]:
     """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`."""
     set_threads(cfg.threads)
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     save_config(cfg, out)
-    reward_fns = [load_reward(spec) for spec in cfg.reward]
-    rows = load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]
-    print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(rows))}", flush=True)
+    evaluator = Evaluator(cfg)
+    print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(evaluator.rows))}", flush=True)
     policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed,
                                     dtype=resolve_dtype(cfg.dtype)).to(default_device())
     torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
-    gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
-    metrics = evaluate_policy(policy, [prompt_of(r) for r in rows], reward_fns, SamplingConfig.of(cfg),
-                              weights=cfg.reward_weights or None, batch_size=cfg.batch_size, output_dir=out,
-                              self_bleu_max_texts=cfg.self_bleu_max_texts, gold_rewards=gold_fns,
-                              columns=reward_columns(rows), references=reference_replies(rows))
+    metrics = evaluator(policy, out)
     MetricsWriter(out).log(metrics, step=log_step)
     return metrics

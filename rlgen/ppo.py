@@ -21,7 +21,8 @@ the main process writes files. The frozen reference is never wrapped in DDP; sam
 Several CPU processes: `accelerate launch --multi_gpu --num_processes 2` with no GPU visible (accelerate 1.15's
 `--cpu --num_processes 2` starts a single process unless it is given an mpirun hostfile).
 
-Outputs in output_dir: config.yaml, metrics.jsonl (one row per update), the policy (`Policy.save`),
+Outputs in output_dir: config.yaml, metrics.jsonl (one row per update, and one per evaluation along training:
+`eval_steps`), the policy (`Policy.save`),
 ppo_curves.png (score and KL against update) and samples.md (completions before the first update and after
 the last), and `checkpoint-<update>/` folders (every `save_steps` updates and after the last; the newest
 `save_total_limit` are kept) from which `--resume_from_checkpoint PATH|latest` continues the run exactly:
@@ -45,6 +46,8 @@ Metrics per update, reduced over processes:
 - time/rollout (generation), time/score (rewards, reference log-probs, shaping, advantages), time/update
 - policy/skipped_batches (only with skip_nonfinite): mini-batches of this update whose optimiser step was
   skipped (all of them when the reward was non-finite)
+Every `eval_steps` updates, after the update's row, a row of the shared evaluator's eval/* metrics on the current
+policy (`rlgen.evaluation.Evaluator.along_training`, the random streams untouched) and completions/generated.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from rlgen.checkpoint import (
     TrainingInterrupted,
     find_checkpoint,
     load_training_state,
+    preserved_rng,
     remove_checkpoints,
     remove_stale_temporaries,
     rng_state,
@@ -75,6 +79,7 @@ from rlgen.checkpoint import (
 from rlgen.config import PPOConfig, SamplingConfig, lora_kwargs, save_config, to_dict
 from rlgen.data import load_rows
 from rlgen.errors import UserError
+from rlgen.evaluation import Evaluator
 from rlgen.files import write_jsonl
 from rlgen.models import resolve_dtype, set_threads
 from rlgen.policy import Policy, Rollout, completion_mask_from_ids
@@ -118,6 +123,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    history = [row for row in history if "objective/scores" in row]  # the update rows, not the evaluations
     steps = [row["step"] for row in history]
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
@@ -222,6 +228,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
         raise UserError(f"reward_weights has {len(weights)} values for {len(reward_fns)} rewards")
     with accelerator.main_process_first():  # the first process fills the demo-data and model caches alone
         rows = load_rows(cfg.dataset, "train")
+        with preserved_rng():  # loading the evaluation's rewards (a reward model) must not move training's streams
+            evaluator = Evaluator(cfg.eval_config()) if cfg.eval_steps else None
         if policy is None:
             policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic,
                                             dtype=resolve_dtype(cfg.dtype),
@@ -400,6 +408,11 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
             history.append(jsonable_row({"step": update, **row}))
             accelerator.log(row, step=update)
             progress.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
+            if is_main and evaluator and update % cfg.eval_steps == 0:  # before the checkpoint, which keeps its row
+                row = evaluator.along_training(policy, update, update * cfg.batch_size * world)
+                writer.log(row, step=update)
+                history.append(jsonable_row({"step": update, **row}))
+                accelerator.log(row, step=update)
 
             # 7. checkpoint: every save_steps updates, after the last, and when SIGINT/SIGTERM arrived
             signum = _stop_signal(accelerator, stop)

@@ -15,6 +15,10 @@ them: raw prompt (text or messages), stripped completion, `completion_ids` and t
 
 Outputs in `output_dir`: the trained policy (`Policy.save`, LoRA merged), `metrics.jsonl` (one row per step, rlgen's
 metric names plus `completions/generated`) and, for DPO, `preference_pairs.jsonl` (the ranked pairs it trained on).
+With `eval_steps`, every that many optimiser steps the shared evaluator (`eval_config`: prompts, rewards, gold
+rewards, sampling) scores the live policy against the starting model, with the random streams left untouched (so
+the trained weights are those of a run without it): a metrics.jsonl row of its eval/* metrics and
+`completions/generated`, its samples in `<eval_config.output_dir>/step<n>/`.
 
 Gold rule: a reward with weight 0 is a gold reward, monitored (`rewards/<name>/mean` every step) and never optimised.
 Gold rewards are not handed to TRL as weight-0 reward functions: TRL drops a completion from the advantage baseline
@@ -33,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from rlgen.config import SamplingConfig
+from rlgen.checkpoint import preserved_rng
+from rlgen.config import EvalConfig, SamplingConfig
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
 from rlgen.policy import Policy, peft_lora_config
@@ -77,9 +82,14 @@ def check_options(method: str, options: dict):
     return cls
 
 
-def _check_input(method: str, options: dict, batch_size: int, num_generations: int, reward_fns, weights):
+def _check_input(method: str, options: dict, batch_size: int, num_generations: int, reward_fns, weights,
+                 eval_steps: int, eval_config: EvalConfig | None):
     """Reject bad input before anything loads or trains; return the TRL config class."""
     cls = check_options(method, options)
+    if eval_steps < 0:
+        raise UserError(f"{method}: eval_steps must be at least 0, got {eval_steps}")
+    if eval_steps and eval_config is None:
+        raise UserError(f"{method}: eval_steps {eval_steps} needs an eval_config (the evaluation to run)")
     if len(weights) != len(reward_fns):
         raise UserError(f"{method}: {len(weights)} weights for {len(reward_fns)} reward functions")
     if not any(weights):
@@ -182,25 +192,42 @@ def _recorder(writer: MetricsWriter, names: dict, seen: dict, rows: list):
     return Record()
 
 
+def _evaluation(evaluator, policy: Policy, eval_steps: int, writer: MetricsWriter, seen: dict, rows: list):
+    """A TrainerCallback running `evaluator` on `policy` (the live model) every `eval_steps` optimiser steps."""
+    from transformers import TrainerCallback
+
+    class Evaluate(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and state.global_step % eval_steps == 0:
+                row = evaluator.along_training(policy, state.global_step, seen["completions"])
+                writer.log(row, step=state.global_step)
+                rows.append({"step": state.global_step, **row})
+
+    return Evaluate()
+
+
 def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
               reward_fns: list[tuple[str, Callable]], weights: list[float], max_steps: int, batch_size: int,
               num_generations: int, learning_rate: float, beta: float, sampling: SamplingConfig,
               lora: dict, seed: int, threads: int, options: dict, columns: dict[str, list] | None = None,
-              dtype: str = "float32") -> dict:
+              dtype: str = "float32", eval_steps: int = 0, eval_config: EvalConfig | None = None) -> dict:
     """Train the model folder `model` with TRL's `method` on `prompts` (raw user texts or lists of messages), whose
     dataset `columns` (one value per prompt) the rewards get; save the policy and `metrics.jsonl` to `output_dir`.
-    Returns {"completions", "tokens", "curve", "train_s"} (see the module docstring)."""
+    Returns {"completions", "tokens", "curve", "train_s", "evals"} (see the module docstring; evals: the rows of the
+    evaluations along training, as in metrics.jsonl)."""
     import datasets
     import transformers
     from datasets import Dataset
     from transformers.trainer_callback import ProgressCallback
 
-    from rlgen.models import default_device, mixed_precision_flags, set_threads
+    from rlgen.evaluation import Evaluator
+    from rlgen.models import default_device, load_model, mixed_precision_flags, set_threads
 
-    config_cls = _check_input(method, options, batch_size, num_generations, reward_fns, weights)
+    config_cls = _check_input(method, options, batch_size, num_generations, reward_fns, weights, eval_steps, eval_config)
     columns = columns or {}
     if method != "dpo" and len(prompts) < batch_size // num_generations:
         raise UserError(f"{method}: {len(prompts)} prompts, fewer than the {batch_size // num_generations} a step needs")
+    evaluator = Evaluator(eval_config) if eval_steps else None  # its data and rewards checked before anything runs
     datasets.disable_progress_bars()
     set_threads(threads)
     transformers.set_seed(seed)  # LoRA init and DPO sampling happen before TRL seeds anything
@@ -209,7 +236,7 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
     (out / "metrics.jsonl").unlink(missing_ok=True)
     policy = Policy.from_pretrained(model, reference=False, seed=seed).to(default_device())  # DPO samples with it
     tok = policy.tokenizer
-    seen, rows = {"completions": 0, "tokens": 0}, []
+    seen, rows, evals = {"completions": 0, "tokens": 0}, [], []
     names = {**METRIC_NAMES, "loss": "loss/dpo" if method == "dpo" else "loss/policy",
              **{f"rewards/{name}/mean": f"rewards/{name}/mean" for name, _ in reward_fns}}
     args = dict(output_dir=str(out), max_steps=max_steps, learning_rate=learning_rate, beta=beta, seed=seed,
@@ -241,6 +268,13 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
         callbacks=[_recorder(MetricsWriter(out), names, seen, rows)], **trainer_kwargs)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(quiet_progress())
+    if evaluator:
+        # trainer.model is the model TRL trains (under LoRA its PEFT wrapper, whose disabled adapter is the
+        # reference); building the Policy and loading the reference draw random numbers that training must not see
+        with preserved_rng():
+            reference = None if peft_config else load_model(model, seed=seed)[0].to(default_device())
+            live = Policy(trainer.model, tok, reference=False, ref_model=reference)
+        trainer.add_callback(_evaluation(evaluator, live, eval_steps, MetricsWriter(out), seen, evals))
     start = time.perf_counter()
     trainer.train()
     train_s = sample_s + time.perf_counter() - start
@@ -252,4 +286,5 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
         reward_keys = [f"rewards/{name}/mean" for name, _ in reward_fns]
         curve = [{"step": r["step"], "completions": r["completions/generated"], **{k: r[k] for k in reward_keys if k in r}}
                  for r in rows]
-    return {"completions": seen["completions"], "tokens": seen["tokens"], "curve": curve, "train_s": train_s}
+    return {"completions": seen["completions"], "tokens": seen["tokens"], "curve": curve, "train_s": train_s,
+            "evals": evals}

@@ -24,6 +24,7 @@ def files(tmp_path):
     (tmp_path / "ok.jsonl").write_text("".join(f'{{"prompt": "hi there {i}"}}\n' for i in range(10)))
     (tmp_path / "unknown_key.yaml").write_text("max_stepz: 3\n")
     (tmp_path / "wrong_type.yaml").write_text("learning_rate: fast\n")
+    (tmp_path / "eval_key.yaml").write_text("eval_steps: 2\nevaluate: {num_prompt: 4}\n")
     (tmp_path / "rewards.py").write_text(REWARDS)
     return tmp_path
 
@@ -49,6 +50,9 @@ def _cases(d, tiny):
          "does not exist"),
         ("batch_size not a multiple", [*ok, "--batch_size", "5", "--mini_batch_size", "2"],
          "batch_size 5 is not a multiple of mini_batch_size 2"),
+        ("negative eval_steps", [*ok, "--eval_steps", "-1"], "eval_steps must be at least 0, got -1"),
+        ("unknown evaluation option (YAML)", ["--config", str(d / "eval_key.yaml")],
+         "ppo option 'evaluate': unknown key 'num_prompt'"),
     ]
 
 

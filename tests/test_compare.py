@@ -28,10 +28,11 @@ def _settings(tmp_path, **overrides):
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    """One comparison through the CLI (YAML file plus a per-method override), shared by the tests below."""
+    """One comparison through the CLI (YAML file plus a per-method override), evaluated along training too, shared
+    by the tests below."""
     tmp_path = tmp_path_factory.mktemp("compare")
     config = tmp_path / "compare.yaml"
-    config.write_text(yaml.safe_dump(_settings(tmp_path)))
+    config.write_text(yaml.safe_dump(_settings(tmp_path, eval_steps=1)))
     assert main(["compare", "--config", str(config), "--ppo.learning_rate", "1e-3"]) == 0
     return tmp_path, config
 
@@ -99,6 +100,30 @@ def test_runs_hold_models_metrics_and_the_gold_at_weight_zero(compared):
     assert ppo_settings["reward_weights"] == [1.0, 0.0]
 
 
+def test_evaluations_along_training_are_kept_in_result_json(compared):
+    """eval_steps 1: the comparison's own evaluation after every step of ppo and grpo; the last one, of the final
+    policy, equals the final evaluation (same prompts, rewards, sampling seed and reference)."""
+    tmp_path, _ = compared
+    out = tmp_path / "cmp"
+    keys = {"step", "completions", "eval/reward/mean", "eval/rewards/target_length/mean", "eval/kl",
+            "eval/gold/sentiment_positive/mean", "eval/num_samples"}
+    for method in ("ppo", "grpo"):
+        for seed in (0, 1):
+            run = out / "runs" / method / f"seed{seed}"
+            result = json.loads((run / "result.json").read_text())
+            evals = result["evals"]
+            assert [(e["step"], e["completions"], e["eval/num_samples"]) for e in evals] == [(1, 4, 8), (2, 8, 8)]
+            assert all(keys <= set(e) for e in evals)
+            for key in ("eval/reward/mean", "eval/kl", "eval/gold/sentiment_positive/mean"):
+                assert evals[-1][key] == pytest.approx(result["metrics"][key], rel=1e-4, abs=1e-6), (method, key)
+            logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                      if "eval/kl" in r]
+            assert [r["step"] for r in logged] == [1, 2]
+            assert len((run / "eval_steps" / "step1" / "eval_samples.jsonl").read_text().splitlines()) == 8
+    start = json.loads((out / "runs" / "start" / "result.json").read_text())
+    assert start.get("evals", []) == []
+
+
 def test_rerun_keeps_finished_runs_and_refuses_other_settings(compared, capsys):
     tmp_path, config = compared
     out = tmp_path / "cmp"
@@ -108,6 +133,8 @@ def test_rerun_keeps_finished_runs_and_refuses_other_settings(compared, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")} == before
     assert main(["compare", "--config", str(config), "--max_steps", "3"]) == 2
     assert "max_steps" in capsys.readouterr().err
+    assert main(["compare", "--config", str(config), "--eval_steps", "2"]) == 2
+    assert "(eval_steps: 1 there, 2 now)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("overrides", "fragment"), [
@@ -117,6 +144,8 @@ def test_rerun_keeps_finished_runs_and_refuses_other_settings(compared, capsys):
     ({"grpo": {"not_an_option": 1}}, "not_an_option"),
     ({"reward": ["no_such_reward"]}, "no_such_reward"),
     ({"methods": ["dpo"], "batch_size": 3, "num_generations": 3}, "even"),
+    ({"eval_steps": -1}, "eval_steps must be at least 0, got -1"),
+    ({"ppo": {"eval_steps": 2}}, "compare section 'ppo': key 'eval_steps' is the comparison's own"),
 ])
 def test_bad_settings_name_the_culprit(tmp_path, overrides, fragment):
     with pytest.raises(UserError, match=fragment):

@@ -138,6 +138,19 @@ def test_compare_derives_each_method_config():
     assert cfg.eval_config("m", Path("e"), 0).num_prompts == 32
 
 
+def test_ppo_evaluates_along_training_as_the_comparison_evaluates():
+    cfg = CompareConfig(methods=["ppo"], reward=["sentiment_positive"], gold_reward=["sentiment_textblob"],
+                        temperature=0.7, eval_steps=2, evaluate={"num_prompts": 5, "split": "validation"})
+    ppo = cfg.method_config("ppo", "start", Path("o"), 3)
+    along, final = ppo.eval_config(), cfg.eval_config("o", Path("o") / "eval", 3)
+    assert ppo.eval_steps == 2 and along.output_dir == str(Path("o") / "eval_steps")
+    assert along.own_options() == final.own_options() and (along.seed, along.dataset) == (3, cfg.dataset)
+    assert (along.reward, along.gold_reward, along.temperature) == (["sentiment_positive"], ["sentiment_textblob"], 0.7)
+    # a plain ppo run evaluates its own reward and sampling
+    plain = PPOConfig(reward=["sentiment_positive"], temperature=0.7, evaluate={"num_prompts": 5}).eval_config()
+    assert (plain.reward, plain.temperature, plain.num_prompts, plain.split) == (["sentiment_positive"], 0.7, 5, "test")
+
+
 ROOT = PACKAGE.parent
 SHIPPED = sorted((ROOT / "experiments").glob("*.yaml")) + sorted((ROOT / "reward_models").glob("*.yaml"))
 

@@ -195,10 +195,43 @@ def test_bad_reward_stops_the_run_naming_it(tiny_folder, reward_file, tmp_path, 
     (dict(batch_size=5), "batch_size 5 is not a multiple of mini_batch_size 2"),
     (dict(kl_estimator="k9"), "kl_estimator must be k1 or k3"),
     (dict(stop_token="two words"), "stop_token 'two words' is"),
+    (dict(eval_steps=-1), "eval_steps must be at least 0, got -1"),
+    (dict(evaluate={"num_prompt": 4}), "ppo option 'evaluate': unknown key 'num_prompt'"),
+    (dict(evaluate={"seed": 4}), "evaluate: 'seed' is this run's own setting"),
 ])
 def test_bad_options_are_user_errors(tiny_folder, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         train_ppo(small_config(tiny_folder, tmp_path, **overrides))
+
+
+EVAL_KEYS = {"step", "completions/generated", "eval/reward/mean", "eval/rewards/keyword/mean", "eval/kl",
+             "eval/gold/sentiment_positive/mean", "eval/perplexity_ref", "eval/num_samples", "time/eval"}
+
+
+def _trained(policy):
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if not k.startswith("ref_model.")}
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(lora_r=4)], ids=["full", "lora"])
+def test_eval_steps_log_evaluations_and_leave_training_unchanged(tiny_folder, tmp_path, overrides):
+    """Every eval_steps updates a row of the shared evaluator's metrics (its own prompts, proxy and gold) on the
+    live policy; its random draws and its eval mode are undone, so the weights are bit-identical to a run without."""
+    plain = train_ppo(small_config(tiny_folder, tmp_path / "plain", max_steps=3, **overrides))
+    evaluate = {"num_prompts": 3, "batch_size": 2, "gold_reward": ["sentiment_positive"]}
+    evaluated = train_ppo(small_config(tiny_folder, tmp_path / "eval", max_steps=3, eval_steps=2, evaluate=evaluate,
+                                       **overrides))
+    a, b = _trained(plain), _trained(evaluated)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_jsonl(tmp_path / "eval" / "metrics.jsonl")
+    updates = [r for r in rows if "objective/scores" in r]
+    evals = [r for r in rows if "eval/reward/mean" in r]
+    drop = {"time/rollout", "time/score", "time/update"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in updates] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(tmp_path / "plain" / "metrics.jsonl")]
+    assert [(r["step"], r["completions/generated"], r["eval/num_samples"]) for r in evals] == [(2, 8, 3)]
+    assert EVAL_KEYS <= set(evals[0]) and len(rows) == 4
+    samples = read_jsonl(tmp_path / "eval" / "eval_steps" / "step2" / "eval_samples.jsonl")
+    assert len(samples) == 3 and all(set(s["rewards"]) == {"keyword", "gold/sentiment_positive"} for s in samples)
 
 
 DDP_SCRIPT = '''
@@ -211,7 +244,7 @@ from rlgen.ppo import train_ppo
 
 model, out, reward = sys.argv[1:4]
 cfg = PPOConfig(model=model, output_dir=out, max_steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=1,
-                max_new_tokens=8, reward=[reward])
+                max_new_tokens=8, reward=[reward], eval_steps=2, evaluate={"num_prompts": 2, "batch_size": 2})
 policy = train_ppo(cfg)
 rank = os.environ["RANK"]
 total = sum(p.detach().double().sum().item() for p in policy.model.parameters())
@@ -228,7 +261,8 @@ def _free_port() -> int:
 def test_two_processes_with_accelerate_launch(tiny_folder, reward_file, tmp_path):
     """Two CPU processes over gloo. accelerate 1.15's `launch --cpu --num_processes 2` starts a single process
     unless given an mpirun hostfile, so the processes are started with its torchrun launcher (`--multi_gpu`)
-    and the GPUs hidden; `Accelerator(cpu=True)` then runs them as MULTI_CPU with the gloo backend."""
+    and the GPUs hidden; `Accelerator(cpu=True)` then runs them as MULTI_CPU with the gloo backend. The main
+    process alone runs the evaluation along training (eval_steps), while the other waits."""
     if importlib.util.find_spec("accelerate") is None:
         pytest.skip("accelerate is not installed")
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
@@ -245,6 +279,9 @@ def test_two_processes_with_accelerate_launch(tiny_folder, reward_file, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.rglob("metrics.jsonl")) == [out / "metrics.jsonl"]
     rows = read_jsonl(out / "metrics.jsonl")
+    evals = [r for r in rows if "eval/reward/mean" in r]
+    assert [(r["step"], r["completions/generated"]) for r in evals] == [(2, 16)]  # 2 updates x 4 prompts x 2
+    rows = [r for r in rows if r not in evals]
     assert len(rows) == 2
     for row in rows:  # rank 0 scores 0 and rank 1 scores 1: the logged means are over both processes
         assert row["objective/scores"] == pytest.approx(0.5)

@@ -55,7 +55,7 @@ def raises_at(completions, at=3, **kwargs):
     return [0.5] * len(completions)
 '''
 
-TIME_KEYS = {"time/rollout", "time/score", "time/update"}
+TIME_KEYS = {"time/rollout", "time/score", "time/update", "time/eval"}
 
 
 @pytest.fixture
@@ -81,14 +81,17 @@ def _without_time(rows):
     return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rows]
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(lora_r=4, separate_critic=True, gradient_accumulation_steps=2)],
-                         ids=["full", "lora_critic"])
+@pytest.mark.parametrize("overrides", [
+    {}, dict(lora_r=4, separate_critic=True, gradient_accumulation_steps=2),
+    # the evaluations use another reward: the vowels counter stops the run at a given update
+    dict(eval_steps=2, evaluate={"num_prompts": 2, "batch_size": 2, "reward": ["keyword(include=['a'])"]}),
+], ids=["full", "lora_critic", "eval_steps"])
 def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, monkeypatch, overrides):
     """6 updates in one go == 3 updates, SIGINT, resume from checkpoint-2 (dropping the killed run's row 3),
     4 more updates. Tolerance: exact. Both runs do the same float ops in the same order on one CPU thread,
     from bit-identical restored state (weights and Adam moments saved as float32 safetensors/torch files,
     RNG states, scheduler step, KL coefficient, data position), so nothing can drift; the time/* metrics are
-    wall-clock and excluded."""
+    wall-clock and excluded. With eval_steps, the evaluation rows (after updates 2, 4, 6) are kept alike."""
     one_go = tmp_path / "one_go"
     policy_a = train_ppo(config(tiny_folder, reward_file, one_go, **overrides))
     rows_a = read_jsonl(one_go / "metrics.jsonl")
@@ -102,13 +105,15 @@ def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, 
     assert (stopped.value.update, stopped.value.exit_code) == (3, 130)
     assert f"--resume_from_checkpoint {split.resolve() / 'checkpoint-3'}" in str(stopped.value)
     assert [n for n, _ in complete_checkpoints(split)] == [2, 3]
-    assert len(read_jsonl(split / "metrics.jsonl")) == 3
+    assert [r["step"] for r in read_jsonl(split / "metrics.jsonl") if "objective/scores" in r] == [1, 2, 3]
     assert not list(split.glob("*.tmp-*"))
 
     policy_b = train_ppo(config(tiny_folder, reward_file, split, resume_from_checkpoint=str(split / "checkpoint-2"),
                                 **overrides))
     rows_b = read_jsonl(split / "metrics.jsonl")
-    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows_b if "objective/scores" in r] == [1, 2, 3, 4, 5, 6]
+    evals = [r["step"] for r in rows_b if "eval/reward/mean" in r]
+    assert evals == ([2, 4, 6] if overrides.get("eval_steps") else [])
     assert _without_time(rows_b) == _without_time(rows_a)
     params_a, params_b = _params(policy_a), _params(policy_b)
     assert params_a.keys() == params_b.keys()

@@ -1,11 +1,12 @@
 """TRL baselines (GRPO, RLOO, DPO) on the tiny model: budget, metrics, gold rewards, saved policy, bad input."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from rlgen.config import SamplingConfig
+from rlgen.config import EvalConfig, SamplingConfig
 from rlgen.errors import UserError
 from rlgen.models import set_threads
 from rlgen.policy import Policy
@@ -128,6 +129,48 @@ def test_unknown_option_names_method_and_key(method, tiny_folder, tmp_path):
 def test_num_generations_must_divide_the_batch(num_generations, tiny_folder, tmp_path):
     with pytest.raises(UserError, match="num_generations"):
         run("grpo", tiny_folder, tmp_path, num_generations=num_generations)
+
+
+def test_negative_eval_steps_is_refused(tiny_folder, tmp_path):
+    with pytest.raises(UserError, match="grpo: eval_steps must be at least 0, got -1"):
+        run("grpo", tiny_folder, tmp_path, eval_steps=-1)
+    assert not tmp_path.joinpath("metrics.jsonl").exists()
+
+
+LORA_DROPOUT = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "lora_target_modules": "all-linear"}
+
+
+@pytest.mark.parametrize("method, lora, options", [
+    ("grpo", {"lora_r": 0}, {}),
+    ("dpo", LORA_DROPOUT, {"disable_dropout": False}),  # dropout: dpo then draws random numbers while training
+    ("rloo", LORA_DROPOUT, {}),
+], ids=["grpo", "dpo_lora_dropout", "rloo_lora"])
+def test_eval_steps_evaluate_the_live_policy_without_changing_training(method, lora, options, tiny_folder, tmp_path):
+    """Every eval_steps optimiser steps the shared evaluator scores the trainer's model (put in eval mode and back:
+    LoRA dropout is on in training) against the starting model; its random draws are undone, so the trained weights
+    are bit-identical to a run without it. The last one is `rlgen evaluate` of the saved policy against the start."""
+    from rlgen.evaluation import run_evaluation
+
+    plain = run(method, tiny_folder, tmp_path / "plain", max_steps=4, lora=lora, options=options)
+    evaluation = EvalConfig(output_dir=str(tmp_path / "evals"), num_prompts=3, batch_size=2, max_new_tokens=8,
+                            reward=["keyword(include=['a'])"], gold_reward=["sentiment_positive"])
+    out = run(method, tiny_folder, tmp_path / "eval", max_steps=4, lora=lora, options=options, eval_steps=2,
+              eval_config=evaluation)
+    a, b = weights_of(tmp_path / "plain"), weights_of(tmp_path / "eval")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert out["curve"] == plain["curve"]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/reward/mean" in r]
+    assert evals == out["evals"] and [r["step"] for r in rows if r not in evals] == [1, 2, 3, 4]
+    generated = [16, 16] if method == "dpo" else [8, 16]  # dpo samples its whole budget before training
+    assert [(r["step"], r["completions/generated"], r["eval/num_samples"]) for r in evals] == \
+        [(2, generated[0], 3), (4, generated[1], 3)]
+    assert {"eval/rewards/keyword/mean", "eval/gold/sentiment_positive/mean", "eval/kl", "time/eval"} <= set(evals[0])
+    assert len((tmp_path / "evals" / "step2" / "eval_samples.jsonl").read_text().splitlines()) == 3
+    final = run_evaluation(dataclasses.replace(evaluation, model=str(tmp_path / "eval"),
+                                               output_dir=str(tmp_path / "final")), ref_name=str(tiny_folder))
+    for key in ("eval/kl", "eval/perplexity_ref", "eval/reward/mean", "eval/gold/sentiment_positive/mean"):
+        assert evals[-1][key] == pytest.approx(final[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("method", ["grpo", "rloo", "dpo"])

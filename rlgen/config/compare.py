@@ -63,6 +63,9 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     max_new_tokens: int = opt(32, "tokens to generate per completion, in training and evaluation")
     gold_reward: list[str] = opt([], "gold reward(s): scored by the evaluator, never optimised")
     samples_shown: int = opt(3, "prompts whose completions the report shows for every method")
+    eval_steps: int = opt(0, "ppo, grpo, rloo, dpo: also run the evaluation (the same as the final one) every N "
+                             "optimiser steps, kept in each run's result.json under evals (0: off; sft and seqgan "
+                             "are evaluated at the end only)")
     threads: int = opt(1, "torch intra-op threads (1 is fastest on busy 2-core machines)")
     dtype: str = opt("auto", DTYPE_HELP)
     overwrite_output_dir: bool = opt(False, "discard a previous comparison in output_dir instead of continuing it")
@@ -87,7 +90,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
         if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
             raise UserError("methods and seeds must not repeat")
         at_least(self, 1, "max_steps", "batch_size")
-        at_least(self, 0, "threads", "samples_shown")
+        at_least(self, 0, "threads", "samples_shown", "eval_steps")
         check_dtype(self)
         if any(m in self.methods for m in ("grpo", "rloo")) and (
                 self.num_generations < 2 or self.batch_size % self.num_generations):
@@ -112,13 +115,19 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
             values = {"max_steps": self.max_steps, "batch_size": self.batch_size,
                       "learning_rate": self.learning_rate_of("sft")}
         elif method == "ppo":
+            own = next((k for k in ("eval_steps", "evaluate") if k in self.ppo), None)
+            if own:
+                raise UserError(f"compare section 'ppo': key '{own}' is the comparison's own (set it at the top level, "
+                                "so that every method is evaluated alike)")
             values = {
                 **sampling, "max_steps": self.max_steps, "batch_size": self.batch_size,
                 "mini_batch_size": self.batch_size, "ppo_epochs": 1, "learning_rate": self.learning_rate_of("ppo"),
                 "kl_coef": self.kl_coef, "missing_eos_penalty": 0.0,
                 # the gold rewards ride along at weight 0: logged per update, never optimised
                 "reward": self.reward + self.gold_reward,
-                "reward_weights": (self.reward_weights or [1.0] * len(self.reward)) + [0.0] * len(self.gold_reward)}
+                "reward_weights": (self.reward_weights or [1.0] * len(self.reward)) + [0.0] * len(self.gold_reward),
+                "eval_steps": self.eval_steps,
+                "evaluate": self.eval_config(model, output_dir / "eval_steps", seed).own_options()}
         elif method == "seqgan":
             # batch_size x (1 D pre-training round + 2 per adversarial epoch: a generator and a D step)
             if self.max_steps < 3:

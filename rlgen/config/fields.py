@@ -1,8 +1,17 @@
-"""`opt`: a config field with its help text, the one place help is written."""
+"""Config fields and building a config from a mapping: `opt` (a field with its help text, the one place help is
+written) and `build_config` (known keys, field types and the config's own check, each error naming its source).
+
+Import-light and free of the config classes, so that a config can build another in its own check.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import field
+
+from rlgen.errors import UserError
 
 
 def opt(default, help: str, **kw):
@@ -10,3 +19,81 @@ def opt(default, help: str, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def fields_of(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def convert(value, tp, where: str):
+    """Check/convert a YAML or CLI value to the field type `tp`; UserError naming `where` otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return convert(value, inner[0], where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()] if args[0] is not str else [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [convert(v, args[0], where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+# Options rlgen refuses on purpose: log-probs, KL and PPO ratios are those of temperature sampling, and these
+# would make the sampling distribution differ from the one the log-probs describe (Huang et al. 2022).
+REFUSED_KEYS = {
+    "top_k": "rlgen samples with temperature only, so that stored log-probs, KL and PPO ratios are those of "
+             "the distribution that sampled (top-k would truncate it); lower the temperature instead",
+    "top_p": "rlgen samples with temperature only, so that stored log-probs, KL and PPO ratios are those of "
+             "the distribution that sampled (nucleus sampling would truncate it); lower the temperature instead",
+}
+
+
+def build_config(cls, values: dict, source: str):
+    """Instantiate `cls` from a mapping, rejecting unknown keys, wrong types and values the config's own
+    check refuses; every error names `source` and the key."""
+    hints = typing.get_type_hints(cls)
+    known = fields_of(cls)
+    for k in values:
+        if k in REFUSED_KEYS and k not in known:
+            raise UserError(f"{source}: key '{k}' is not supported: {REFUSED_KEYS[k]}")
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise UserError(f"{source}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(known))})")
+    converted = {k: convert(v, hints[k], f"{source}: key '{k}'") for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None

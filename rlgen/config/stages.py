@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlgen.config.fields import opt
+from rlgen.config.fields import build_config, opt
 from rlgen.errors import UserError
 
 HUANG = "Huang et al. 2022, The N Implementation Details of RLHF with PPO"
@@ -150,6 +150,11 @@ class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
         at_least(self, 1, "num_prompts", "batch_size")
         at_least(self, 2, "self_bleu_max_texts")
 
+    def own_options(self) -> dict:
+        """Its options beyond CommonConfig's: what a training run's `evaluate` option holds."""
+        common = {f.name for f in dataclasses.fields(CommonConfig)}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in common}
+
 
 @dataclass(frozen=True)
 class SFTConfig(LoraConfigMixin, CommonConfig):
@@ -209,13 +214,19 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
     save_total_limit: int = opt(2, "keep only the newest N checkpoint-<update> folders (0: keep all)")
     skip_nonfinite: bool = opt(False, "skip a batch whose loss, reward or gradient norm is not finite (counted in "
                                       "policy/skipped_batches) instead of stopping the run")
+    eval_steps: int = opt(0, "run the shared evaluator on the current policy every N updates (reference: the "
+                             "starting model) and log its eval/* metrics with completions/generated; samples in "
+                             "output_dir/eval_steps/step<N>/ (0: off)")
+    evaluate: dict = opt({}, "options of the evaluations along training (rlgen evaluate --help: split, num_prompts, "
+                             "batch_size, gold_reward, ...); reward and sampling default to this run's")
 
     def check(self) -> None:
         CommonConfig.check(self)
         SamplingConfig.check(self)
         check_rewards(self)
         at_least(self, 1, "max_steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs")
-        at_least(self, 0, "save_total_limit", "kl_coef", "cliprange", "cliprange_value", "target_kl")
+        at_least(self, 0, "save_total_limit", "kl_coef", "cliprange", "cliprange_value", "target_kl", "eval_steps")
+        self.eval_config()
         if self.batch_size % self.mini_batch_size:
             raise UserError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
                             f"{self.mini_batch_size}")
@@ -225,6 +236,17 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
         if self.kl_estimator not in ("k1", "k3"):
             raise UserError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         check_schedule(self)
+
+    def eval_config(self) -> EvalConfig:
+        """The evaluations along training: this run's data, seed, rewards and sampling, then `evaluate`."""
+        common = next((k for k in self.evaluate if k in {f.name for f in dataclasses.fields(CommonConfig)}), None)
+        if common:
+            raise UserError(f"evaluate: '{common}' is this run's own setting, not an option of its evaluations")
+        values = {"model": self.model, "output_dir": str(Path(self.output_dir) / "eval_steps"),
+                  "dataset": self.dataset, "seed": self.seed, "threads": self.threads, "dtype": self.dtype,
+                  "reward": self.reward, "reward_weights": self.reward_weights,
+                  **dataclasses.asdict(SamplingConfig.of(self)), **self.evaluate}
+        return build_config(EvalConfig, values, "ppo option 'evaluate'")
 
 
 @dataclass(frozen=True)
