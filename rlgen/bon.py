@@ -51,7 +51,8 @@ def best_of_n(cfg: EvalConfig, n: int, ref_name: str | None = None) -> dict:
     Returns {"metrics": the metrics at n, "evals": [{"step": n', "completions": n' x prompts, **metrics}],
     "samples": the chosen samples at n, "completions": n x prompts, "tokens": tokens of all the samples}.
     Metrics: `rlgen.metrics.sample_metrics` of the chosen samples, with `eval/kl` = bon_kl(n') (nats, exact,
-    `eval/kl_se` 0); no `eval/perplexity_ref` (the evaluator keeps no per-sample likelihood).
+    `eval/kl_se` 0); no `eval/perplexity_ref` (the evaluator keeps no per-sample likelihood) and no
+    `eval/reference_nll` (best-of-n has no likelihood of its own to score the reference replies with).
     """
     import torch
 

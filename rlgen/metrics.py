@@ -117,7 +117,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def sample_metrics(samples: list[dict], references: list[str] | None = None,
                    self_bleu_max_texts: int = 200) -> dict[str, float]:
     """The `eval/*` metrics of scored samples that need nothing but the samples (`rlgen.evaluation`'s keys, all
-    but `eval/perplexity_ref` and `time/eval`).
+    but those that need the model: `eval/perplexity_ref`, `eval/reference_nll`, and `time/eval`).
 
     samples: one dict per completion, as `evaluate_policy` writes them: `completion` (text), `reward` (the
     weighted proxy), `rewards` ({fn or `gold/<fn>`: value or None}), `kl` (nats), `length` (tokens, EOS
@@ -130,8 +130,8 @@ def sample_metrics(samples: list[dict], references: list[str] | None = None,
     ...                      "kl": 1.5, "length": 5, "eos": False}])
     >>> m["eval/reward/mean"], m["eval/reward/se"], m["eval/rewards/f/std"], m["eval/gold/g/mean"]
     (2.0, 1.0, 1.0, 2.0)
-    >>> m["eval/kl"], m["eval/mean_length"], m["eval/eos_fraction"], m["eval/distinct_1"], m["eval/num_samples"]
-    (1.0, 4.0, 0.5, 0.75, 2)
+    >>> m["eval/kl"], m["eval/mean_length"], m["eval/eos_fraction"], m["eval/eos_fraction_se"], m["eval/distinct_1"]
+    (1.0, 4.0, 0.5, 0.5, 0.75)
     """
     completions = [s["completion"] for s in samples]
     out: dict[str, float] = {}
@@ -145,7 +145,8 @@ def sample_metrics(samples: list[dict], references: list[str] | None = None,
     out["eval/reward/mean"], out["eval/reward/se"] = mean_std(totals)[0], standard_error(totals)
     out["eval/kl"], out["eval/kl_se"] = mean_std(kls)[0], standard_error(kls)
     out["eval/mean_length"], out["eval/mean_length_se"] = mean_std(lengths)[0], standard_error(lengths)
-    out["eval/eos_fraction"] = sum(s["eos"] for s in samples) / max(len(samples), 1)
+    eos = [float(s["eos"]) for s in samples]
+    out["eval/eos_fraction"], out["eval/eos_fraction_se"] = mean_std(eos)[0], standard_error(eos)
     out["eval/distinct_1"] = distinct_n(completions, 1)
     out["eval/distinct_2"] = distinct_n(completions, 2)
     out["eval/self_bleu"] = self_bleu(completions, max_texts=self_bleu_max_texts)

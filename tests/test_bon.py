@@ -46,7 +46,8 @@ def test_sample_metrics_reproduce_the_evaluator(tiny_folder, dataset, tmp_path):
     summary = run_evaluation(_eval_config(tiny_folder, dataset, tmp_path / "eval", num_prompts=6))
     samples = read_jsonl(tmp_path / "eval" / "eval_samples.jsonl")
     mine = sample_metrics(samples, [p["completion"] for p in PAIRS], self_bleu_max_texts=200)
-    assert set(summary) - set(mine) == {"eval/perplexity_ref", "time/eval"}
+    assert set(summary) - set(mine) == {"eval/perplexity_ref", "eval/reference_nll", "eval/reference_nll_se",
+                                        "time/eval"}
     assert mine == {k: pytest.approx(summary[k], rel=1e-12, nan_ok=True) for k in mine}
     assert not math.isnan(mine["eval/gold/repetition_penalty/se"]) and "eval/bleu" in mine
 
@@ -85,4 +86,4 @@ def test_best_of_n_writes_the_chosen_samples_and_one_metrics_row_per_n(bon):
     assert chosen == result["samples"] and len(chosen) == 3 and all(0 <= s["draw"] < 4 for s in chosen)
     assert json.loads((folder / "eval_summary.json").read_text()) == pytest.approx(final)
     assert [row["step"] for row in read_jsonl(folder / "metrics.jsonl")] == [1, 2, 4]
-    assert "eval/bleu" in final and "eval/perplexity_ref" not in final
+    assert "eval/bleu" in final and "eval/perplexity_ref" not in final and "eval/reference_nll" not in final
