@@ -15,8 +15,8 @@ import warnings
 from rlgen.checkpoint import TrainingInterrupted
 from rlgen.config import (
     COMPARE_HELP,
-    METHODS,
     RUN_HELP,
+    SECTION_METHODS,
     CompareConfig,
     EvalConfig,
     PPOConfig,
@@ -69,7 +69,7 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> None:
 
     from rlgen.compare import run_compare
 
-    overrides = parse_section_overrides(extra, ("evaluate", *METHODS))
+    overrides = parse_section_overrides(extra, ("evaluate", *SECTION_METHODS))
     cfg = parse_stage_config(CompareConfig, args, args.config, section="compare")
     cfg = dataclasses.replace(cfg, **{k: {**getattr(cfg, k), **v} for k, v in overrides.items()})
     paths = run_compare(cfg)

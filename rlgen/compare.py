@@ -13,7 +13,10 @@ Budget, matched by generated completions: every run generates at most `max_steps
 - seqgan (rlgen.seqgan; max_steps >= 3): one discriminator pre-training round on `batch_size` samples, then
   `(max_steps - 1) // 2` adversarial epochs of one generator step (`batch_size` samples; its Monte-Carlo
   rollouts are partial continuations, counted in the tokens column) and one D step on `batch_size` fresh samples;
-- sft (TRL SFTTrainer): `max_steps` steps of `batch_size` real replies; it generates nothing.
+- sft (TRL SFTTrainer): `max_steps` steps of `batch_size` real replies; it generates nothing;
+- bon (rlgen.bon): no training; `bon_n` samples of the starting model per evaluation prompt, best-of-n' by the
+  proxy for n' = 1, 2, 4, ..., bon_n (`evals` in result.json; KL = log n' - (n'-1)/n'); its budget is
+  `bon_n` x the evaluation prompts, all spent at evaluation (its `train_s` is the time to sample and score them).
 The table reports the completions and tokens each run actually generated, and its wall time.
 
 Proxy and gold: the methods optimise `reward` (the proxy, e.g. a learned reward model); the evaluator also
@@ -26,7 +29,7 @@ Output folder: `compare_config.yaml`; `runs/<method>/seed<k>/` (the trained poli
 with the evaluator's samples, `result.json`; with `eval_steps`, `eval_steps/step<n>/` with the samples of each
 evaluation along training, whose metrics result.json keeps under `evals`); `runs/start/` (the starting model's
 evaluation); and the report (rlgen.report): comparison.md/.csv, frontier.png, learning_curves.png,
-proxy_vs_gold.png, samples.md, report.html.
+proxy_vs_gold.png, gold_vs_kl.png, samples.md, report.html.
 Resumable: a run whose `result.json` exists is not rerun, so the same command continues an interrupted
 comparison, and adding a method or seed trains only the new runs; changing any other setting of an existing
 comparison is refused.
@@ -43,7 +46,7 @@ from pathlib import Path
 from rlgen.checkpoint import TrainingInterrupted
 from rlgen.config import (
     MAY_CHANGE,
-    METHODS,
+    SECTION_METHODS,
     TRL_METHODS,
     CompareConfig,
     SamplingConfig,
@@ -66,7 +69,7 @@ def check_compare_config(cfg: CompareConfig) -> None:
     for method in cfg.methods:
         if method in TRL_METHODS:
             check_options(method, getattr(cfg, method))
-    for method in METHODS:
+    for method in SECTION_METHODS:
         if getattr(cfg, method) and method not in cfg.methods:
             print(f"[compare] note: section '{method}' is ignored ({method} is not in methods)", flush=True)
 
@@ -197,6 +200,17 @@ def _evaluate(cfg: CompareConfig, model: str, start: str, folder: Path, seed: in
     return metrics, read_jsonl(folder / "eval_samples.jsonl"), time.perf_counter() - t
 
 
+def _best_of_n(cfg: CompareConfig, start: str, run_dir: Path, seed: int) -> dict:
+    """The result.json record of a bon run (rlgen.bon): nothing trains; train_s is the time to sample and score."""
+    from rlgen.bon import best_of_n
+
+    t = time.perf_counter()
+    result = best_of_n(cfg.eval_config(start, run_dir / "eval", seed), cfg.bon_n, ref_name=start)
+    return {"method": "bon", "seed": seed, "metrics": result["metrics"], "train_s": time.perf_counter() - t,
+            "eval_s": 0.0, "completions": result["completions"], "tokens": result["tokens"], "curve": [],
+            "evals": result["evals"], "samples": result["samples"]}
+
+
 def _write_result(run_dir: Path, record: dict) -> None:
     """result.json, written last and atomically: its presence marks the run finished."""
     tmp = run_dir / "result.json.tmp"
@@ -227,6 +241,14 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         run_dir = out / "runs" / method / f"seed{seed}"
         if (run_dir / "result.json").is_file():
             print(f"[compare] {i}/{total} {method} seed {seed}: finished earlier, kept", flush=True)
+        elif method == "bon":
+            print(f"[compare] {i}/{total} bon seed {seed}: best of {cfg.bon_n} samples of the starting model",
+                  flush=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            record = _best_of_n(cfg, start, run_dir, seed)
+            _write_result(run_dir, record)
+            print(f"[compare] bon seed {seed}: proxy {record['metrics']['eval/reward/mean']:.3f}, KL "
+                  f"{record['metrics']['eval/kl']:.2f}, {record['train_s']:.0f}s sampling", flush=True)
         else:
             print(f"[compare] {i}/{total} {method} seed {seed}: training", flush=True)
             shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt

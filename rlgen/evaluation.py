@@ -161,12 +161,23 @@ class Evaluator:
         self.gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
         self.rows = load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]
 
-    def __call__(self, policy: Policy, output_dir: str | Path | None) -> dict[str, float]:
+    def __call__(self, policy: Policy, output_dir: str | Path | None, repeat: int = 1) -> dict[str, float]:
+        """evaluate_policy on the prompts; `repeat` > 1 samples each prompt that many times (sample j * prompts + i
+        is draw j of prompt i) and leaves out the reference-reply metrics."""
         cfg, rows = self.cfg, self.rows
-        return evaluate_policy(policy, [prompt_of(r) for r in rows], self.reward_fns, SamplingConfig.of(cfg),
+        return evaluate_policy(policy, [prompt_of(r) for r in rows] * repeat, self.reward_fns, SamplingConfig.of(cfg),
                                weights=cfg.reward_weights or None, batch_size=cfg.batch_size, output_dir=output_dir,
                                self_bleu_max_texts=cfg.self_bleu_max_texts, gold_rewards=self.gold_fns,
-                               columns=reward_columns(rows), references=reference_replies(rows))
+                               columns={k: v * repeat for k, v in reward_columns(rows).items()},
+                               references=reference_replies(rows) if repeat == 1 else None)
+
+    def load_policy(self, ref_name: str | None = None) -> Policy:
+        """cfg.model with its reference (`ref_name`, else the model itself) on the default device, then seeded."""
+        cfg = self.cfg
+        policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed,
+                                        dtype=resolve_dtype(cfg.dtype)).to(default_device())
+        torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
+        return policy
 
     def along_training(self, policy: Policy, step: int, completions: int) -> dict:
         """The metrics row of an evaluation at training step `step`, after `completions` generated completions;
@@ -190,9 +201,6 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     save_config(cfg, out)
     evaluator = Evaluator(cfg)
     print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(evaluator.rows))}", flush=True)
-    policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed,
-                                    dtype=resolve_dtype(cfg.dtype)).to(default_device())
-    torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
-    metrics = evaluator(policy, out)
+    metrics = evaluator(evaluator.load_policy(ref_name), out)
     MetricsWriter(out).log(metrics, step=log_step)
     return metrics

@@ -1,4 +1,5 @@
-"""Text metrics as plain functions, offline: sacrebleu for BLEU, Google's rouge-score for ROUGE-L.
+"""Text metrics as plain functions, offline: sacrebleu for BLEU, Google's rouge-score for ROUGE-L; and
+`sample_metrics`, the evaluator's per-sample means and text metrics of a list of scored samples.
 
 (The `evaluate` package is not used: its metrics are scripts fetched from the Hugging Face Hub at `load` time,
 which fails offline.)
@@ -111,3 +112,46 @@ def mean_std(values: list[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     m = sum(values) / len(values)
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def sample_metrics(samples: list[dict], references: list[str] | None = None,
+                   self_bleu_max_texts: int = 200) -> dict[str, float]:
+    """The `eval/*` metrics of scored samples that need nothing but the samples (`rlgen.evaluation`'s keys, all
+    but those that need the model: `eval/perplexity_ref`, `eval/reference_nll`, and `time/eval`).
+
+    samples: one dict per completion, as `evaluate_policy` writes them: `completion` (text), `reward` (the
+    weighted proxy), `rewards` ({fn or `gold/<fn>`: value or None}), `kl` (nats), `length` (tokens, EOS
+    included), `eos` (bool). references: one reference reply per sample, for `eval/bleu` and `eval/rouge_l`.
+    Means, population stds and standard errors are over samples; a None reward value is left out.
+
+    >>> m = sample_metrics([{"completion": "a b", "reward": 1.0, "rewards": {"f": 1.0, "gold/g": None},
+    ...                      "kl": 0.5, "length": 3, "eos": True},
+    ...                     {"completion": "a c", "reward": 3.0, "rewards": {"f": 3.0, "gold/g": 2.0},
+    ...                      "kl": 1.5, "length": 5, "eos": False}])
+    >>> m["eval/reward/mean"], m["eval/reward/se"], m["eval/rewards/f/std"], m["eval/gold/g/mean"]
+    (2.0, 1.0, 1.0, 2.0)
+    >>> m["eval/kl"], m["eval/mean_length"], m["eval/eos_fraction"], m["eval/eos_fraction_se"], m["eval/distinct_1"]
+    (1.0, 4.0, 0.5, 0.5, 0.75)
+    """
+    completions = [s["completion"] for s in samples]
+    out: dict[str, float] = {}
+    for name in dict.fromkeys(k for s in samples for k in s["rewards"]):
+        values = [s["rewards"].get(name) for s in samples]
+        values = [v for v in values if v is not None]
+        key = f"eval/{name}" if name.startswith("gold/") else f"eval/rewards/{name}"
+        out[f"{key}/mean"], out[f"{key}/std"] = mean_std(values)
+        out[f"{key}/se"] = standard_error(values)
+    totals, kls, lengths = ([s[k] for s in samples] for k in ("reward", "kl", "length"))
+    out["eval/reward/mean"], out["eval/reward/se"] = mean_std(totals)[0], standard_error(totals)
+    out["eval/kl"], out["eval/kl_se"] = mean_std(kls)[0], standard_error(kls)
+    out["eval/mean_length"], out["eval/mean_length_se"] = mean_std(lengths)[0], standard_error(lengths)
+    eos = [float(s["eos"]) for s in samples]
+    out["eval/eos_fraction"], out["eval/eos_fraction_se"] = mean_std(eos)[0], standard_error(eos)
+    out["eval/distinct_1"] = distinct_n(completions, 1)
+    out["eval/distinct_2"] = distinct_n(completions, 2)
+    out["eval/self_bleu"] = self_bleu(completions, max_texts=self_bleu_max_texts)
+    if references is not None:
+        out["eval/bleu"] = bleu(completions, references)
+        out["eval/rouge_l"] = rouge_l(completions, references)
+    out["eval/num_samples"] = len(samples)
+    return out

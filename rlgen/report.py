@@ -10,6 +10,9 @@ Outputs, all in one folder:
 - `learning_curves.png`: training-time proxy and gold reward against the completions generated
 - `proxy_vs_gold.png`: proxy against gold reward per evaluation sample, with the mean gold reward per proxy
   decile (gold flattening or falling while proxy rises is reward over-optimisation; Gao et al. 2022)
+- `gold_vs_kl.png`: proxy and gold reward against d = sqrt(KL to the starting model) at every evaluation of
+  every run (a run's `evals` rows and its final metrics), with Gao et al. 2022's fitted curves (rlgen.scaling)
+  and the gold fit's peak; comparison.md/.csv give each method's gold fit (alpha, beta, peak KL)
 - `samples.md`: the first prompts' completions from each method
 - `report.html`: all of the above on one self-contained page (images inline, no scripts, no external resources)
 """
@@ -28,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rlgen.scaling import GaoFit, fit_gao, gao_reward
+
 COLOURS = {"start": "black", "sft": "tab:blue", "ppo": "tab:orange", "seqgan": "tab:green", "grpo": "tab:red",
-           "rloo": "tab:purple", "dpo": "tab:brown"}
-EXTRA_COLOURS = ["tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "teal", "maroon"]
+           "rloo": "tab:purple", "dpo": "tab:brown", "bon": "tab:cyan"}
+EXTRA_COLOURS = ["tab:pink", "tab:olive", "tab:gray", "gold", "navy", "teal", "maroon"]
 CAPTIONS = {
     "frontier": "Gold reward against KL to the starting model. Small points: single runs; large points: the "
                 "method's mean over seeds with standard-error bars in both directions; star: the starting model.",
@@ -38,6 +43,12 @@ CAPTIONS = {
                        "generated: mean over seeds, shaded ± standard error.",
     "proxy_vs_gold": "Proxy against gold reward for every evaluation sample of every run; large markers are "
                      "per-run means, the black line the mean gold reward per proxy decile over all samples.",
+    "gold_vs_kl": "Proxy (left) and gold (right) reward against d = √KL to the starting model at every evaluation "
+                  "of every run (best-of-n: at each n, KL = log n − (n−1)/n). Small points: single runs; large "
+                  "points: the method's mean over seeds at each evaluation step, with standard-error bars (over "
+                  "seeds; over prompts for a single run); star: the starting model. Lines: Gao et al. 2022 fits "
+                  "through the starting model, R(d) = d(α − β log d) for trained methods and d(α − β d) for "
+                  "best-of-n; ×: the gold fit's peak (d*, KL* = d*²) when it has one.",
 }
 LABELS = {"proxy_reward": "proxy reward", "kl": "KL", "perplexity": "perplexity (ref)", "distinct_2": "distinct-2",
           "self_bleu": "self-BLEU", "mean_length": "length", "train_s": "train s"}
@@ -145,15 +156,18 @@ def _note(rows: list[dict]) -> str:
 
 
 def _csv_value(value) -> str:
-    """Six significant digits; blank for NaN."""
+    """Six significant digits; blank for NaN or None."""
+    if value is None:
+        return ""
     if not isinstance(value, float):
         return str(value)
     return f"{value:.6g}" if math.isfinite(value) else ""
 
 
-def write_table(rows: list[dict], folder: Path) -> tuple[Path, Path]:
+def write_table(rows: list[dict], folder: Path, fits: list[dict] = (), gold_names: list[str] = ()) -> tuple[Path, Path]:
     """comparison.md (mean ± SE per method) and comparison.csv (`<column>_mean`, `<column>_se`; blank when
-    undefined)."""
+    undefined); with `fits` (`fit_table`), a second markdown table and the CSV columns `gold_fit_form`,
+    `gold_fit_alpha`, `gold_fit_beta`, `gold_peak_kl` (blank without a fit, inf without a peak)."""
     folder = Path(folder)
     names = _names(rows)
     lines = ["# Method comparison", "", "| method | n | " + " | ".join(map(_label, names)) + " |",
@@ -162,14 +176,25 @@ def write_table(rows: list[dict], folder: Path) -> tuple[Path, Path]:
         cells = [row["method"].replace("|", "/"), str(row["n"])] + _cells(row, names)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _note(rows), ""]
+    if fits:
+        lines += ["## Gold reward against √KL", "", "| " + " | ".join(FIT_HEADINGS) + " |",
+                  "|---" * len(FIT_HEADINGS) + "|"]
+        lines += ["| " + " | ".join(_fit_cells(fit)) + " |" for fit in fits]
+        lines += ["", _fit_note(gold_names), ""]
     md_path, csv_path = folder / "comparison.md", folder / "comparison.csv"
     md_path.write_text("\n".join(lines))
     fields = ["method", "n"] + [f"{name}_{stat}" for name in names for stat in ("mean", "se")]
+    by_method = {fit["method"]: fit for fit in fits}
+    fit_fields = {"gold_fit_form": "form", "gold_fit_alpha": "alpha", "gold_fit_beta": "beta",
+                  "gold_peak_kl": "peak_kl"} if fits else {}
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(fields)
+        writer.writerow(fields + list(fit_fields))
         for row in rows:
-            writer.writerow([_csv_value(row[k]) for k in fields])
+            fit = by_method.get(row["method"], {})
+            writer.writerow([_csv_value(row[k]) for k in fields]
+                            + ["inf" if fit.get(k) == math.inf else _csv_value(fit.get(k, ""))
+                               for k in fit_fields.values()])
     return md_path, csv_path
 
 
@@ -295,6 +320,152 @@ def plot_proxy_vs_gold(records: list[dict], proxy_names: list[str], gold_names: 
     fig.savefig(path, dpi=100)
 
 
+def _same(a, b) -> bool:
+    """Equal values, NaN equal to NaN (metrics read back from JSON)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def trajectory(record: dict) -> list[tuple[object, dict]]:
+    """(step, metrics) of every evaluation of a run, in order: its `evals` rows, then its final metrics (step
+    "final") unless they repeat the last row (best-of-n's final metrics are its largest n)."""
+    rows = [(row["step"], row) for row in record.get("evals") or []]
+    final = record.get("metrics") or {}
+    if not rows or not all(_same(rows[-1][1].get(k), v) for k, v in final.items()):
+        rows.append(("final", final))
+    return rows
+
+
+def _sqrt_kl(metrics: dict) -> float:
+    """d = sqrt(KL) in nats^0.5; a slightly negative KL estimate (k1 on few samples) counts as 0."""
+    kl = metrics.get("eval/kl")
+    return math.nan if kl is None else math.sqrt(max(float(kl), 0.0))
+
+
+def _metric(metrics: dict, key: str) -> float:
+    """A metric's value; NaN when absent or None."""
+    return math.nan if metrics.get(key) is None else float(metrics[key])
+
+
+def _points(record: dict, key: str) -> list[tuple[object, float, float, float]]:
+    """(step, d, value, standard error over prompts) of `key` at each evaluation of the run; NaN when absent."""
+    return [(step, _sqrt_kl(m), _metric(m, key), _metric(m, se_key(key))) for step, m in trajectory(record)]
+
+
+def fit_curves(records: list[dict], key: str) -> dict[str, GaoFit | None]:
+    """Per method but "start": the Gao et al. 2022 fit (best-of-n form for bon, RL form otherwise) of `key`
+    minus the starting model's against d = sqrt(KL), over every evaluation of every run; None without the
+    starting model's value or points at two distinct d > 0."""
+    groups = _by_method(records)
+    base = _value(groups["start"][0], key) if "start" in groups else math.nan
+    fits: dict[str, GaoFit | None] = {}
+    for method, runs in groups.items():
+        if method == "start":
+            continue
+        points = [(d, v - base) for run in runs for _, d, v, _ in _points(run, key)
+                  if math.isfinite(d) and math.isfinite(v - base)]
+        enough = len({d for d, _ in points if d > 0}) >= 2
+        fits[method] = fit_gao(*zip(*points), form="bon" if method == "bon" else "rl") if enough else None
+    return fits
+
+
+def _peak_text(fit: GaoFit | None) -> str:
+    """`d* 1.23, KL* 1.51`, `no peak`, or `no fit`."""
+    if fit is None:
+        return "no fit"
+    return "no peak" if fit.peak_d is None else f"d* {fit.peak_d:.3g}, KL* {fit.peak_kl:.3g}"
+
+
+def plot_gold_vs_kl(records: list[dict], proxy_names: list[str], gold_names: list[str], path: Path) -> None:
+    """gold_vs_kl.png: the proxy (left) and first gold reward (right) against d = sqrt(KL) at every evaluation:
+    single runs, the mean over seeds per evaluation step with SE bars, the starting model, each method's Gao et
+    al. 2022 fit (shifted by the starting model's value) and the gold fit's peak."""
+    panels = [("eval/reward/mean", f"proxy: {' + '.join(proxy_names)}")]
+    if gold_names:
+        panels.append((f"eval/gold/{gold_names[0]}/mean", f"gold: {gold_names[0]}"))
+    groups = _by_method(records)
+    colours = _colours(groups)
+    fig = _figure((5.5 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, title) in zip(axes, panels):
+        is_gold = key != "eval/reward/mean"
+        fits = fit_curves(records, key)
+        base = _value(groups["start"][0], key) if "start" in groups else math.nan
+        if math.isfinite(base):
+            ax.scatter([0.0], [base], marker="*", s=250, color="black", zorder=4, label="start")
+        for method, runs in groups.items():
+            if method == "start":
+                continue
+            per_run = [_points(r, key) for r in runs]
+            single = [(d, v) for points in per_run for _, d, v, _ in points if math.isfinite(d) and math.isfinite(v)]
+            if not single:
+                continue
+            ax.scatter(*zip(*single), s=12, alpha=0.3, color=colours[method], linewidths=0)
+            steps: dict = {}
+            for points in per_run:
+                for step, d, v, se in points:
+                    steps.setdefault(step, []).append((d, v, se))
+            means = []
+            for at in steps.values():
+                (d, d_se, _), (v, v_se, _) = _mean_se(a[0] for a in at), _mean_se(a[1] for a in at)
+                if len(at) == 1:  # one run: its standard error over prompts
+                    v_se = at[0][2]
+                means.append((d, v, d_se, v_se))
+            means = [m for m in means if math.isfinite(m[0]) and math.isfinite(m[1])]
+            d, v, d_se, v_se = (np.array(c) for c in zip(*means))
+            ax.errorbar(d, v, xerr=np.nan_to_num(d_se), yerr=np.nan_to_num(v_se), fmt="o", ms=5, capsize=2,
+                        color=colours[method], label=f"{method} (n={len(runs)})", zorder=3)
+            fit = fits.get(method)
+            if fit is None or not math.isfinite(base):
+                continue
+            xmax = max(d for d, _ in single) * 1.15  # not far beyond the method's own evaluations
+            grid = np.linspace(0.0, xmax, 200)
+            ax.plot(grid, base + gao_reward(grid, fit.alpha, fit.beta, fit.form), color=colours[method],
+                    linewidth=1.5, label=f"{method} fit: {_peak_text(fit)}" if is_gold else None)
+            if is_gold and fit.peak_d is not None and fit.peak_d <= xmax:
+                peak = base + float(gao_reward(fit.peak_d, fit.alpha, fit.beta, fit.form))
+                ax.scatter([fit.peak_d], [peak], marker="X", s=120, color=colours[method], edgecolors="black",
+                           zorder=5)
+        ax.set(xlabel="sqrt(KL to start), nats^0.5", ylabel="mean reward of evaluation samples", title=title)
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    fig.savefig(path, dpi=100)
+
+
+def fit_table(records: list[dict], gold_names: list[str]) -> list[dict]:
+    """Per method but "start": `{"method", "form", "alpha", "beta", "peak_d", "peak_kl"}` of its first gold
+    reward's Gao et al. 2022 fit (values None without a fit; peak_d and peak_kl inf without a peak); [] without
+    a gold reward."""
+    if not gold_names:
+        return []
+    table = []
+    for method, fit in fit_curves(records, f"eval/gold/{gold_names[0]}/mean").items():
+        row = {"method": method, "form": "bon" if method == "bon" else "rl", "alpha": None, "beta": None,
+               "peak_d": None, "peak_kl": None}
+        if fit is not None:
+            row.update(alpha=fit.alpha, beta=fit.beta, peak_d=math.inf if fit.peak_d is None else fit.peak_d,
+                       peak_kl=math.inf if fit.peak_kl is None else fit.peak_kl)
+        table.append(row)
+    return table
+
+
+FIT_HEADINGS = ["method", "form", "α", "β", "peak d*", "peak KL*"]
+
+
+def _fit_cells(row: dict) -> list[str]:
+    """A fit_table row as text: `no peak` for an infinite peak, `n/a (too few points)` without a fit."""
+    if row["alpha"] is None:
+        return [row["method"], row["form"], "n/a (too few points)", "", "", ""]
+    peak = ["no peak"] * 2 if math.isinf(row["peak_d"]) else [f"{row['peak_d']:.3g}", f"{row['peak_kl']:.3g}"]
+    return [row["method"], row["form"], f"{row['alpha']:.3g}", f"{row['beta']:.3g}", *peak]
+
+
+def _fit_note(gold_names: list[str]) -> str:
+    return (f"Gold reward ({gold_names[0]}) minus the starting model's against d = √KL (nats^0.5), fitted by "
+            "least squares over every evaluation of every seed (Gao et al. 2022): rl R(d) = d(α − β log d), bon "
+            "R(d) = d(α − β d); the peak is the d* that maximises the fitted curve, KL* = d*² (no peak: β ≤ 0, "
+            "the fit keeps rising). Plotted in gold_vs_kl.png.")
+
+
 def sample_table(records: list[dict], n_prompts: int = 3) -> list[dict]:
     """For each of the first `n_prompts` prompts: `{"prompt", "completions": [{"method", "seed", "completion",
     "proxy", "gold": {fn: value}}]}`, one completion per method from its lowest seed ("start" first)."""
@@ -355,8 +526,9 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 
 
 def write_html(folder: Path, rows: list[dict], plots: dict[str, Path], samples: list[dict], settings: dict,
-               title: str) -> Path:
-    """report.html: one self-contained page (PNGs as data URIs, inline CSS, no scripts, no external resources)."""
+               title: str, fits: list[dict] = (), gold_names: list[str] = ()) -> Path:
+    """report.html: one self-contained page (PNGs as data URIs, inline CSS, no scripts, no external resources);
+    `fits` (`fit_table`) as a second table."""
     e = html.escape
     names = _names(rows)
     header = "".join(f"<th>{e(_label(name))}</th>" for name in names)
@@ -373,8 +545,13 @@ def write_html(folder: Path, rows: list[dict], plots: dict[str, Path], samples: 
         "standard error; KL and perplexity are measured against the starting model.</p>",
         "<h2>Results</h2>", f'<div class="scroll"><table><tr><th>method</th><th>n</th>{header}</tr>\n{body}'
         f'</table></div><p class="note">{e(_note(rows))}</p>',
-        "<h2>Plots</h2>",
     ]
+    if fits:
+        fit_rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in _fit_cells(fit)) + "</tr>\n" for fit in fits)
+        parts += ["<h3>Gold reward against √KL</h3>", '<div class="scroll"><table><tr>'
+                  + "".join(f"<th>{e(h)}</th>" for h in FIT_HEADINGS) + f"</tr>\n{fit_rows}</table></div>",
+                  f'<p class="note">{e(_fit_note(gold_names))}</p>']
+    parts.append("<h2>Plots</h2>")
     for name, path in plots.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(name)}">'
@@ -399,18 +576,21 @@ def write_comparison_report(folder: Path, records: list[dict], proxy_names: list
 
     `records`: one dict per finished run: method, seed (None for "start", the starting model), metrics (the
     evaluator's `eval/*` output), train_s, eval_s, completions and tokens generated in training, curve (rows of
-    training-time `rewards/<fn>/mean` against `completions`), samples (evaluation samples in prompt order)."""
+    training-time `rewards/<fn>/mean` against `completions`), samples (evaluation samples in prompt order), and
+    optionally evals (`{"step", "completions", **eval metrics}`: evaluations along training; best-of-n: per n)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = summarize(records, proxy_names, gold_names)
-    md_path, csv_path = write_table(rows, folder)
-    plots = {name: folder / f"{name}.png" for name in ("frontier", "learning_curves", "proxy_vs_gold")}
+    fits = fit_table(records, gold_names)
+    md_path, csv_path = write_table(rows, folder, fits, gold_names)
+    plots = {name: folder / f"{name}.png" for name in ("frontier", "learning_curves", "proxy_vs_gold", "gold_vs_kl")}
     plot_frontier(records, gold_names, plots["frontier"])
     plot_learning_curves(records, proxy_names, gold_names, plots["learning_curves"])
     plot_proxy_vs_gold(records, proxy_names, gold_names, plots["proxy_vs_gold"])
+    plot_gold_vs_kl(records, proxy_names, gold_names, plots["gold_vs_kl"])
     samples = sample_table(records)
     _write_samples(folder / "samples.md", samples)
-    page = write_html(folder, rows, plots, samples, settings, title)
+    page = write_html(folder, rows, plots, samples, settings, title, fits, gold_names)
     return {"comparison_md": md_path, "comparison_csv": csv_path, **plots, "samples": folder / "samples.md",
             "html": page}
 

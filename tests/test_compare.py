@@ -14,6 +14,7 @@ from rlgen.cli import main
 from rlgen.compare import check_compare_config, run_compare
 from rlgen.config import CompareConfig
 from rlgen.errors import UserError
+from rlgen.files import read_jsonl
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -63,11 +64,11 @@ def test_table_has_every_method_and_column(compared):
 def test_plots_and_html_exist(compared):
     tmp_path, _ = compared
     out = tmp_path / "cmp"
-    for name in ("frontier.png", "learning_curves.png", "proxy_vs_gold.png"):
+    for name in ("frontier.png", "learning_curves.png", "proxy_vs_gold.png", "gold_vs_kl.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4
     assert "src=\"http" not in html
 
 
@@ -146,6 +147,7 @@ def test_rerun_keeps_finished_runs_and_refuses_other_settings(compared, capsys):
     ({"methods": ["dpo"], "batch_size": 3, "num_generations": 3}, "even"),
     ({"eval_steps": -1}, "eval_steps must be at least 0, got -1"),
     ({"ppo": {"eval_steps": 2}}, "compare section 'ppo': key 'eval_steps' is the comparison's own"),
+    ({"methods": ["bon"], "bon_n": 0}, "bon_n must be at least 1"),
 ])
 def test_bad_settings_name_the_culprit(tmp_path, overrides, fragment):
     with pytest.raises(UserError, match=fragment):
@@ -182,6 +184,28 @@ def test_a_config_with_only_model_methods_seeds_and_budget_runs(tmp_path):
     assert main(["compare", "--config", str(config), "--output_dir", str(tmp_path / "out")]) == 0
     with open(tmp_path / "out" / "comparison.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["start", "sft"]
+
+
+def test_best_of_n_is_a_method_that_trains_nothing(tmp_path):
+    from rlgen.scaling import bon_kl
+
+    config = tmp_path / "bon.yaml"
+    config.write_text(yaml.safe_dump(_settings(tmp_path, methods=["bon"], seeds=[0], evaluate={"num_prompts": 3})))
+    assert main(["compare", "--config", str(config), "--bon_n", "4"]) == 0
+    out = tmp_path / "cmp"
+    result = json.loads((out / "runs" / "bon" / "seed0" / "result.json").read_text())
+    assert [(row["step"], row["completions"]) for row in result["evals"]] == [(1, 3), (2, 6), (4, 12)]
+    assert result["metrics"]["eval/kl"] == bon_kl(4) and result["metrics"]["eval/kl_se"] == 0.0
+    assert result["completions"] == 12 and result["tokens"] > 0 and result["curve"] == []
+    assert "eval/gold/sentiment_positive/mean" in result["metrics"]
+    assert len(read_jsonl(out / "runs" / "bon" / "seed0" / "eval" / "eval_samples.jsonl")) == 3
+    assert not (out / "runs" / "bon" / "seed0" / "config.json").is_file()  # no model: nothing trained
+    with open(out / "comparison.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["start", "bon"] and rows["bon"]["completions_mean"] == "12"
+    assert rows["bon"]["gold_fit_form"] == "bon" and rows["bon"]["gold_fit_alpha"] != ""  # fitted on n' = 2, 4
+    assert rows["bon"]["perplexity_mean"] == ""
+    assert (out / "gold_vs_kl.png").read_bytes().startswith(PNG) and "**bon, seed 0**" in (out / "samples.md").read_text()
 
 
 def test_an_interrupted_run_says_how_to_continue_the_comparison(tmp_path, monkeypatch, capsys):

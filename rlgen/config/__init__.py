@@ -11,6 +11,7 @@ from rlgen.config.compare import (
     MAY_CHANGE,
     METHODS,
     RUN_HELP,
+    SECTION_METHODS,
     TRAINING_STAGES,
     TRL_METHODS,
     CompareConfig,
@@ -42,7 +43,7 @@ from rlgen.config.stages import (
 )
 
 __all__ = [
-    "COMPARE_HELP", "DEFAULT_LR", "MAY_CHANGE", "METHODS", "PRESETS", "RUN_HELP", "TRAINING_STAGES", "TRL_METHODS",
+    "COMPARE_HELP", "DEFAULT_LR", "MAY_CHANGE", "METHODS", "PRESETS", "RUN_HELP", "SECTION_METHODS", "TRAINING_STAGES", "TRL_METHODS",
     "CommonConfig", "CompareConfig", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
     "RewardModelConfig", "RunConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
     "apply_preset", "build_config", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",

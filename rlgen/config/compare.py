@@ -31,7 +31,9 @@ from rlgen.errors import UserError
 
 COMPARE_HELP = "train several methods from one model on equal terms and report them side by side"
 RUN_HELP = "the pipeline: evaluate the starting model, run each training stage, evaluate after each, report"
-METHODS = ("sft", "ppo", "seqgan", "grpo", "rloo", "dpo")
+# the methods that train, each with an options section of its own; bon trains nothing (see rlgen/bon.py)
+SECTION_METHODS = ("sft", "ppo", "seqgan", "grpo", "rloo", "dpo")
+METHODS = (*SECTION_METHODS, "bon")
 TRL_METHODS = ("grpo", "rloo", "dpo")
 TRAINING_STAGES = ("sft", "ppo", "seqgan")
 STAGE_CONFIGS = {"sft": SFTConfig, "ppo": PPOConfig, "seqgan": SeqGANConfig}
@@ -58,6 +60,8 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     num_generations: int = opt(4, "grpo/rloo: completions per prompt (must divide batch_size)")
     kl_coef: float = opt(0.05, "KL coefficient to the starting model for ppo, grpo, rloo and seqgan")
     dpo_beta: float = opt(0.1, "dpo: beta (strength of the implicit KL constraint)")
+    bon_n: int = opt(16, "bon: samples per evaluation prompt; best-of-n' is reported at n' = 1, 2, 4, ..., "
+                         "bon_n (bon_n x num_prompts completions)")
     learning_rate: float | None = opt(None, "learning rate of every method (default: each method's own, see "
                                             "DEFAULT_LR in rlgen/config/compare.py)")
     max_new_tokens: int = opt(32, "tokens to generate per completion, in training and evaluation")
@@ -89,7 +93,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
             raise UserError("methods and seeds must each name at least one")
         if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
             raise UserError("methods and seeds must not repeat")
-        at_least(self, 1, "max_steps", "batch_size")
+        at_least(self, 1, "max_steps", "batch_size", "bon_n")
         at_least(self, 0, "threads", "samples_shown", "eval_steps")
         check_dtype(self)
         if any(m in self.methods for m in ("grpo", "rloo")) and (
@@ -100,7 +104,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
             raise UserError(f"dpo pairs two samples per prompt: batch_size {self.batch_size} must be even")
         self.eval_config(self.model, Path(self.output_dir), 0)
         for method in self.methods:
-            if method not in TRL_METHODS:
+            if method in STAGE_CONFIGS:
                 self.method_config(method, self.model, Path(self.output_dir), 0)
 
     def learning_rate_of(self, method: str) -> float:

@@ -1,0 +1,89 @@
+"""Best-of-n from the starting policy (rlgen.bon) and the evaluator's sample metrics it reuses."""
+
+import json
+import math
+
+import pytest
+
+from rlgen.bon import best_of, best_of_n, bon_sizes
+from rlgen.config import EvalConfig
+from rlgen.files import read_jsonl
+from rlgen.metrics import sample_metrics
+from rlgen.scaling import bon_kl
+
+PAIRS = [{"prompt": f"say something nice about {w}", "completion": f"{w} is great and i love it"}
+         for w in ["dogs", "cats", "music", "pizza", "rain", "books"]]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return folder
+
+
+def _eval_config(model, dataset, output_dir, **overrides):
+    values = {"model": str(model), "dataset": str(dataset), "output_dir": str(output_dir), "num_prompts": 3,
+              "batch_size": 4, "max_new_tokens": 6, "reward": ["target_length(target=3)", "sentiment_positive"],
+              "reward_weights": [1.0, 0.5], "gold_reward": ["repetition_penalty"], "seed": 3}
+    return EvalConfig(**{**values, **overrides})
+
+
+def test_bon_sizes_and_best_of_by_hand():
+    assert bon_sizes(16) == [1, 2, 4, 8, 16] and bon_sizes(2) == [1, 2] and bon_sizes(3) == [1, 2, 3]
+    proxy = [[0.2, 0.2, 0.1, 0.9], [-1.0, -0.5, -0.5, -2.0]]
+    assert [best_of(proxy, k) for k in (1, 2, 3, 4)] == [[0, 0], [0, 1], [0, 1], [3, 1]]
+    with pytest.raises(ValueError, match="k 5 exceeds"):
+        best_of(proxy, 5)
+    with pytest.raises(ValueError, match="n >= 1"):
+        bon_sizes(0)
+
+
+def test_sample_metrics_reproduce_the_evaluator(tiny_folder, dataset, tmp_path):
+    """On the evaluator's own samples, every metric `sample_metrics` computes equals the evaluator's."""
+    from rlgen.evaluation import run_evaluation
+
+    summary = run_evaluation(_eval_config(tiny_folder, dataset, tmp_path / "eval", num_prompts=6))
+    samples = read_jsonl(tmp_path / "eval" / "eval_samples.jsonl")
+    mine = sample_metrics(samples, [p["completion"] for p in PAIRS], self_bleu_max_texts=200)
+    assert set(summary) - set(mine) == {"eval/perplexity_ref", "eval/reference_nll", "eval/reference_nll_se",
+                                        "time/eval"}
+    assert mine == {k: pytest.approx(summary[k], rel=1e-12, nan_ok=True) for k in mine}
+    assert not math.isnan(mine["eval/gold/repetition_penalty/se"]) and "eval/bleu" in mine
+
+
+@pytest.fixture(scope="module")
+def bon(tiny_folder, dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bon") / "eval"
+    return best_of_n(_eval_config(tiny_folder, dataset, folder), 4), folder
+
+
+def test_best_of_n_picks_the_proxy_argmax_of_the_first_draws(bon):
+    result, folder = bon
+    drawn = read_jsonl(folder / "all_samples" / "eval_samples.jsonl")
+    assert len(drawn) == 12 and [s["prompt"] for s in drawn[:4]] == [p["prompt"] for p in PAIRS[:3]] + [
+        PAIRS[0]["prompt"]]
+    assert (result["completions"], result["tokens"]) == (12, sum(s["length"] for s in drawn))
+    assert [(row["step"], row["completions"]) for row in result["evals"]] == [(1, 3), (2, 6), (4, 12)]
+    for row in result["evals"]:
+        k = row["step"]
+        best = [max((drawn[j * 3 + i] for j in range(k)), key=lambda s: s["reward"]) for i in range(3)]
+        assert row["eval/reward/mean"] == pytest.approx(sum(s["reward"] for s in best) / 3)
+        assert row["eval/gold/repetition_penalty/mean"] == pytest.approx(
+            sum(s["rewards"]["gold/repetition_penalty"] for s in best) / 3)
+        assert row["eval/rewards/target_length/mean"] == pytest.approx(
+            sum(s["rewards"]["target_length"] for s in best) / 3)
+        assert (row["eval/kl"], row["eval/kl_se"]) == (bon_kl(k), 0.0)
+    proxies = [row["eval/reward/mean"] for row in result["evals"]]
+    assert proxies == sorted(proxies) and proxies[0] < proxies[-1]  # a max over more draws never falls
+
+
+def test_best_of_n_writes_the_chosen_samples_and_one_metrics_row_per_n(bon):
+    result, folder = bon
+    final = {k: v for k, v in result["evals"][-1].items() if k not in ("step", "completions")}
+    assert result["metrics"] == final and final["eval/kl"] == pytest.approx(math.log(4) - 0.75)
+    chosen = read_jsonl(folder / "eval_samples.jsonl")
+    assert chosen == result["samples"] and len(chosen) == 3 and all(0 <= s["draw"] < 4 for s in chosen)
+    assert json.loads((folder / "eval_summary.json").read_text()) == pytest.approx(final)
+    assert [row["step"] for row in read_jsonl(folder / "metrics.jsonl")] == [1, 2, 4]
+    assert "eval/bleu" in final and "eval/perplexity_ref" not in final and "eval/reference_nll" not in final
