@@ -57,8 +57,6 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
     reward_fns = [r if isinstance(r, tuple) else load_reward(r) for r in reward_fns]
     gold_rewards = [r if isinstance(r, tuple) else load_reward(r) for r in gold_rewards]
     samples: list[dict] = []
-    totals: list[float] = []
-    per_fn: dict[str, list] = {}
     kl_seq: list[float] = []
     nll_sum, n_tokens = 0.0, 0
     for i in range(0, len(prompts), batch_size):
@@ -78,38 +76,20 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         if gold_rewards:
             _, gold_values = score_rewards(list(gold_rewards), ro.prompts, ro.completions, columns=extra)
             fn_values = {**fn_values, **{f"gold/{k}": v for k, v in gold_values.items()}}
-        totals.extend(total)
         kl_seq.extend(kl.tolist())
-        for name, values in fn_values.items():
-            per_fn.setdefault(name, []).extend(values)
         lengths = ro.completion_mask.sum(1).tolist()
         for j, (p, c) in enumerate(zip(ro.prompts, ro.completions)):
             samples.append({"prompt": p, "completion": c, "reward": total[j],
                             "rewards": {k: v[j] for k, v in fn_values.items()}, "kl": kl_seq[i + j],
                             "length": lengths[j], "eos": bool(ro.ended_with_eos[j])})
-    completions = [s["completion"] for s in samples]
-    out: dict[str, float] = {}
-    for name, values in per_fn.items():
-        mean, std = metrics.mean_std([v for v in values if v is not None])
-        key = f"eval/{name}" if name.startswith("gold/") else f"eval/rewards/{name}"
-        out[f"{key}/mean"], out[f"{key}/std"] = mean, std
-        out[f"{key}/se"] = metrics.standard_error([v for v in values if v is not None])
-    out["eval/reward/mean"], out["eval/reward/se"] = metrics.mean_std(totals)[0], metrics.standard_error(totals)
-    out["eval/kl"], out["eval/kl_se"] = metrics.mean_std(kl_seq)[0], metrics.standard_error(kl_seq)
-    out["eval/perplexity_ref"] = metrics.perplexity(nll_sum, n_tokens)
-    lengths = [s["length"] for s in samples]
-    out["eval/mean_length"], out["eval/mean_length_se"] = metrics.mean_std(lengths)[0], metrics.standard_error(lengths)
-    eos = [float(s["eos"]) for s in samples]
-    out["eval/eos_fraction"], out["eval/eos_fraction_se"] = metrics.mean_std(eos)[0], metrics.standard_error(eos)
-    out["eval/distinct_1"] = metrics.distinct_n(completions, 1)
-    out["eval/distinct_2"] = metrics.distinct_n(completions, 2)
-    out["eval/self_bleu"] = metrics.self_bleu(completions, max_texts=self_bleu_max_texts)
     if references is not None:
-        out["eval/bleu"] = metrics.bleu(completions, references)
-        out["eval/rouge_l"] = metrics.rouge_l(completions, references)
         nll = reference_nll(policy, prompts, references, batch_size, sampling.max_prompt_length)
+        for sample, value in zip(samples, nll):
+            sample["reference_nll"] = value
+    out = metrics.sample_metrics(samples, references, self_bleu_max_texts)
+    out["eval/perplexity_ref"] = metrics.perplexity(nll_sum, n_tokens)
+    if references is not None:
         out["eval/reference_nll"], out["eval/reference_nll_se"] = metrics.mean_std(nll)[0], metrics.standard_error(nll)
-    out["eval/num_samples"] = len(samples)
     out["time/eval"] = time.perf_counter() - start
     if output_dir is not None:
         folder = Path(output_dir)

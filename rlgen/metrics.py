@@ -106,6 +106,20 @@ def standard_error(values: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
 
 
+def paired_difference(before: list[float], after: list[float]) -> tuple[float, float]:
+    """Mean of after[i] - before[i] and its standard error over the pairs (same prompts scored twice): prompt
+    effects cancel, so the error is smaller than that of two independent means when the pairs correlate.
+
+    >>> mean, se = paired_difference([1.0, 2.0, 3.0], [2.0, 2.0, 5.0])  # differences 1, 0, 2
+    >>> mean, round(se, 6)  # sqrt(1 / 3)
+    (1.0, 0.57735)
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_difference: {len(before)} values before, {len(after)} after")
+    diffs = [b - a for a, b in zip(before, after)]
+    return sum(diffs) / len(diffs), standard_error(diffs)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and population standard deviation (nan, nan for an empty list)."""
     if not values:

@@ -72,7 +72,10 @@ def run_pipeline(run: RunConfig) -> Path:
     from rlgen.data import held_out_note
 
     prompts = held_out_note(eval_template.dataset, eval_template.split, eval_template.num_prompts)
-    report = write_run_report(out, rows, seconds, f"Every model was evaluated on {prompts}.")
+    from rlgen.files import read_jsonl
+
+    samples = {name: read_jsonl(out / f"eval_{name}" / "eval_samples.jsonl") for name in rows}
+    report = write_run_report(out, rows, seconds, f"Every model was evaluated on {prompts}.", samples)
     print(report.read_text())
     print(f"[rlgen] report: {report}")
     if run.compare:

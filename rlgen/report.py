@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rlgen.metrics import paired_difference
 from rlgen.scaling import GaoFit, fit_gao, gao_reward
 
 COLOURS = {"start": "black", "sft": "tab:blue", "ppo": "tab:orange", "seqgan": "tab:green", "grpo": "tab:red",
@@ -600,30 +601,41 @@ def write_comparison_report(folder: Path, records: list[dict], proxy_names: list
 RUN_REPORT_COLUMNS = ["eval/reward/mean", "eval/kl", "eval/reference_nll", "eval/perplexity_ref", "eval/mean_length",
                       "eval/eos_fraction", "eval/distinct_1", "eval/distinct_2", "eval/self_bleu", "eval/bleu",
                       "eval/rouge_l"]
-# What each stage changed, against the model before it: (metric, its name in the sentence).
-RUN_REPORT_CHANGES = [("eval/reward/mean", "reward"), ("eval/reference_nll", "NLL of the reference replies")]
+# What each stage changed, against the model before it: (metric, its name in the sentence, its per-sample key).
+RUN_REPORT_CHANGES = [("eval/reward/mean", "reward", "reward"),
+                      ("eval/reference_nll", "NLL of the reference replies", "reference_nll")]
 
 
-def stage_changes(rows: dict[str, dict]) -> list[str]:
-    """One line per stage: each RUN_REPORT_CHANGES metric's change from the previous model, with the standard
-    error of the difference of two independent means, sqrt(se_a^2 + se_b^2), its ratio to that error, and the
-    stage's KL to the starting model.
+def stage_changes(rows: dict[str, dict], samples: dict[str, list[dict]] | None = None) -> list[str]:
+    """One line per stage: each RUN_REPORT_CHANGES metric's change from the previous model with its standard
+    error, the change in standard errors, and the stage's KL to the starting model.
+
+    The error is paired over prompts (`metrics.paired_difference`) when `samples` holds both models' evaluation
+    samples (`reward`, `reference_nll`) on the same prompts, else that of two independent means,
+    sqrt(se_a^2 + se_b^2).
 
     >>> stage_changes({"start": {"eval/reward/mean": 0.1, "eval/reward/se": 0.03, "eval/kl": 0.0},
     ...                "ppo": {"eval/reward/mean": 0.5, "eval/reward/se": 0.04, "eval/kl": 2.5, "eval/kl_se": 0.2}})
     ['- ppo (from start): reward 0.100 -> 0.500, change +0.400 ± 0.050 (8.0 SE); KL to the start 2.50 ± 0.20 nats']
     """
+    samples = samples or {}
     names = list(rows)
     lines = []
     for before, after in zip(names, names[1:]):
         a, b = rows[before], rows[after]
+        sa, sb = samples.get(before, []), samples.get(after, [])
+        paired = bool(sa) and [s["prompt"] for s in sa] == [s["prompt"] for s in sb]
         parts = []
-        for key, label in RUN_REPORT_CHANGES:
-            if key in a and key in b:
+        for key, label, sample_key in RUN_REPORT_CHANGES:
+            if key not in a or key not in b:
+                continue
+            if paired and all(sample_key in s for s in sa + sb):
+                delta, se = paired_difference([s[sample_key] for s in sa], [s[sample_key] for s in sb])
+            else:
                 delta = float(b[key]) - float(a[key])
                 se = math.hypot(float(a.get(se_key(key), math.nan)), float(b.get(se_key(key), math.nan)))
-                ratio = f" ({delta / se:.1f} SE)" if se > 0 else ""
-                parts.append(f"{label} {float(a[key]):.3f} -> {float(b[key]):.3f}, change {delta:+.3f} ± {se:.3f}{ratio}")
+            ratio = f" ({delta / se:.1f} SE)" if se > 0 else ""
+            parts.append(f"{label} {float(a[key]):.3f} -> {float(b[key]):.3f}, change {delta:+.3f} ± {se:.3f}{ratio}")
         kl = f"KL to the start {_fmt(float(b.get('eval/kl', math.nan)), float(b.get('eval/kl_se', math.nan)))} nats"
         lines.append(f"- {after} (from {before}): " + "; ".join([*parts, kl]))
     return lines
@@ -638,8 +650,10 @@ def se_key(key: str) -> str:
     return key[:-len("/mean")] + "/se" if key.endswith("/mean") else key + "_se"
 
 
-def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, float], prompts_note: str = "") -> Path:
-    """report.md and report.json: one row per evaluated model; `prompts_note` says which prompts were used."""
+def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, float], prompts_note: str = "",
+                     samples: dict[str, list[dict]] | None = None) -> Path:
+    """report.md and report.json: one row per evaluated model; `prompts_note` says which prompts were used;
+    `samples`: each model's evaluation samples, for paired standard errors of the changes (`stage_changes`)."""
     reward_columns = sorted({k for m in rows.values() for k in m
                              if k.startswith(("eval/rewards/", "eval/gold/")) and k.endswith("/mean")})
     columns = reward_columns + [c for c in RUN_REPORT_COLUMNS if any(c in m for m in rows.values())]
@@ -651,7 +665,7 @@ def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, flo
               "perplexity are measured against the starting model; reference_nll is the model's own NLL per token "
               "of the held-out reference replies.", "", *([prompts_note, ""] if prompts_note else [])]
     if len(rows) > 1:
-        lines += ["What each stage changed:", "", *stage_changes(rows), ""]
+        lines += ["What each stage changed:", "", *stage_changes(rows, samples), ""]
     lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))

@@ -114,6 +114,13 @@ def test_run_pipeline_end_to_end(tmp_path, capsys):
     # SFT on these very replies lowers their NLL; the report states the change with its standard error.
     assert after["eval/reference_nll"] < start["eval/reference_nll"]
     assert "- sft (from start): reward " in report and "NLL of the reference replies" in report
+    # ... paired over the prompts: each prompt's NLL before and after
+    from rlgen.metrics import paired_difference
+
+    before, after_samples = (read_jsonl(out / f"eval_{m}" / "eval_samples.jsonl") for m in ("start", "sft"))
+    delta, se = paired_difference([s["reference_nll"] for s in before], [s["reference_nll"] for s in after_samples])
+    assert delta == pytest.approx(after["eval/reference_nll"] - start["eval/reference_nll"])
+    assert f"change {delta:+.3f} ± {se:.3f}" in report
 
 
 def test_evaluation_scores_references_and_gives_standard_errors(tmp_path):
