@@ -54,6 +54,17 @@ def sentiment_textblob(prompts, completions, **kwargs):
     return [float(TextBlob(c).sentiment.polarity) for c in _texts(completions)]
 
 
+def sentiment_lexicons(prompts, completions, **kwargs):
+    """Mean of VADER's compound score and TextBlob's polarity, in [-1, 1]: a gold for a proxy learned from VADER
+    labels that the proxy cannot match by imitating one lexicon (Gao et al. 2022's gold-vs-proxy setting).
+
+    >>> [round(r, 3) for r in sentiment_lexicons(["", ""], ["I love this, great day!", "It is a chair."])]
+    [0.818, 0.0]
+    """
+    return [(v + t) / 2 for v, t in zip(sentiment_positive(prompts, completions),
+                                         sentiment_textblob(prompts, completions), strict=True)]
+
+
 def target_length(prompts, completions, target=20, unit="words", **kwargs):
     """``-|length - target| / target``, length counted in whitespace-split words or in characters.
 
