@@ -43,7 +43,7 @@ import signal
 import time
 from pathlib import Path
 
-from rlgen.checkpoint import TrainingInterrupted
+from rlgen.checkpoint import TrainingInterrupted, remove_checkpoints
 from rlgen.config import (
     MAY_CHANGE,
     SECTION_METHODS,
@@ -260,6 +260,8 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
                           "kept; run the same command again to continue (this run starts over)",)
                 raise
             train_s = time.perf_counter() - t - sum(e["time/eval"] for e in trained["evals"])  # training time only
+            # an unfinished run starts over, so its checkpoints (GBs for a SmolLM-sized ppo or seqgan) are not kept
+            remove_checkpoints(run_dir)
             metrics, samples, eval_s = _evaluate(cfg, str(run_dir), start, run_dir / "eval", seed)
             _write_result(run_dir, {"method": method, "seed": seed, "metrics": metrics, "train_s": train_s,
                                     "eval_s": eval_s, **trained, "samples": samples})

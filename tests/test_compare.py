@@ -92,6 +92,7 @@ def test_runs_hold_models_metrics_and_the_gold_at_weight_zero(compared):
             run = out / "runs" / method / f"seed{seed}"
             result = json.loads((run / "result.json").read_text())
             assert (run / "config.json").is_file()
+            assert not list(run.glob("checkpoint-*"))  # a finished run is never resumed: its checkpoints go
             assert result["completions"] == 8
             assert "eval/gold/sentiment_positive/mean" in result["metrics"]
             assert [p["completions"] for p in result["curve"]] == [4, 8]

@@ -107,6 +107,7 @@ def test_builtin_table():
         "sentiment_positive",
         "sentiment_negative",
         "sentiment_textblob",
+        "sentiment_lexicons",
         "target_length",
         "keyword",
         "regex_match",
