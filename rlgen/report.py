@@ -433,15 +433,18 @@ def plot_gold_vs_kl(records: list[dict], proxy_names: list[str], gold_names: lis
 
 
 def fit_table(records: list[dict], gold_names: list[str]) -> list[dict]:
-    """Per method but "start": `{"method", "form", "alpha", "beta", "peak_d", "peak_kl"}` of its first gold
-    reward's Gao et al. 2022 fit (values None without a fit; peak_d and peak_kl inf without a peak); [] without
-    a gold reward."""
+    """Per method but "start": `{"method", "form", "alpha", "beta", "peak_d", "peak_kl", "max_kl"}` of its first
+    gold reward's Gao et al. 2022 fit (values None without a fit; peak_d and peak_kl inf without a peak; max_kl:
+    the largest KL evaluated, beyond which a peak is an extrapolation); [] without a gold reward."""
     if not gold_names:
         return []
     table = []
-    for method, fit in fit_curves(records, f"eval/gold/{gold_names[0]}/mean").items():
+    key = f"eval/gold/{gold_names[0]}/mean"
+    groups = _by_method(records)
+    for method, fit in fit_curves(records, key).items():
+        measured = [d for run in groups[method] for _, d, _, _ in _points(run, key) if math.isfinite(d)]
         row = {"method": method, "form": "bon" if method == "bon" else "rl", "alpha": None, "beta": None,
-               "peak_d": None, "peak_kl": None}
+               "peak_d": None, "peak_kl": None, "max_kl": max(measured, default=math.nan) ** 2}
         if fit is not None:
             row.update(alpha=fit.alpha, beta=fit.beta, peak_d=math.inf if fit.peak_d is None else fit.peak_d,
                        peak_kl=math.inf if fit.peak_kl is None else fit.peak_kl)
@@ -453,10 +456,15 @@ FIT_HEADINGS = ["method", "form", "α", "β", "peak d*", "peak KL*"]
 
 
 def _fit_cells(row: dict) -> list[str]:
-    """A fit_table row as text: `no peak` for an infinite peak, `n/a (too few points)` without a fit."""
+    """A fit_table row as text: `no peak` for an infinite peak, a peak beyond the measured KL said so,
+    `n/a (too few points)` without a fit."""
     if row["alpha"] is None:
         return [row["method"], row["form"], "n/a (too few points)", "", "", ""]
-    peak = ["no peak"] * 2 if math.isinf(row["peak_d"]) else [f"{row['peak_d']:.3g}", f"{row['peak_kl']:.3g}"]
+    if math.isinf(row["peak_d"]):
+        peak = ["no peak"] * 2
+    else:
+        beyond = f" (beyond the largest KL measured, {row['max_kl']:.3g})" if row["peak_kl"] > row["max_kl"] else ""
+        peak = [f"{row['peak_d']:.3g}", f"{row['peak_kl']:.3g}{beyond}"]
     return [row["method"], row["form"], f"{row['alpha']:.3g}", f"{row['beta']:.3g}", *peak]
 
 

@@ -198,6 +198,8 @@ def test_gold_vs_kl_plot_and_fit_columns(tmp_path):
     md = paths["comparison_md"].read_text()
     assert "| grpo | rl | 0.3 | -0.1 | no peak | no peak |" in md
     assert "| bon | bon | 0.6 | 0.4 | 0.75 | 0.56" in md and "| dpo | rl | n/a (too few points)" in md
+    # ppo's curve was evaluated up to KL 4; its fitted peak at KL 20.1 is an extrapolation, and says so
+    assert "| ppo | rl | 0.5 | 0.2 | 4.48 | 20.1 (beyond the largest KL measured, 4) |" in md
     assert "gold_vs_kl.png" in md
     page = paths["html"].read_text()
     assert "<td>no peak</td>" in page and page.count("data:image/png;base64,") == 4
