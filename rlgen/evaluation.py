@@ -84,12 +84,10 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
                             "length": lengths[j], "eos": bool(ro.ended_with_eos[j])})
     if references is not None:
         nll = reference_nll(policy, prompts, references, batch_size, sampling.max_prompt_length)
-        for sample, value in zip(samples, nll):
+        for sample, value in zip(samples, nll, strict=True):
             sample["reference_nll"] = value
     out = metrics.sample_metrics(samples, references, self_bleu_max_texts)
     out["eval/perplexity_ref"] = metrics.perplexity(nll_sum, n_tokens)
-    if references is not None:
-        out["eval/reference_nll"], out["eval/reference_nll_se"] = metrics.mean_std(nll)[0], metrics.standard_error(nll)
     out["time/eval"] = time.perf_counter() - start
     if output_dir is not None:
         folder = Path(output_dir)

@@ -131,7 +131,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def sample_metrics(samples: list[dict], references: list[str] | None = None,
                    self_bleu_max_texts: int = 200) -> dict[str, float]:
     """The `eval/*` metrics of scored samples that need nothing but the samples (`rlgen.evaluation`'s keys, all
-    but those that need the model: `eval/perplexity_ref`, `eval/reference_nll`, and `time/eval`).
+    but those that need the model: `eval/perplexity_ref` and `time/eval`; `eval/reference_nll` when every
+    sample has its `reference_nll`).
 
     samples: one dict per completion, as `evaluate_policy` writes them: `completion` (text), `reward` (the
     weighted proxy), `rewards` ({fn or `gold/<fn>`: value or None}), `kl` (nats), `length` (tokens, EOS
@@ -167,5 +168,8 @@ def sample_metrics(samples: list[dict], references: list[str] | None = None,
     if references is not None:
         out["eval/bleu"] = bleu(completions, references)
         out["eval/rouge_l"] = rouge_l(completions, references)
+    if samples and all("reference_nll" in s for s in samples):
+        nll = [s["reference_nll"] for s in samples]
+        out["eval/reference_nll"], out["eval/reference_nll_se"] = mean_std(nll)[0], standard_error(nll)
     out["eval/num_samples"] = len(samples)
     return out

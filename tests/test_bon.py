@@ -40,14 +40,14 @@ def test_bon_sizes_and_best_of_by_hand():
 
 
 def test_sample_metrics_reproduce_the_evaluator(tiny_folder, dataset, tmp_path):
-    """On the evaluator's own samples, every metric `sample_metrics` computes equals the evaluator's."""
+    """From the evaluator's saved samples (read back from JSON), every metric `sample_metrics` computes equals the
+    evaluator's; only those that need the model are missing."""
     from rlgen.evaluation import run_evaluation
 
     summary = run_evaluation(_eval_config(tiny_folder, dataset, tmp_path / "eval", num_prompts=6))
     samples = read_jsonl(tmp_path / "eval" / "eval_samples.jsonl")
     mine = sample_metrics(samples, [p["completion"] for p in PAIRS], self_bleu_max_texts=200)
-    assert set(summary) - set(mine) == {"eval/perplexity_ref", "eval/reference_nll", "eval/reference_nll_se",
-                                        "time/eval"}
+    assert set(summary) - set(mine) == {"eval/perplexity_ref", "time/eval"}
     assert mine == {k: pytest.approx(summary[k], rel=1e-12, nan_ok=True) for k in mine}
     assert not math.isnan(mine["eval/gold/repetition_penalty/se"]) and "eval/bleu" in mine
 
