@@ -15,12 +15,13 @@
 # Parts (each time-boxed with `timeout`, each log tee'd to $OUT/<part>.log, a failure moves on to the next part;
 # all parts together stay within GPU_CHECK_BUDGET seconds, default 500):
 #   0_env          nvidia-smi, wheel install, versions, torch.cuda.is_available(), carried sizes
-#   1_tests        pytest on core/policy/ppo/seqgan/metrics, listing which tests allocated CUDA memory
+#   1_tests        pytest on core/policy/ppo/seqgan/discriminator/metrics, listing which tests allocated CUDA memory
 #   1_cuda_smoke   tiny policy on cuda: sample, ref log-probs, evaluate_policy, train_ppo, and `rlgen ppo` (CLI)
 #   2_ppo_throughput  benchmarks/ppo_throughput.py with its defaults (tiny), then --model-size small, then issue 11's
 #                  figures: the peer's base shape (88M-parameter Llama, 64 completions of 128 tokens, 2 PPO epochs)
 #                  in float32 (the peer's precision) and in bfloat16 (all in the one log: at most 8 files come back)
-#   3_seqgan_gpu_kernels  SeqGAN's pieces (sampling, rollouts, D scoring, MLE and D epochs) timed at cpu-preset shapes
+#   3_seqgan_gpu_kernels  SeqGAN's pieces (sampling, rollouts, D scoring, MLE epoch, D epochs eager and as a CUDA
+#                  graph: ms_per_d_step_graph, issue 15's target <= 1 ms) timed at cpu-preset shapes
 #   3_seqgan_smoke SeqGAN oracle, smoke preset: seed 1 with 8 threads, then (last) seed 2 with 1 thread
 #   3_seqgan_probe SeqGAN oracle, cpu preset shapes, a few epochs of each phase: per-phase timings to extrapolate
 # $OUT/summary.json: one JSON object per line per part (rc, seconds, limit, timed_out, last JSON line of the part).
@@ -124,7 +125,7 @@ env_part() {
 # ---------------------------------------------------------------------------------------------------------
 # 1. pytest plugin: which tests allocated CUDA memory (in this process; subprocess tests are not seen)
 
-TESTS=(tests/test_core.py tests/test_policy.py tests/test_ppo.py tests/test_seqgan.py tests/test_metrics.py)
+TESTS=(tests/test_core.py tests/test_policy.py tests/test_ppo.py tests/test_seqgan.py tests/test_discriminator.py tests/test_metrics.py)
 if [ "$QUICK" = 1 ]; then
   TESTS=(tests/test_metrics.py tests/test_core.py::test_logprobs_temperature_changes_result tests/test_policy.py)
 fi

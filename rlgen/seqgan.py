@@ -229,7 +229,9 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             rollout_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
         params = [p for p in policy.model.parameters() if p.requires_grad]
         opt_g = torch.optim.Adam(params, lr=cfg.learning_rate)
-        opt_d = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=cfg.d_learning_rate)
+        # capturable: Adam's step counter lives on the GPU, so D's train step can run as one CUDA graph
+        opt_d = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=cfg.d_learning_rate,
+                                 capturable=device.type == "cuda")
         parts = _Parts(policy, reference, rollout_model, d, opt_g, opt_d, [g] if g_sample is g else [g, g_sample])
         if resume is None:
             progress = _Progress()

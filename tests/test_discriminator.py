@@ -7,6 +7,7 @@ from rlgen.discriminator import (
     CNNDiscriminator,
     DiscriminatorReward,
     TextDiscriminator,
+    _DStep,
     heldout_accuracy,
     prob_real,
     train_discriminator,
@@ -102,3 +103,66 @@ def test_train_discriminator_skips_the_penalty_at_l2_zero():
     stats = train_discriminator(d, torch.optim.SGD(d.parameters(), lr=0.1), pos, neg, epochs=1, batch_size=4, l2=0.0,
                                 generator=torch.Generator().manual_seed(0))
     assert stats["loss/d"] > 0
+
+
+def reference_train(d, optimizer, pos, neg, epochs, batch_size, l2, generator):
+    """The naive loop: one minibatch at a time, the loss read to the host after every step."""
+    data = torch.cat([pos, neg])
+    labels = torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)])
+    d.train()
+    for _ in range(epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        perm = torch.randperm(len(labels), generator=generator)
+        for lo in range(0, len(perm), batch_size):
+            idx = perm[lo:lo + batch_size]
+            logits = d.logits(data[idx])
+            loss = torch.nn.functional.cross_entropy(logits, labels[idx]) + l2 * d.l2_penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(-1) == labels[idx]).sum())
+            seen += len(idx)
+    d.eval()
+    return {"loss/d": loss_sum / seen, "val/d_accuracy_train": correct / seen}
+
+
+def two_toy_runs(device="cpu", capturable=False, dropout=0.25):
+    """The same D, data and shuffles twice: (train_discriminator's stats, D) and (the naive loop's, D)."""
+    runs = []
+    for train in (train_discriminator, reference_train):
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        d = CNNDiscriminator(10, 16, widths=(1, 2, 3), filters=(8, 8, 8), dropout=dropout, seq_len=6).to(device)
+        pos = torch.randint(0, 5, (150, 6), generator=g).to(device)
+        neg = torch.randint(3, 10, (150, 6), generator=g).to(device)
+        kwargs = {"capturable": True} if capturable else {}
+        opt = torch.optim.Adam(d.parameters(), lr=1e-2, **kwargs)
+        runs.append((train(d, opt, pos, neg, epochs=2, batch_size=32, l2=0.2, generator=g), d, opt))
+    return runs
+
+
+def test_train_discriminator_matches_the_naive_loop_bit_for_bit_on_cpu():
+    """Device-side loss/accuracy sums and one index copy per epoch change nothing on the CPU: same parameters,
+    same statistics (300 sequences in minibatches of 32: the last one is partial)."""
+    (stats, d, _), (ref_stats, ref_d, _) = two_toy_runs()
+    assert stats == ref_stats
+    for (name, p), q in zip(d.state_dict().items(), ref_d.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_discriminator_replays_a_cuda_graph_for_the_same_steps(monkeypatch):
+    """On CUDA with a capturable Adam, full minibatches replay one captured graph: the same number of optimiser
+    steps and (without dropout, whose random stream differs) the eager loop's parameters and statistics."""
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
+    (stats, d, opt), (ref_stats, ref_d, _) = two_toy_runs("cuda", capturable=True, dropout=0.0)
+    steps = 2 * 10  # 2 epochs of 300 / 32 -> 10 minibatches, the last partial
+    assert len(replays) == steps - 2 * 1 - _DStep.WARMUP
+    assert all(int(s["step"]) == steps for s in opt.state.values())
+    assert stats["val/d_accuracy_train"] == pytest.approx(ref_stats["val/d_accuracy_train"], abs=1 / 300)
+    assert stats["loss/d"] == pytest.approx(ref_stats["loss/d"], rel=1e-4)
+    for (name, p), q in zip(d.state_dict().items(), ref_d.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,5 +1,6 @@
-"""gpu_check.sh part 3: SeqGAN's pieces (LSTM sampling, MC rollouts, CNN D scoring, NLL, an MLE epoch and a D
-epoch) timed at the cpu preset's shapes; argument: the oracle .npz. Prints one JSON line {"seqgan_kernels": ...}."""
+"""gpu_check.sh part 3: SeqGAN's pieces (LSTM sampling, MC rollouts, CNN D scoring, NLL, an MLE epoch and D
+epochs, eager and as a CUDA graph) timed at the cpu preset's shapes; argument: the oracle .npz. Prints one JSON
+line {"seqgan_kernels": ...}."""
 
 import json
 import os
@@ -9,8 +10,9 @@ import time
 import torch
 from torch import nn
 
+from rlgen.discriminator import CNNDiscriminator, prob_real, train_discriminator
 from rlgen.lstm import SeqGANLSTMConfig, SeqGANLSTMForCausalLM, build_oracle
-from rlgen.seqgan import CNNDiscriminator, lstm_rollouts, prob_real
+from rlgen.seqgan_tasks import lstm_rollouts
 
 quick = os.environ.get("GPU_CHECK_QUICK") == "1"
 cuda = torch.cuda.is_available()
@@ -73,27 +75,17 @@ timed("s_rollouts_chunk_all", lambda: lstm_rollouts(gen, seqs, N, 1.0, g, chunk=
 d = CNNDiscriminator(V, 64, dropout=0.25, seq_len=T).to(dev)
 timed("s_d_score_rollouts", lambda: prob_real(d, rolls.view(-1, T), 2048))
 
-# one D epoch over M real + M generated sequences, batch 64 (as train_discriminator, labels on the device)
+# one D epoch over M real + M generated sequences, batch 64, through the library's train_discriminator: eager
+# (plain Adam) and, on CUDA, replaying one captured graph per minibatch (capturable Adam; the seqgan stage's choice)
 neg = gen.sample(M, T, 1.0, g)[0]
-opt_d = torch.optim.Adam(d.parameters(), lr=1e-4)
-
-
-def d_epoch():
-    data = torch.cat([train_ids, neg])
-    labels = torch.cat([torch.ones(M, dtype=torch.long, device=dev), torch.zeros(M, dtype=torch.long, device=dev)])
-    d.train()
-    perm = torch.randperm(2 * M, device=dev)
-    for lo in range(0, 2 * M, B):
-        idx = perm[lo:lo + B]
-        loss = nn.functional.cross_entropy(d.logits(data[idx]), labels[idx]) + 0.2 * d.l2_penalty()
-        opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_d.step()
-    d.eval()
-    return float(loss.detach())
-
-
-timed("s_d_epoch", d_epoch)
+steps = -(-2 * M // B)
+for mode in ("eager", "graph") if cuda else ("eager",):
+    opt_d = torch.optim.Adam(d.parameters(), lr=1e-4, capturable=mode == "graph")
+    for attempt in (1, 2):  # the first call of each mode includes cuDNN autotuning / capture
+        timed(f"s_d_epoch_{mode}_{attempt}", lambda opt=opt_d: train_discriminator(
+            d, opt, train_ids, neg, 1, B, 0.2, torch.Generator().manual_seed(0)))
+    res[f"ms_per_d_step_{mode}"] = round(1000 * res[f"s_d_epoch_{mode}_2"] / steps, 3)
+res["d_steps_per_epoch"] = steps
 res["s_g_step_estimate"] = round(res["s_rollouts_chunk512"] + res["s_d_score_rollouts"], 4)
 if cuda:
     res["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
