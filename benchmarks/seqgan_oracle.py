@@ -19,21 +19,12 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rlgen.config import PRESETS, SeqGANConfig, apply_preset  # noqa: E402
+from rlgen.oracle import nll_oracle_at_entropy  # noqa: E402
 from rlgen.seqgan import train_seqgan  # noqa: E402
 
 OVERRIDES = ("mle_epochs", "max_steps", "d_pretrain_rounds", "d_pretrain_epochs", "d_steps", "d_epochs",
              "g_steps", "rollout_num", "num_train", "num_test", "eval_samples", "d_negatives", "eval_every",
              "mle_eval_every", "batch_size", "rollout_update_rate", "baseline", "learning_rate")
-
-
-def matched_entropy(sweep: list[dict], nll_self: float) -> float | None:
-    """NLL-oracle of the temperature-scaled MLE generator at the given own-sample NLL (linear interpolation
-    between sweep points; None outside the swept range)."""
-    points = sorted((row["eval/nll_self"], row["eval/nll_oracle"]) for row in sweep)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= nll_self <= x1:
-            return y0 + (y1 - y0) * (nll_self - x0) / (x1 - x0) if x1 > x0 else y0
-    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -72,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
             "nll_test_mle": mle["eval/nll_test"], "nll_test_adv": adv["eval/nll_test"],
             "nll_self_mle": mle["eval/nll_self"], "nll_self_adv": adv["eval/nll_self"],
             "mle_temperature_sweep": s["temperature_sweep_mle"],
-            "mle_nll_oracle_at_adv_entropy": matched_entropy(s["temperature_sweep_mle"], adv["eval/nll_self"]),
+            "mle_nll_oracle_at_adv_entropy": nll_oracle_at_entropy(s["temperature_sweep_mle"], adv["eval/nll_self"]),
         },
         "settings": {k: cfg.__getattribute__(k) for k in OVERRIDES + ("threads",)},
         "load_avg": os.getloadavg(), "output_dir": output_dir,

@@ -51,3 +51,13 @@ def temperature_sweep(policy: Policy, temperatures: list[float], *, oracle: SeqG
             metrics = evaluate_policy(policy, list(prompts or []), list(reward_fns), settings)
         rows.append({"temperature": temp, **metrics})
     return rows
+
+
+def nll_oracle_at_entropy(sweep: list[dict[str, float]], nll_self: float) -> float | None:
+    """NLL-oracle of the temperature-scaled generator whose own-sample NLL (entropy rate) is `nll_self`: linear
+    interpolation between the `temperature_sweep` rows bracketing it; None outside the swept range."""
+    points = sorted((row["eval/nll_self"], row["eval/nll_oracle"]) for row in sweep)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= nll_self <= x1:
+            return y0 + (y1 - y0) * (nll_self - x0) / (x1 - x0) if x1 > x0 else y0
+    return None

@@ -254,6 +254,17 @@ def test_temperature_sweep_any_policy(tiny_policy):
     assert all("eval/distinct_1" in r and "eval/perplexity_ref" in r for r in rows)
 
 
+def test_nll_oracle_at_entropy_interpolates_between_bracketing_temperatures():
+    from rlgen.oracle import nll_oracle_at_entropy
+
+    sweep = [{"temperature": t, "eval/nll_self": h, "eval/nll_oracle": o}  # order of the rows does not matter
+             for t, h, o in [(0.9, 6.0, 9.1), (1.0, 6.4, 9.3), (0.95, 6.2, 9.2)]]
+    assert nll_oracle_at_entropy(sweep, 6.1) == pytest.approx(9.15)
+    assert nll_oracle_at_entropy(sweep, 6.35) == pytest.approx(9.2 + 0.1 * 0.15 / 0.2)
+    assert nll_oracle_at_entropy(sweep, 6.4) == pytest.approx(9.3)
+    assert nll_oracle_at_entropy(sweep, 5.99) is None and nll_oracle_at_entropy(sweep, 6.41) is None
+
+
 @pytest.mark.parametrize("name", ["seqgan_oracle.yaml", "seqgan_chitchat.yaml"])
 def test_experiment_files_are_valid_configs(name, tmp_path):
     from pathlib import Path
