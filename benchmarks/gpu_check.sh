@@ -24,6 +24,8 @@
 #                  graph: ms_per_d_step_graph, issue 15's target <= 1 ms) timed at cpu-preset shapes
 #   3_seqgan_smoke SeqGAN oracle, smoke preset: seed 1 with 8 threads, then (last) seed 2 with 1 thread
 #   3_seqgan_probe SeqGAN oracle, cpu preset shapes, a few epochs of each phase: per-phase timings to extrapolate
+#   3_seqgan_paper SeqGAN oracle, paper preset, until GPU_CHECK_PAPER_S (default 420 s) runs out (issue 15 item 3);
+#                  GPU_CHECK_PAPER_RESUME=1 continues the checkpoint a previous call left in the work folder
 # $OUT/summary.json: one JSON object per line per part (rc, seconds, limit, timed_out, last JSON line of the part).
 # At most 8 files land in $OUT (the remote returns no more).
 set -u
@@ -40,7 +42,9 @@ CARRY=$ROOT/.devcarry
 START=$(date +%s)
 
 mkdir -p "$OUT" "$WORK"
-rm -rf "$WORK"/* 2>/dev/null
+# a paper-preset run to continue (GPU_CHECK_PAPER_RESUME=1) survives the clean-up
+find "$WORK" -mindepth 1 -maxdepth 1 ! -name seqgan_paper -exec rm -rf {} + 2>/dev/null
+[ -n "${GPU_CHECK_PAPER_RESUME:-}" ] || rm -rf "$WORK/seqgan_paper"
 SUMMARY=$OUT/summary.json
 : >"$SUMMARY"
 
@@ -153,7 +157,9 @@ if [ "$QUICK" = 1 ]; then
   HALF=auto  # bfloat16 where this CPU has the kernels, else float32
   PROBE=(--preset cpu --mle-epochs 1 --max-steps 1 --d-pretrain-rounds 1 --num-train 512 --num-test 512
          --eval-samples 512 --d-negatives 512 --rollout-num 2)
-  CAP_TESTS=120; CAP_SEQ=60; CAP_PROBE=60
+  PAPER=(--num_train 256 --num_test 256 --eval_samples 256 --d_negatives 256 --mle_epochs 1 --max_steps 2
+         --rollout_num 2 --d_pretrain_rounds 1 --d_steps 1 --d_epochs 1 --eval_every 1)
+  CAP_TESTS=120; CAP_SEQ=60; CAP_PROBE=60; CAP_PAPER=60
 else
   TINY_SEQGAN=()
   PPO_T=()
@@ -167,7 +173,8 @@ else
   # evals at 10k took ~130 s at 1 thread here). s_per_mle_epoch, s_per_d_pretrain_round, s_per_g_step and
   # s_per_d_step give the full cpu preset's time (50 MLE epochs, 5 D rounds, 33 adversarial epochs).
   PROBE=(--preset cpu --mle-epochs 2 --max-steps 1 --d-pretrain-rounds 1 --eval-samples 2000)
-  CAP_TESTS=150; CAP_SEQ=110; CAP_PROBE=200
+  PAPER=(--eval_every 10)  # issue 15: NLL-oracle after MLE and every 10 adversarial epochs
+  CAP_TESTS=150; CAP_SEQ=110; CAP_PROBE=200; CAP_PAPER=${GPU_CHECK_PAPER_S:-420}
 fi
 
 export -f env_part
@@ -193,6 +200,14 @@ NOTE="cpu preset shapes, shortened schedule, seed 1, 8 threads" part 3_seqgan_pr
   "${SEQGAN[@]}" --seed 1 --threads 8 --output-dir "$WORK/seqgan_probe" "${PROBE[@]}"
 NOTE="smoke preset, seed 2, 1 thread" part 3_seqgan_smoke "$CAP_SEQ" 30 "$PY" "${SEQGAN[@]}" --preset smoke --seed 2 \
   --threads 1 --output-dir "$WORK/seqgan_s2" "${TINY_SEQGAN[@]}"
+
+# the paper's schedule as far as CAP_PAPER allows: `timeout` sends SIGTERM, the run finishes the epoch under way,
+# saves a checkpoint and exits 143; the log holds NLL-oracle after MLE and every 10 adversarial epochs. The
+# checkpoint stays in $WORK (a second call on the same warm machine can continue it with
+# --resume_from_checkpoint latest; it is too large to come back).
+NOTE="paper preset, seed 1, as far as the time allows" part 3_seqgan_paper "$CAP_PAPER" 60 "$PY" -m rlgen seqgan \
+  --config experiments/seqgan_oracle.yaml --preset paper --oracle_params "$NPZ" --seed 1 --threads 8 \
+  --output_dir "$WORK/seqgan_paper" --save_steps 10 "${PAPER[@]}" ${GPU_CHECK_PAPER_RESUME:+--resume_from_checkpoint latest}
 
 echo "[gpu_check] done in $(elapsed)s; summary:"
 cat "$SUMMARY" | cut -c1-400
