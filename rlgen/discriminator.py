@@ -259,7 +259,7 @@ class _DStep:
         self.batch_size, self.loss_sum, self.correct = batch_size, loss_sum, correct
         self.graphable = (isinstance(data, torch.Tensor) and data.device.type == "cuda"
                           and all(group.get("capturable", False) for group in optimizer.param_groups))
-        self.warm, self.graph, self.idx = 0, None, None
+        self.warm, self.side, self.graph, self.idx = 0, None, None, None
 
     def eager(self, idx: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,11 +270,11 @@ class _DStep:
         if not self.graphable or len(idx) != self.batch_size:
             return self.eager(idx)
         if self.warm < self.WARMUP:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side = self.side or torch.cuda.Stream()
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 self.eager(idx)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             self.warm += 1
             return None
         if self.graph is None:
