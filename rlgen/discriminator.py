@@ -216,7 +216,8 @@ def train_discriminator(d: nn.Module, optimizer, pos, neg, epochs: int, batch_si
     d.train()
     seen = 0
     for _ in range(epochs):
-        loss_sum.zero_(), correct.zero_()
+        loss_sum.zero_()
+        correct.zero_()
         seen = 0
         perm = torch.randperm(len(labels), generator=generator)
         if isinstance(data, torch.Tensor):
