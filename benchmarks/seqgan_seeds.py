@@ -53,10 +53,11 @@ def aggregate(rows: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict], agg: dict) -> str:
-    def cell(value, se=None):
+    def cell(key, value, se=None):
         if value is None:
             return "outside sweep"
-        return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
+        digits = 1 if key == "minutes" else 3
+        return f"{value:.{digits}f}" if se is None else f"{value:.{digits}f} ± {se:.{digits}f}"
 
     cols = [("nll_oracle_mle", "NLL-oracle, MLE"), ("nll_oracle_adv", "NLL-oracle, SeqGAN"), ("gain", "change"),
             ("control_nll_oracle", "MLE at SeqGAN's entropy"), ("adv_minus_control", "SeqGAN - control"),
@@ -64,9 +65,9 @@ def markdown(rows: list[dict], agg: dict) -> str:
             ("nll_test_mle", "NLL-test, MLE"), ("nll_test_adv", "NLL-test, SeqGAN"), ("minutes", "minutes")]
     lines = ["| seed | " + " | ".join(label for _, label in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {r['seed']} | " + " | ".join(cell(r[k]) for k, _ in cols) + " |")
+        lines.append(f"| {r['seed']} | " + " | ".join(cell(k, r[k]) for k, _ in cols) + " |")
     lines.append(f"| mean ± SE (n = {len(rows)}) | "
-                 + " | ".join(cell(agg[k]["mean"], agg[k]["se"]) if k in agg else "" for k, _ in cols) + " |")
+                 + " | ".join(cell(k, agg[k]["mean"], agg[k]["se"]) if k in agg else "" for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
