@@ -108,7 +108,7 @@ def test_train_discriminator_skips_the_penalty_at_l2_zero():
 def reference_train(d, optimizer, pos, neg, epochs, batch_size, l2, generator):
     """The naive loop: one minibatch at a time, the loss read to the host after every step."""
     data = torch.cat([pos, neg])
-    labels = torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)])
+    labels = torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)]).to(pos.device)
     d.train()
     for _ in range(epochs):
         loss_sum, correct, seen = 0.0, 0, 0
