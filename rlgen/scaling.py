@@ -52,34 +52,66 @@ def gao_reward(d, alpha: float, beta: float, form: str) -> np.ndarray:
     return _features(d, form) @ np.array([alpha, beta])
 
 
-def gao_peak(alpha: float, beta: float, form: str) -> float | None:
-    """The d >= 0 (nats^0.5) where R(d) is largest, or None when beta <= 0 (the curve has no maximum: it rises
-    without bound). RL: R'(d) = alpha - beta (log d + 1) = 0 at d* = exp(alpha / beta - 1); best-of-n:
-    R'(d) = alpha - 2 beta d = 0 at d* = alpha / (2 beta), or 0 when alpha <= 0 (the curve only falls).
-    The peak KL is d*^2.
+def _exp(x: float) -> float:
+    """exp(x), or inf where the result is beyond the float range (x > ~709.78) instead of OverflowError."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
-    >>> round(gao_peak(1.0, 0.5, "rl"), 6), gao_peak(1.0, 0.25, "bon"), gao_peak(1.0, -0.1, "rl")
-    (2.718282, 2.0, None)
+
+def gao_log_peak(alpha: float, beta: float, form: str) -> float | None:
+    """log d* of the d >= 0 (nats^0.5) where R(d) is largest, or None when beta <= 0 (the curve has no maximum:
+    it rises without bound). RL: R'(d) = alpha - beta (log d + 1) = 0 at log d* = alpha / beta - 1; best-of-n:
+    R'(d) = alpha - 2 beta d = 0 at d* = alpha / (2 beta), or d* = 0 (log d* = -inf) when alpha <= 0 (the curve
+    only falls). In log space because a nearly linear RL curve (beta -> 0+, no over-optimisation yet) puts d*
+    far beyond the float range: exp(alpha / beta - 1) overflows for alpha / beta > ~710.
+
+    >>> gao_log_peak(1.0, 0.5, "rl"), gao_log_peak(1000.0, 1.0, "rl"), gao_log_peak(-1.0, 0.5, "bon")
+    (1.0, 999.0, -inf)
     """
     if form not in FORMS:
         raise ValueError(f"unknown Gao et al. form {form!r} (known: {', '.join(FORMS)})")
     if not beta > 0:
         return None
-    return math.exp(alpha / beta - 1) if form == "rl" else max(0.0, alpha / (2 * beta))
+    if form == "rl":
+        return alpha / beta - 1
+    return math.log(alpha / (2 * beta)) if alpha > 0 else -math.inf
+
+
+def gao_peak(alpha: float, beta: float, form: str) -> float | None:
+    """d* = exp(`gao_log_peak`) (nats^0.5): inf for a peak beyond the float range, None without a peak. The
+    peak KL is d*^2.
+
+    >>> round(gao_peak(1.0, 0.5, "rl"), 6), gao_peak(1.0, 0.25, "bon"), gao_peak(1.0, -0.1, "rl")
+    (2.718282, 2.0, None)
+    """
+    log_d = gao_log_peak(alpha, beta, form)
+    return None if log_d is None else _exp(log_d)
 
 
 class GaoFit(NamedTuple):
-    """A fitted Gao et al. curve: R(d) = `gao_reward(d, alpha, beta, form)`; `peak_d` = `gao_peak(...)`."""
+    """A fitted Gao et al. curve: R(d) = `gao_reward(d, alpha, beta, form)`; `log_peak_d` = `gao_log_peak(...)`."""
 
     form: str
     alpha: float
     beta: float
-    peak_d: float | None
+    log_peak_d: float | None
+
+    @property
+    def peak_d(self) -> float | None:
+        """d* (nats^0.5); inf beyond the float range, None without a peak."""
+        return None if self.log_peak_d is None else _exp(self.log_peak_d)
+
+    @property
+    def log_peak_kl(self) -> float | None:
+        """log KL* = 2 log d*; None without a peak."""
+        return None if self.log_peak_d is None else 2 * self.log_peak_d
 
     @property
     def peak_kl(self) -> float | None:
-        """KL at the peak (nats), d*^2; None without a peak."""
-        return None if self.peak_d is None else self.peak_d ** 2
+        """KL at the peak (nats), d*^2; inf beyond the float range, None without a peak."""
+        return None if self.log_peak_d is None else _exp(2 * self.log_peak_d)
 
 
 def fit_gao(d, reward, form: str) -> GaoFit:
@@ -102,4 +134,4 @@ def fit_gao(d, reward, form: str) -> GaoFit:
         raise ValueError(f"fit_gao: the {form} form needs points at two or more distinct d > 0 to fit alpha and "
                          f"beta, got {len(distinct)} ({len(d)} points)")
     (alpha, beta), *_ = np.linalg.lstsq(_features(d, form), reward, rcond=None)
-    return GaoFit(form, float(alpha), float(beta), gao_peak(float(alpha), float(beta), form))
+    return GaoFit(form, float(alpha), float(beta), gao_log_peak(float(alpha), float(beta), form))

@@ -84,3 +84,16 @@ def test_no_peak_when_the_curve_keeps_rising():
 def test_degenerate_inputs_are_refused(d, reward, fragment):
     with pytest.raises(ValueError, match=fragment):
         fit_gao(d, reward, "rl")
+
+
+@pytest.mark.parametrize("ratio", [500.0, 5000.0])  # alpha / beta: d*^2 overflows past ~355, d* past ~710
+def test_a_nearly_linear_rl_curve_keeps_its_peak_in_log_space(ratio):
+    """No over-optimisation yet: the gold curve is nearly a line, beta -> 0+, and the peak lies far beyond any
+    float; the fit still succeeds and keeps the peak exactly as log d* = alpha / beta - 1."""
+    d = np.linspace(0.5, 3.0, 6)
+    alpha = 0.4
+    fit = fit_gao(d, gao_reward(d, alpha, alpha / ratio, "rl"), "rl")
+    assert fit.log_peak_d == pytest.approx(ratio - 1, rel=1e-6)
+    assert fit.log_peak_kl == pytest.approx(2 * (ratio - 1), rel=1e-6)
+    assert fit.peak_kl == math.inf and fit.peak_d == (math.inf if ratio > 710 else pytest.approx(math.exp(ratio - 1)))
+    assert gao_peak(alpha, alpha / ratio, "rl") == pytest.approx(fit.peak_d, rel=1e-6)
