@@ -6,6 +6,8 @@ Outputs, all in one folder:
 - `comparison.md`, `comparison.csv`: one row per method, mean and standard error over seeds of the proxy reward
   (the one optimised), each gold reward (never optimised), KL and perplexity against the starting model,
   distinct-2, self-BLEU, completion length, training seconds, and the completions and tokens generated in training
+  (a single run's SE is over the evaluation prompts; the note gives their number; a method whose policy barely
+  moved, KL < STILL_KL, is marked †; a missing gold fit says why)
 - `frontier.png`: gold reward against KL to the starting model, per run and per method
 - `learning_curves.png`: training-time proxy and gold reward against the completions generated
 - `proxy_vs_gold.png`: proxy against gold reward per evaluation sample, with the mean gold reward per proxy
@@ -13,6 +15,7 @@ Outputs, all in one folder:
 - `gold_vs_kl.png`: proxy and gold reward against d = sqrt(KL to the starting model) at every evaluation of
   every run (a run's `evals` rows and its final metrics), with Gao et al. 2022's fitted curves (rlgen.scaling)
   and the gold fit's peak; comparison.md/.csv give each method's gold fit (alpha, beta, peak KL)
+  (each `plot_*` function writes its PNG and returns the matplotlib Figure, whose plotted data tests read)
 - `samples.md`: the first prompts' completions from each method
 - `report.html`: all of the above on one self-contained page (images inline, no scripts, no external resources)
 """
@@ -26,10 +29,15 @@ import itertools
 import json
 import math
 import statistics
+from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from rlgen.metrics import paired_difference
 from rlgen.scaling import GaoFit, fit_gao, gao_reward
@@ -104,14 +112,32 @@ def _colours(methods) -> dict[str, str]:
     return {m: COLOURS[m] if m in COLOURS else next(extra) for m in methods}
 
 
+# A policy whose KL to the start stays below this (nats per completion: completions are on average at most ~1%
+# more likely under it) has barely moved; its row measures the starting model again.
+STILL_KL = 0.01
+
+
+def _barely_moved(runs: list[dict]) -> bool:
+    """Every run's KL to the starting model is known and below STILL_KL in magnitude (k1 estimates can be < 0)."""
+    kls = [_value(r, "eval/kl") for r in runs]
+    return all(math.isfinite(kl) and abs(kl) < STILL_KL for kl in kls)
+
+
 def summarize(records: list[dict], proxy_names: list[str], gold_names: list[str]) -> list[dict]:
-    """One row per method ("start" first, then in order of first appearance): method, n (runs), and per column
-    `<column>_mean`, `<column>_se` (NaN for fewer than two runs) and `<column>_n` (runs with a finite value)."""
+    """One row per method ("start" first, then in order of first appearance): method, n (runs), prompts (the
+    evaluation prompts of its first run), barely_moved (not for "start": `_barely_moved`), and per column
+    `<column>_mean`, `<column>_se` and `<column>_n` (runs with a finite value). The SE is over seeds; for a
+    single run (the start, or a method with one seed) it is the run's own SE over the evaluation prompts where
+    the evaluator gives one (`se_key`), else NaN."""
     rows = []
     for method, runs in _by_method(records).items():
-        row: dict = {"method": method, "n": len(runs)}
+        prompts = runs[0].get("metrics", {}).get("eval/num_samples")
+        row: dict = {"method": method, "n": len(runs), "prompts": prompts,
+                     "barely_moved": method != "start" and _barely_moved(runs)}
         for name, key in _columns(proxy_names, gold_names):
             row[f"{name}_mean"], row[f"{name}_se"], row[f"{name}_n"] = _mean_se(_value(r, key) for r in runs)
+            if len(runs) == 1 and key.startswith("eval/"):
+                row[f"{name}_se"] = _value(runs[0], se_key(key))
         rows.append(row)
     return rows
 
@@ -147,13 +173,59 @@ def _cells(row: dict, names: list[str]) -> list[str]:
     return cells
 
 
+STILL_MARK = " †"
+
+
+def _method_cell(row: dict) -> str:
+    """The method's name, marked when its policy barely moved."""
+    return row["method"] + (STILL_MARK if row.get("barely_moved") else "")
+
+
+def _prompts_text(rows: list[dict]) -> str:
+    """How many prompts every run was scored on, or the count per method when they differ; "" when unknown."""
+    counts = {row["method"]: row.get("prompts") for row in rows}
+    if set(counts.values()) == {None}:
+        return ""
+    if len(set(counts.values())) == 1:
+        return f"Every run was scored on the same {rows[0]['prompts']} evaluation prompts."
+    per_method = ", ".join(f"{m} {'?' if c is None else c}" for m, c in counts.items())
+    return f"Evaluation prompts per method: {per_method}."
+
+
 def _note(rows: list[dict]) -> str:
     """What the table's numbers mean."""
-    note = ("± is the standard error over seeds (sample standard deviation / √n; none for a single run). "
-            "KL and perplexity are measured against the starting model. The proxy reward is the one the methods "
-            "optimised; gold rewards were only measured.")
+    prompts = _prompts_text(rows)
+    note = (prompts + " " if prompts else "") + ("± is the standard error over seeds (sample "
+            "standard deviation / √n); for a single run (the start row, a method with one seed) it is the standard "
+            "error over the evaluation prompts, where the metric is a mean over prompts (not for perplexity, "
+            "distinct-2 and self-BLEU). KL and perplexity are measured against the starting model. The proxy reward "
+            "is the one the methods optimised; gold rewards were only measured.")
+    if any(row.get("barely_moved") for row in rows):
+        note += (f" {STILL_MARK.strip()}: the policy barely moved (KL to the start below {STILL_KL} nats in every "
+                 "run), so its row measures the starting model again: its differences from the start row are "
+                 "sampling noise, not the method's effect.")
     partial = any(row[f"{name}_n"] not in (0, row["n"]) for row in rows for name in _names(rows))
     return note + (" [k/n]: only k of the n runs had a finite value." if partial else "")
+
+
+def _csv_fit_value(fit: dict, key: str) -> str:
+    """A fit_table value for the CSV: the peak KL from its log (exact beyond the float range), inf without a peak."""
+    if key == "peak_kl" and fit.get("log_peak_kl") is not None:
+        return _exp_text(fit["log_peak_kl"], 6)
+    return _csv_value(fit.get(key, ""))
+
+
+def _exp_text(log_value: float, digits: int = 3) -> str:
+    """exp(log_value) to `digits` significant digits, also beyond the float range; `inf` for log_value inf.
+
+    >>> _exp_text(math.log(20.0855)), _exp_text(800.0), _exp_text(-math.inf), _exp_text(math.inf)
+    ('20.1', '2.73e+347', '0', 'inf')
+    """
+    if math.isinf(log_value):
+        return "inf" if log_value > 0 else "0"
+    if log_value < 700:
+        return f"{math.exp(log_value):.{digits}g}"
+    return f"{Decimal(log_value).exp():.{digits}g}"
 
 
 def _csv_value(value) -> str:
@@ -166,15 +238,16 @@ def _csv_value(value) -> str:
 
 
 def write_table(rows: list[dict], folder: Path, fits: list[dict] = (), gold_names: list[str] = ()) -> tuple[Path, Path]:
-    """comparison.md (mean ± SE per method) and comparison.csv (`<column>_mean`, `<column>_se`; blank when
-    undefined); with `fits` (`fit_table`), a second markdown table and the CSV columns `gold_fit_form`,
-    `gold_fit_alpha`, `gold_fit_beta`, `gold_peak_kl` (blank without a fit, inf without a peak)."""
+    """comparison.md (mean ± SE per method) and comparison.csv (`prompts`, `barely_moved`, `<column>_mean`,
+    `<column>_se`; blank when undefined; see `summarize`); with `fits` (`fit_table`), a second markdown table and
+    the CSV columns `gold_fit_form`, `gold_fit_alpha`, `gold_fit_beta`, `gold_peak_kl` (blank without a fit, inf
+    without a peak; a peak beyond the float range is written out, e.g. 2.72637e+347)."""
     folder = Path(folder)
     names = _names(rows)
     lines = ["# Method comparison", "", "| method | n | " + " | ".join(map(_label, names)) + " |",
              "|---|---" + "|---" * len(names) + "|"]
     for row in rows:
-        cells = [row["method"].replace("|", "/"), str(row["n"])] + _cells(row, names)
+        cells = [_method_cell(row).replace("|", "/"), str(row["n"])] + _cells(row, names)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _note(rows), ""]
     if fits:
@@ -184,7 +257,7 @@ def write_table(rows: list[dict], folder: Path, fits: list[dict] = (), gold_name
         lines += ["", _fit_note(gold_names), ""]
     md_path, csv_path = folder / "comparison.md", folder / "comparison.csv"
     md_path.write_text("\n".join(lines))
-    fields = ["method", "n"] + [f"{name}_{stat}" for name in names for stat in ("mean", "se")]
+    fields = ["method", "n", "prompts", "barely_moved"] + [f"{name}_{stat}" for name in names for stat in ("mean", "se")]
     by_method = {fit["method"]: fit for fit in fits}
     fit_fields = {"gold_fit_form": "form", "gold_fit_alpha": "alpha", "gold_fit_beta": "beta",
                   "gold_peak_kl": "peak_kl"} if fits else {}
@@ -193,9 +266,7 @@ def write_table(rows: list[dict], folder: Path, fits: list[dict] = (), gold_name
         writer.writerow(fields + list(fit_fields))
         for row in rows:
             fit = by_method.get(row["method"], {})
-            writer.writerow([_csv_value(row[k]) for k in fields]
-                            + ["inf" if fit.get(k) == math.inf else _csv_value(fit.get(k, ""))
-                               for k in fit_fields.values()])
+            writer.writerow([_csv_value(row[k]) for k in fields] + [_csv_fit_value(fit, k) for k in fit_fields.values()])
     return md_path, csv_path
 
 
@@ -215,7 +286,7 @@ def _legend(ax) -> None:
         ax.legend(fontsize=8)
 
 
-def plot_frontier(records: list[dict], gold_names: list[str], path: Path) -> None:
+def plot_frontier(records: list[dict], gold_names: list[str], path: Path) -> Figure:
     """frontier.png: gold reward (the proxy when there is no gold) against KL to the starting model."""
     key = f"eval/gold/{gold_names[0]}/mean" if gold_names else "eval/reward/mean"
     groups = _by_method(records)
@@ -236,6 +307,7 @@ def plot_frontier(records: list[dict], gold_names: list[str], path: Path) -> Non
     ax.grid(alpha=0.3)
     _legend(ax)
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def _curve(curve: list[dict], key: str) -> tuple[list, list]:
@@ -245,7 +317,7 @@ def _curve(curve: list[dict], key: str) -> tuple[list, list]:
     return [x for x, _ in points], [y for _, y in points]
 
 
-def plot_learning_curves(records: list[dict], proxy_names: list[str], gold_names: list[str], path: Path) -> None:
+def plot_learning_curves(records: list[dict], proxy_names: list[str], gold_names: list[str], path: Path) -> Figure:
     """learning_curves.png: the first proxy fn's (left) and first gold fn's (right) training-sample reward
     against completions generated; mean over seeds with a ±SE band, or one thin line per seed when the seeds
     were logged at different points."""
@@ -279,9 +351,10 @@ def plot_learning_curves(records: list[dict], proxy_names: list[str], gold_names
     note = f"\n(no online training samples: {', '.join(offline)})" if offline else ""
     fig.supxlabel("completions generated during training" + note, fontsize=10)
     fig.savefig(path, dpi=100)
+    return fig
 
 
-def plot_proxy_vs_gold(records: list[dict], proxy_names: list[str], gold_names: list[str], path: Path) -> None:
+def plot_proxy_vs_gold(records: list[dict], proxy_names: list[str], gold_names: list[str], path: Path) -> Figure:
     """proxy_vs_gold.png: per-sample proxy (the weighted reward) against the first gold reward, per-run means,
     and the mean gold per proxy decile over all samples; a figure saying so when there is no gold reward."""
     fig = _figure((7, 5))
@@ -291,7 +364,7 @@ def plot_proxy_vs_gold(records: list[dict], proxy_names: list[str], gold_names: 
                 ha="center", va="center", fontsize=12, transform=ax.transAxes)
         ax.set(xticks=[], yticks=[], title="Proxy against gold reward")
         fig.savefig(path, dpi=100)
-        return
+        return fig
     key = f"gold/{gold_names[0]}"
     groups = _by_method(records)
     colours = _colours(groups)
@@ -319,19 +392,25 @@ def plot_proxy_vs_gold(records: list[dict], proxy_names: list[str], gold_names: 
     ax.grid(alpha=0.3)
     _legend(ax)
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def _same(a, b) -> bool:
-    """Equal values, NaN equal to NaN (metrics read back from JSON)."""
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    """Equal values to a relative 1e-4 (absolute 1e-6), NaN equal to NaN (metrics read back from JSON; the final evaluation of
+    a saved LoRA policy, merged, agrees with the live one's to about 1e-5)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) or (math.isnan(a) and math.isnan(b))
+    return a == b
 
 
 def trajectory(record: dict) -> list[tuple[object, dict]]:
     """(step, metrics) of every evaluation of a run, in order: its `evals` rows, then its final metrics (step
-    "final") unless they repeat the last row (best-of-n's final metrics are its largest n)."""
+    "final") unless they repeat the last row: the same policy evaluated again when `eval_steps` divides the
+    steps, or best-of-n's largest n. Only the eval/* metrics are compared (`time/eval` always differs)."""
     rows = [(row["step"], row) for row in record.get("evals") or []]
     final = record.get("metrics") or {}
-    if not rows or not all(_same(rows[-1][1].get(k), v) for k, v in final.items()):
+    measured = {k: v for k, v in final.items() if k.startswith("eval/")}
+    if not rows or not all(_same(rows[-1][1].get(k), v) for k, v in measured.items()):
         rows.append(("final", final))
     return rows
 
@@ -373,10 +452,12 @@ def _peak_text(fit: GaoFit | None) -> str:
     """`d* 1.23, KL* 1.51`, `no peak`, or `no fit`."""
     if fit is None:
         return "no fit"
-    return "no peak" if fit.peak_d is None else f"d* {fit.peak_d:.3g}, KL* {fit.peak_kl:.3g}"
+    if fit.log_peak_d is None:
+        return "no peak"
+    return f"d* {_exp_text(fit.log_peak_d)}, KL* {_exp_text(fit.log_peak_kl)}"
 
 
-def plot_gold_vs_kl(records: list[dict], proxy_names: list[str], gold_names: list[str], path: Path) -> None:
+def plot_gold_vs_kl(records: list[dict], proxy_names: list[str], gold_names: list[str], path: Path) -> Figure:
     """gold_vs_kl.png: the proxy (left) and first gold reward (right) against d = sqrt(KL) at every evaluation:
     single runs, the mean over seeds per evaluation step with SE bars, the starting model, each method's Gao et
     al. 2022 fit (shifted by the starting model's value) and the gold fit's peak."""
@@ -430,26 +511,44 @@ def plot_gold_vs_kl(records: list[dict], proxy_names: list[str], gold_names: lis
         ax.grid(alpha=0.3)
         _legend(ax)
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def fit_table(records: list[dict], gold_names: list[str]) -> list[dict]:
-    """Per method but "start": `{"method", "form", "alpha", "beta", "peak_d", "peak_kl", "max_kl"}` of its first
-    gold reward's Gao et al. 2022 fit (values None without a fit; peak_d and peak_kl inf without a peak; max_kl:
-    the largest KL evaluated, beyond which a peak is an extrapolation); [] without a gold reward."""
+    """Per method but "start": `{"method", "form", "alpha", "beta", "peak_d", "peak_kl", "log_peak_kl", "max_kl",
+    "why_no_fit"}` of its first gold reward's Gao et al. 2022 fit (values None without a fit, and `why_no_fit`
+    says why; peak_d, peak_kl and log_peak_kl inf without a peak; a peak beyond the float range has peak_d and
+    peak_kl inf and a finite log_peak_kl; max_kl: the largest KL evaluated, beyond which a peak is an
+    extrapolation); [] without a gold reward."""
     if not gold_names:
         return []
     table = []
     key = f"eval/gold/{gold_names[0]}/mean"
     groups = _by_method(records)
+    base = _value(groups["start"][0], key) if "start" in groups else math.nan
     for method, fit in fit_curves(records, key).items():
         measured = [d for run in groups[method] for _, d, _, _ in _points(run, key) if math.isfinite(d)]
         row = {"method": method, "form": "bon" if method == "bon" else "rl", "alpha": None, "beta": None,
-               "peak_d": None, "peak_kl": None, "max_kl": max(measured, default=math.nan) ** 2}
+               "peak_d": None, "peak_kl": None, "log_peak_kl": None, "max_kl": max(measured, default=math.nan) ** 2,
+               "why_no_fit": None if fit else _why_no_fit(groups[method], key, base)}
         if fit is not None:
-            row.update(alpha=fit.alpha, beta=fit.beta, peak_d=math.inf if fit.peak_d is None else fit.peak_d,
-                       peak_kl=math.inf if fit.peak_kl is None else fit.peak_kl)
+            no_peak = fit.log_peak_d is None
+            row.update(alpha=fit.alpha, beta=fit.beta, peak_d=math.inf if no_peak else fit.peak_d,
+                       peak_kl=math.inf if no_peak else fit.peak_kl, log_peak_kl=math.inf if no_peak else fit.log_peak_kl)
         table.append(row)
     return table
+
+
+def _why_no_fit(runs: list[dict], key: str, base: float) -> str:
+    """Why `fit_curves` has no fit for these runs: no starting value, or fewer than two distinct KL > 0 (a
+    negative KL estimate counts as KL 0)."""
+    if not math.isfinite(base):
+        return "no starting-model value"
+    kls = [_metric(m, "eval/kl") for run in runs for _, m in trajectory(run)
+           if math.isfinite(_metric(m, key)) and math.isfinite(_metric(m, "eval/kl"))]
+    distinct, negative = len({kl for kl in kls if kl > 0}), sum(kl < 0 for kl in kls)
+    why = f"{distinct} distinct KL > 0 among {len(kls)} evaluation{'s' * (len(kls) != 1)}; 2 needed"
+    return why + (f"; {negative} negative KL estimates, counted as 0" if negative else "")
 
 
 FIT_HEADINGS = ["method", "form", "α", "β", "peak d*", "peak KL*"]
@@ -457,14 +556,15 @@ FIT_HEADINGS = ["method", "form", "α", "β", "peak d*", "peak KL*"]
 
 def _fit_cells(row: dict) -> list[str]:
     """A fit_table row as text: `no peak` for an infinite peak, a peak beyond the measured KL said so,
-    `n/a (too few points)` without a fit."""
+    `n/a (why)` without a fit."""
     if row["alpha"] is None:
-        return [row["method"], row["form"], "n/a (too few points)", "", "", ""]
-    if math.isinf(row["peak_d"]):
+        return [row["method"], row["form"], f"n/a ({row['why_no_fit']})", "", "", ""]
+    log_kl = row["log_peak_kl"]
+    if log_kl == math.inf:
         peak = ["no peak"] * 2
     else:
-        beyond = f" (beyond the largest KL measured, {row['max_kl']:.3g})" if row["peak_kl"] > row["max_kl"] else ""
-        peak = [f"{row['peak_d']:.3g}", f"{row['peak_kl']:.3g}{beyond}"]
+        beyond = f" (beyond the largest KL measured, {row['max_kl']:.3g})" if log_kl > math.log(row["max_kl"]) else ""
+        peak = [_exp_text(log_kl / 2), f"{_exp_text(log_kl)}{beyond}"]
     return [row["method"], row["form"], f"{row['alpha']:.3g}", f"{row['beta']:.3g}", *peak]
 
 
@@ -541,7 +641,7 @@ def write_html(folder: Path, rows: list[dict], plots: dict[str, Path], samples: 
     e = html.escape
     names = _names(rows)
     header = "".join(f"<th>{e(_label(name))}</th>" for name in names)
-    body = "".join(f"<tr><td>{e(row['method'])}</td><td class=\"num\">{row['n']}</td>"
+    body = "".join(f"<tr><td>{e(_method_cell(row))}</td><td class=\"num\">{row['n']}</td>"
                    + "".join(f"<td class=\"num\">{e(c)}</td>" for c in _cells(row, names)) + "</tr>\n"
                    for row in rows)
     parts = [
