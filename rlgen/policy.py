@@ -26,6 +26,11 @@ from rlgen.config import SamplingConfig
 from rlgen.text import render_prompt
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+# The generation-config fields that would otherwise change pure sampling, each at its neutral value: generate()
+# fills a field left None from the model folder's generation_config.json, then from global defaults (top_k=50).
+NEUTRAL_SAMPLING = dict(top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+                        encoder_repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0,
+                        encoder_no_repeat_ngram_size=0, renormalize_logits=False, remove_invalid_values=False)
 
 
 @dataclass
@@ -209,17 +214,24 @@ class Policy(nn.Module):
         self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
         # After the reference copy above, which must not carry the hooks.
         self._recorder = _StepRecorder()
-        self.base_model.register_forward_hook(self._recorder.on_logits, with_kwargs=True)
+        self._hooks = [self.base_model.register_forward_hook(self._recorder.on_logits, with_kwargs=True)]
         trunk = self.base_model.base_model  # the transformer under the LM head (the model itself if it has none)
         self._hidden_hooked = trunk is not self.base_model
         if self._hidden_hooked:
-            trunk.register_forward_hook(self._recorder.on_hidden)
+            self._hooks.append(trunk.register_forward_hook(self._recorder.on_hidden))
         # generate's prefill hands the LM head the [B, 1, H] slice of [B, P, H]; torch's CPU matmul does not fold
         # that strided input into one matrix product but multiplies B broadcast copies of the head's weight
         # (measured: 1 s of a 5 s bf16 rollout of the default model, 0.1 s in fp32)
         head = self.base_model.get_output_embeddings()
         if head is not None:
-            head.register_forward_pre_hook(_contiguous_input)
+            self._hooks.append(head.register_forward_pre_hook(_contiguous_input))
+
+    def remove_hooks(self) -> None:
+        """Take this Policy's forward hooks off its model (for a Policy wrapped around a model that something else
+        goes on training, e.g. TRL's); it cannot `sample` afterwards."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -370,19 +382,15 @@ class Policy(nn.Module):
     def generation_config(self, s: SamplingConfig):
         """Pure sampling at `s.temperature`, EOS blocked before `s.min_new_tokens`, nothing else.
 
-        Every field with a neutral value is set: generate() fills each None from the model's generation_config
-        (a folder's generation_config.json), then from the global defaults (top_k=50). Fields that are off only
-        when None (min_p, suppress_tokens, bad_words_ids, forced_eos_token_id, ...) need the model's config
-        hidden too: generate through `model_generation_defaults_hidden()`, as `sample` does."""
+        Every field with a neutral value is set (`NEUTRAL_SAMPLING`). Fields that are off only when None (min_p,
+        suppress_tokens, bad_words_ids, forced_eos_token_id, ...) need the model's config hidden too: generate
+        through `model_generation_defaults_hidden()`, as `sample` does."""
         from transformers import GenerationConfig
 
         return GenerationConfig(do_sample=True, num_beams=1, num_return_sequences=1, temperature=s.temperature,
-                                top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                                repetition_penalty=1.0, encoder_repetition_penalty=1.0, length_penalty=1.0,
-                                no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, renormalize_logits=False,
-                                remove_invalid_values=False, max_new_tokens=s.max_new_tokens,
-                                min_new_tokens=s.min_new_tokens, eos_token_id=self.eos_token_ids,
-                                pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True)
+                                **NEUTRAL_SAMPLING, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
+                                eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                return_dict_in_generate=True)
 
     @contextmanager
     def model_generation_defaults_hidden(self, model=None):
@@ -409,7 +417,8 @@ class Policy(nn.Module):
     @torch.no_grad()
     def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
         """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass
-        (LoRA merged into the weights meanwhile; see `merged_lora`), in half precision from one forward pass."""
+        (in float32 LoRA merged into the weights meanwhile; see `merged_lora`), in half precision from one forward
+        pass."""
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts, settings.max_prompt_length)
         # In half precision the cached generation and a full forward round differently (default model, bf16: 0.04
         # nats per token on average, benchmarks/rollout_speed.py): one forward re-reads the log-probs and values,
@@ -422,7 +431,10 @@ class Policy(nn.Module):
         generation_config.update(**self._cache_settings(settings))
         self._recorder.start(settings.temperature, shared_values, self.eos_token_ids, settings.min_new_tokens)
         try:
-            with self.model_generation_defaults_hidden(), merged_lora(self.model) if self.is_peft else nullcontext():
+            # Half precision samples through the adapter layers: merging would round W + BA to bf16, so the sampling
+            # policy would differ from the one whose log-probs the forward pass re-reads.
+            merge = self.is_peft and not reread
+            with self.model_generation_defaults_hidden(), merged_lora(self.model) if merge else nullcontext():
                 out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                           generation_config=generation_config)
             completion_ids = out.sequences[:, prompt_ids.shape[1]:]

@@ -9,8 +9,9 @@
   `batch_size // 2` pairs a step. `beta` is DPO's beta.
 
 Budget rule: every method generates exactly `max_steps * batch_size` completions, sampled the same way (the
-`SamplingConfig`: new tokens, temperature, top-k, top-p) from prompts rendered and tokenised as rlgen's Policy does
-(with one seed, TRL's generation and `Policy.sample` draw the same tokens). Rewards are called as rlgen's PPO calls
+`SamplingConfig`: new tokens, temperature, pure sampling otherwise; the model folder's generation_config hidden while
+TRL trains, as `Policy.sample` hides it) from prompts rendered and tokenised as rlgen's Policy does (from the same
+prompts and random state, TRL's generation and `Policy.sample` draw the same tokens). Rewards are called as rlgen's PPO calls
 them: raw prompt (text or messages), stripped completion, `completion_ids` and the dataset's other columns.
 
 Outputs in `output_dir`: the trained policy (`Policy.save`, LoRA merged), `metrics.jsonl` (one row per step, rlgen's
@@ -33,6 +34,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,7 +43,7 @@ from rlgen.checkpoint import preserved_rng
 from rlgen.config import EvalConfig, SamplingConfig
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
-from rlgen.policy import Policy, peft_lora_config
+from rlgen.policy import NEUTRAL_SAMPLING, Policy, peft_lora_config
 from rlgen.rewards import reward_mean_metrics, score_rewards
 from rlgen.text import render_prompt
 from rlgen.tracking import MetricsWriter, quiet_progress
@@ -192,14 +194,22 @@ def _recorder(writer: MetricsWriter, names: dict, seen: dict, rows: list):
     return Record()
 
 
-def _evaluation(evaluator, policy: Policy, eval_steps: int, writer: MetricsWriter, seen: dict, rows: list):
-    """A TrainerCallback running `evaluator` on `policy` (the live model) every `eval_steps` optimiser steps."""
+def _evaluation(evaluator, model, tokenizer, reference, eval_steps: int, writer: MetricsWriter, seen: dict,
+                rows: list):
+    """A TrainerCallback running `evaluator` on the live `model` every `eval_steps` optimiser steps, through a
+    Policy (reference: `reference`, or the disabled adapter under LoRA) whose forward hooks are removed again
+    after each evaluation, so that training's forward passes do not run them."""
     from transformers import TrainerCallback
 
     class Evaluate(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.is_world_process_zero and state.global_step % eval_steps == 0:
-                row = evaluator.along_training(policy, state.global_step, seen["completions"])
+                with preserved_rng():  # building the Policy (its value head) draws random numbers
+                    live = Policy(model, tokenizer, reference=False, ref_model=reference)
+                try:
+                    row = evaluator.along_training(live, state.global_step, seen["completions"])
+                finally:
+                    live.remove_hooks()
                 writer.log(row, step=state.global_step)
                 rows.append({"step": state.global_step, **row})
 
@@ -259,10 +269,11 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
         funcs, trl_weights = _trl_rewards(reward_fns, weights, dict(zip(rendered, prompts)), list(columns), seen)
         args.update(per_device_train_batch_size=batch_size, num_generations=num_generations, reward_weights=trl_weights,
                     max_completion_length=sampling.max_new_tokens, temperature=sampling.temperature,
-                    top_k=0, top_p=1.0,
-                    generation_kwargs={"min_new_tokens": sampling.min_new_tokens})  # as Policy.sample (0: none)
+                    top_k=0, top_p=1.0,  # as Policy.sample: pure sampling, EOS blocked before min_new_tokens (0: none)
+                    generation_kwargs={**NEUTRAL_SAMPLING, "min_new_tokens": sampling.min_new_tokens})
         train_rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(rendered)]
         trainer_kwargs = dict(reward_funcs=funcs, train_dataset=Dataset.from_list(train_rows))
+    policy.remove_hooks()  # its model is the one TRL trains: no sampling hooks on its forward passes
     trainer = _trainer_class(method, sampling.max_prompt_length)(
         model=policy.model, args=config_cls(**{**args, **options}), processing_class=tok, peft_config=peft_config,
         callbacks=[_recorder(MetricsWriter(out), names, seen, rows)], **trainer_kwargs)
@@ -270,13 +281,17 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
     trainer.add_callback(quiet_progress())
     if evaluator:
         # trainer.model is the model TRL trains (under LoRA its PEFT wrapper, whose disabled adapter is the
-        # reference); building the Policy and loading the reference draw random numbers that training must not see
+        # reference); loading the reference draws random numbers that training must not see
         with preserved_rng():
             reference = None if peft_config else load_model(model, seed=seed)[0].to(default_device())
-            live = Policy(trainer.model, tok, reference=False, ref_model=reference)
-        trainer.add_callback(_evaluation(evaluator, live, eval_steps, MetricsWriter(out), seen, evals))
+        trainer.add_callback(_evaluation(evaluator, trainer.model, tok, reference, eval_steps, MetricsWriter(out),
+                                         seen, evals))
     start = time.perf_counter()
-    trainer.train()
+    # TRL's log-probs ignore the logits processors a model folder's generation_config would add (min_p,
+    # suppress_tokens, ...; transformers fills the fields TRL leaves None from it): sample as Policy.sample does
+    hidden = policy.model_generation_defaults_hidden(trainer.model) if method != "dpo" else nullcontext()
+    with hidden:
+        trainer.train()
     train_s = sample_s + time.perf_counter() - start
 
     Policy(trainer.model.eval(), tok, reference=False).save(out)

@@ -352,3 +352,34 @@ def test_compiled_static_cache_sampling_matches_a_forward(tiny_policy):
         torch.testing.assert_close(ro.logprobs[m], logprobs[m], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ro.values[m], values[m], atol=1e-5, rtol=1e-5)
     assert hasattr(tiny_policy.base_model, "_compiled_call")  # generate did compile the decoding step
+
+
+@pytest.mark.skipif(not _cpu_bf16(), reason="this CPU has no bfloat16 kernels")
+def test_half_precision_lora_samples_through_the_adapter_unmerged(tiny_tokenizer, monkeypatch):
+    """Merging the adapter into bf16 weights rounds W + BA, so the policy that sampled would differ from the one
+    whose log-probs the forward pass re-reads: in half precision generate runs on the untouched base weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlgen.models import build_tiny_model
+
+    peft = get_peft_model(build_tiny_model(tiny_tokenizer, seed=0).to(torch.bfloat16),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    policy = Policy(peft, tiny_tokenizer)
+    before = {k: v.clone() for k, v in peft.state_dict().items()}
+    generate, untouched = peft.generate, []
+
+    def spy(*args, **kwargs):
+        untouched.append(all(torch.equal(v, before[k]) for k, v in peft.state_dict().items()))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(peft, "generate", spy)
+    torch.manual_seed(0)
+    ro = policy.sample(PROMPTS, SamplingConfig(max_new_tokens=6))
+    assert untouched == [True]
+    T = ro.completion_ids.shape[1]
+    logprobs, _, _ = policy.forward(ro.input_ids, ro.attention_mask, T)
+    assert torch.equal(ro.logprobs, logprobs * ro.completion_mask)

@@ -192,3 +192,82 @@ def test_rewards_get_conversational_completions_completion_ids_and_columns(metho
     out = run(method, tiny_folder, tmp_path, prompts=prompts, reward_fns=[("check", check), ("gold", check)],
               columns={"solution": [p.upper() for p in PROMPTS]})
     assert sum(calls) == 2 * out["completions"]  # the proxy and the gold saw every completion
+
+
+def _opinionated_copy(folder, tmp_path):
+    """The model folder with a generation_config.json whose every field would change sampling."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    tok = Policy.from_pretrained(str(folder), reference=False).tokenizer
+    banned = tok(" you", add_special_tokens=False)["input_ids"]
+    copy = tmp_path / "opinionated"
+    shutil.copytree(folder, copy)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.3, top_k=5,
+                     top_p=0.5, min_p=0.2, typical_p=0.5, epsilon_cutoff=0.01, eta_cutoff=0.01, min_length=40,
+                     no_repeat_ngram_size=1, repetition_penalty=5.0, suppress_tokens=banned[:1],
+                     bad_words_ids=[banned], begin_suppress_tokens=[2], sequence_bias=[[[3], 5.0]],
+                     renormalize_logits=True, forced_eos_token_id=2,
+                     exponential_decay_length_penalty=(2, 1.5)).save_pretrained(copy)
+    return copy
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_a_model_folders_generation_config_does_not_change_trl_sampling(method, tiny_folder, tmp_path, monkeypatch):
+    """transformers fills the generation fields TRL leaves unset from the folder's generation_config.json (min_p,
+    suppress_tokens, no_repeat_ngram_size...), whose processors TRL's log-probs ignore. TRL samples as
+    Policy.sample does: from the same prompts and random state, the tokens Policy.sample draws from the plain
+    folder."""
+    from transformers.generation.utils import GenerationMixin
+
+    generate, states, scored = GenerationMixin.generate, [], []
+
+    def spy(self, *args, **kwargs):
+        states.append(torch.get_rng_state())
+        return generate(self, *args, **kwargs)
+
+    def record(prompts, completions, completion_ids, **kwargs):
+        scored.append((prompts, completion_ids))
+        return [0.0] * len(completions)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    run(method, _opinionated_copy(tiny_folder, tmp_path), tmp_path / "out", reward_fns=[("record", record)],
+        weights=[1.0], max_steps=1)
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    prompts, sampled = scored[0]
+    plain = Policy.from_pretrained(str(tiny_folder), reference=False)
+    torch.set_rng_state(states[0])
+    assert plain.sample(prompts, SamplingConfig(max_new_tokens=8), with_values=False).completion_id_lists == sampled
+
+
+def _rlgen_hooks(model):
+    """The forward hooks a Policy put on `model`."""
+    from rlgen.policy import _contiguous_input, _StepRecorder
+
+    hooks = [h for m in model.modules() for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]]
+    return [h for h in hooks if h is _contiguous_input or isinstance(getattr(h, "__self__", None), _StepRecorder)]
+
+
+@pytest.mark.parametrize("lora", [{"lora_r": 0}, LORA_DROPOUT], ids=["full", "lora"])
+def test_evaluations_along_training_leave_no_hooks_on_the_trained_model(lora, tiny_folder, tmp_path, monkeypatch):
+    """The evaluation samples through a Policy's forward hooks; they are taken off the trained model again, so
+    TRL's own generation and training forwards after it do not run them."""
+    from transformers.generation.utils import GenerationMixin
+
+    generate, models, hooked = GenerationMixin.generate, [], []
+
+    def spy(self, *args, **kwargs):
+        models.append(self)
+        return generate(self, *args, **kwargs)
+
+    def check(prompts, completions, **kwargs):  # called by TRL right after its own generation
+        hooked.append(len(_rlgen_hooks(models[-1])))
+        return [float(len(c)) for c in completions]
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    evaluation = EvalConfig(output_dir=str(tmp_path / "evals"), num_prompts=2, batch_size=2, max_new_tokens=4,
+                            reward=["keyword(include=['a'])"])
+    out = run("grpo", tiny_folder, tmp_path / "out", reward_fns=[("check", check)], weights=[1.0], max_steps=3,
+              lora=lora, eval_steps=1, eval_config=evaluation)
+    assert [e["step"] for e in out["evals"]] == [1, 2, 3] and hooked == [0, 0, 0]
