@@ -138,6 +138,16 @@ def _evals(rows: list[dict]) -> list[dict]:
             for r in rows if "eval/reward/mean" in r]
 
 
+def _curve_keys(cfg: CompareConfig, names: list[str]) -> dict[str, str]:
+    """metrics.jsonl's `rewards/<name>/mean` of the proxy and gold rewards (`names`: `_reward_names` of reward +
+    gold_reward, as ppo, grpo and rloo log them) -> the curve's keys, `rewards/<proxy>/mean` and
+    `rewards/gold_<gold>/mean`."""
+    keys = {f"rewards/{n}/mean": f"rewards/{n}/mean" for n in names[:len(cfg.reward)]}
+    keys.update({f"rewards/{n}/mean": f"rewards/gold_{g}/mean"
+                 for n, g in zip(names[len(cfg.reward):], _reward_names(cfg.gold_reward))})
+    return keys
+
+
 def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int) -> dict:
     """Train one run; returns {completions, tokens, curve, evals}. The curve's keys: `completions`,
     `rewards/<proxy>/mean` and `rewards/gold_<gold>/mean` (training samples, online methods only); evals: see
@@ -147,7 +157,9 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
         from rlgen.text import prompt_of
         from rlgen.trl_methods import train_trl
 
-        fns = [load_reward(s) for s in cfg.reward] + [(f"gold_{n}", f) for n, f in map(load_reward, cfg.gold_reward)]
+        specs = cfg.reward + cfg.gold_reward
+        names = _reward_names(specs)  # as rlgen's ppo names them, so metrics.jsonl uses one name per reward
+        fns = [(name, load_reward(spec)[1]) for name, spec in zip(names, specs)]
         weights = (cfg.reward_weights or [1.0] * len(cfg.reward)) + [0.0] * len(cfg.gold_reward)
         sampling = SamplingConfig.of(cfg)
         rows = _train_rows(cfg)
@@ -159,7 +171,11 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
                            lora=lora_kwargs(cfg),
                            seed=seed, threads=cfg.threads, dtype=cfg.dtype, options=getattr(cfg, method),
                            eval_steps=cfg.eval_steps, eval_config=cfg.eval_config(start, run_dir / "eval_steps", seed))
-        return {**{k: result[k] for k in ("completions", "tokens", "curve")}, "evals": _evals(result["evals"])}
+        keys = _curve_keys(cfg, names)
+        curve = [{"step": r["step"], "completions": r["completions"], **{new: r[old] for old, new in keys.items() if old in r}}
+                 for r in result["curve"]]
+        return {"completions": result["completions"], "tokens": result["tokens"], "curve": curve,
+                "evals": _evals(result["evals"])}
     stage = cfg.method_config(method, start, run_dir, seed)
     if method == "sft":
         from rlgen.sft import train_sft
@@ -176,10 +192,7 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
     train_ppo(stage)
     logged = read_jsonl(run_dir / "metrics.jsonl")
     rows = [row for row in logged if "objective/scores" in row]  # the updates, not the evaluations
-    names = _reward_names(stage.reward)
-    keys = {f"rewards/{n}/mean": f"rewards/{n}/mean" for n in names[:len(cfg.reward)]}
-    keys.update({f"rewards/{n}/mean": f"rewards/gold_{g}/mean"
-                 for n, g in zip(names[len(cfg.reward):], _reward_names(cfg.gold_reward))})
+    keys = _curve_keys(cfg, _reward_names(stage.reward))
     curve = [{"completions": row["step"] * cfg.batch_size, **{new: row[old] for old, new in keys.items() if old in row}}
              for row in rows]
     tokens = round(sum(float(row["completions/mean_length"]) * cfg.batch_size for row in rows))

@@ -97,6 +97,9 @@ def test_runs_hold_models_metrics_and_the_gold_at_weight_zero(compared):
             assert "eval/gold/sentiment_positive/mean" in result["metrics"]
             assert [p["completions"] for p in result["curve"]] == [4, 8]
             assert all("rewards/gold_sentiment_positive/mean" in p for p in result["curve"])
+            # one name for the gold reward in every method's metrics.jsonl: its own, as for any reward
+            logged = set().union(*read_jsonl(run / "metrics.jsonl"))
+            assert "rewards/sentiment_positive/mean" in logged and "rewards/gold_sentiment_positive/mean" not in logged
     ppo_settings = yaml.safe_load((out / "runs" / "ppo" / "seed0" / "config.yaml").read_text())
     assert ppo_settings["learning_rate"] == 1e-3  # the --ppo.learning_rate override
     assert ppo_settings["reward_weights"] == [1.0, 0.0]
@@ -149,6 +152,13 @@ def test_rerun_keeps_finished_runs_and_refuses_other_settings(compared, capsys):
     ({"eval_steps": -1}, "eval_steps must be at least 0, got -1"),
     ({"ppo": {"eval_steps": 2}}, "compare section 'ppo': key 'eval_steps' is the comparison's own"),
     ({"methods": ["bon"], "bon_n": 0}, "bon_n must be at least 1"),
+    # a method's own section cannot raise (or lower) the budget every method shares
+    ({"ppo": {"batch_size": 32}}, "compare section 'ppo': key 'batch_size' would change this method's budget"),
+    ({"ppo": {"max_steps": 4}}, "section 'ppo': key 'max_steps'"),
+    ({"methods": ["seqgan"], "max_steps": 3, "seqgan": {"d_pretrain_rounds": 3}}, "key 'd_pretrain_rounds'"),
+    ({"grpo": {"gradient_accumulation_steps": 2}}, "section 'grpo': key 'gradient_accumulation_steps'"),
+    ({"methods": ["dpo"], "dpo": {"max_steps": 100}}, "section 'dpo': key 'max_steps'"),
+    ({"methods": ["sft"], "sft": {"batch_size": 64}}, "section 'sft': key 'batch_size'"),
 ])
 def test_bad_settings_name_the_culprit(tmp_path, overrides, fragment):
     with pytest.raises(UserError, match=fragment):

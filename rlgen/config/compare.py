@@ -40,6 +40,19 @@ STAGE_CONFIGS = {"sft": SFTConfig, "ppo": PPOConfig, "seqgan": SeqGANConfig}
 # Default learning rates (full fine-tuning, LoRA), overridable per method; LoRA adapters take ~10-30x larger steps.
 DEFAULT_LR = {"sft": (2e-5, 2e-4), "ppo": (1e-5, 3e-4), "seqgan": (1e-5, 1e-4), "grpo": (1e-5, 3e-4),
               "rloo": (1e-5, 3e-4), "dpo": (5e-6, 1e-4)}
+# Keys of a method's own section that would change how many completions it generates (sft: how many replies it
+# trains on; dpo and sft: how many it takes per step), which the comparison sets from max_steps, batch_size and
+# num_generations for every method alike: refused in a section. How a method uses its completions stays its own
+# (e.g. ppo_epochs, mini_batch_size).
+BUDGET_KEYS = {
+    "sft": ("max_steps", "batch_size", "gradient_accumulation_steps"),
+    "ppo": ("max_steps", "batch_size"),
+    "seqgan": ("max_steps", "batch_size", "g_steps", "d_steps", "d_pretrain_rounds", "d_negatives", "mle_steps"),
+    "grpo": ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+             "generation_batch_size", "steps_per_generation", "num_iterations"),
+    "dpo": ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"),
+}
+BUDGET_KEYS["rloo"] = BUDGET_KEYS["grpo"]
 # Settings that may change between invocations on the same output folder (they do not change any result).
 MAY_CHANGE = ("methods", "seeds", "output_dir", "overwrite_output_dir", "threads")
 
@@ -55,7 +68,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     methods: list[str] = opt(["sft", "ppo", "grpo"], f"methods to compare, from: {', '.join(METHODS)}")
     seeds: list[int] = opt([0, 1, 2], "one run per method and seed")
     max_steps: int = opt(8, "budget: each run generates at most max_steps x batch_size completions (see "
-                            "rlgen/compare.py)")
+                            "rlgen/compare.py); a method's section cannot change its budget")
     batch_size: int = opt(8, "completions generated per policy update")
     num_generations: int = opt(4, "grpo/rloo: completions per prompt (must divide batch_size)")
     kl_coef: float = opt(0.05, "KL coefficient to the starting model for ppo, grpo, rloo and seqgan")
@@ -96,6 +109,12 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
         at_least(self, 1, "max_steps", "batch_size", "bon_n")
         at_least(self, 0, "threads", "samples_shown", "eval_steps")
         check_dtype(self)
+        for method in SECTION_METHODS:
+            budget = next((k for k in BUDGET_KEYS[method] if k in getattr(self, method)), None)
+            if budget:
+                raise UserError(f"compare section '{method}': key '{budget}' would change this method's budget, which "
+                                "every method shares (at most max_steps x batch_size completions, see "
+                                "rlgen/compare.py): set max_steps, batch_size or num_generations at the top level")
         if any(m in self.methods for m in ("grpo", "rloo")) and (
                 self.num_generations < 2 or self.batch_size % self.num_generations):
             raise UserError(f"num_generations {self.num_generations} must be at least 2 and divide batch_size "
