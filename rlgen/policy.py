@@ -472,9 +472,10 @@ class Policy(nn.Module):
 
     # ---- persistence --------------------------------------------------------------------------------------
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, value_head: bool = True) -> Path:
         """Write a Hugging Face model folder (LoRA merged; the adapter also in `adapter/`), the tokenizer,
-        the value head (`value_head.safetensors`) and the critic trunk (`critic/`) if any.
+        the value head (`value_head.safetensors`; `value_head=False` for a stage that never trained it, whose
+        head is the untrained zeros) and the critic trunk (`critic/`) if any.
         `AutoModelForCausalLM.from_pretrained(folder)` loads the policy."""
         from safetensors.torch import save_file
 
@@ -487,8 +488,9 @@ class Policy(nn.Module):
         else:
             self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
-        save_file(state, str(folder / VALUE_HEAD_FILE))
+        if value_head:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+            save_file(state, str(folder / VALUE_HEAD_FILE))
         if self.critic is not None:
             self.critic.save_pretrained(folder / "critic")
         return folder

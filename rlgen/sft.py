@@ -87,13 +87,13 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
     start = time.perf_counter()
     resume = cfg.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
-    # 4. save the final policy (a plain Hugging Face folder plus the value head)
+    # 4. save the final policy (a plain Hugging Face folder)
     policy.model = trainer.model
     policy.model.eval()
     # TRL's SFTTrainer replaces the model's forward with a closure over the original bound method (its fused LM
     # head): a deepcopy of the model (SeqGAN's reference and rollout policy) would run this model's weights.
     vars(policy.model.get_base_model() if policy.is_peft else policy.model).pop("forward", None)
     if trainer.is_world_process_zero():
-        policy.save(out)
+        policy.save(out, value_head=False)  # SFT trains no value head
     print(f"[rlgen] sft: {cfg.max_steps} steps in {time.perf_counter() - start:.0f}s; model saved to {out}")
     return policy

@@ -14,7 +14,7 @@ TRL trains, as `Policy.sample` hides it) from prompts rendered and tokenised as 
 prompts and random state, TRL's generation and `Policy.sample` draw the same tokens). Rewards are called as rlgen's PPO calls
 them: raw prompt (text or messages), stripped completion, `completion_ids` and the dataset's other columns.
 
-Outputs in `output_dir`: the trained policy (`Policy.save`, LoRA merged), `metrics.jsonl` (one row per step, rlgen's
+Outputs in `output_dir`: the trained policy (`Policy.save`, LoRA merged, no value head), `metrics.jsonl` (one row per step, rlgen's
 metric names plus `completions/generated`) and, for DPO, `preference_pairs.jsonl` (the ranked pairs it trained on).
 With `eval_steps`, every that many optimiser steps the shared evaluator (`eval_config`: prompts, rewards, gold
 rewards, sampling) scores the live policy against the starting model, with the random streams left untouched (so
@@ -294,7 +294,7 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
         trainer.train()
     train_s = sample_s + time.perf_counter() - start
 
-    Policy(trainer.model.eval(), tok, reference=False).save(out)
+    Policy(trainer.model.eval(), tok, reference=False).save(out, value_head=False)  # TRL trains none
     if method == "dpo":
         curve = [{"step": 0, "completions": seen["completions"], **sampled_means}]
     else:

@@ -36,7 +36,7 @@ def test_sft_lowers_the_loss_and_changes_parameters(tmp_path):
     changed = [k for k in after if not torch.equal(after[k], before[k])]
     assert len(changed) > len(after) // 2
     assert (tmp_path / "sft" / "config.yaml").is_file()
-    assert (tmp_path / "sft" / "value_head.safetensors").is_file()
+    assert not (tmp_path / "sft" / "value_head.safetensors").exists()  # SFT trains no value head
 
 
 def test_sft_with_lora_trains_only_the_adapter(tmp_path):

@@ -64,6 +64,7 @@ def test_online_methods_budget_metrics_and_saved_policy(method, tiny_folder, sta
     # the optimised score is the weighted proxy alone: the gold reward (weight 0) is not in it
     assert all(r["objective/scores"] == pytest.approx(r["rewards/words/mean"]) for r in rows)
     assert changed(start_weights, weights_of(tmp_path))
+    assert not (tmp_path / "value_head.safetensors").exists()  # TRL trains no value head
 
 
 def test_lora_run_saves_a_merged_changed_policy(tiny_folder, start_weights, tmp_path):
