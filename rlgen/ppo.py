@@ -55,6 +55,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import json
 import math
 import random
 import time
@@ -137,10 +138,11 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _write_samples(path: Path, prompts: list[str], before: list[str], after: list[str], steps: int) -> None:
+def _write_samples(path: Path, prompts: list, before: list[str], after: list[str], steps: int) -> None:
     lines = ["# PPO samples", "", f"The same prompts before the first update and after update {steps}.", ""]
     for i, (prompt, old, new) in enumerate(zip(prompts, before, after), 1):
-        lines += [f"## {i}", "", f"**prompt:** {prompt}", "", f"**before:** {old}", "", f"**after:** {new}", ""]
+        shown = prompt if isinstance(prompt, str) else json.dumps(prompt)  # messages as JSON, as the report shows them
+        lines += [f"## {i}", "", f"**prompt:** {shown}", "", f"**before:** {old}", "", f"**after:** {new}", ""]
     path.write_text("\n".join(lines))
 
 
@@ -424,6 +426,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
                 progress.close()
                 raise TrainingInterrupted(signum, update, last_checkpoint.resolve())
 
+    train_s = time.perf_counter() - start  # what the progress bar spans: this run's updates and evaluations
     # Save the policy, the curves and before/after samples (main process only). The Adam moments (twice the
     # trainable weights) are freed first, so this end-of-run work does not raise the peak memory.
     adam.state.clear()
@@ -433,7 +436,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
         _plot_curves(history, out / "ppo_curves.png")
         after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
-        print(f"[rlgen] ppo: {cfg.max_steps} updates in {time.perf_counter() - start:.0f}s; model saved to {out}")
+        print(f"[rlgen] ppo: {cfg.max_steps - done} updates in {train_s:.0f}s, then {time.perf_counter() - start - train_s:.0f}s "
+              f"saving and sampling; model saved to {out}")
     # Drop the DDP wrapper while the process group is still registered, and give gloo's worker thread a moment
     # to release its last work (it needs the GIL): destroying the group as the last reference to it goes
     # away can otherwise deadlock a process at exit (seen with 2 CPU processes, torch 2.13).

@@ -317,6 +317,8 @@ def test_trl_reward_functions_run_unchanged_in_ppo_and_the_evaluator(tiny_folder
                                                    for f in ("overlong", "repetition", "solved"))]
     train_ppo(small_config(tiny_folder, tmp_path / "ppo", dataset=str(data), reward=specs))
     names = ["think_format_reward", "overlong", "repetition", "solved"]
+    shown = (tmp_path / "ppo" / "samples.md").read_text()  # conversational prompts as JSON messages, not a repr
+    assert '**prompt:** [{"role": "system", "content": "answer"}, {"role": "user", "content": "say' in shown
     for row in read_jsonl(tmp_path / "ppo" / "metrics.jsonl"):
         assert row["rewards/solved/mean"] == 1.0 and all(f"rewards/{n}/mean" in row for n in names)
     args = ["evaluate", "--model", str(tmp_path / "ppo"), "--dataset", str(data), "--split", "train",
@@ -327,3 +329,25 @@ def test_trl_reward_functions_run_unchanged_in_ppo_and_the_evaluator(tiny_folder
     for s in samples:  # completion_ids are the sampled tokens, EOS included
         assert s["rewards"]["overlong"] == pytest.approx(min(0.0, (4 - s["length"]) / 4))
         assert s["rewards"]["solved"] == 1.0 and s["rewards"]["think_format_reward"] == 0.0
+
+
+def test_the_summary_time_spans_the_updates_as_the_progress_bar_does(tiny_folder, tmp_path, monkeypatch, capsys):
+    """The summary's seconds are the updates' (what the progress bar shows), the saving and samples after them
+    separate: a clock that jumps 1000 s while the curves are drawn shows in the second number only."""
+    import time
+
+    import rlgen.ppo
+
+    jump = {"s": 0.0}
+    perf_counter, plot = time.perf_counter, rlgen.ppo._plot_curves
+
+    def slow_plot(*args):
+        jump["s"] += 1000.0
+        return plot(*args)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: perf_counter() + jump["s"])
+    monkeypatch.setattr(rlgen.ppo, "_plot_curves", slow_plot)
+    train_ppo(small_config(tiny_folder, tmp_path / "ppo"))
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[rlgen] ppo:")]
+    updates_s, after_s = (float(x.split("s")[0]) for x in (line.split(" in ")[1], line.split(", then ")[1]))
+    assert line.startswith("[rlgen] ppo: 2 updates in ") and updates_s < 1000 <= after_s, line
