@@ -183,7 +183,7 @@ def test_run_ends_with_a_comparison(tmp_path, capsys):
                     "reward": ["target_length(target=3)"], "evaluate": {"num_prompts": 4}}}))
     assert main(["run", "--config", str(config), "--compare.max_steps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "| dpo |" in out and "report.html" in out
+    assert "| dpo " in out and "report.html" in out  # "| dpo † |" when its policy barely moved
     dpo = json.loads((tmp_path / "run" / "compare" / "runs" / "dpo" / "seed0" / "result.json").read_text())
     assert dpo["completions"] == 8  # --compare.max_steps 2 x batch_size 4
 
