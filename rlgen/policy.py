@@ -214,11 +214,19 @@ class Policy(nn.Module):
         self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
         # After the reference copy above, which must not carry the hooks.
         self._recorder = _StepRecorder()
-        self._hooks = [self.base_model.register_forward_hook(self._recorder.on_logits, with_kwargs=True)]
-        trunk = self.base_model.base_model  # the transformer under the LM head (the model itself if it has none)
-        self._hidden_hooked = trunk is not self.base_model
-        if self._hidden_hooked:
-            self._hooks.append(trunk.register_forward_hook(self._recorder.on_hidden))
+        self._hidden_hooked = self.base_model.base_model is not self.base_model
+        self._hooks = []
+        self.add_hooks()
+
+    def add_hooks(self) -> None:
+        """Register the forward hooks `sample` reads log-probs and values through (construction does), unless they
+        are on. Always this Policy's one recorder: a decoding step compiled earlier keeps calling the hooks it was
+        compiled with (torch.compile skips hook guards)."""
+        if self._hooks:
+            return
+        self._hooks.append(self.base_model.register_forward_hook(self._recorder.on_logits, with_kwargs=True))
+        if self._hidden_hooked:  # the transformer under the LM head
+            self._hooks.append(self.base_model.base_model.register_forward_hook(self._recorder.on_hidden))
         # generate's prefill hands the LM head the [B, 1, H] slice of [B, P, H]; torch's CPU matmul does not fold
         # that strided input into one matrix product but multiplies B broadcast copies of the head's weight
         # (measured: 1 s of a 5 s bf16 rollout of the default model, 0.1 s in fp32)
@@ -227,8 +235,8 @@ class Policy(nn.Module):
             self._hooks.append(head.register_forward_pre_hook(_contiguous_input))
 
     def remove_hooks(self) -> None:
-        """Take this Policy's forward hooks off its model (for a Policy wrapped around a model that something else
-        goes on training, e.g. TRL's); it cannot `sample` afterwards."""
+        """Take this Policy's forward hooks off its model, for a model that something else goes on training (TRL's
+        trainers): their forward passes then run no hook. `sample` needs them back (`add_hooks`)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

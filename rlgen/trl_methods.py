@@ -194,18 +194,15 @@ def _recorder(writer: MetricsWriter, names: dict, seen: dict, rows: list):
     return Record()
 
 
-def _evaluation(evaluator, model, tokenizer, reference, eval_steps: int, writer: MetricsWriter, seen: dict,
-                rows: list):
-    """A TrainerCallback running `evaluator` on the live `model` every `eval_steps` optimiser steps, through a
-    Policy (reference: `reference`, or the disabled adapter under LoRA) whose forward hooks are removed again
-    after each evaluation, so that training's forward passes do not run them."""
+def _evaluation(evaluator, live: Policy, eval_steps: int, writer: MetricsWriter, seen: dict, rows: list):
+    """A TrainerCallback running `evaluator` on `live` (a Policy around the model TRL trains, its hooks off) every
+    `eval_steps` optimiser steps, its forward hooks on only meanwhile: training's forward passes run none."""
     from transformers import TrainerCallback
 
     class Evaluate(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.is_world_process_zero and state.global_step % eval_steps == 0:
-                with preserved_rng():  # building the Policy (its value head) draws random numbers
-                    live = Policy(model, tokenizer, reference=False, ref_model=reference)
+                live.add_hooks()
                 try:
                     row = evaluator.along_training(live, state.global_step, seen["completions"])
                 finally:
@@ -281,11 +278,12 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
     trainer.add_callback(quiet_progress())
     if evaluator:
         # trainer.model is the model TRL trains (under LoRA its PEFT wrapper, whose disabled adapter is the
-        # reference); loading the reference draws random numbers that training must not see
+        # reference); building the Policy and loading the reference draw random numbers that training must not see
         with preserved_rng():
             reference = None if peft_config else load_model(model, seed=seed)[0].to(default_device())
-        trainer.add_callback(_evaluation(evaluator, trainer.model, tok, reference, eval_steps, MetricsWriter(out),
-                                         seen, evals))
+            live = Policy(trainer.model, tok, reference=False, ref_model=reference)
+        live.remove_hooks()
+        trainer.add_callback(_evaluation(evaluator, live, eval_steps, MetricsWriter(out), seen, evals))
     start = time.perf_counter()
     # TRL's log-probs ignore the logits processors a model folder's generation_config would add (min_p,
     # suppress_tokens, ...; transformers fills the fields TRL leaves None from it): sample as Policy.sample does

@@ -383,3 +383,21 @@ def test_half_precision_lora_samples_through_the_adapter_unmerged(tiny_tokenizer
     T = ro.completion_ids.shape[1]
     logprobs, _, _ = policy.forward(ro.input_ids, ro.attention_mask, T)
     assert torch.equal(ro.logprobs, logprobs * ro.completion_mask)
+
+
+def test_hooks_come_off_for_someone_elses_training_and_back_for_sampling(tiny_policy):
+    """remove_hooks leaves the model without the Policy's forward hooks (TRL trains it meanwhile); add_hooks puts
+    the same recorder back once, and sampling reads its log-probs through it again."""
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_policy.model.modules())
+
+    on = hooks()
+    tiny_policy.remove_hooks()
+    assert on == 3 and hooks() == 0
+    tiny_policy.add_hooks()
+    tiny_policy.add_hooks()
+    assert hooks() == on
+    torch.manual_seed(0)
+    ro = tiny_policy.sample(PROMPTS, SamplingConfig(max_new_tokens=6), with_values=False)
+    logprobs, _, _ = tiny_policy.forward(ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1])
+    torch.testing.assert_close(ro.logprobs, logprobs * ro.completion_mask, atol=1e-5, rtol=1e-5)
