@@ -24,6 +24,7 @@ from rlgen.config.stages import (
     SFTConfig,
     at_least,
     check_dtype,
+    check_no_reference,
     check_rewards,
     lora_kwargs,
 )
@@ -151,6 +152,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
 
     def eval_config(self, model: str, output_dir: Path, seed: int) -> EvalConfig:
         """The shared evaluator's config for one run (same prompts, rewards and sampling for every method)."""
+        check_no_reference(self.evaluate, "compare section 'evaluate'")
         values = {"model": model, "output_dir": str(output_dir), "dataset": self.dataset, "seed": seed,
                   "threads": self.threads, "dtype": self.dtype, "overwrite_output_dir": True, "reward": self.reward,
                   "reward_weights": self.reward_weights, "gold_reward": self.gold_reward, "num_prompts": 32,
@@ -189,6 +191,8 @@ class RunConfig(CommonConfig):
         common.pop("output_dir")
         values = {**common, **getattr(self, section), "output_dir": str(output_dir), "model": model}
         cls = EvalConfig if section == "evaluate" else STAGE_CONFIGS[section]
+        if section == "evaluate":
+            check_no_reference(self.evaluate, "run config, section 'evaluate'")
         return build_config(cls, values, f"run config, section '{section}'")
 
     def compare_config(self) -> CompareConfig:

@@ -142,6 +142,9 @@ class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
     num_prompts: int = opt(64, "number of prompts (the first N of the split)")
     batch_size: int = opt(16, "prompts per generation batch")
     self_bleu_max_texts: int = opt(200, "self-BLEU uses at most this many completions (quadratic cost)")
+    reference: str = opt("", "reference model of eval/kl and eval/perplexity_ref: default, tiny, a folder or a Hub "
+                             "id; '' (default): the model a run folder's config.yaml started from (its 'model' "
+                             "key) when model is such a folder, else the model itself")
 
     def check(self) -> None:
         CommonConfig.check(self)
@@ -151,9 +154,17 @@ class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
         at_least(self, 2, "self_bleu_max_texts")
 
     def own_options(self) -> dict:
-        """Its options beyond CommonConfig's: what a training run's `evaluate` option holds."""
-        common = {f.name for f in dataclasses.fields(CommonConfig)}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in common}
+        """Its options beyond CommonConfig's and the reference: what a training run's `evaluate` option holds."""
+        common = {f.name for f in dataclasses.fields(CommonConfig)} | {"reference"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in common}
+
+
+def check_no_reference(section: dict, where: str) -> None:
+    """UserError for a `reference` in the evaluations of a run or comparison: theirs is the starting model, so
+    that every evaluation of it compares directly."""
+    if "reference" in section:
+        raise UserError(f"{where}: key 'reference' cannot be set here: these evaluations are against the starting "
+                        "model (rlgen evaluate takes --reference)")
 
 
 @dataclass(frozen=True)
@@ -242,6 +253,7 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
         common = next((k for k in self.evaluate if k in {f.name for f in dataclasses.fields(CommonConfig)}), None)
         if common:
             raise UserError(f"evaluate: '{common}' is this run's own setting, not an option of its evaluations")
+        check_no_reference(self.evaluate, "evaluate")
         values = {"model": self.model, "output_dir": str(Path(self.output_dir) / "eval_steps"),
                   "dataset": self.dataset, "seed": self.seed, "threads": self.threads, "dtype": self.dtype,
                   "reward": self.reward, "reward_weights": self.reward_weights,
