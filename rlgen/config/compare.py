@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlgen.config.fields import opt
+from rlgen.config.fields import is_rows, opt
 from rlgen.config.loader import build_config
 from rlgen.config.stages import (
+    DATASET_HELP,
     DTYPE_HELP,
     CommonConfig,
     EvalConfig,
@@ -23,6 +24,7 @@ from rlgen.config.stages import (
     SeqGANConfig,
     SFTConfig,
     at_least,
+    check_dataset,
     check_dtype,
     check_no_reference,
     check_rewards,
@@ -52,7 +54,8 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     model: str = opt("default", "starting model of every method: default (embedded SmolLM2-135M-Instruct), tiny, "
                                 "a folder or a Hub id")
     output_dir: str = opt("runs/compare", "folder for every run, the tables, the plots and report.html")
-    dataset: str = opt("chitchat", "prompts for training (train split) and evaluation (see evaluate.split)")
+    dataset: str = opt("chitchat", "prompts for training (train split) and evaluation (see evaluate.split): "
+                                   + DATASET_HELP, python=is_rows)
     methods: list[str] = opt(["sft", "ppo", "grpo"], f"methods to compare, from: {', '.join(METHODS)}")
     seeds: list[int] = opt([0, 1, 2], "one run per method and seed")
     max_steps: int = opt(8, "budget: each run generates at most max_steps x batch_size completions (see "
@@ -66,7 +69,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     learning_rate: float | None = opt(None, "learning rate of every method (default: each method's own, see "
                                             "DEFAULT_LR in rlgen/config/compare.py)")
     max_new_tokens: int = opt(32, "tokens to generate per completion, in training and evaluation")
-    gold_reward: list[str] = opt([], "gold reward(s): scored by the evaluator, never optimised")
+    gold_reward: list[str] = opt([], "gold reward(s): scored by the evaluator, never optimised", python=callable)
     samples_shown: int = opt(3, "prompts whose completions the report shows for every method")
     eval_steps: int = opt(0, "ppo, grpo, rloo, dpo: also run the evaluation (the same as the final one) every N "
                              "optimiser steps, kept in each run's result.json under evals (0: off; sft and seqgan "
@@ -96,6 +99,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
             raise UserError("methods and seeds must not repeat")
         at_least(self, 1, "max_steps", "batch_size", "bon_n")
         at_least(self, 0, "threads", "samples_shown", "eval_steps")
+        check_dataset(self)
         check_dtype(self)
         if any(m in self.methods for m in ("grpo", "rloo")) and (
                 self.num_generations < 2 or self.batch_size % self.num_generations):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from rlgen.config.fields import build_config, convert, fields_of
+from rlgen.config.fields import build_config, convert, fields_of, recorded
 from rlgen.config.stages import CommonConfig
 from rlgen.errors import UserError
 
@@ -113,7 +113,9 @@ def with_section_overrides(config, overrides: dict[str, dict]):
 
 
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """The config's values as config.yaml records them (`recorded`: a reward callable by its name, rows given in
+    Python by their size and hash); no deep copy, so a loaded reward model is not copied."""
+    return {f.name: recorded(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
 def save_config(config, folder: str | Path, name: str = "config.yaml") -> Path:

@@ -267,8 +267,11 @@ def load_reward(spec):
     return name, _bind(name, fn, kwargs)
 
 
-def reward_name(spec: str) -> str:
-    """The name ``load_reward(spec)`` gives a valid spec, without loading it (no model, no file run)."""
+def reward_name(spec) -> str:
+    """The name ``load_reward(spec)`` gives a valid spec (or a callable), without loading it (no model, no file
+    run)."""
+    if callable(spec):
+        return load_reward(spec)[0]
     spec = spec.strip()
     target = spec if Path(spec).is_dir() else _split_spec(spec)[0]
     if Path(target).is_dir():
