@@ -7,8 +7,9 @@ The Python API, for notebooks and scripts (names are imported on first use, so `
     def brevity(prompts, completions, **kwargs):
         return [-len(c.split()) / 10 for c in completions]
 
-    cfg = PPOConfig(model="tiny", output_dir="runs/nb", max_steps=2, batch_size=4, mini_batch_size=4)
-    policy = train_ppo(cfg, rewards=[brevity])
+    cfg = PPOConfig(model="tiny", output_dir="runs/nb", max_steps=2, batch_size=4, mini_batch_size=4,
+                    reward=[brevity])
+    policy = train_ppo(cfg)
     print(evaluate_policy(policy, ["Hi!", "How are you?"], [brevity], SamplingConfig(max_new_tokens=8)))
 """
 

@@ -27,6 +27,8 @@ from rlgen.config import (
     add_arguments,
     parse_section_overrides,
     parse_stage_config,
+    section_names,
+    with_section_overrides,
 )
 from rlgen.errors import UserError
 
@@ -65,13 +67,10 @@ def _evaluate(cfg: EvalConfig) -> None:
 
 
 def _compare(args: argparse.Namespace, extra: list[str]) -> None:
-    import dataclasses
-
     from rlgen.compare import run_compare
 
     overrides = parse_section_overrides(extra, ("evaluate", *SECTION_METHODS))
-    cfg = parse_stage_config(CompareConfig, args, args.config, section="compare")
-    cfg = dataclasses.replace(cfg, **{k: {**getattr(cfg, k), **v} for k, v in overrides.items()})
+    cfg = with_section_overrides(parse_stage_config(CompareConfig, args, args.config, section="compare"), overrides)
     paths = run_compare(cfg)
     print(paths["comparison_md"].read_text())
     print(f"[rlgen] comparison report: {paths['html']}")
@@ -124,11 +123,13 @@ def _dispatch(argv: list[str]) -> None:
     if args.command == "compare":
         _compare(args, extra)
         return
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = f"{args.command} {args.action}" if args.command == "reward-model" else args.command
     cls, _, target = STAGES[name]
+    if extra and not section_names(cls):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    overrides = parse_section_overrides(extra, section_names(cls))  # e.g. ppo's --evaluate.num_prompts 8
     cfg = parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_"))
+    cfg = with_section_overrides(cfg, overrides)
     _run_function(target)(cfg)
 
 

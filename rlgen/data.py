@@ -13,8 +13,10 @@ import csv
 import hashlib
 import importlib.util
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
+from rlgen.config.fields import rows_name
 from rlgen.errors import UserError
 from rlgen.files import cache_dir, read_jsonl, write_jsonl
 
@@ -104,8 +106,38 @@ def _read_file(path: Path) -> list[dict]:
     raise UserError(f"dataset {path}: unsupported file type (use .jsonl, .csv or a datasets folder)")
 
 
-def read_rows(path: str | Path, columns: tuple[str, ...] = ()) -> list[dict]:
-    """Every row of one .jsonl/.csv file, all splits together; UserError for a missing, empty or bad file."""
+def _given_rows(dataset, split: str | None) -> list[dict]:
+    """Rows given in Python (`rlgen.config.fields.is_rows`): a mapping of splits (a DatasetDict) gives `split`'s;
+    a Dataset or a list of dicts gives all its rows (`split` None) or those `split_of` puts in `split`, as a
+    single file's."""
+    name = rows_name(dataset)
+    if isinstance(dataset, Mapping):
+        if split is None or split not in dataset:
+            raise UserError(f"dataset {name} has no split '{split}' (has {sorted(dataset)})")
+        dataset = dataset[split]
+        split = None
+    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    bad = next((r for r in rows if not isinstance(r, Mapping)), None)
+    if bad is not None:
+        raise UserError(f"dataset {name}: rows must be dicts of column: value, got {type(bad).__name__}")
+    if not rows:
+        raise UserError(f"dataset {name} is empty")
+    if split is not None:
+        rows = [r for r in rows if split_of(row_key(r)) == split]
+        if not rows:
+            raise UserError(f"dataset {name}: no row falls in the {split} split (rows are split by a hash of each "
+                            f"prompt: ~90% train, ~5% validation, ~5% test); give more rows or a DatasetDict with a "
+                            f"'{split}' split")
+    return [dict(r) for r in rows]
+
+
+def read_rows(path, columns: tuple[str, ...] = ()) -> list[dict]:
+    """Every row of one .jsonl/.csv file (or of rows given in Python), all splits together; UserError for a
+    missing, empty or bad file."""
+    if not isinstance(path, (str, Path)):
+        rows = _given_rows(path, None)
+        _check_columns(rows_name(path), rows, columns)
+        return rows
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"dataset {path} does not exist")
@@ -139,14 +171,19 @@ def _read_folder(path: Path, split: str) -> list[dict]:
     return ds.to_list()
 
 
-def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = ("prompt",)) -> list[dict]:
-    """Rows of `dataset` (`chitchat`, a .jsonl/.csv file, or a folder) that must have `columns`.
+def load_rows(dataset, split: str = "train", columns: tuple[str, ...] = ("prompt",)) -> list[dict]:
+    """Rows of `dataset` (`chitchat`, a .jsonl/.csv file, a folder, or rows given in Python) that must have `columns`.
 
     A folder holds its splits (`train.jsonl`, `test.csv`, ... or a saved datasets folder); a single file is split
     by `split_of(row_key(row))` as the demo data is by conversation, so evaluation never scores training prompts.
-    Raises UserError naming the file for a missing file, an empty dataset or split, or a missing column.
+    From Python, a DatasetDict (or a dict of splits) holds its splits, and a Dataset or a list of dicts is split as
+    a single file is. Raises UserError naming the file for a missing file, an empty dataset or split, or a missing
+    column.
     """
-    if dataset in ("chitchat", "default"):
+    if not isinstance(dataset, str):
+        path = rows_name(dataset)
+        rows = _given_rows(dataset, split)
+    elif dataset in ("chitchat", "default"):
         path = chitchat_folder()
         rows = read_jsonl(path / f"{split}.jsonl")
     else:
@@ -167,12 +204,14 @@ def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = ("p
     return rows
 
 
-def held_out_note(dataset: str, split: str, n: int) -> str:
+def held_out_note(dataset, split: str, n: int) -> str:
     """Which prompts an evaluation used and how they were kept apart from training, for reports."""
-    path = Path(dataset).expanduser()
-    if dataset in ("chitchat", "default"):
+    if not isinstance(dataset, str):
+        how = "its own split" if isinstance(dataset, Mapping) else "rows given in Python, split by a hash of each prompt"
+        dataset = rows_name(dataset)
+    elif dataset in ("chitchat", "default"):
         how = "split by a hash of the conversation id"
-    elif path.is_file():
+    elif Path(dataset).expanduser().is_file():
         how = "a single file, split by a hash of each prompt"
     else:
         how = "the folder's own split"
@@ -180,10 +219,11 @@ def held_out_note(dataset: str, split: str, n: int) -> str:
     return f"the first {n} prompts of the {split} split of {dataset} ({how}; {held})"
 
 
-def load_sft_rows(dataset: str, split: str = "train") -> list[dict]:
+def load_sft_rows(dataset, split: str = "train") -> list[dict]:
     """Rows with `text`, `messages` or `prompt` + `completion` (checked on the first row)."""
     rows = load_rows(dataset, split, columns=())
     if "text" not in rows[0] and "messages" not in rows[0] and not {"prompt", "completion"} <= set(rows[0]):
-        raise UserError(f"dataset {dataset} needs a 'text' column, a 'messages' column or 'prompt' and 'completion' "
+        name = dataset if isinstance(dataset, str) else rows_name(dataset)
+        raise UserError(f"dataset {name} needs a 'text' column, a 'messages' column or 'prompt' and 'completion' "
                         f"columns (has {sorted(rows[0])})")
     return rows

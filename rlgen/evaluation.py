@@ -21,6 +21,7 @@ Metrics (all under `eval/`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 
 from rlgen import metrics
 from rlgen.checkpoint import preserved_rng
-from rlgen.config import EvalConfig, SamplingConfig, save_config
+from rlgen.config import EvalConfig, SamplingConfig, load_yaml, save_config
 from rlgen.data import held_out_note, load_rows
 from rlgen.files import write_jsonl
 from rlgen.models import default_device, resolve_dtype, set_threads
@@ -172,13 +173,30 @@ class Evaluator:
         return {"completions/generated": completions, **metrics}
 
 
+def reference_of(cfg: EvalConfig) -> tuple[str, str]:
+    """The reference model of an evaluation and where it comes from: `cfg.reference`, else the model a run folder's
+    config.yaml started from (an rlgen training run saves its options there), else the model itself."""
+    if cfg.reference:
+        return cfg.reference, "--reference"
+    saved = Path(cfg.model).expanduser() / "config.yaml"
+    if saved.is_file():
+        start = load_yaml(str(saved)).get("model")
+        if isinstance(start, str) and start:
+            return start, f"the model {saved} started from; --reference to change"
+    return cfg.model, "the model itself: no run folder config.yaml names a starting model; --reference to change"
+
+
 def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int = 0) -> dict[str, float]:
-    """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`."""
+    """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`, against `ref_name`
+    (the pipeline's and compare's starting model) or else `reference_of(cfg)`."""
     set_threads(cfg.threads)
+    reference, why = (ref_name, "the starting model") if ref_name else reference_of(cfg)
+    cfg = dataclasses.replace(cfg, reference=reference)  # config.yaml records the reference used
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     save_config(cfg, out)
     evaluator = Evaluator(cfg)
     print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(evaluator.rows))}", flush=True)
-    metrics = evaluator(evaluator.load_policy(ref_name), out)
+    print(f"[rlgen] reference model (eval/kl, eval/perplexity_ref): {reference} ({why})", flush=True)
+    metrics = evaluator(evaluator.load_policy(reference), out)
     MetricsWriter(out).log(metrics, step=log_step)
     return metrics

@@ -199,12 +199,9 @@ def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy
     return path
 
 
-def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None = None) -> Policy:
-    """Train `cfg.model` (or the given policy) with PPO; save it to `cfg.output_dir`.
-
-    `rewards`: reward callables `f(prompts, completions, **kwargs)` or specs, used instead of `cfg.reward`
-    (weighted by `cfg.reward_weights`, one per reward, when given).
-    """
+def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
+    """Train `cfg.model` (or the given policy) with PPO on `cfg.reward` (specs or callables, weighted by
+    `cfg.reward_weights`); save it to `cfg.output_dir`."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
@@ -224,10 +221,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
     out = check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)
     set_seed(cfg.seed + rank)
-    reward_fns = [load_reward(spec) for spec in (cfg.reward if rewards is None else rewards)]
-    weights = cfg.reward_weights or None
-    if weights is not None and len(weights) != len(reward_fns):
-        raise UserError(f"reward_weights has {len(weights)} values for {len(reward_fns)} rewards")
+    reward_fns = [load_reward(spec) for spec in cfg.reward]
+    weights = cfg.reward_weights or None  # one per reward: PPOConfig checked that
     with accelerator.main_process_first():  # the first process fills the demo-data and model caches alone
         rows = load_rows(cfg.dataset, "train")
         with preserved_rng():  # loading the evaluation's rewards (a reward model) must not move training's streams

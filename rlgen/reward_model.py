@@ -40,12 +40,14 @@ import re
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rlgen.config import RewardModelConfig, save_config
+from rlgen.config.fields import recorded, rows_name
 from rlgen.data import load_rows, read_rows, row_key, split_of
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
@@ -168,22 +170,27 @@ def _checked_pairs(rows: list[dict], source: str) -> list[dict]:
     return out
 
 
-def load_preference_pairs(dataset: str) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) pairs from a preference file or folder (split rules in the module docstring)."""
-    path = Path(dataset).expanduser()
+def load_preference_pairs(dataset) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs from a preference file or folder, or rows given in Python (a DatasetDict keeps its
+    splits as a folder does; a Dataset or list of dicts is split as a file is; see the module docstring)."""
+    given = not isinstance(dataset, str)
+    keeps_splits = isinstance(dataset, Mapping) if given else Path(dataset).expanduser().is_dir()
+    name = rows_name(dataset) if given else dataset
     columns = PAIR_COLUMNS[1:]  # the prompt may be implicit (TRL)
-    heldout_split = next((s for s in ("validation", "test") if path.is_dir() and _has_split(path, s)), None)
+    heldout_split = next((s for s in ("validation", "test")
+                          if keeps_splits and (s in dataset if given else _has_split(Path(dataset).expanduser(), s))),
+                         None)
     if heldout_split is not None:
-        train = _checked_pairs(load_rows(dataset, "train", columns), dataset)
-        heldout = _checked_pairs(load_rows(dataset, heldout_split, columns), dataset)
+        train = _checked_pairs(load_rows(dataset, "train", columns), name)
+        heldout = _checked_pairs(load_rows(dataset, heldout_split, columns), name)
     else:  # a single file (or a folder with a train split only): held out by the hash every user file is split by
-        rows = _checked_pairs(load_rows(dataset, "train", columns) if path.is_dir() else read_rows(path, columns),
-                              dataset)
+        rows = _checked_pairs(load_rows(dataset, "train", columns) if keeps_splits else read_rows(dataset, columns),
+                              name)
         train = [r for r in rows if split_of(row_key(r)) == "train"]
         heldout = [r for r in rows if split_of(row_key(r)) != "train"]
     if not train or not heldout:
         which = "training" if not train else "held-out"
-        raise UserError(f"dataset {dataset}: no {which} pairs (a single file holds out ~10% of its prompts by a "
+        raise UserError(f"dataset {name}: no {which} pairs (a single file holds out ~10% of its prompts by a "
                         "hash; give more pairs or a folder with train and validation files)")
     return train, heldout
 
@@ -471,7 +478,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     writer.log({k: v for k, v in metrics.items() if v is not None}, step=trainer.state.global_step)
 
     summary = {
-        "model": cfg.model, "dataset": cfg.dataset, "output_dir": str(out), "gold_reward": cfg.gold_reward,
+        "model": cfg.model, "dataset": recorded(cfg.dataset), "output_dir": str(out), "gold_reward": cfg.gold_reward,
         "counts": {**available, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
                    "eval_texts": len(eval_texts) if gold is not None else 0, "calibration_texts": len(calibration)},
         "metrics": metrics, "normalisation": norm,

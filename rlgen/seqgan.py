@@ -56,7 +56,7 @@ from rlgen.checkpoint import (
     save_training_state,
     write_atomically,
 )
-from rlgen.config import SeqGANConfig, apply_preset, save_config
+from rlgen.config import SeqGANConfig, apply_preset, save_config, to_dict
 from rlgen.discriminator import discriminator, load_discriminator, train_discriminator
 from rlgen.errors import UserError
 from rlgen.files import read_jsonl, write_jsonl
@@ -208,7 +208,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     save_config(cfg, out)
     writer = MetricsWriter(out)
     total = _timer()
-    summary: dict = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("report_to",)}}
+    summary: dict = {"settings": {k: v for k, v in to_dict(cfg).items() if k not in ("report_to",)}}
 
     # 1. data and models (the text task leaves an unset generator to the SFT stage of phase 2, unless resuming)
     task = TASKS[cfg.task](cfg, out, writer, device, g, g_sample)

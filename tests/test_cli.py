@@ -125,3 +125,25 @@ def test_stage_command_reads_its_section_of_a_run_file(tmp_path):
     run_file.write_text("model: tiny\nstages: [ppo]\nppo:\n  max_stepz: 7\n")
     with pytest.raises(Exception, match="section 'ppo': unknown key 'max_stepz'"):
         _parse(PPOConfig, ["--config", str(run_file)], "ppo")
+
+
+def test_stage_sections_take_dotted_flags(monkeypatch, capsys):
+    """Before, `rlgen ppo --help` listed --evaluate but only `compare` took --evaluate.<key> VALUE."""
+    import rlgen.cli
+
+    ran = []
+    monkeypatch.setattr(rlgen.cli, "_run_function", lambda target: ran.append)
+    assert main(["ppo", "--model", "tiny", "--eval_steps", "2", "--evaluate.num_prompts", "3",
+                 "--evaluate.split", "validation"]) == 0
+    assert ran[0].evaluate == {"num_prompts": "3", "split": "validation"}
+    assert (ran[0].eval_config().num_prompts, ran[0].eval_config().split) == (3, "validation")
+    assert main(["ppo", "--evaluate.num_prompts", "x"]) == 2
+    assert "'evaluate': key 'num_prompts': expected an integer" in capsys.readouterr().err
+    assert main(["ppo", "--evaluat.num_prompts", "3"]) == 2
+    assert "unknown section 'evaluat'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a stage without sections refuses them as any unknown flag
+        main(["sft", "--evaluate.num_prompts", "3"])
+    assert "unrecognized arguments: --evaluate.num_prompts" in capsys.readouterr().err
+    # the help lists the dotted form, not a flag that cannot work
+    out = subprocess.run([sys.executable, "-m", "rlgen.cli", "ppo", "--help"], capture_output=True, text=True).stdout
+    assert "--evaluate.<key> VALUE" in out and "--evaluate EVALUATE" not in out

@@ -92,6 +92,10 @@ def test_no_import_circles():
     (RunConfig, {"stages": ["sft", "ppo"], "ppo": {"kl_estimator": "k5"}},
      "section 'ppo': kl_estimator must be k1 or k3"),
     (RunConfig, {"compare": {"seeds": []}}, "section 'compare': methods and seeds must each name at least one"),
+    # their evaluations are against the starting model, so that they compare directly
+    (PPOConfig, {"evaluate": {"reference": "tiny"}}, "key 'reference' cannot be set here"),
+    (CompareConfig, {"evaluate": {"reference": "tiny"}}, "compare section 'evaluate': key 'reference' cannot"),
+    (RunConfig, {"evaluate": {"reference": "tiny"}}, "section 'evaluate': key 'reference' cannot be set"),
 ])
 def test_configs_refuse_bad_values_naming_the_source(cls, values, message):
     with pytest.raises(UserError) as e:

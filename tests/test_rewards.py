@@ -246,6 +246,33 @@ def test_bad_specs(spec, fragments, reward_package):
         assert fragment in message
 
 
+def test_a_reward_factory_is_called_at_load_time():
+    """Before, the factory's arguments were bound to it and it failed when first called as a reward (after the
+    model loaded): a target that takes neither prompts/completions nor **kwargs is now a factory, called here."""
+    spec = "trl.rewards:get_soft_overlong_punishment(max_completion_len=16, soft_punish_cache=4)"
+    name, fn = load_reward(spec)
+    assert name == reward_name(spec) == "get_soft_overlong_punishment"
+    scores = fn(prompts=["p", "p"], completions=["a", "b"], completion_ids=[[1] * 10, [1] * 14])
+    assert scores == [0.0, -0.5]  # 14 tokens: 2 into the 4-token cache before 16
+
+
+def test_factory_errors_name_the_spec(tmp_path):
+    path = tmp_path / "factories.py"
+    path.write_text("def make(scale):\n    return lambda prompts, completions, **kw: [scale] * len(completions)\n"
+                    "def broken(scale):\n    raise ValueError('scale too big')\n"
+                    "def not_a_reward():\n    return 3\n"
+                    "def returns_a_factory():\n    return make\n")
+    assert load_reward(f"{path}:make(scale=2.0)")[1](["p"], ["c"]) == [2.0]
+    for target, fragments in [("make(scale=1, other=2)", ["unknown argument 'other'"]),
+                              ("make", ["reward factory", "TypeError", "scale"]),
+                              ("broken(scale=9)", ["reward factory", "ValueError: scale too big"]),
+                              ("not_a_reward", ["must return a reward", "returned 3"]),
+                              ("returns_a_factory", ["must return a reward", "takes neither"])]:
+        with pytest.raises(UserError) as info:
+            load_reward(f"{path}:{target}")
+        assert all(f in str(info.value) for f in [f"{path}:{target}", *fragments]), str(info.value)
+
+
 def test_file_without_function(tmp_path):
     path = tmp_path / "rewards_file.py"
     path.write_text("def other(prompts, completions, **kwargs):\n    return [0.0] * len(completions)\n")

@@ -93,6 +93,33 @@ def test_evaluate_writes_samples_summary_and_metrics(tmp_path, capsys):
     assert "eval/distinct_2" in capsys.readouterr().out
 
 
+def test_evaluate_takes_the_reference_a_run_folder_started_from(tmp_path, tiny_folder, tiny_tokenizer, capsys):
+    """Before, `rlgen evaluate --model <run folder>` compared the model with itself (eval/kl ~ 0): the reference is
+    now `--reference`, else the `model` its config.yaml names, and the evaluation prints which it is."""
+    import yaml
+
+    from rlgen.models import build_tiny_model
+    from rlgen.policy import Policy
+
+    (tmp_path / "prompts").mkdir()
+    data = _write_jsonl(tmp_path / "prompts" / "test.jsonl", [{"prompt": p["prompt"]} for p in PAIRS]).parent
+    run = tmp_path / "run"  # a "trained" model whose run started from tiny_folder
+    Policy(build_tiny_model(tiny_tokenizer, seed=1), tiny_tokenizer).save(run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_folder), "max_steps": 2}))
+    common = ["evaluate", "--model", str(run), "--dataset", str(data), "--num_prompts", "4", "--max_new_tokens", "6"]
+    kl = {}
+    for name, flags in [("default", []), ("given", ["--reference", str(tiny_folder)]),
+                        ("itself", ["--reference", str(run)])]:
+        assert main([*common, *flags, "--output_dir", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        reference = str(run) if name == "itself" else str(tiny_folder)
+        assert f"reference model (eval/kl, eval/perplexity_ref): {reference} (" in out
+        assert (f"the model {run / 'config.yaml'} started from" in out) == (name == "default")
+        kl[name] = json.loads((tmp_path / name / "eval_summary.json").read_text())["eval/kl"]
+        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["reference"] == reference
+    assert kl["default"] == kl["given"] and kl["default"] > 0.1 and abs(kl["itself"]) < 1e-4
+
+
 def test_run_pipeline_end_to_end(tmp_path, capsys):
     data = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
     cfg = tmp_path / "run.yaml"

@@ -25,7 +25,9 @@ from rlgen.config.loader import (
     parse_section_overrides,
     parse_stage_config,
     save_config,
+    section_names,
     to_dict,
+    with_section_overrides,
 )
 from rlgen.config.stages import (
     PRESETS,
@@ -47,5 +49,5 @@ __all__ = [
     "CommonConfig", "CompareConfig", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
     "RewardModelConfig", "RunConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
     "apply_preset", "build_config", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",
-    "parse_stage_config", "save_config", "to_dict",
+    "parse_stage_config", "save_config", "section_names", "to_dict", "with_section_overrides",
 ]

@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlgen.config.fields import opt
+from rlgen.config.fields import is_rows, opt
 from rlgen.config.loader import build_config
 from rlgen.config.stages import (
+    DATASET_HELP,
     DTYPE_HELP,
     CommonConfig,
     EvalConfig,
@@ -23,7 +24,9 @@ from rlgen.config.stages import (
     SeqGANConfig,
     SFTConfig,
     at_least,
+    check_dataset,
     check_dtype,
+    check_no_reference,
     check_rewards,
     lora_kwargs,
 )
@@ -64,7 +67,8 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     model: str = opt("default", "starting model of every method: default (embedded SmolLM2-135M-Instruct), tiny, "
                                 "a folder or a Hub id")
     output_dir: str = opt("runs/compare", "folder for every run, the tables, the plots and report.html")
-    dataset: str = opt("chitchat", "prompts for training (train split) and evaluation (see evaluate.split)")
+    dataset: str = opt("chitchat", "prompts for training (train split) and evaluation (see evaluate.split): "
+                                   + DATASET_HELP, python=is_rows)
     methods: list[str] = opt(["sft", "ppo", "grpo"], f"methods to compare, from: {', '.join(METHODS)}")
     seeds: list[int] = opt([0, 1, 2], "one run per method and seed")
     max_steps: int = opt(8, "budget: each run generates at most max_steps x batch_size completions (see "
@@ -78,7 +82,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     learning_rate: float | None = opt(None, "learning rate of every method (default: each method's own, see "
                                             "DEFAULT_LR in rlgen/config/compare.py)")
     max_new_tokens: int = opt(32, "tokens to generate per completion, in training and evaluation")
-    gold_reward: list[str] = opt([], "gold reward(s): scored by the evaluator, never optimised")
+    gold_reward: list[str] = opt([], "gold reward(s): scored by the evaluator, never optimised", python=callable)
     samples_shown: int = opt(3, "prompts whose completions the report shows for every method")
     eval_steps: int = opt(0, "ppo, grpo, rloo, dpo: also run the evaluation (the same as the final one) every N "
                              "optimiser steps, kept in each run's result.json under evals (0: off; sft and seqgan "
@@ -108,6 +112,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
             raise UserError("methods and seeds must not repeat")
         at_least(self, 1, "max_steps", "batch_size", "bon_n")
         at_least(self, 0, "threads", "samples_shown", "eval_steps")
+        check_dataset(self)
         check_dtype(self)
         for method in SECTION_METHODS:
             budget = next((k for k in BUDGET_KEYS[method] if k in getattr(self, method)), None)
@@ -170,6 +175,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
 
     def eval_config(self, model: str, output_dir: Path, seed: int) -> EvalConfig:
         """The shared evaluator's config for one run (same prompts, rewards and sampling for every method)."""
+        check_no_reference(self.evaluate, "compare section 'evaluate'")
         values = {"model": model, "output_dir": str(output_dir), "dataset": self.dataset, "seed": seed,
                   "threads": self.threads, "dtype": self.dtype, "overwrite_output_dir": True, "reward": self.reward,
                   "reward_weights": self.reward_weights, "gold_reward": self.gold_reward, "num_prompts": 32,
@@ -208,6 +214,8 @@ class RunConfig(CommonConfig):
         common.pop("output_dir")
         values = {**common, **getattr(self, section), "output_dir": str(output_dir), "model": model}
         cls = EvalConfig if section == "evaluate" else STAGE_CONFIGS[section]
+        if section == "evaluate":
+            check_no_reference(self.evaluate, "run config, section 'evaluate'")
         return build_config(cls, values, f"run config, section '{section}'")
 
     def compare_config(self) -> CompareConfig:

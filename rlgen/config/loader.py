@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from rlgen.config.fields import build_config, convert, fields_of
+from rlgen.config.fields import build_config, convert, fields_of, recorded
 from rlgen.config.stages import CommonConfig
 from rlgen.errors import UserError
 
@@ -32,12 +32,24 @@ def load_yaml(path: str) -> dict:
     return data
 
 
+def section_names(cls) -> tuple[str, ...]:
+    """The fields of `cls` that hold a section of options (a mapping), set as `--<section>.<key> VALUE`."""
+    hints = typing.get_type_hints(cls)
+    return tuple(name for name in fields_of(cls) if hints[name] is dict)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One `--key` flag per field, with the field's help; defaults are suppressed so we see what was given."""
+    """One `--key` flag per field, with the field's help; defaults are suppressed so we see what was given.
+    A section (a mapping) is listed as `--<section>.<key> VALUE`: its keys arrive as unknown arguments, for
+    `parse_section_overrides`."""
     hints = typing.get_type_hints(cls)
     for name, f in fields_of(cls).items():
         tp = hints[name]
         help_text = f"{f.metadata.get('help', '')} (default: {_default(f)!r})"
+        if tp is dict:
+            parser.add_argument(f"--{name}.<key>", default=argparse.SUPPRESS, metavar="VALUE", dest=name,
+                                help=f"{help_text}; each key is a flag of its own")
+            continue
         kwargs = dict(default=argparse.SUPPRESS, help=help_text, metavar=name.upper())
         if tp is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
@@ -95,8 +107,15 @@ def parse_section_overrides(extra: list[str], sections: tuple[str, ...]) -> dict
     return overrides
 
 
+def with_section_overrides(config, overrides: dict[str, dict]):
+    """`config` with each section's options updated by `overrides` ({section: {key: VALUE}}), checked again."""
+    return dataclasses.replace(config, **{k: {**getattr(config, k), **v} for k, v in overrides.items()})
+
+
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """The config's values as config.yaml records them (`recorded`: a reward callable by its name, rows given in
+    Python by their size and hash); no deep copy, so a loaded reward model is not copied."""
+    return {f.name: recorded(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
 def save_config(config, folder: str | Path, name: str = "config.yaml") -> Path:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlgen.config.fields import build_config, opt
+from rlgen.config.fields import build_config, is_rows, opt
 from rlgen.errors import UserError
 
 HUANG = "Huang et al. 2022, The N Implementation Details of RLHF with PPO"
@@ -25,6 +25,19 @@ DTYPE_HELP = ("model precision: auto (bfloat16 on a CUDA device that supports it
               "float16 or float32. ppo, evaluate: the models load in it (a LoRA adapter and the value head stay "
               "float32); sft, reward-model, TRL methods: mixed precision (bf16/fp16) over float32 weights; "
               "seqgan: float32 for now. Log-probs, values, KL, advantages and losses are float32")
+
+
+DATASET_HELP = ("chitchat (demo data), a .jsonl/.csv file or a folder; from Python also a datasets.Dataset or a "
+                "list of dicts (split as a single file is) or a DatasetDict (its own splits)")
+REWARD_HELP = ("reward(s): built-in name, package.module:fn, file.py:fn or a reward-model folder; repeatable; from "
+               "Python also a callable f(prompts, completions, **kwargs), recorded in config.yaml as module:name")
+
+
+def check_dataset(cfg) -> None:
+    """UserError for a dataset that is neither a name or path nor rows given in Python."""
+    if not isinstance(cfg.dataset, str) and not is_rows(cfg.dataset):
+        raise UserError(f"dataset must be a name, a file or folder, a datasets.Dataset/DatasetDict or a list of "
+                        f"dicts; got {type(cfg.dataset).__name__}")
 
 
 def check_dtype(cfg) -> None:
@@ -56,7 +69,7 @@ class CommonConfig:
 
     model: str = opt("default", "policy model: default (embedded SmolLM2-135M-Instruct), tiny, a folder or a Hub id")
     output_dir: str = opt("runs/latest", "folder for the resolved config, metrics.jsonl and the final model")
-    dataset: str = opt("chitchat", "chitchat (demo data), a .jsonl/.csv file or a folder")
+    dataset: str = opt("chitchat", DATASET_HELP, python=is_rows)
     max_steps: int = opt(20, "number of optimisation steps")
     seed: int = opt(0, "random seed (each process adds its rank)")
     save_steps: int = opt(0, "save a checkpoint every N steps (0: only at the end)")
@@ -72,6 +85,7 @@ class CommonConfig:
     def check(self) -> None:
         """UserError naming the first bad option (subclasses extend it)."""
         at_least(self, 0, "max_steps", "save_steps", "threads")
+        check_dataset(self)
         check_dtype(self)
 
 
@@ -122,12 +136,16 @@ def lora_kwargs(cfg) -> dict:
 
 @dataclass(frozen=True)
 class RewardConfigMixin:
-    reward: list[str] = opt(["sentiment_positive"], "reward(s): built-in name, package.module:fn, file.py:fn or a "
-                                                     "reward-model folder; repeatable")
+    reward: list[str] = opt(["sentiment_positive"], REWARD_HELP, python=callable)
     reward_weights: list[float] = opt([], "one weight per reward (default: all 1.0)")
 
 
 def check_rewards(cfg) -> None:
+    """Every reward (and gold reward) a spec or a callable; one weight per reward when weights are given."""
+    for name in ("reward", "gold_reward"):
+        bad = next((r for r in getattr(cfg, name, []) if not isinstance(r, str) and not callable(r)), None)
+        if bad is not None:
+            raise UserError(f"{name}: {bad!r} is neither a reward spec nor a callable")
     if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
         raise UserError(f"reward_weights has {len(cfg.reward_weights)} values for {len(cfg.reward)} rewards")
 
@@ -137,11 +155,14 @@ class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
     """`rlgen evaluate`: sample completions for held-out prompts and report eval/* metrics."""
 
     gold_reward: list[str] = opt([], "gold reward(s) reported as eval/gold/<fn>/* but never optimised "
-                                     "(e.g. the scorer that labelled a learned proxy reward)")
+                                     "(e.g. the scorer that labelled a learned proxy reward)", python=callable)
     split: str = opt("test", "dataset split whose prompts are used")
     num_prompts: int = opt(64, "number of prompts (the first N of the split)")
     batch_size: int = opt(16, "prompts per generation batch")
     self_bleu_max_texts: int = opt(200, "self-BLEU uses at most this many completions (quadratic cost)")
+    reference: str = opt("", "reference model of eval/kl and eval/perplexity_ref: default, tiny, a folder or a Hub "
+                             "id; '' (default): the model a run folder's config.yaml started from (its 'model' "
+                             "key) when model is such a folder, else the model itself")
 
     def check(self) -> None:
         CommonConfig.check(self)
@@ -151,9 +172,17 @@ class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
         at_least(self, 2, "self_bleu_max_texts")
 
     def own_options(self) -> dict:
-        """Its options beyond CommonConfig's: what a training run's `evaluate` option holds."""
-        common = {f.name for f in dataclasses.fields(CommonConfig)}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in common}
+        """Its options beyond CommonConfig's and the reference: what a training run's `evaluate` option holds."""
+        common = {f.name for f in dataclasses.fields(CommonConfig)} | {"reference"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in common}
+
+
+def check_no_reference(section: dict, where: str) -> None:
+    """UserError for a `reference` in the evaluations of a run or comparison: theirs is the starting model, so
+    that every evaluation of it compares directly."""
+    if "reference" in section:
+        raise UserError(f"{where}: key 'reference' cannot be set here: these evaluations are against the starting "
+                        "model (rlgen evaluate takes --reference)")
 
 
 @dataclass(frozen=True)
@@ -242,6 +271,7 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
         common = next((k for k in self.evaluate if k in {f.name for f in dataclasses.fields(CommonConfig)}), None)
         if common:
             raise UserError(f"evaluate: '{common}' is this run's own setting, not an option of its evaluations")
+        check_no_reference(self.evaluate, "evaluate")
         values = {"model": self.model, "output_dir": str(Path(self.output_dir) / "eval_steps"),
                   "dataset": self.dataset, "seed": self.seed, "threads": self.threads, "dtype": self.dtype,
                   "reward": self.reward, "reward_weights": self.reward_weights,
@@ -260,7 +290,8 @@ class RewardModelConfig(SamplingConfig, CommonConfig):
                                "a folder or a Hub id; loaded as a 1-label sequence classifier")
     output_dir: str = opt("runs/reward_model", "folder for the reward model, its config, metrics and summary")
     dataset: str = opt("chitchat-upbeat", "chitchat-upbeat (chit-chat replies paired by gold_reward) or a "
-                                          "preference .jsonl/.csv/folder with prompt, chosen, rejected columns")
+                                          "preference .jsonl/.csv/folder with prompt, chosen, rejected columns; "
+                                          "from Python also rows as for the other stages", python=is_rows)
     max_steps: int = opt(200, "number of optimisation steps")
     learning_rate: float = opt(2e-4, "peak learning rate")
     batch_size: int = opt(16, "preference pairs per step")

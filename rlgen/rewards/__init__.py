@@ -183,6 +183,38 @@ def _learned(target, kwargs, spec):
     return reward.__name__, reward
 
 
+def _is_factory(fn):
+    """A target that takes neither ``prompts``/``completions`` nor ``**kwargs`` cannot be a reward (every caller
+    passes them by name): it is a factory of one, such as ``trl.rewards:get_soft_overlong_punishment``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not any(p.kind is p.VAR_KEYWORD or p.name in ("prompts", "completions") for p in params)
+
+
+def _from_factory(spec, factory, kwargs):
+    """Call a reward factory with the spec's arguments, at load time; its result must be a reward callable."""
+    try:
+        reward = factory(**kwargs)
+    except Exception as e:
+        raise UserError(
+            f"reward spec {spec!r}: it takes neither prompts/completions nor **kwargs, so it is called as a reward "
+            f"factory, which raised {type(e).__name__}: {_one_line(e)}"
+        ) from e
+    if not callable(reward) or _is_factory(reward):
+        got = repr(reward) if not callable(reward) else "a callable that takes neither prompts/completions nor **kwargs"
+        raise UserError(
+            f"reward spec {spec!r}: it takes neither prompts/completions nor **kwargs, so it is called as a reward "
+            f"factory, and must return a reward f(prompts, completions, **kwargs); it returned {_one_line(got)}"
+        )
+    try:  # config.yaml records the spec that made it (rlgen.config.fields.recorded)
+        reward.rlgen_spec = spec
+    except AttributeError:
+        pass
+    return reward
+
+
 def _bind(name, fn, kwargs):
     """Bind keyword arguments; the partial keeps a ``__name__`` because TRL logs rewards by it."""
     if not kwargs:
@@ -198,8 +230,11 @@ def load_reward(spec):
     Specs: a built-in name (see BUILTIN_REWARDS), ``package.module:function``, ``path/to/file.py:function``,
     a reward model folder or a Hub model id ``owner/name`` that is not a folder (-> LearnedReward). Each may carry literal keyword arguments, bound with
     functools.partial: ``target_length(target=30)``, ``mypkg.mod:fn(scale=2.0)``; a folder's arguments go to
-    LearnedReward (``batch_size``, ``device``, ``max_length``). The name is the built-in name, the function's
-    name or the folder name, without arguments, so it fits metric keys such as ``rewards/<name>/mean``.
+    LearnedReward (``batch_size``, ``device``, ``max_length``). A ``module:function`` or file target that takes
+    neither ``prompts``/``completions`` nor ``**kwargs`` is a reward factory: it is called here with the arguments
+    (``trl.rewards:get_soft_overlong_punishment(max_completion_len=16, soft_punish_cache=4)``) and must return a
+    reward. The name is the built-in name, the function's (or factory's) name or the folder name, without
+    arguments, so it fits metric keys such as ``rewards/<name>/mean``.
     """
     if callable(spec):
         return getattr(spec, "__name__", type(spec).__name__), spec
@@ -217,6 +252,8 @@ def load_reward(spec):
     elif ":" in target:
         name, fn = _load_attribute(target, spec)
         _check_kwargs(spec, fn, kwargs, strict=False)
+        if _is_factory(fn):
+            return name, _from_factory(spec, fn, kwargs)
     elif is_hub_id(target):
         return _learned(target, kwargs, spec)
     elif "/" in target or "\\" in target:
@@ -230,8 +267,11 @@ def load_reward(spec):
     return name, _bind(name, fn, kwargs)
 
 
-def reward_name(spec: str) -> str:
-    """The name ``load_reward(spec)`` gives a valid spec, without loading it (no model, no file run)."""
+def reward_name(spec) -> str:
+    """The name ``load_reward(spec)`` gives a valid spec (or a callable), without loading it (no model, no file
+    run)."""
+    if callable(spec):
+        return load_reward(spec)[0]
     spec = spec.strip()
     target = spec if Path(spec).is_dir() else _split_spec(spec)[0]
     if Path(target).is_dir():

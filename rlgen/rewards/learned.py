@@ -125,6 +125,7 @@ class LearnedReward:
             )
         self.path = folder
         self.__name__ = folder_reward_name(folder)
+        self.rlgen_spec = str(folder)  # how config.yaml records it (rlgen.config.fields.callable_name)
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer, self.model = _load(path)
