@@ -23,6 +23,7 @@ from torch import nn
 
 from rlgen import core
 from rlgen.config import SamplingConfig
+from rlgen.distributed import gathered
 from rlgen.text import render_prompt
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -204,6 +205,8 @@ class Policy(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
+        # Set by rlgen.distributed.shard_policy: rollouts then gather the whole policy, computing in compute_dtype.
+        self.sharded, self.compute_dtype = False, None
         if reference and ref_model is None and not self.is_peft:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
@@ -409,12 +412,13 @@ class Policy(nn.Module):
     @torch.no_grad()
     def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
         """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass
-        (LoRA merged into the weights meanwhile; see `merged_lora`), in half precision from one forward pass."""
+        (LoRA merged into the weights meanwhile; see `merged_lora`), in half precision from one forward pass.
+        A sharded policy generates on whole weights (`rlgen.distributed.gathered`), resharded afterwards."""
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts, settings.max_prompt_length)
         # In half precision the cached generation and a full forward round differently (default model, bf16: 0.04
         # nats per token on average, benchmarks/rollout_speed.py): one forward re-reads the log-probs and values,
         # so that they are `forward`'s (the first PPO ratio 1, eval/kl unbiased), as generation's are in float32.
-        reread = self.base_model.dtype != torch.float32
+        reread = (self.compute_dtype or self.base_model.dtype) != torch.float32
         shared_values = with_values and self.critic is None and not reread
         was_training = self.model.training
         self.model.eval()
@@ -422,7 +426,8 @@ class Policy(nn.Module):
         generation_config.update(**self._cache_settings(settings))
         self._recorder.start(settings.temperature, shared_values, self.eos_token_ids, settings.min_new_tokens)
         try:
-            with self.model_generation_defaults_hidden(), merged_lora(self.model) if self.is_peft else nullcontext():
+            with (self.model_generation_defaults_hidden(), gathered(self.base_model) if self.sharded else nullcontext(),
+                  merged_lora(self.model) if self.is_peft else nullcontext()):
                 out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                           generation_config=generation_config)
             completion_ids = out.sequences[:, prompt_ids.shape[1]:]

@@ -62,18 +62,22 @@ from pathlib import Path
 
 import torch
 
-from rlgen import core
+from rlgen import core, distributed
 from rlgen.checkpoint import (
+    SHARDED_DIR,
     NonFiniteError,
     StopSignals,
     TrainingInterrupted,
     find_checkpoint,
+    load_sharded_training_state,
     load_training_state,
     preserved_rng,
     remove_checkpoints,
     remove_stale_temporaries,
     rng_state,
+    save_sharded_training_state,
     save_training_state,
+    stage_sharded,
     write_atomically,
 )
 from rlgen.config import PPOConfig, SamplingConfig, lora_kwargs, save_config, to_dict
@@ -181,13 +185,18 @@ def _stop_signal(accelerator, stop: StopSignals) -> int | None:
 
 def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy: Policy, optimizer, scheduler,
                      state: dict) -> Path:
-    """`out/checkpoint-<update>`, written atomically by the main process with every process's RNG state."""
+    """`out/checkpoint-<update>`, written atomically by the main process with every process's RNG state (sharded:
+    every process first writes its shards to a staging folder, which the main process moves in)."""
     from accelerate.utils import gather_object
 
     rng_states = gather_object([rng_state()])  # rank order
+    staged = stage_sharded(out, update, policy, optimizer) if cfg.fsdp else None
 
     def write(tmp: Path) -> None:
-        save_training_state(tmp, policy, optimizer, scheduler, state, rng_states)
+        if staged:
+            save_sharded_training_state(tmp, staged, scheduler, state, rng_states)
+        else:
+            save_training_state(tmp, policy, optimizer, scheduler, state, rng_states)
         save_config(cfg, tmp)
 
     path = out / f"checkpoint-{update}"
@@ -211,12 +220,16 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
     # 0. setup: checks first (nothing is written until the options, rewards, data and model are known to be
     #    good), then processes, seeds, rewards, prompts, policy, output folder, optimiser, and resume
     set_threads(cfg.threads)
+    distributed.refuse_unsharded_launch("ppo")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"ppo runs in one process or under DDP; {accelerator.distributed_type.value} (sharded "
-                        "weights/optimiser) is for `rlgen sft`: launch ppo with a multi-GPU DDP config instead")
+        raise UserError(f"ppo does not run under accelerate's {accelerator.distributed_type.value} plugin: shard with "
+                        "--fsdp full_shard (torch FSDP2) under torchrun or `accelerate launch` with a DDP config")
+    if cfg.fsdp and policy is not None:
+        raise UserError("fsdp: give the model by name (cfg.model): the final folder is rebuilt from it on rank 0")
+    own_group = bool(cfg.fsdp) and distributed.ensure_process_group(accelerator.device)
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     # Resuming may write into the checkpoint's own run folder; any other non-empty folder needs overwriting.
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
@@ -232,7 +245,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
             evaluator = Evaluator(cfg.eval_config()) if cfg.eval_steps else None
         if policy is None:
             policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic,
-                                            dtype=resolve_dtype(cfg.dtype),
+                                            dtype=torch.float32 if cfg.fsdp else resolve_dtype(cfg.dtype),
                                             reference=True, seed=cfg.seed)
     if policy.ref_model is None and not policy.is_peft:
         raise UserError("train_ppo needs a policy with a reference model (Policy(..., reference=True))")
@@ -251,15 +264,20 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
     accelerator.wait_for_everyone()
     policy.eval()  # dropout off for sampling and training alike, so old and new log-probs agree (HUANG)
     sampling = SamplingConfig.of(cfg)
+    if cfg.fsdp:  # before the optimiser, which must hold the shards; float32 master weights (module docstring)
+        distributed.shard_policy(policy, accelerator.device, resolve_dtype(cfg.dtype))
+        print(f"[rlgen] ppo: FSDP2 full_shard, {distributed.shard_summary(policy)}", flush=True)
     params = [p for p in policy.parameters() if p.requires_grad]  # the reference's are frozen
     adam = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0, fused=True)
     # Stepped once per update; not handed to accelerate, which would step it once per process.
     scheduler = get_scheduler(cfg.lr_scheduler_type, adam, num_training_steps=cfg.max_steps,
                               num_warmup_steps=round(cfg.warmup_ratio * cfg.max_steps))
-    # DDP wraps only what trains: the frozen reference is detached during prepare and put back unwrapped.
-    ref_model, policy.ref_model = policy.ref_model, None
-    model, optimizer = accelerator.prepare(policy, adam)
-    policy.ref_model = ref_model.to(accelerator.device) if ref_model is not None else None
+    if cfg.fsdp:  # FSDP2 reduces the gradients itself; accelerate only counts the accumulation steps
+        model, optimizer = policy, adam
+    else:  # DDP wraps only what trains: the frozen reference is detached during prepare and put back unwrapped.
+        ref_model, policy.ref_model = policy.ref_model, None
+        model, optimizer = accelerator.prepare(policy, adam)
+        policy.ref_model = ref_model.to(accelerator.device) if ref_model is not None else None
     kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.kl_coef))
     micro_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
@@ -271,10 +289,16 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
     done, consumed = 0, 0  # updates finished; prompts taken from the stream (all processes)
     last_checkpoint = resume
     if resume is not None:  # last, so that nothing draws random numbers after the RNG states are restored
-        state = load_training_state(resume, policy, adam, scheduler, rank)
-        if state["world_size"] != world:
-            raise UserError(f"checkpoint {resume} was written by {state['world_size']} processes; "
-                            f"resume it with the same number (this run has {world})")
+        if (resume / SHARDED_DIR).is_dir() != bool(cfg.fsdp):
+            raise UserError(f"checkpoint {resume} was written {'with' if not cfg.fsdp else 'without'} --fsdp "
+                            f"full_shard; resume it {'with' if not cfg.fsdp else 'without'} it")
+        if cfg.fsdp:  # any world size: DCP reshards on load
+            state = load_sharded_training_state(resume, policy, adam, scheduler, rank, world)
+        else:
+            state = load_training_state(resume, policy, adam, scheduler, rank)
+            if state["world_size"] != world:
+                raise UserError(f"checkpoint {resume} was written by {state['world_size']} processes; "
+                                f"resume it with the same number (this run has {world})")
         kl_ctl.load_state_dict(state["kl_ctl"])
         done, consumed, history = state["update"], state["rows_consumed"], state["history"]
         shown = (state["shown"][0], state["shown"][1])
@@ -348,9 +372,10 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
                             loss = pg_loss + cfg.vf_coef * vf_loss
                             loss_finite = loss_finite and bool(torch.isfinite(loss))
                             accelerator.backward(loss)
-                            step = True
+                            step = accelerator.sync_gradients  # (the sharded run's optimiser is not accelerate's)
                             if accelerator.sync_gradients:
-                                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                                grad_norm = (distributed.clip_grad_norm(params, cfg.max_grad_norm) if cfg.fsdp
+                                             else accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
                                 bad = _fault(accelerator, {"loss": not loss_finite,
                                                            "gradient norm": not torch.isfinite(grad_norm)})
                                 if bad and not cfg.skip_nonfinite:
@@ -358,7 +383,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
                                 step, skipped = not bad, skipped + bool(bad)
                             if step:
                                 optimizer.step()
-                            optimizer.zero_grad()
+                            if accelerator.sync_gradients:
+                                optimizer.zero_grad()
                         if torch.isfinite(loss):
                             for key, value in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
                                                ("ratio", pg_stats["ratio_mean"]), ("pg", pg_loss.detach()),
@@ -428,10 +454,15 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
     # trainable weights) are freed first, so this end-of-run work does not raise the peak memory.
     adam.state.clear()
     accelerator.wait_for_everyone()
+    if cfg.fsdp:  # every process samples (generation gathers the weights), then rank 0 gathers them for good
+        after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
+        policy = distributed.unsharded_copy(policy, lambda: Policy.from_pretrained(
+            cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic, reference=False, seed=cfg.seed)) or policy
     if is_main:
         policy.save(out)
         _plot_curves(history, out / "ppo_curves.png")
-        after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
+        if not cfg.fsdp:
+            after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
         print(f"[rlgen] ppo: {cfg.max_steps} updates in {time.perf_counter() - start:.0f}s; model saved to {out}")
     # Drop the DDP wrapper while the process group is still registered, and give gloo's worker thread a moment
@@ -442,4 +473,6 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
     if world > 1:
         time.sleep(0.2)
     accelerator.end_training()
+    if own_group:
+        torch.distributed.destroy_process_group()
     return policy
