@@ -81,10 +81,20 @@ def shard_policy(policy, device: torch.device, compute_dtype: torch.dtype) -> No
     """Shard the policy's models in place over all processes; create the optimiser after this.
 
     The transformers model under any PEFT wrapper is the root (generate calls it, not the wrapper), the critic
-    and reference are roots of their own, and the value head is one unit (float32, no mixed precision)."""
+    and reference are roots of their own, and the value head is one unit (float32, no mixed precision).
+    Collective: every process calls it with the same model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # Like DDP, every process starts from rank 0's trainable weights (a LoRA adapter's init is random and each
+    # process seeds seed + rank); fully_shard keeps each process's own slice, so they must agree first.
+    if dist.get_world_size() > 1:
+        with torch.no_grad():
+            for param in policy.parameters():
+                if param.requires_grad:
+                    flat = param.data.to(device)
+                    dist.broadcast(flat, src=0)
+                    param.data.copy_(flat)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mixed = compute_dtype != torch.float32 and device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
@@ -179,8 +189,9 @@ def load_sharded(folder: Path, policy, optimizer) -> None:
     model_state, optim_state = get_state_dict(policy, optimizer, options=_options())
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=folder)
+    # not strict: the frozen weights are not in the checkpoint (dcp.load already failed on any trainable one missing)
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_options())
+                   options=_options(strict=False))
 
 
 def unsharded_copy(policy, load_plain):

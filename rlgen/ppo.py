@@ -473,6 +473,6 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
     if world > 1:
         time.sleep(0.2)
     accelerator.end_training()
-    if own_group:
+    if own_group and torch.distributed.is_initialized():  # accelerate's end_training may have destroyed it
         torch.distributed.destroy_process_group()
     return policy
