@@ -25,11 +25,17 @@ from rlgen.files import read_jsonl
 from rlgen.policy import Policy
 from rlgen.ppo import train_ppo
 
-pytestmark = [
-    pytest.mark.multiprocess,
-    pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                       reason="torch.distributed with the gloo backend is unavailable"),
-]
+# on the tests that start processes: the runs need torch.distributed with gloo
+multiprocess = [pytest.mark.multiprocess, pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is unavailable")]
+
+
+def _marked(test):
+    for mark in multiprocess:
+        test = mark(test)
+    return test
+
 
 REWARDS = '''
 import os
@@ -130,6 +136,7 @@ def runs(tiny_folder, tmp_path_factory):
     return tmp, out
 
 
+@_marked
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_two_ranks_each_hold_a_shard(runs, name):
     _, out = runs
@@ -140,6 +147,7 @@ def test_two_ranks_each_hold_a_shard(runs, name):
     assert 0 < held0 < total and 0 < held1 < total and held0 + held1 == total
 
 
+@_marked
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_sharded_equals_one_process_at_the_same_global_batch(runs, name):
     """3 updates (2 PPO epochs, 2 accumulation steps, adaptive KL) at world size 2 x batch 4 and 1 x batch 8: same
@@ -163,6 +171,7 @@ def test_sharded_equals_one_process_at_the_same_global_batch(runs, name):
         assert torch.allclose(value, one_params[key], rtol=1e-4, atol=1e-5), key
 
 
+@_marked
 def test_checkpoints_record_the_world_size_and_the_final_folder_evaluates(runs, tiny_folder):
     from rlgen.cli import main
 
@@ -180,6 +189,7 @@ def test_checkpoints_record_the_world_size_and_the_final_folder_evaluates(runs, 
     assert (tmp / "eval" / "eval_samples.jsonl").is_file()
 
 
+@_marked
 def test_interrupted_on_one_rank_and_resumed_equals_one_go(runs):
     """SIGINT reaches rank 1 only, during update 2: both ranks finish the update, save checkpoint-2 and exit 130;
     resumed with 2 processes, the run ends exactly as the uninterrupted one (same float ops, restored state)."""
@@ -197,6 +207,7 @@ def test_interrupted_on_one_rank_and_resumed_equals_one_go(runs):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
 
 
+@_marked
 def test_resumed_at_world_size_1_says_it_resharded_and_finishes(runs):
     tmp, out = runs
     result = out["resumed_1"]
@@ -211,3 +222,49 @@ def test_resumed_at_world_size_1_says_it_resharded_and_finishes(runs):
     assert all(math.isfinite(rows[2][k]) for k in ("loss/policy", "loss/value", "objective/kl"))
     assert json.loads((tmp / "world1" / "checkpoint-3" / STATE_FILE).read_text())["world_size"] == 1
     Policy.from_pretrained(str(tmp / "world1"), separate_critic=True, reference=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fsdp", "shard_grad_op"], "fsdp 'shard_grad_op' is not supported for ppo: use full_shard"),
+    (["--fsdp", "full_shard", "--eval_steps", "2"], "eval_steps is not supported with fsdp"),
+])
+def test_unsupported_sharding_options_are_one_line_errors(tiny_folder, tmp_path, capsys, args, message):
+    from rlgen.cli import main
+
+    assert main(["ppo", "--model", str(tiny_folder), "--output_dir", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage", [["ppo"], ["sft"], ["reward-model", "train"]], ids=" ".join)
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_accelerate_sharding_config_on_cpu_processes_is_refused(tiny_folder, tmp_path, capsys, monkeypatch, stage,
+                                                                env):
+    """What `accelerate launch` sets for an FSDP/DeepSpeed config; on CPU processes the plugin would not engage."""
+    from rlgen.cli import main
+
+    monkeypatch.setenv(env, "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*stage, "--model", str(tiny_folder), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config does not shard on CPU processes (each would train alone)" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@_marked
+def test_accelerate_launch_with_the_fsdp_config_on_cpu_processes_is_refused(tiny_folder, tmp_path):
+    """The real launch: experiments/accelerate/fsdp.yaml, 2 processes, no GPU. Each process stops with the
+    one-line error (exit 2) before training, so nothing runs as 2 independent copies."""
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "experiments" / "accelerate" / "fsdp.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "rlgen", "ppo", "--model", str(tiny_folder),
+           "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if "does not shard on CPU processes" in line]
+    assert len(refusals) == 2, result.stderr[-3000:]  # one line from each process
+    assert not (tmp_path / "out").exists()
