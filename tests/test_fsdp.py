@@ -268,3 +268,26 @@ def test_accelerate_launch_with_the_fsdp_config_on_cpu_processes_is_refused(tiny
     refusals = [line for line in result.stderr.splitlines() if "does not shard on CPU processes" in line]
     assert len(refusals) == 2, result.stderr[-3000:]  # one line from each process
     assert not (tmp_path / "out").exists()
+
+
+@_marked
+def test_memory_benchmark_shards_params_grads_and_adam_to_about_half(tmp_path):
+    """benchmarks/fsdp_memory.py at 2 processes: per-rank bytes of parameters + gradients + Adam state from the
+    local shards <= 0.55x the whole copy DDP keeps, and the computed table agrees with the measurement."""
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "fsdp_memory.py"
+    result = subprocess.run([sys.executable, str(script), "--separate_critic"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["world_size"] == 2 and [r["rank"] for r in report["ranks"]] == [0, 1]
+    total = sum(report["counts"].values())
+    assert all(0 < r["held_elements"] < total for r in report["ranks"])
+    assert sum(r["held_elements"] for r in report["ranks"]) == total
+    assert report["ratio"] <= 0.55
+    for check in report["check"].values():  # Adam's step counters are the only bytes the table leaves out
+        assert check["measured"] == pytest.approx(check["computed"], rel=0.01)
+    for r in report["ranks"]:  # generation holds the whole policy (the size of its frozen copy), resharded after
+        assert r["rollout"]["policy_gathered_while_generating"] == r["reference_whole"]
+        assert r["rollout"]["policy_shards"] < r["reference_whole"]
