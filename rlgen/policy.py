@@ -405,7 +405,8 @@ class Policy(nn.Module):
         """On CUDA, a static KV cache (generate then compiles the decoding step) sized for the longest prompt, so
         that every rollout reuses one cache and one compiled graph; elsewhere, or for a model that cannot compile
         in one graph, the dynamic cache. Generation-config fields."""
-        if self.device.type != "cuda" or not getattr(self.base_model, "_can_compile_fullgraph", False):
+        # A sharded policy keeps the dynamic cache: compiling generate around FSDP's per-module hooks is untested.
+        if self.device.type != "cuda" or self.sharded or not getattr(self.base_model, "_can_compile_fullgraph", False):
             return {}
         return {"cache_implementation": "static", "max_cache_len": s.max_prompt_length + s.max_new_tokens}
 
