@@ -20,6 +20,10 @@ prompts with its own seed (seed + rank), gradients are averaged, metrics are red
 the main process writes files. The frozen reference is never wrapped in DDP; sampling uses the unwrapped policy.
 Several CPU processes: `accelerate launch --multi_gpu --num_processes 2` with no GPU visible (accelerate 1.15's
 `--cpu --num_processes 2` starts a single process unless it is given an mpirun hostfile).
+With `fsdp full_shard` (any launcher, e.g. `torchrun`) the policy, critic and reference are sharded with torch
+FSDP2 instead of wrapped in DDP (`rlgen.distributed`): the optimiser holds each process's shards, gradients are
+reduce-scattered and clipped by their global norm, sampling gathers the whole policy for the rollout, checkpoints
+hold DCP shards (resumable at another world size), and rank 0 gathers the final model into an ordinary folder.
 
 Outputs in output_dir: config.yaml, metrics.jsonl (one row per update, and one per evaluation along training:
 `eval_steps`), the policy (`Policy.save`),
