@@ -16,8 +16,8 @@ process keeps 1/world of each weight, gradient and Adam moment; a layer's whole 
   so a checkpoint written by N processes loads into M (DCP reshards on load).
 - The final model: the full state dict gathered on rank 0 and loaded into an ordinary `Policy` there.
 
-accelerate's FSDP plugin does not engage on CPU processes (they run as plain DDP-less copies), which
-`refuse_unsharded_launch` turns into a one-line error.
+accelerate's FSDP plugin does not engage on CPU processes (they run unsharded; TRL's trainers even as
+independent single-process copies), which `refuse_unsharded_launch` turns into a one-line error.
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ from rlgen.errors import UserError
 
 def refuse_unsharded_launch(stage: str) -> None:
     """A launch whose accelerate config asks for sharding that would not happen: accelerate's FSDP or DeepSpeed
-    plugin on CPU processes (measured: each process then trains alone, as N independent copies)."""
+    plugin on CPU processes (accelerate then sets up plain CPU processes; TRL's trainers ran as N independent
+    single-process copies, issue 20)."""
     if torch.cuda.is_available():
         return
     for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(env, "").lower() in ("true", "1"):
             fix = ("launch `torchrun --nproc_per_node N -m rlgen ppo --fsdp full_shard ...` instead" if stage == "ppo"
                    else "use the DDP config (experiments/accelerate/ddp_multi_gpu.yaml) on CPU processes")
-            raise UserError(f"{stage}: accelerate's {name} config does not shard on CPU processes (each would train "
-                            f"alone); {fix}")
+            raise UserError(f"{stage}: accelerate's {name} config does not shard on CPU processes (they would "
+                            f"train unsharded); {fix}")
 
 
 def ensure_process_group(device: torch.device) -> bool:
@@ -103,12 +104,6 @@ def shard_policy(policy, device: torch.device, compute_dtype: torch.dtype) -> No
             _shard_model(model, mesh, mp)
     fully_shard(policy.value_head, mesh=mesh)
     policy.sharded, policy.compute_dtype = True, compute_dtype if mixed else torch.float32
-
-
-def is_sharded(module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 @contextmanager

@@ -293,9 +293,10 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
     done, consumed = 0, 0  # updates finished; prompts taken from the stream (all processes)
     last_checkpoint = resume
     if resume is not None:  # last, so that nothing draws random numbers after the RNG states are restored
-        if (resume / SHARDED_DIR).is_dir() != bool(cfg.fsdp):
-            raise UserError(f"checkpoint {resume} was written {'with' if not cfg.fsdp else 'without'} --fsdp "
-                            f"full_shard; resume it {'with' if not cfg.fsdp else 'without'} it")
+        written_sharded = (resume / SHARDED_DIR).is_dir()
+        if written_sharded != bool(cfg.fsdp):
+            how = "with" if written_sharded else "without"
+            raise UserError(f"checkpoint {resume} was written {how} --fsdp full_shard; resume it {how} it")
         if cfg.fsdp:  # any world size: DCP reshards on load
             state = load_sharded_training_state(resume, policy, adam, scheduler, rank, world)
         else:
@@ -376,7 +377,9 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
                             loss = pg_loss + cfg.vf_coef * vf_loss
                             loss_finite = loss_finite and bool(torch.isfinite(loss))
                             accelerator.backward(loss)
-                            step = accelerator.sync_gradients  # (the sharded run's optimiser is not accelerate's)
+                            # step and zero only on the accumulation's last micro-batch (accelerate's optimiser
+                            # wrapper does so itself; the sharded run's plain AdamW does not)
+                            step = accelerator.sync_gradients
                             if accelerator.sync_gradients:
                                 grad_norm = (distributed.clip_grad_norm(params, cfg.max_grad_norm) if cfg.fsdp
                                              else accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -458,15 +461,14 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
     # trainable weights) are freed first, so this end-of-run work does not raise the peak memory.
     adam.state.clear()
     accelerator.wait_for_everyone()
-    if cfg.fsdp:  # every process samples (generation gathers the weights), then rank 0 gathers them for good
+    if is_main or cfg.fsdp:  # sharded, every process takes part (generation gathers the weights)
         after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
+    if cfg.fsdp:  # rank 0 gathers the weights into an ordinary policy for the final folder
         policy = distributed.unsharded_copy(policy, lambda: Policy.from_pretrained(
             cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic, reference=False, seed=cfg.seed)) or policy
     if is_main:
         policy.save(out)
         _plot_curves(history, out / "ppo_curves.png")
-        if not cfg.fsdp:
-            after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
         print(f"[rlgen] ppo: {cfg.max_steps} updates in {time.perf_counter() - start:.0f}s; model saved to {out}")
     # Drop the DDP wrapper while the process group is still registered, and give gloo's worker thread a moment

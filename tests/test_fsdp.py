@@ -248,7 +248,7 @@ def test_accelerate_sharding_config_on_cpu_processes_is_refused(tiny_folder, tmp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main([*stage, "--model", str(tiny_folder), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "config does not shard on CPU processes (each would train alone)" in err[0]
+    assert len(err) == 1 and "config does not shard on CPU processes (they would train unsharded)" in err[0]
     assert not (tmp_path / "out").exists()
 
 
