@@ -2,7 +2,8 @@
 
 Every 2-process run prints each rank's share of the parameter elements; the tests check that both ranks of a world
 of 2 ran and that each held a part of the weights (the shards add up to the whole), so two independent
-single-process copies cannot pass. The runs are module-scoped and shared by the tests (5 launches in all).
+single-process copies cannot pass. The runs are module-scoped and shared by the tests (one fixture: 4 torchrun
+launches of 2 processes, 1 single process, 2 in-process runs).
 
 Sampling is made greedy in these runs (torch.multinomial -> argmax): with EOS blocked until max_new_tokens, every
 completion then has the same tokens whether it is sampled in a batch of 8 (one process) or 4 (two), so the sharded
@@ -151,8 +152,9 @@ def test_two_ranks_each_hold_a_shard(runs, name):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_sharded_equals_one_process_at_the_same_global_batch(runs, name):
     """3 updates (2 PPO epochs, 2 accumulation steps, adaptive KL) at world size 2 x batch 4 and 1 x batch 8: same
-    metrics and weights. Tolerance 1e-5: the runs sum the same terms in another order (batches of 4 vs 8, gradients
-    reduce-scattered over 2 processes), which float32 rounds differently."""
+    metrics and weights. Tolerance rel 1e-4 (weights also abs 1e-5; measured: at most 1.2e-6 apart): the runs
+    sum the same terms in another order (batches of 4 vs 8, gradients reduce-scattered over 2 processes), which
+    float32 rounds differently."""
     tmp, out = runs
     rows, single = read_jsonl(tmp / name / "metrics.jsonl"), read_jsonl(tmp / f"one_{name}" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in single] == [1, 2, 3]
