@@ -24,6 +24,8 @@
 #                  graph: ms_per_d_step_graph, issue 15's target <= 1 ms) timed at cpu-preset shapes
 #   3_seqgan_smoke SeqGAN oracle, smoke preset: seed 1 with 8 threads, then (last) seed 2 with 1 thread
 #   3_seqgan_probe SeqGAN oracle, cpu preset shapes, a few epochs of each phase: per-phase timings to extrapolate
+#   4_fsdp_ppo     sharded PPO (--fsdp full_shard, FSDP2, bf16 compute) on every GPU under torchrun at the peer's
+#                  base shape: tokens/s and peak memory per GPU; then `rlgen sft` under experiments/accelerate/fsdp.yaml
 #   3_seqgan_paper SeqGAN oracle, paper preset, until GPU_CHECK_PAPER_S (default 420 s) runs out (issue 15 item 3);
 #                  GPU_CHECK_PAPER_RESUME=1 continues the checkpoint a previous call left in the work folder
 # $OUT/summary.json: one JSON object per line per part (rc, seconds, limit, timed_out, last JSON line of the part).
@@ -200,6 +202,9 @@ NOTE="cpu preset shapes, shortened schedule, seed 1, 8 threads" part 3_seqgan_pr
   "${SEQGAN[@]}" --seed 1 --threads 8 --output-dir "$WORK/seqgan_probe" "${PROBE[@]}"
 NOTE="smoke preset, seed 2, 1 thread" part 3_seqgan_smoke "$CAP_SEQ" 30 "$PY" "${SEQGAN[@]}" --preset smoke --seed 2 \
   --threads 1 --output-dir "$WORK/seqgan_s2" "${TINY_SEQGAN[@]}"
+
+NOTE="FSDP2 PPO on all GPUs, base shape, bf16" part 4_fsdp_ppo 150 40 "$PY" benchmarks/gpu_check/fsdp_ppo.py \
+  --work "$WORK/fsdp" --peer-dir "$CARRY/bench"
 
 # the paper's schedule as far as CAP_PAPER allows: `timeout` sends SIGTERM, the run finishes the epoch under way,
 # saves a checkpoint and exits 143; the log holds NLL-oracle after MLE and every 10 adversarial epochs. The

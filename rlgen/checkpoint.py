@@ -10,6 +10,11 @@ A checkpoint is a folder `output_dir/checkpoint-<update>/` holding
 - `config.yaml`: the resolved config of the run that wrote it;
 - `checkpoint_complete`: the completion marker, written last.
 
+A sharded run's checkpoint (`--fsdp full_shard`) holds the trainable weights and the optimiser state as
+`sharded/` (torch.distributed.checkpoint: one file per process plus metadata; loadable at any world size) instead
+of a model folder and `optimizer.pt`; every process writes its shards to `checkpoint-<update>.tmp-shards`, which
+the main process moves into the atomic folder.
+
 It is written to `checkpoint-<update>.tmp-<pid>` and renamed into place, and only folders with the marker
 count, so a run killed mid-write never leaves a folder that resume would pick up.
 """
@@ -33,6 +38,7 @@ MARKER = "checkpoint_complete"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
+SHARDED_DIR = "sharded"
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 
@@ -220,6 +226,33 @@ def save_training_state(folder: Path, policy, optimizer, scheduler, state: dict,
         torch.save(rng, folder / f"rng_state_{rank}.pth")
 
 
+def stage_sharded(output_dir: Path, update: int, policy, optimizer) -> Path:
+    """Collective: every process writes its shards of the trainable weights and optimiser state to
+    `checkpoint-<update>.tmp-shards` (removed as stale by `remove_stale_temporaries` if never moved)."""
+    import torch.distributed as dist
+
+    from rlgen.distributed import save_sharded
+
+    staged = Path(output_dir) / f"checkpoint-{update}.tmp-shards"
+    if dist.get_rank() == 0:
+        shutil.rmtree(staged, ignore_errors=True)
+    dist.barrier()
+    save_sharded(staged, policy, optimizer)
+    dist.barrier()
+    return staged
+
+
+def save_sharded_training_state(folder: Path, staged: Path, scheduler, state: dict, rng_states: list[dict]) -> None:
+    """`save_training_state` for a sharded run: the staged shards moved in as `sharded/`."""
+    import torch
+
+    os.replace(staged, folder / SHARDED_DIR)
+    torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
+    (folder / STATE_FILE).write_text(json.dumps(state))
+    for rank, rng in enumerate(rng_states):
+        torch.save(rng, folder / f"rng_state_{rank}.pth")
+
+
 def load_policy_weights(folder: Path, policy) -> None:
     """Load a checkpoint's trainable weights into `policy` in place (its reference model stays as it is)."""
     import torch
@@ -255,6 +288,34 @@ def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    _load_rng(rng_file)
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def load_sharded_training_state(folder: Path, policy, optimizer, scheduler, rank: int, world: int) -> dict:
+    """`load_training_state` for a sharded run, at any world size. At the writer's world size the resume is exact;
+    at another, torch.distributed.checkpoint reshards weights and optimiser state, while the random streams stay
+    this run's own (seed + rank) and the prompts per update follow the new world size: it continues, not bit-exact."""
+    import torch
+
+    from rlgen.distributed import load_sharded
+
+    state = json.loads((folder / STATE_FILE).read_text())
+    load_sharded(folder / SHARDED_DIR, policy, optimizer)
+    scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    if state["world_size"] == world:
+        _load_rng(folder / f"rng_state_{rank}.pth")
+    elif rank == 0:
+        print(f"[rlgen] resumed {folder} (written by {state['world_size']} processes) on {world}: weights and "
+              "optimiser state resharded; random streams and prompts per update differ from an uninterrupted run "
+              "(it continues, not bit-exact)", flush=True)
+    return state
+
+
+def _load_rng(rng_file: Path) -> None:
+    """Restore this process's generator states from `rng_file`, refusing anything but plain data."""
+    import torch
+
     try:  # tuples, lists, numbers and tensors only: a planted pickle's callables are refused, never run
         rng = torch.load(rng_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -263,4 +324,3 @@ def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -
         raise UserError(f"resume_from_checkpoint: {rng_file} is not an RNG state rlgen wrote, refusing to load "
                         f"it ({reason})") from None
     set_rng_state(rng)
-    return json.loads((folder / STATE_FILE).read_text())

@@ -23,6 +23,7 @@ from torch import nn
 
 from rlgen import core
 from rlgen.config import SamplingConfig
+from rlgen.distributed import gathered
 from rlgen.text import render_prompt
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -209,6 +210,8 @@ class Policy(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
+        # Set by rlgen.distributed.shard_policy: rollouts then gather the whole policy, computing in compute_dtype.
+        self.sharded, self.compute_dtype = False, None
         if reference and ref_model is None and not self.is_peft:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
@@ -418,7 +421,8 @@ class Policy(nn.Module):
         """On CUDA, a static KV cache (generate then compiles the decoding step) sized for the longest prompt, so
         that every rollout reuses one cache and one compiled graph; elsewhere, or for a model that cannot compile
         in one graph, the dynamic cache. Generation-config fields."""
-        if self.device.type != "cuda" or not getattr(self.base_model, "_can_compile_fullgraph", False):
+        # A sharded policy keeps the dynamic cache: compiling generate around FSDP's per-module hooks is untested.
+        if self.device.type != "cuda" or self.sharded or not getattr(self.base_model, "_can_compile_fullgraph", False):
             return {}
         return {"cache_implementation": "static", "max_cache_len": s.max_prompt_length + s.max_new_tokens}
 
@@ -426,12 +430,12 @@ class Policy(nn.Module):
     def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
         """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass
         (in float32 LoRA merged into the weights meanwhile; see `merged_lora`), in half precision from one forward
-        pass."""
+        pass. A sharded policy generates on whole weights (`rlgen.distributed.gathered`), resharded afterwards."""
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts, settings.max_prompt_length)
         # In half precision the cached generation and a full forward round differently (default model, bf16: 0.04
         # nats per token on average, benchmarks/rollout_speed.py): one forward re-reads the log-probs and values,
         # so that they are `forward`'s (the first PPO ratio 1, eval/kl unbiased), as generation's are in float32.
-        reread = self.base_model.dtype != torch.float32
+        reread = (self.compute_dtype or self.base_model.dtype) != torch.float32
         shared_values = with_values and self.critic is None and not reread
         was_training = self.model.training
         self.model.eval()
@@ -442,7 +446,8 @@ class Policy(nn.Module):
             # Half precision samples through the adapter layers: merging would round W + BA to bf16, so the sampling
             # policy would differ from the one whose log-probs the forward pass re-reads.
             merge = self.is_peft and not reread
-            with self.model_generation_defaults_hidden(), merged_lora(self.model) if merge else nullcontext():
+            with (self.model_generation_defaults_hidden(), gathered(self.base_model) if self.sharded else nullcontext(),
+                  merged_lora(self.model) if merge else nullcontext()):
                 out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                           generation_config=generation_config)
             completion_ids = out.sequences[:, prompt_ids.shape[1]:]

@@ -20,6 +20,10 @@ prompts with its own seed (seed + rank), gradients are averaged, metrics are red
 the main process writes files. The frozen reference is never wrapped in DDP; sampling uses the unwrapped policy.
 Several CPU processes: `accelerate launch --multi_gpu --num_processes 2` with no GPU visible (accelerate 1.15's
 `--cpu --num_processes 2` starts a single process unless it is given an mpirun hostfile).
+With `fsdp full_shard` (any launcher, e.g. `torchrun`) the policy, critic and reference are sharded with torch
+FSDP2 instead of wrapped in DDP (`rlgen.distributed`): the optimiser holds each process's shards, gradients are
+reduce-scattered and clipped by their global norm, sampling gathers the whole policy for the rollout, checkpoints
+hold DCP shards (resumable at another world size), and rank 0 gathers the final model into an ordinary folder.
 
 Outputs in output_dir: config.yaml, metrics.jsonl (one row per update, and one per evaluation along training:
 `eval_steps`), the policy (`Policy.save`),
@@ -63,18 +67,22 @@ from pathlib import Path
 
 import torch
 
-from rlgen import core
+from rlgen import core, distributed
 from rlgen.checkpoint import (
+    SHARDED_DIR,
     NonFiniteError,
     StopSignals,
     TrainingInterrupted,
     find_checkpoint,
+    load_sharded_training_state,
     load_training_state,
     preserved_rng,
     remove_checkpoints,
     remove_stale_temporaries,
     rng_state,
+    save_sharded_training_state,
     save_training_state,
+    stage_sharded,
     write_atomically,
 )
 from rlgen.config import PPOConfig, SamplingConfig, lora_kwargs, save_config, to_dict
@@ -183,13 +191,18 @@ def _stop_signal(accelerator, stop: StopSignals) -> int | None:
 
 def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy: Policy, optimizer, scheduler,
                      state: dict) -> Path:
-    """`out/checkpoint-<update>`, written atomically by the main process with every process's RNG state."""
+    """`out/checkpoint-<update>`, written atomically by the main process with every process's RNG state (sharded:
+    every process first writes its shards to a staging folder, which the main process moves in)."""
     from accelerate.utils import gather_object
 
     rng_states = gather_object([rng_state()])  # rank order
+    staged = stage_sharded(out, update, policy, optimizer) if cfg.fsdp else None
 
     def write(tmp: Path) -> None:
-        save_training_state(tmp, policy, optimizer, scheduler, state, rng_states)
+        if staged:
+            save_sharded_training_state(tmp, staged, scheduler, state, rng_states)
+        else:
+            save_training_state(tmp, policy, optimizer, scheduler, state, rng_states)
         save_config(cfg, tmp)
 
     path = out / f"checkpoint-{update}"
@@ -210,12 +223,16 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     # 0. setup: checks first (nothing is written until the options, rewards, data and model are known to be
     #    good), then processes, seeds, rewards, prompts, policy, output folder, optimiser, and resume
     set_threads(cfg.threads)
+    distributed.refuse_unsharded_launch("ppo")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"ppo runs in one process or under DDP; {accelerator.distributed_type.value} (sharded "
-                        "weights/optimiser) is for `rlgen sft`: launch ppo with a multi-GPU DDP config instead")
+        raise UserError(f"ppo does not run under accelerate's {accelerator.distributed_type.value} plugin: shard with "
+                        "--fsdp full_shard (torch FSDP2) under torchrun or `accelerate launch` with a DDP config")
+    if cfg.fsdp and policy is not None:
+        raise UserError("fsdp: give the model by name (cfg.model): the final folder is rebuilt from it on rank 0")
+    own_group = bool(cfg.fsdp) and distributed.ensure_process_group(accelerator.device)
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     # Resuming may write into the checkpoint's own run folder; any other non-empty folder needs overwriting.
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
@@ -229,7 +246,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             evaluator = Evaluator(cfg.eval_config()) if cfg.eval_steps else None
         if policy is None:
             policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic,
-                                            dtype=resolve_dtype(cfg.dtype),
+                                            dtype=torch.float32 if cfg.fsdp else resolve_dtype(cfg.dtype),
                                             reference=True, seed=cfg.seed)
     if policy.ref_model is None and not policy.is_peft:
         raise UserError("train_ppo needs a policy with a reference model (Policy(..., reference=True))")
@@ -248,15 +265,20 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     accelerator.wait_for_everyone()
     policy.eval()  # dropout off for sampling and training alike, so old and new log-probs agree (HUANG)
     sampling = SamplingConfig.of(cfg)
+    if cfg.fsdp:  # before the optimiser, which must hold the shards; float32 master weights (module docstring)
+        distributed.shard_policy(policy, accelerator.device, resolve_dtype(cfg.dtype))
+        print(f"[rlgen] ppo: FSDP2 full_shard, {distributed.shard_summary(policy)}", flush=True)
     params = [p for p in policy.parameters() if p.requires_grad]  # the reference's are frozen
     adam = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0, fused=True)
     # Stepped once per update; not handed to accelerate, which would step it once per process.
     scheduler = get_scheduler(cfg.lr_scheduler_type, adam, num_training_steps=cfg.max_steps,
                               num_warmup_steps=round(cfg.warmup_ratio * cfg.max_steps))
-    # DDP wraps only what trains: the frozen reference is detached during prepare and put back unwrapped.
-    ref_model, policy.ref_model = policy.ref_model, None
-    model, optimizer = accelerator.prepare(policy, adam)
-    policy.ref_model = ref_model.to(accelerator.device) if ref_model is not None else None
+    if cfg.fsdp:  # FSDP2 reduces the gradients itself; accelerate only counts the accumulation steps
+        model, optimizer = policy, adam
+    else:  # DDP wraps only what trains: the frozen reference is detached during prepare and put back unwrapped.
+        ref_model, policy.ref_model = policy.ref_model, None
+        model, optimizer = accelerator.prepare(policy, adam)
+        policy.ref_model = ref_model.to(accelerator.device) if ref_model is not None else None
     kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.kl_coef))
     micro_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
@@ -268,10 +290,17 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     done, consumed = 0, 0  # updates finished; prompts taken from the stream (all processes)
     last_checkpoint = resume
     if resume is not None:  # last, so that nothing draws random numbers after the RNG states are restored
-        state = load_training_state(resume, policy, adam, scheduler, rank)
-        if state["world_size"] != world:
-            raise UserError(f"checkpoint {resume} was written by {state['world_size']} processes; "
-                            f"resume it with the same number (this run has {world})")
+        written_sharded = (resume / SHARDED_DIR).is_dir()
+        if written_sharded != bool(cfg.fsdp):
+            how = "with" if written_sharded else "without"
+            raise UserError(f"checkpoint {resume} was written {how} --fsdp full_shard; resume it {how} it")
+        if cfg.fsdp:  # any world size: DCP reshards on load
+            state = load_sharded_training_state(resume, policy, adam, scheduler, rank, world)
+        else:
+            state = load_training_state(resume, policy, adam, scheduler, rank)
+            if state["world_size"] != world:
+                raise UserError(f"checkpoint {resume} was written by {state['world_size']} processes; "
+                                f"resume it with the same number (this run has {world})")
         kl_ctl.load_state_dict(state["kl_ctl"])
         done, consumed, history = state["update"], state["rows_consumed"], state["history"]
         shown = (state["shown"][0], state["shown"][1])
@@ -345,9 +374,12 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                             loss = pg_loss + cfg.vf_coef * vf_loss
                             loss_finite = loss_finite and bool(torch.isfinite(loss))
                             accelerator.backward(loss)
-                            step = True
+                            # step and zero only on the accumulation's last micro-batch (accelerate's optimiser
+                            # wrapper does so itself; the sharded run's plain AdamW does not)
+                            step = accelerator.sync_gradients
                             if accelerator.sync_gradients:
-                                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                                grad_norm = (distributed.clip_grad_norm(params, cfg.max_grad_norm) if cfg.fsdp
+                                             else accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
                                 bad = _fault(accelerator, {"loss": not loss_finite,
                                                            "gradient norm": not torch.isfinite(grad_norm)})
                                 if bad and not cfg.skip_nonfinite:
@@ -355,7 +387,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                                 step, skipped = not bad, skipped + bool(bad)
                             if step:
                                 optimizer.step()
-                            optimizer.zero_grad()
+                            if accelerator.sync_gradients:
+                                optimizer.zero_grad()
                         if torch.isfinite(loss):
                             for key, value in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
                                                ("ratio", pg_stats["ratio_mean"]), ("pg", pg_loss.detach()),
@@ -426,10 +459,14 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     # trainable weights) are freed first, so this end-of-run work does not raise the peak memory.
     adam.state.clear()
     accelerator.wait_for_everyone()
+    if is_main or cfg.fsdp:  # sharded, every process takes part (generation gathers the weights)
+        after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
+    if cfg.fsdp:  # rank 0 gathers the weights into an ordinary policy for the final folder
+        policy = distributed.unsharded_copy(policy, lambda: Policy.from_pretrained(
+            cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic, reference=False, seed=cfg.seed)) or policy
     if is_main:
         policy.save(out)
         _plot_curves(history, out / "ppo_curves.png")
-        after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
         print(f"[rlgen] ppo: {cfg.max_steps - done} updates in {train_s:.0f}s, then {time.perf_counter() - start - train_s:.0f}s "
               f"saving and sampling; model saved to {out}")
@@ -441,4 +478,6 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     if world > 1:
         time.sleep(0.2)
     accelerator.end_training()
+    if own_group and torch.distributed.is_initialized():  # accelerate's end_training may have destroyed it
+        torch.distributed.destroy_process_group()
     return policy

@@ -49,6 +49,7 @@ import torch
 from rlgen.config import RewardModelConfig, save_config
 from rlgen.config.fields import recorded, rows_name
 from rlgen.data import load_rows, read_rows, row_key, split_of
+from rlgen.distributed import refuse_unsharded_launch
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
 from rlgen.models import minilm_folder, mixed_precision_flags, resolve_model_path, set_threads
@@ -402,6 +403,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
 
     start = time.perf_counter()
     set_threads(cfg.threads)
+    refuse_unsharded_launch("reward-model train")
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
     save_config(cfg, out)
     rng = random.Random(cfg.seed)

@@ -14,6 +14,7 @@ import torch
 
 from rlgen.config import SFTConfig, lora_kwargs, save_config
 from rlgen.data import load_sft_rows
+from rlgen.distributed import refuse_unsharded_launch
 from rlgen.models import mixed_precision_flags, set_threads
 from rlgen.policy import Policy
 from rlgen.text import render_conversation, render_prompt_completion
@@ -57,6 +58,7 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
     datasets.disable_progress_bars()
 
     set_threads(cfg.threads)
+    refuse_unsharded_launch("sft")
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
     save_config(cfg, out)
     rows = load_sft_rows(cfg.dataset, "train")

@@ -240,6 +240,9 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
     separate_critic: bool = opt(False, "a separate critic trunk instead of a value head on the policy's trunk")
     gradient_checkpointing: bool = opt(False, "recompute the policy's activations in the backward pass (less "
                                               "memory, about a third more compute)")
+    fsdp: str = opt("", "full_shard: shard the policy, critic, reference, gradients and Adam state over the "
+                        "processes of the launch (torch FSDP2, per decoder layer; launch with torchrun or accelerate "
+                        "with a DDP config); '' (default): one process, or whole copies under DDP")
     save_total_limit: int = opt(2, "keep only the newest N checkpoint-<update> folders (0: keep all)")
     skip_nonfinite: bool = opt(False, "skip a batch whose loss, reward or gradient norm is not finite (counted in "
                                       "policy/skipped_batches) instead of stopping the run")
@@ -264,6 +267,12 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
                             f"gradient_accumulation_steps {self.gradient_accumulation_steps}")
         if self.kl_estimator not in ("k1", "k3"):
             raise UserError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.fsdp not in ("", "full_shard"):
+            raise UserError(f"fsdp {self.fsdp!r} is not supported for ppo: use full_shard (FSDP2, every process "
+                            "holds 1/N of each weight) or '' (whole copies, DDP)")
+        if self.fsdp and self.eval_steps:
+            raise UserError("eval_steps is not supported with fsdp: evaluate the run's final folder with "
+                            "`rlgen evaluate --model OUTPUT_DIR`")
         check_schedule(self)
 
     def eval_config(self) -> EvalConfig:
