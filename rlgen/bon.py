@@ -10,6 +10,7 @@ n' = 1, 2, 4, ..., n; its KL to the starting policy is the analytic bon_kl(n') =
 from __future__ import annotations
 
 import json
+import math
 
 from rlgen.config import EvalConfig
 from rlgen.scaling import bon_kl
@@ -40,6 +41,32 @@ def best_of(proxy: list[list[float]], k: int) -> list[int]:
     if any(len(row) < k for row in proxy):
         raise ValueError(f"best_of: k {k} exceeds the samples of a prompt ({min(map(len, proxy))})")
     return [max(range(k), key=lambda j, row=row: (row[j], -j)) for row in proxy]
+
+
+def unbiased_best_of(proxy: list[list[float]], values: list[list[float]], k: int) -> list[float]:
+    """Per prompt, E[value of the proxy's argmax among k of its N draws], the k drawn uniformly without replacement.
+
+    proxy, values: [prompts][N], samples in the order drawn; returns [prompts] expectations. The unbiased
+    order-statistics estimator of Nakano et al. 2021 (WebGPT, appendix) used by Gao et al. 2022: rank the N
+    samples by proxy (ties go to the earlier draw, as `best_of`); the sample of rank i (1 = lowest) is the
+    argmax of a k-subset exactly when it is in the subset and the other k - 1 have lower ranks, which happens
+    with probability C(i-1, k-1) / C(N, k). Every k-subset counts, not only the first k draws, so the estimate
+    at each k uses all N samples.
+
+    >>> unbiased_best_of([[0.1, 0.5, 0.9]], [[1.0, 2.0, 3.0]], 2)  # pairs (1,2)->2, (1,3)->3, (2,3)->3
+    [2.6666666666666665]
+    >>> unbiased_best_of([[0.1, 0.5, 0.9]], [[1.0, 2.0, 3.0]], 1), unbiased_best_of([[0.7, 0.7]], [[5.0, 1.0]], 2)
+    ([2.0], [5.0])
+    """
+    estimates = []
+    for row, vals in zip(proxy, values):
+        n = len(row)
+        if len(vals) != n or not 1 <= k <= n:
+            raise ValueError(f"unbiased_best_of: k {k} with {n} proxy and {len(vals)} values for a prompt")
+        ranked = sorted(range(n), key=lambda j, row=row: (row[j], -j))  # ascending; the later draw loses ties
+        total = math.comb(n, k)
+        estimates.append(sum(math.comb(i, k - 1) / total * vals[j] for i, j in enumerate(ranked)))
+    return estimates
 
 
 def best_of_n(cfg: EvalConfig, n: int, ref_name: str | None = None) -> dict:

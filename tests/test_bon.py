@@ -87,3 +87,39 @@ def test_best_of_n_writes_the_chosen_samples_and_one_metrics_row_per_n(bon):
     assert json.loads((folder / "eval_summary.json").read_text()) == pytest.approx(final)
     assert [row["step"] for row in read_jsonl(folder / "metrics.jsonl")] == [1, 2, 4]
     assert "eval/bleu" in final and "eval/perplexity_ref" not in final and "eval/reference_nll" not in final
+
+
+def _brute_force_best_of(proxy: list[float], values: list[float], k: int) -> float:
+    """E[value of the argmax] by enumerating every k-subset of the draws (kept in draw order for best_of)."""
+    import itertools
+
+    subsets = list(itertools.combinations(range(len(proxy)), k))
+    picks = [subset[best_of([[proxy[j] for j in subset]], k)[0]] for subset in subsets]
+    return sum(values[j] for j in picks) / len(subsets)
+
+
+def test_unbiased_best_of_matches_enumerating_every_subset():
+    import random
+
+    from rlgen.bon import unbiased_best_of
+
+    rng = random.Random(0)
+    for n in (1, 2, 5, 8):
+        # proxy values from a small set so that ties occur; gold values unrelated to the proxy
+        proxy = [[float(rng.randint(0, 3)) for _ in range(n)] for _ in range(6)]
+        gold = [[rng.gauss(0, 1) for _ in range(n)] for _ in range(6)]
+        for k in range(1, n + 1):
+            expected = [_brute_force_best_of(p, g, k) for p, g in zip(proxy, gold)]
+            assert unbiased_best_of(proxy, gold, k) == pytest.approx(expected, abs=1e-12)
+    # k = 1 is the plain mean; k = N is the argmax of all draws (first-k best_of at k = N)
+    assert unbiased_best_of(proxy, gold, 1) == pytest.approx([sum(g) / len(g) for g in gold])
+    assert unbiased_best_of(proxy, gold, 8) == [g[j] for g, j in zip(gold, best_of(proxy, 8))]
+
+
+def test_unbiased_best_of_refuses_k_outside_the_draws():
+    from rlgen.bon import unbiased_best_of
+
+    with pytest.raises(ValueError, match="k 3"):
+        unbiased_best_of([[0.1, 0.2]], [[1.0, 2.0]], 3)
+    with pytest.raises(ValueError, match="k 1"):
+        unbiased_best_of([[0.1, 0.2]], [[1.0]], 1)
