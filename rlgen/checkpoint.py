@@ -244,23 +244,43 @@ def load_policy_weights(folder: Path, policy) -> None:
         policy.critic.load_state_dict(AutoModel.from_pretrained(folder / "critic", dtype=torch.float32).state_dict())
 
 
-def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -> dict:
-    """Restore policy, optimiser, scheduler (None: none) and this process's RNG; return the trainer state."""
+def load_tensors(path: Path, what: str):
+    """`torch.load` of a checkpoint file rlgen wrote with `torch.save` (tuples, lists, dicts, numbers, tensors):
+    a planted pickle's callables are refused, never run, with a UserError naming the file."""
     import torch
 
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        reason = found[0].rstrip(".") if found else "not tuples, lists, numbers and tensors"
+        raise UserError(f"resume_from_checkpoint: {path} is not {what} rlgen wrote, refusing to load it "
+                        f"({reason})") from None
+
+
+# Adam/AdamW flags that say how the optimiser runs on this run's device, not what it learnt: a checkpoint
+# written on CUDA (capturable: the step counter on the GPU, for D's CUDA graph) must not impose them on a CPU
+# run (Adam refuses capturable steps there), nor a CPU one take the graphed step from a CUDA run.
+DEVICE_FLAGS = ("capturable", "fused", "foreach")
+
+
+def load_optimizer_state(optimizer, path: Path) -> None:
+    """Load an optimiser state file into `optimizer`, keeping the device flags it was built with; its step
+    counters then lie where those flags want them (on the parameters' device for capturable or fused)."""
+    state = load_tensors(path, "an optimiser state")
+    for saved, group in zip(state.get("param_groups", []), optimizer.param_groups):
+        saved.update({k: group[k] for k in DEVICE_FLAGS if k in group})
+    optimizer.load_state_dict(state)
+
+
+def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -> dict:
+    """Restore policy, optimiser, scheduler (None: none) and this process's RNG; return the trainer state."""
     rng_file = folder / f"rng_state_{rank}.pth"
     if not rng_file.is_file():
         raise UserError(f"resume_from_checkpoint: {folder} has no {rng_file.name} (written by fewer processes?)")
     load_policy_weights(folder, policy)
-    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    load_optimizer_state(optimizer, folder / OPTIMIZER_FILE)
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-    try:  # tuples, lists, numbers and tensors only: a planted pickle's callables are refused, never run
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
-        reason = found[0].rstrip(".") if found else "not tuples, lists, numbers and tensors"
-        raise UserError(f"resume_from_checkpoint: {rng_file} is not an RNG state rlgen wrote, refusing to load "
-                        f"it ({reason})") from None
-    set_rng_state(rng)
+        scheduler.load_state_dict(load_tensors(folder / SCHEDULER_FILE, "a scheduler state"))
+    set_rng_state(load_tensors(rng_file, "an RNG state"))
     return json.loads((folder / STATE_FILE).read_text())

@@ -49,6 +49,7 @@ from rlgen.checkpoint import (
     StopSignals,
     TrainingInterrupted,
     find_checkpoint,
+    load_optimizer_state,
     load_training_state,
     remove_checkpoints,
     remove_stale_temporaries,
@@ -169,7 +170,7 @@ def _load_checkpoint(folder: Path, parts: _Parts, task, out: Path) -> _Progress:
         raise UserError(f"resume_from_checkpoint: {folder} is not a seqgan checkpoint")
     try:
         parts.d.load_state_dict(load_discriminator(folder / "discriminator").state_dict())
-        parts.opt_d.load_state_dict(torch.load(folder / D_OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        load_optimizer_state(parts.opt_d, folder / D_OPTIMIZER_FILE)  # capturable as this run's device wants
         if parts.rollout_model is not parts.policy.model:
             load_model(parts.rollout_model, str(_required(folder, ROLLOUT_FILE)))
         if parts.reference is not None:

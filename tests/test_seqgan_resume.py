@@ -184,3 +184,51 @@ def test_several_processes_are_refused_in_one_line(tmp_path, monkeypatch, capsys
     assert err.startswith("rlgen: error: seqgan runs in one process (its Monte-Carlo rollouts and discriminator "
                           "training are not distributed), but was launched with 2"), err
     assert not out.exists()
+
+
+def _copy_run(one_go, tmp_path):
+    import shutil
+
+    out, _, _ = one_go
+    shutil.copytree(out, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_cuda_checkpoint_resumes_on_the_cpu_exactly(one_go, tmp_path, monkeypatch):
+    """D's Adam state as CUDA writes it (capturable: its step counters on the GPU, for the graphed D step) loaded
+    on the CPU: the run's own flags win and epoch 4 equals the one-go run's. Before the fix the saved capturable
+    flag stayed and the first D step failed (Adam's capturable steps need a GPU)."""
+    _, result_a, rows_a = one_go
+    out = _copy_run(one_go, tmp_path)
+    path = out / "checkpoint-3" / "optimizer_d.pt"
+    state = torch.load(path, weights_only=True)
+    for group in state["param_groups"]:
+        group["capturable"] = True
+    torch.save(state, path)
+    _cpu(monkeypatch)
+    result_b = train_seqgan(oracle_config(tmp_path, out, resume_from_checkpoint=str(out / "checkpoint-3")))
+    assert _without_time(read_jsonl(out / "metrics.jsonl")) == _without_time(rows_a)
+    _assert_same_weights(result_a.discriminator, result_b.discriminator)
+    _assert_same_weights(result_a.policy.model, result_b.policy.model)
+
+
+@pytest.mark.parametrize("name, what", [("rng_state_0.pth", "an RNG state"), ("optimizer.pt", "an optimiser state"),
+                                        ("optimizer_d.pt", "an optimiser state")])
+def test_planted_pickle_in_any_checkpoint_file_is_refused_with_one_line(one_go, tmp_path, monkeypatch, capsys,
+                                                                        name, what):
+    """Every file of a SeqGAN checkpoint that torch.load reads; before the fix optimizer_d.pt and optimizer.pt
+    were refused with a traceback and exit 1."""
+    from test_ppo_resume import _Planted, assert_refused_in_one_line, pickled_files
+
+    from rlgen.cli import main
+
+    out, ran = _copy_run(one_go, tmp_path), tmp_path / "planted_code_ran"
+    checkpoint = out / "checkpoint-3"
+    assert pickled_files(checkpoint) == {"rng_state_0.pth", "optimizer.pt", "optimizer_d.pt"}
+    torch.save({"state": _Planted(ran)}, checkpoint / name)
+    _cpu(monkeypatch)
+    capsys.readouterr()
+    argv = ["seqgan", "--config", str(checkpoint / "config.yaml"), "--output_dir", str(out),
+            "--resume_from_checkpoint", str(checkpoint)]
+    assert main(argv) == 2
+    assert_refused_in_one_line(capsys.readouterr().err.strip(), checkpoint / name, what, ran)
