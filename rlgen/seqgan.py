@@ -219,12 +219,17 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     with StopSignals() as stop:
         # 2. MLE pre-training of the generator (a resumed run has it in its checkpoint). The reference of the KL
         #    penalty is the MLE generator, and so is the rollout policy G_beta at first (or G itself, rate 0).
+        #    Under LoRA the model with its adapter disabled is that generator only while MLE has not trained the
+        #    adapter (mle_steps 0); else the reference is a frozen copy with the MLE adapter merged.
         if resume is None:
             policy = task.pretrain(policy)
         policy.model.eval()  # dropout off for sampling and the policy gradient alike (as PPO)
         reference = None
-        if policy.ref_model is None and not policy.is_peft and cfg.kl_coef > 0:
-            policy.ref_model = reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        if policy.ref_model is None and cfg.kl_coef > 0 and (not policy.is_peft or cfg.mle_steps > 0):
+            reference = copy.deepcopy(policy.model)
+            if policy.is_peft:
+                reference = reference.merge_and_unload()
+            policy.ref_model = reference = reference.eval().requires_grad_(False)
         rollout_model = policy.model
         if cfg.rollout_update_rate > 0:
             rollout_model = copy.deepcopy(policy.model).eval().requires_grad_(False)

@@ -314,3 +314,27 @@ def test_compare_seqgan_run_keeps_the_budget_and_counts_every_token(tmp_path, ti
     assert generated["completions"] <= max_steps * cfg.batch_size
     assert generated["completions"] + generated["rollouts"] == made["sequences"]
     assert generated["tokens"] == made["tokens"] and generated["rollout_tokens"] > 0
+
+
+def test_lora_kl_reference_is_the_mle_generator(tmp_path, tiny_folder, tiny_classifier, monkeypatch):
+    """Text task, LoRA, SFT as MLE pre-training: the KL reference is the SFT'd generator (the adapter at the end
+    of MLE, merged), not the base model under the disabled adapter (what it was before the fix)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr("rlgen.seqgan.default_device", lambda: torch.device("cpu"))
+    cfg = SeqGANConfig(task="text", model=str(tiny_folder), discriminator=tiny_classifier, lora_r=4,
+                       output_dir=str(tmp_path / "run"), mle_steps=2, max_new_tokens=4, batch_size=4, max_steps=1,
+                       rollout_num=2, learning_rate=1e-3, kl_coef=0.05, d_pretrain_rounds=1, d_pretrain_epochs=1,
+                       d_negatives=8, d_max_length=16, eval_num_prompts=0)
+    policy = train_seqgan(cfg).policy
+    mle = load_file(str(tmp_path / "run" / "sft" / "model.safetensors"))  # SFT saves its generator merged
+    base = load_file(str(tiny_folder / "model.safetensors"))
+    assert policy.is_peft and policy.ref_model is not None
+    reference = policy.ref_model.state_dict()
+    assert any(not torch.equal(mle[k], base[k]) for k in mle)  # MLE moved the merged weights
+    for name, weight in mle.items():
+        assert torch.equal(reference[name], weight), name
+    ro = policy.sample(["hi", "how are you"], SamplingConfig(max_new_tokens=4), with_values=False)
+    sft = Policy.from_pretrained(str(tmp_path / "run" / "sft"), reference=False)
+    expected, _, _ = sft(ro.input_ids, ro.attention_mask, 4, with_values=False)
+    assert torch.allclose(policy.ref_logprobs(ro.input_ids, ro.attention_mask, 4), expected, atol=1e-6)

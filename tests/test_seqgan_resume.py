@@ -119,12 +119,14 @@ def test_interrupt_and_resume_equals_one_go(one_go, tmp_path, monkeypatch, key, 
     assert [n for n, _ in complete_checkpoints(out)] == [3, 4]  # save_total_limit 2
 
 
-def test_text_task_interrupt_and_resume_equals_one_go(tmp_path, tiny_folder, tiny_classifier, monkeypatch):
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_text_task_interrupt_and_resume_equals_one_go(tmp_path, tiny_folder, tiny_classifier, monkeypatch, lora_r):
     """The text task, with SFT as MLE pre-training (2 steps: the first is at warm-up learning rate 0, and the KL
-    reference is the SFT'd generator; resuming skips SFT and loads it): 2 epochs in one go == SIGINT after
-    epoch 1 + resume, bit for bit."""
+    reference is the SFT'd generator, under LoRA a merged copy; resuming skips SFT and loads it): 2 epochs in
+    one go == SIGINT after epoch 1 + resume, bit for bit."""
     def config(out, **kw):
         return SeqGANConfig(task="text", model=str(tiny_folder), discriminator=tiny_classifier, output_dir=str(out),
+                            lora_r=lora_r,
                             mle_steps=2, max_new_tokens=4, batch_size=4, max_steps=2, rollout_num=2,
                             learning_rate=1e-3, max_grad_norm=1.0, kl_coef=0.05, d_pretrain_rounds=1,
                             d_pretrain_epochs=1, d_negatives=8, d_learning_rate=1e-3, d_max_length=16,

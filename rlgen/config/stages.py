@@ -343,7 +343,8 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
     rollout_update_rate: float = opt(0.8, "rollout policy theta' <- r theta' + (1 - r) theta after each "
                                           "generator step (0: the generator itself)")
     baseline: str = opt("none", "subtract from Q: none (the paper) or mean (batch mean per position)")
-    kl_coef: float = opt(0.0, "KL penalty to the reference (the starting generator) per token (0: off)")
+    kl_coef: float = opt(0.0, "KL penalty per token to the reference: the generator as MLE pre-training left "
+                                "it (under LoRA too) (0: off)")
     # discriminator
     discriminator: str = opt("auto", "auto (cnn for task oracle, minilm for text), cnn (the paper's CNN over "
                                      "token ids), minilm (all-MiniLM-L6-v2 classifier over text) or a "
