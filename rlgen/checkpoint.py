@@ -56,14 +56,16 @@ class NonFiniteError(UserError):
 
 
 class StopSignals:
-    """Context manager: the first SIGINT/SIGTERM only sets `signum` (the loop checks it between updates);
-    a second one stops at once (KeyboardInterrupt / the default SIGTERM action). Previous handlers come back
-    on exit. Outside the main thread it does nothing (signal handlers can only be set there)."""
+    """Context manager: the first SIGINT/SIGTERM only sets `signum` (the loop checks it between updates) and,
+    given a `notice` (what the run does now), says so on stderr at once; a second one stops at once
+    (KeyboardInterrupt / the default SIGTERM action). Previous handlers come back on exit. Outside the main
+    thread it does nothing (signal handlers can only be set there)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, notice: str = ""):
         self.signum: int | None = None
+        self.notice = notice
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
@@ -74,6 +76,9 @@ class StopSignals:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        if self.notice:  # os.write: print() may be inside a write to the same stream that this handler interrupts
+            os.write(2, f"\n[rlgen] {signal.Signals(signum).name} received: {self.notice}; send it again to stop at "
+                        "once\n".encode())
 
     def __enter__(self):
         try:
