@@ -25,8 +25,9 @@ this run made from the MLE generator (`reference_model.safetensors`), and in `tr
 and counters, the task's state, the states of the private generators and the metrics history.
 `resume_from_checkpoint` restores all of it and skips the finished phases, so a resumed run equals one that
 was never stopped; it also resumes on another device (optimiser states keep this run's device flags).
-SIGINT/SIGTERM is acknowledged on stderr at once, finishes the current unit of work (the MLE phase, a D pre-training round, an
-adversarial epoch), writes a checkpoint and raises TrainingInterrupted. Each phase shows a tqdm progress bar.
+SIGINT/SIGTERM is acknowledged on stderr at once, finishes the current unit of work (the MLE phase, a D
+pre-training round, an adversarial epoch), writes a checkpoint and raises TrainingInterrupted. Each phase shows
+a tqdm progress bar.
 Runs in one process: the Monte-Carlo rollouts and the D training are not distributed.
 """
 
