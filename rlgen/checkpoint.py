@@ -62,14 +62,16 @@ class NonFiniteError(UserError):
 
 
 class StopSignals:
-    """Context manager: the first SIGINT/SIGTERM only sets `signum` (the loop checks it between updates);
-    a second one stops at once (KeyboardInterrupt / the default SIGTERM action). Previous handlers come back
-    on exit. Outside the main thread it does nothing (signal handlers can only be set there)."""
+    """Context manager: the first SIGINT/SIGTERM only sets `signum` (the loop checks it between updates) and,
+    given a `notice` (what the run does now), says so on stderr at once; a second one stops at once
+    (KeyboardInterrupt / the default SIGTERM action). Previous handlers come back on exit. Outside the main
+    thread it does nothing (signal handlers can only be set there)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, notice: str = ""):
         self.signum: int | None = None
+        self.notice = notice
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
@@ -80,6 +82,9 @@ class StopSignals:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        if self.notice:  # os.write: print() may be inside a write to the same stream that this handler interrupts
+            os.write(2, f"\n[rlgen] {signal.Signals(signum).name} received: {self.notice}; send it again to stop at "
+                        "once\n".encode())
 
     def __enter__(self):
         try:
@@ -277,18 +282,45 @@ def load_policy_weights(folder: Path, policy) -> None:
         policy.critic.load_state_dict(AutoModel.from_pretrained(folder / "critic", dtype=torch.float32).state_dict())
 
 
-def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -> dict:
-    """Restore policy, optimiser, scheduler (None: none) and this process's RNG; return the trainer state."""
+def load_tensors(path: Path, what: str):
+    """`torch.load` of a checkpoint file rlgen wrote with `torch.save` (tuples, lists, dicts, numbers, tensors):
+    a planted pickle's callables are refused, never run, with a UserError naming the file."""
     import torch
 
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        reason = found[0].rstrip(".") if found else "not tuples, lists, numbers and tensors"
+        raise UserError(f"resume_from_checkpoint: {path} is not {what} rlgen wrote, refusing to load it "
+                        f"({reason})") from None
+
+
+# Adam/AdamW flags that say how the optimiser runs on this run's device, not what it learnt: a checkpoint
+# written on CUDA (capturable: the step counter on the GPU, for D's CUDA graph) must not impose them on a CPU
+# run (Adam refuses capturable steps there), nor a CPU one take the graphed step from a CUDA run.
+DEVICE_FLAGS = ("capturable", "fused", "foreach")
+
+
+def load_optimizer_state(optimizer, path: Path) -> None:
+    """Load an optimiser state file into `optimizer`, keeping the device flags it was built with; its step
+    counters then lie where those flags want them (on the parameters' device for capturable or fused)."""
+    state = load_tensors(path, "an optimiser state")
+    for saved, group in zip(state.get("param_groups", []), optimizer.param_groups):
+        saved.update({k: group[k] for k in DEVICE_FLAGS if k in group})
+    optimizer.load_state_dict(state)
+
+
+def load_training_state(folder: Path, policy, optimizer, scheduler, rank: int) -> dict:
+    """Restore policy, optimiser, scheduler (None: none) and this process's RNG; return the trainer state."""
     rng_file = folder / f"rng_state_{rank}.pth"
     if not rng_file.is_file():
         raise UserError(f"resume_from_checkpoint: {folder} has no {rng_file.name} (written by fewer processes?)")
     load_policy_weights(folder, policy)
-    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    load_optimizer_state(optimizer, folder / OPTIMIZER_FILE)
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-    _load_rng(rng_file)
+        scheduler.load_state_dict(load_tensors(folder / SCHEDULER_FILE, "a scheduler state"))
+    set_rng_state(load_tensors(rng_file, "an RNG state"))
     return json.loads((folder / STATE_FILE).read_text())
 
 
@@ -296,31 +328,15 @@ def load_sharded_training_state(folder: Path, policy, optimizer, scheduler, rank
     """`load_training_state` for a sharded run, at any world size. At the writer's world size the resume is exact;
     at another, torch.distributed.checkpoint reshards weights and optimiser state, while the random streams stay
     this run's own (seed + rank) and the prompts per update follow the new world size: it continues, not bit-exact."""
-    import torch
-
     from rlgen.distributed import load_sharded
 
     state = json.loads((folder / STATE_FILE).read_text())
     load_sharded(folder / SHARDED_DIR, policy, optimizer)
-    scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(load_tensors(folder / SCHEDULER_FILE, "a scheduler state"))
     if state["world_size"] == world:
-        _load_rng(folder / f"rng_state_{rank}.pth")
+        set_rng_state(load_tensors(folder / f"rng_state_{rank}.pth", "an RNG state"))
     elif rank == 0:
         print(f"[rlgen] resumed {folder} (written by {state['world_size']} processes) on {world}: weights and "
               "optimiser state resharded; random streams and prompts per update differ from an uninterrupted run "
               "(it continues, not bit-exact)", flush=True)
     return state
-
-
-def _load_rng(rng_file: Path) -> None:
-    """Restore this process's generator states from `rng_file`, refusing anything but plain data."""
-    import torch
-
-    try:  # tuples, lists, numbers and tensors only: a planted pickle's callables are refused, never run
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
-        reason = found[0].rstrip(".") if found else "not tuples, lists, numbers and tensors"
-        raise UserError(f"resume_from_checkpoint: {rng_file} is not an RNG state rlgen wrote, refusing to load "
-                        f"it ({reason})") from None
-    set_rng_state(rng)

@@ -24,8 +24,10 @@ newest `save_total_limit` kept). Besides the generator (a usable model folder), 
 this run made from the MLE generator (`reference_model.safetensors`), and in `trainer_state.json` the phase
 and counters, the task's state, the states of the private generators and the metrics history.
 `resume_from_checkpoint` restores all of it and skips the finished phases, so a resumed run equals one that
-was never stopped. SIGINT/SIGTERM finishes the current unit of work (the MLE phase, a D pre-training round,
-an adversarial epoch), writes a checkpoint and raises TrainingInterrupted.
+was never stopped; it also resumes on another device (optimiser states keep this run's device flags).
+SIGINT/SIGTERM is acknowledged on stderr at once, finishes the current unit of work (the MLE phase, a D
+pre-training round, an adversarial epoch), writes a checkpoint and raises TrainingInterrupted. Each phase shows
+a tqdm progress bar.
 Runs in one process: the Monte-Carlo rollouts and the D training are not distributed.
 """
 
@@ -42,6 +44,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rlgen import core
 from rlgen.checkpoint import (
@@ -49,6 +52,7 @@ from rlgen.checkpoint import (
     StopSignals,
     TrainingInterrupted,
     find_checkpoint,
+    load_optimizer_state,
     load_training_state,
     remove_checkpoints,
     remove_stale_temporaries,
@@ -169,7 +173,7 @@ def _load_checkpoint(folder: Path, parts: _Parts, task, out: Path) -> _Progress:
         raise UserError(f"resume_from_checkpoint: {folder} is not a seqgan checkpoint")
     try:
         parts.d.load_state_dict(load_discriminator(folder / "discriminator").state_dict())
-        parts.opt_d.load_state_dict(torch.load(folder / D_OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        load_optimizer_state(parts.opt_d, folder / D_OPTIMIZER_FILE)  # capturable as this run's device wants
         if parts.rollout_model is not parts.policy.model:
             load_model(parts.rollout_model, str(_required(folder, ROLLOUT_FILE)))
         if parts.reference is not None:
@@ -215,15 +219,22 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     policy = task.generator(policy, resuming=resume is not None)
     d = task.discriminator()
 
-    with StopSignals() as stop:
+    # the first signal is acknowledged at once (a unit of work can take minutes), then acted on after that unit
+    with StopSignals(notice="finishing the MLE phase, D pre-training round or adversarial epoch under way, then "
+                            "saving a checkpoint") as stop:
         # 2. MLE pre-training of the generator (a resumed run has it in its checkpoint). The reference of the KL
         #    penalty is the MLE generator, and so is the rollout policy G_beta at first (or G itself, rate 0).
+        #    Under LoRA the model with its adapter disabled is that generator only while MLE has not trained the
+        #    adapter (mle_steps 0); else the reference is a frozen copy with the MLE adapter merged.
         if resume is None:
             policy = task.pretrain(policy)
         policy.model.eval()  # dropout off for sampling and the policy gradient alike (as PPO)
         reference = None
-        if policy.ref_model is None and not policy.is_peft and cfg.kl_coef > 0:
-            policy.ref_model = reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        if policy.ref_model is None and cfg.kl_coef > 0 and (not policy.is_peft or cfg.mle_steps > 0):
+            reference = copy.deepcopy(policy.model)
+            if policy.is_peft:
+                reference = reference.merge_and_unload()
+            policy.ref_model = reference = reference.eval().requires_grad_(False)
         rollout_model = policy.model
         if cfg.rollout_update_rate > 0:
             rollout_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
@@ -248,6 +259,8 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
         #    checkpoint-0 again; a signal stops it after the round under way
         if progress.phase == 2:
             signum = None
+            bar = tqdm(total=cfg.d_pretrain_rounds, initial=progress.d_pretrain_rounds, desc="seqgan D pre-training",
+                       unit="round")
             for rnd in range(progress.d_pretrain_rounds + 1, cfg.d_pretrain_rounds + 1):
                 clock = _timer()
                 stats = train_discriminator(d, opt_d, task.positives(cfg.d_negatives),
@@ -256,9 +269,13 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
                 writer.log({f"d_pretrain/{k}": v for k, v in stats.items()}, step=rnd)
                 progress.d_pretrain_rounds = rnd
                 progress.seconds["d_pretrain"] += clock()
+                bar.set_postfix(loss=f"{stats['loss/d']:.3f}", accuracy=f"{stats['val/d_accuracy_train']:.3f}",
+                                refresh=False)
+                bar.update()
                 signum = stop.signum  # read once: a signal arriving after this is handled after the next unit
                 if signum:
                     break
+            bar.close()
             if progress.d_pretrain_rounds == cfg.d_pretrain_rounds:
                 progress.phase = 3
                 print(f"[seqgan] D pre-training {cfg.d_pretrain_rounds} rounds "
@@ -269,6 +286,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
 
         # 4. adversarial epochs: g-steps (Monte-Carlo rollout rewards, policy gradient), then d-steps
         times = progress.seconds
+        bar = tqdm(total=cfg.max_steps, initial=progress.epoch, desc="seqgan adversarial", unit="epoch")
         for epoch in range(progress.epoch + 1, cfg.max_steps + 1):
             epoch_clock = _timer()
             row: dict[str, float] = {}
@@ -323,14 +341,18 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             times["adv"] += epoch_clock()
             row["time/adv_epoch"] = times["adv"] / epoch
             writer.log(row, step=epoch)
-            print(f"[seqgan] adv epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+            with tqdm.external_write_mode():  # the line above the progress bar, not through it
+                print(f"[seqgan] adv epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+            bar.update()
             # 4f. checkpoint: every save_steps epochs, after the last, and when SIGINT/SIGTERM arrived
             progress.phase, progress.epoch = 4, epoch
             signum = stop.signum
             if (cfg.save_steps and epoch % cfg.save_steps == 0) or epoch == cfg.max_steps or signum:
                 checkpoint = _save_checkpoint(cfg, out, epoch, parts, progress, task)
             if signum and epoch < cfg.max_steps:
+                bar.close()
                 raise TrainingInterrupted(signum, epoch, checkpoint, f"adversarial epoch {epoch}")
+        bar.close()
 
     # 5. final evaluation and save
     n_g, n_d = max(progress.g_steps, 1), max(progress.d_steps, 1)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rlgen import core
 from rlgen.config import SamplingConfig, SeqGANConfig, SFTConfig, lora_kwargs
@@ -185,7 +186,7 @@ class OracleTask:
         opt = torch.optim.Adam(lm.parameters(), lr=cfg.mle_learning_rate)
         starts = torch.full((cfg.batch_size, 1), lm.config.start_token_id, dtype=torch.long, device=self.device)
         curve = []
-        for epoch in range(cfg.mle_epochs):
+        for epoch in tqdm(range(cfg.mle_epochs), desc="seqgan MLE", unit="epoch"):
             lm.train()
             perm = torch.randperm(cfg.num_train, generator=self.g)
             losses = []

@@ -166,3 +166,71 @@ def test_train_discriminator_replays_a_cuda_graph_for_the_same_steps(monkeypatch
     assert stats["loss/d"] == pytest.approx(ref_stats["loss/d"], rel=1e-4)
     for (name, p), q in zip(d.state_dict().items(), ref_d.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _saved_optimizer(tmp_path, d, **kwargs):
+    """An Adam state file after one step of D on toy data (what a checkpoint's optimizer_d.pt holds)."""
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2, **kwargs)
+    train_discriminator(d, opt, torch.ones(4, 6, dtype=torch.long, device=next(d.parameters()).device),
+                        torch.full((4, 6), 3, dtype=torch.long, device=next(d.parameters()).device), epochs=1,
+                        batch_size=8, l2=0.2, generator=torch.Generator().manual_seed(0))
+    torch.save(opt.state_dict(), tmp_path / "optimizer_d.pt")
+    return tmp_path / "optimizer_d.pt"
+
+
+def test_optimizer_state_keeps_the_device_flags_the_run_built(tmp_path):
+    """Both directions on the CPU: a capturable state (as CUDA writes it) loads into a plain Adam as a plain one,
+    and a plain state into a capturable Adam (as SeqGAN builds D's on CUDA) as a capturable one, its step counters
+    then float32 on the parameters' device."""
+    from rlgen.checkpoint import load_optimizer_state
+
+    d = CNNDiscriminator(10, 8, widths=(1, 2), filters=(4, 4), seq_len=6)
+    path = _saved_optimizer(tmp_path, d)
+    state = torch.load(path, weights_only=True)
+    state["param_groups"][0]["capturable"] = True
+    torch.save(state, path)
+    plain = torch.optim.Adam(d.parameters(), lr=1e-2)
+    load_optimizer_state(plain, path)
+    assert plain.param_groups[0]["capturable"] is False
+    plain.step()  # with capturable=True, Adam refuses to step on the CPU
+    assert all(int(s["step"]) == 2 for s in plain.state.values())
+
+    state["param_groups"][0]["capturable"] = False
+    torch.save(state, path)
+    capturable = torch.optim.Adam(d.parameters(), lr=1e-2, capturable=True)
+    load_optimizer_state(capturable, path)
+    assert capturable.param_groups[0]["capturable"] is True
+    assert all(s["step"].dtype == torch.float32 and s["step"].device == p.device
+               for p, s in capturable.state.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_optimizer_state_moves_between_cpu_and_cuda_runs(tmp_path, monkeypatch):
+    """A CPU checkpoint's D optimiser resumed on CUDA takes the graphed step (capturable, counters on the GPU); a
+    CUDA one resumed on the CPU steps there. Before the fix the first went eager and the second failed."""
+    from rlgen.checkpoint import load_optimizer_state
+
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
+    torch.manual_seed(0)
+    d_cpu = CNNDiscriminator(10, 8, widths=(1, 2), filters=(4, 4), dropout=0.0, seq_len=6)
+    cpu_file = _saved_optimizer(tmp_path, d_cpu)
+    d_cuda = CNNDiscriminator(10, 8, widths=(1, 2), filters=(4, 4), dropout=0.0, seq_len=6).cuda()
+    d_cuda.load_state_dict(d_cpu.state_dict())
+    opt = torch.optim.Adam(d_cuda.parameters(), lr=1e-2, capturable=True)
+    load_optimizer_state(opt, cpu_file)
+    assert all(s["step"].is_cuda for s in opt.state.values())
+    pos = torch.ones(64, 6, dtype=torch.long, device="cuda")
+    neg = torch.full((64, 6), 3, dtype=torch.long, device="cuda")
+    train_discriminator(d_cuda, opt, pos, neg, epochs=2, batch_size=16, l2=0.2,
+                        generator=torch.Generator().manual_seed(0))
+    assert len(replays) == 2 * 8 - _DStep.WARMUP  # every full minibatch after warm-up replays the graph
+    torch.save(opt.state_dict(), tmp_path / "cuda.pt")
+    d_back = CNNDiscriminator(10, 8, widths=(1, 2), filters=(4, 4), dropout=0.0, seq_len=6)
+    d_back.load_state_dict({k: v.cpu() for k, v in d_cuda.state_dict().items()})
+    back = torch.optim.Adam(d_back.parameters(), lr=1e-2)
+    load_optimizer_state(back, tmp_path / "cuda.pt")
+    train_discriminator(d_back, back, pos.cpu(), neg.cpu(), epochs=1, batch_size=16, l2=0.2,
+                        generator=torch.Generator().manual_seed(0))
+    assert all(int(s["step"]) == 1 + 16 + 8 for s in back.state.values())

@@ -219,20 +219,38 @@ class _Planted:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_planted_rng_pickle_is_refused_with_one_line(tiny_folder, reward_file, tmp_path, capsys):
-    """Before the fix the RNG file was unpickled with weights_only=False: the callable ran and resume went on."""
+def pickled_files(folder) -> set[str]:
+    """The files under `folder` that `torch.load` unpickles (torch.save's zip archives, plain pickles)."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")
+            if p.is_file() and p.read_bytes()[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")}
+
+
+def assert_refused_in_one_line(err: str, path, what: str, ran) -> None:
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"rlgen: error: resume_from_checkpoint: {path} is not {what} rlgen wrote, refusing"), err
+    assert "system" in err and not ran.exists()
+
+
+PPO_PICKLES = {"rng_state_0.pth": "an RNG state", "optimizer.pt": "an optimiser state",
+               "scheduler.pt": "a scheduler state"}
+
+
+@pytest.mark.parametrize("name", PPO_PICKLES)
+def test_planted_pickle_in_any_checkpoint_file_is_refused_with_one_line(tiny_folder, reward_file, tmp_path, capsys,
+                                                                        name):
+    """Every file of a PPO checkpoint that torch.load reads. Before the fix the RNG file was unpickled with
+    weights_only=False (the callable ran, resume went on), and the optimiser and scheduler files were refused
+    with a traceback and exit 1."""
     from rlgen.cli import main
 
     out, ran = tmp_path / "run", tmp_path / "planted_code_ran"
     train_ppo(config(tiny_folder, reward_file, out, max_steps=1, save_steps=0))
-    rng_file = out / "checkpoint-1" / "rng_state_0.pth"
-    torch.save({"python": _Planted(ran)}, rng_file)
+    assert pickled_files(out / "checkpoint-1") == set(PPO_PICKLES)  # a new pickled file needs its case here
+    planted = out / "checkpoint-1" / name
+    torch.save({"state": _Planted(ran)}, planted)
     capsys.readouterr()
     argv = ["ppo", "--model", str(tiny_folder), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "4",
             "--mini_batch_size", "2", "--max_new_tokens", "8", "--reward", f"{reward_file}:vowels",
             "--resume_from_checkpoint", "latest"]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
-    assert err.startswith(f"rlgen: error: resume_from_checkpoint: {rng_file} is not an RNG state rlgen wrote"), err
-    assert "system" in err and not ran.exists()
+    assert_refused_in_one_line(capsys.readouterr().err.strip(), planted, PPO_PICKLES[name], ran)

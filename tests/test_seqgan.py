@@ -1,5 +1,6 @@
 """SeqGAN: MC-rollout rewards against exact expectations, the LSTM model, the discriminator, tiny oracle runs."""
 
+import dataclasses
 import itertools
 import json
 
@@ -208,6 +209,38 @@ def test_presets_fill_only_default_fields():
         apply_preset(SeqGANConfig(preset="fast"))
 
 
+def test_text_task_has_its_own_defaults():
+    """Before, `--task text` ran the paper's oracle schedule (50 D pre-training rounds of 10,000 negatives, the
+    LSTM's learning rate 0.01). Given options win; the oracle's defaults stay; --help names each text default."""
+    from rlgen.config.stages import TEXT_DEFAULTS
+
+    cfg = apply_preset(SeqGANConfig(task="text", model="tiny", d_steps=2))
+    assert (cfg.d_pretrain_rounds, cfg.d_negatives, cfg.learning_rate, cfg.rollout_num, cfg.d_steps) == (3, 256, 1e-5,
+                                                                                                        4, 2)
+    assert {k: getattr(cfg, k) for k in TEXT_DEFAULTS if k != "d_steps"} == {k: v for k, v in TEXT_DEFAULTS.items()
+                                                                           if k != "d_steps"}
+    oracle = apply_preset(SeqGANConfig(task="oracle", model="lstm"))
+    assert (oracle.d_pretrain_rounds, oracle.d_negatives, oracle.learning_rate) == (50, 10000, 0.01)
+    fields = {f.name: f for f in dataclasses.fields(SeqGANConfig)}
+    for name, value in TEXT_DEFAULTS.items():
+        assert f"task text: {value}" in fields[name].metadata["help"], name
+    with pytest.raises(UserError, match="preset cpu is an oracle schedule"):
+        SeqGANConfig(task="text", preset="cpu")
+    assert apply_preset(SeqGANConfig(task="text", preset="none")) == SeqGANConfig(task="text", preset="none")
+
+
+def test_compare_keeps_its_seqgan_values_equal_to_the_oracle_defaults():
+    """A comparison's values are its own, even where they equal a default the text task replaces."""
+    from pathlib import Path
+
+    from rlgen.config import CompareConfig
+
+    compare = CompareConfig(model="tiny", methods=["seqgan"], seeds=[0], max_steps=5, batch_size=64,
+                            max_new_tokens=48)
+    stage = apply_preset(compare.method_config("seqgan", "tiny", Path("o"), 0))
+    assert (stage.batch_size, stage.max_new_tokens, stage.d_pretrain_rounds) == (64, 48, 1)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(task="oracle", model="default"), "model: lstm"),
     (dict(task="images"), "task"),
@@ -223,26 +256,48 @@ def test_bad_config_raises_user_error(tmp_path, kw, match):
         train_seqgan(SeqGANConfig(output_dir=str(tmp_path / "run"), **kw))
 
 
-def test_text_task_runs_with_rollouts_and_evaluator(tmp_path, tiny_classifier):
+def test_text_task_runs_with_rollouts_and_evaluator(tmp_path, tiny_classifier, monkeypatch):
+    """The final evaluation scores the first 4 test prompts' samples with D (eval/rewards/discriminator/mean is
+    D's mean P(real) on the saved samples), and eval/d_accuracy is D's accuracy on exactly those prompts' real
+    replies (label real) and the 4 fresh replies sampled for it (label generated)."""
+    from rlgen.data import load_rows
+    from rlgen.discriminator import prob_real
+    from rlgen.files import read_jsonl
+    from rlgen.metrics import distinct_n
+    from rlgen.seqgan import discriminator
+    from rlgen.seqgan_tasks import TextTask
+
+    drawn, negatives = [], TextTask.negatives  # every call's generated replies: the last are eval/d_accuracy's
+
+    def recorded(self, policy, n):
+        drawn.append(negatives(self, policy, n))
+        return drawn[-1]
+
+    monkeypatch.setattr(TextTask, "negatives", recorded)
     cfg = SeqGANConfig(task="text", model="tiny", discriminator=tiny_classifier, output_dir=str(tmp_path / "run"),
                        max_new_tokens=4, batch_size=4, max_steps=1, rollout_num=2, rollout_update_rate=0.8,
-                       learning_rate=1e-4, max_grad_norm=1.0, baseline="mean", kl_coef=0.05, d_pretrain_rounds=1,
-                       d_pretrain_epochs=1, d_negatives=8, d_learning_rate=1e-3, d_max_length=16, eval_num_prompts=4)
-    s = train_seqgan(cfg).summary
-    for key in ("eval/distinct_1", "eval/self_bleu", "eval/perplexity_ref", "eval/rewards/discriminator/mean"):
-        assert key in s["adv"]
+                       learning_rate=1e-4, max_grad_norm=1.0, baseline="mean", kl_coef=0.05, d_pretrain_rounds=2,
+                       d_pretrain_epochs=8, d_negatives=8, d_learning_rate=3e-3, d_max_length=16, eval_num_prompts=4)
+    result = train_seqgan(cfg)
+    s, d = result.summary, result.discriminator
     assert s["g_step_split"]["rollout"] > 0
-    from rlgen.seqgan import discriminator
-
+    rows = load_rows(cfg.dataset, "test", columns=("prompt", "completion"))[:4]
+    samples = read_jsonl(tmp_path / "run" / "eval_samples.jsonl")
+    assert [x["prompt"] for x in samples] == [r["prompt"] for r in rows]
+    completions = [x["completion"] for x in samples]
+    d_scores = prob_real(d, completions)
+    assert [x["reward"] for x in samples] == pytest.approx(d_scores.tolist(), abs=1e-6)
+    assert s["adv"]["eval/rewards/discriminator/mean"] == pytest.approx(float(d_scores.mean()), abs=1e-6)
+    assert s["adv"]["eval/distinct_1"] == pytest.approx(distinct_n(completions, 1))
+    # [2 pre-training rounds, the epoch's D step, eval/d_accuracy's fakes]: 8, 8, 8 and 4 fresh replies
+    assert [len(texts) for texts in drawn] == [8, 8, 8, 4]
+    real_right = int((prob_real(d, [r["completion"] for r in rows]) > 0.5).sum())
+    fake_right = int((prob_real(d, drawn[-1]) <= 0.5).sum())
+    assert real_right + fake_right > 4  # D tells them apart, so swapped labels or sets would show
+    assert s["adv"]["eval/d_accuracy"] == (real_right + fake_right) / 8
+    # the saved D as a reward: the same P(real) as the trained one (texts shorter than d_max_length)
     values = discriminator(["hi", "hi"], ["hello there", "ok"], folder=str(tmp_path / "run" / "discriminator"))
-    assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
-    # eval/d_accuracy: D right on the 4 real test replies (P(real) > 0.5) and on 4 fresh samples, out of 8
-    from rlgen.data import load_rows
-
-    real = [r["completion"] for r in load_rows(cfg.dataset, "test", columns=("prompt", "completion"))[:4]]
-    real_right = sum(v > 0.5 for v in discriminator(real, real, folder=str(tmp_path / "run" / "discriminator")))
-    fake_right = s["adv"]["eval/d_accuracy"] * 8 - real_right
-    assert fake_right == round(fake_right) and 0 <= fake_right <= 4, (s["adv"]["eval/d_accuracy"], real_right)
+    assert values == pytest.approx(prob_real(d, ["hello there", "ok"]).tolist(), abs=1e-6)
 
 
 def test_temperature_sweep_any_policy(tiny_policy):
@@ -314,3 +369,27 @@ def test_compare_seqgan_run_keeps_the_budget_and_counts_every_token(tmp_path, ti
     assert generated["completions"] <= max_steps * cfg.batch_size
     assert generated["completions"] + generated["rollouts"] == made["sequences"]
     assert generated["tokens"] == made["tokens"] and generated["rollout_tokens"] > 0
+
+
+def test_lora_kl_reference_is_the_mle_generator(tmp_path, tiny_folder, tiny_classifier, monkeypatch):
+    """Text task, LoRA, SFT as MLE pre-training: the KL reference is the SFT'd generator (the adapter at the end
+    of MLE, merged), not the base model under the disabled adapter (what it was before the fix)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr("rlgen.seqgan.default_device", lambda: torch.device("cpu"))
+    cfg = SeqGANConfig(task="text", model=str(tiny_folder), discriminator=tiny_classifier, lora_r=4,
+                       output_dir=str(tmp_path / "run"), mle_steps=2, max_new_tokens=4, batch_size=4, max_steps=1,
+                       rollout_num=2, learning_rate=1e-3, kl_coef=0.05, d_pretrain_rounds=1, d_pretrain_epochs=1,
+                       d_negatives=8, d_max_length=16, eval_num_prompts=0)
+    policy = train_seqgan(cfg).policy
+    mle = load_file(str(tmp_path / "run" / "sft" / "model.safetensors"))  # SFT saves its generator merged
+    base = load_file(str(tiny_folder / "model.safetensors"))
+    assert policy.is_peft and policy.ref_model is not None
+    reference = policy.ref_model.state_dict()
+    assert any(not torch.equal(mle[k], base[k]) for k in mle)  # MLE moved the merged weights
+    for name, weight in mle.items():
+        assert torch.equal(reference[name], weight), name
+    ro = policy.sample(["hi", "how are you"], SamplingConfig(max_new_tokens=4), with_values=False)
+    sft = Policy.from_pretrained(str(tmp_path / "run" / "sft"), reference=False)
+    expected, _, _ = sft(ro.input_ids, ro.attention_mask, 4, with_values=False)
+    assert torch.allclose(policy.ref_logprobs(ro.input_ids, ro.attention_mask, 4), expected, atol=1e-6)

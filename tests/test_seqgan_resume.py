@@ -91,17 +91,20 @@ def test_save_steps_writes_checkpoints_after_each_phase_and_every_n_epochs(one_g
     ("d_pretrain/loss/d", 1, 0, "D pre-training round 1"),
     ("loss/policy", 2, 2, "adversarial epoch 2"),
 ], ids=["mle", "d_pretrain", "adversarial"])
-def test_interrupt_and_resume_equals_one_go(one_go, tmp_path, monkeypatch, key, step, checkpoint, after):
+def test_interrupt_and_resume_equals_one_go(one_go, tmp_path, monkeypatch, capfd, key, step, checkpoint, after):
     """4 epochs in one go == SIGINT during a phase + resume from the checkpoint it wrote, bit for bit: the
     generator and D weights, every metric but wall-clock times, and the summary. Both runs do the same float
     ops in the same order on one CPU thread from bit-identical restored state (weights, both Adam states, the
-    rollout policy and reference, the RNG states including the private generators, the task's state)."""
+    rollout policy and reference, the RNG states including the private generators, the task's state).
+    The signal is acknowledged on stderr when it arrives, before the unit under way ends."""
     out_a, result_a, rows_a = one_go
     _cpu(monkeypatch)
     out = tmp_path / "split"
     _stop_when_logged(monkeypatch, key, step)
     with pytest.raises(TrainingInterrupted) as stopped:
         train_seqgan(oracle_config(tmp_path, out, save_total_limit=2))
+    assert ("\n[rlgen] SIGINT received: finishing the MLE phase, D pre-training round or adversarial epoch under "
+            "way, then saving a checkpoint; send it again to stop at once\n") in capfd.readouterr().err
     monkeypatch.undo()
     _cpu(monkeypatch)
     path = (out / f"checkpoint-{checkpoint}").resolve()
@@ -119,12 +122,14 @@ def test_interrupt_and_resume_equals_one_go(one_go, tmp_path, monkeypatch, key, 
     assert [n for n, _ in complete_checkpoints(out)] == [3, 4]  # save_total_limit 2
 
 
-def test_text_task_interrupt_and_resume_equals_one_go(tmp_path, tiny_folder, tiny_classifier, monkeypatch):
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_text_task_interrupt_and_resume_equals_one_go(tmp_path, tiny_folder, tiny_classifier, monkeypatch, lora_r):
     """The text task, with SFT as MLE pre-training (2 steps: the first is at warm-up learning rate 0, and the KL
-    reference is the SFT'd generator; resuming skips SFT and loads it): 2 epochs in one go == SIGINT after
-    epoch 1 + resume, bit for bit."""
+    reference is the SFT'd generator, under LoRA a merged copy; resuming skips SFT and loads it): 2 epochs in
+    one go == SIGINT after epoch 1 + resume, bit for bit."""
     def config(out, **kw):
         return SeqGANConfig(task="text", model=str(tiny_folder), discriminator=tiny_classifier, output_dir=str(out),
+                            lora_r=lora_r,
                             mle_steps=2, max_new_tokens=4, batch_size=4, max_steps=2, rollout_num=2,
                             learning_rate=1e-3, max_grad_norm=1.0, kl_coef=0.05, d_pretrain_rounds=1,
                             d_pretrain_epochs=1, d_negatives=8, d_learning_rate=1e-3, d_max_length=16,
@@ -166,8 +171,8 @@ def test_sigterm_through_the_cli_saves_and_exits_143(tmp_path, monkeypatch, caps
                    eval_temperatures=1.0, d_embedding_size=16)
     assert main(["seqgan", *(f"--{k}={v}" for k, v in options.items())]) == 143
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
-    assert err == (f"rlgen: SIGTERM received: stopped after MLE pre-training, checkpoint saved; resume by running "
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (f"rlgen: SIGTERM received: stopped after MLE pre-training, checkpoint saved; resume by running "
                    f"the same command with --resume_from_checkpoint {(out / 'checkpoint-0').resolve()}")
     state = json.loads((out / "checkpoint-0" / "trainer_state.json").read_text())
     assert (state["progress"]["phase"], state["progress"]["d_pretrain_rounds"]) == (2, 0)
@@ -184,3 +189,51 @@ def test_several_processes_are_refused_in_one_line(tmp_path, monkeypatch, capsys
     assert err.startswith("rlgen: error: seqgan runs in one process (its Monte-Carlo rollouts and discriminator "
                           "training are not distributed), but was launched with 2"), err
     assert not out.exists()
+
+
+def _copy_run(one_go, tmp_path):
+    import shutil
+
+    out, _, _ = one_go
+    shutil.copytree(out, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_cuda_checkpoint_resumes_on_the_cpu_exactly(one_go, tmp_path, monkeypatch):
+    """D's Adam state as CUDA writes it (capturable: its step counters on the GPU, for the graphed D step) loaded
+    on the CPU: the run's own flags win and epoch 4 equals the one-go run's. Before the fix the saved capturable
+    flag stayed and the first D step failed (Adam's capturable steps need a GPU)."""
+    _, result_a, rows_a = one_go
+    out = _copy_run(one_go, tmp_path)
+    path = out / "checkpoint-3" / "optimizer_d.pt"
+    state = torch.load(path, weights_only=True)
+    for group in state["param_groups"]:
+        group["capturable"] = True
+    torch.save(state, path)
+    _cpu(monkeypatch)
+    result_b = train_seqgan(oracle_config(tmp_path, out, resume_from_checkpoint=str(out / "checkpoint-3")))
+    assert _without_time(read_jsonl(out / "metrics.jsonl")) == _without_time(rows_a)
+    _assert_same_weights(result_a.discriminator, result_b.discriminator)
+    _assert_same_weights(result_a.policy.model, result_b.policy.model)
+
+
+@pytest.mark.parametrize("name, what", [("rng_state_0.pth", "an RNG state"), ("optimizer.pt", "an optimiser state"),
+                                        ("optimizer_d.pt", "an optimiser state")])
+def test_planted_pickle_in_any_checkpoint_file_is_refused_with_one_line(one_go, tmp_path, monkeypatch, capsys,
+                                                                        name, what):
+    """Every file of a SeqGAN checkpoint that torch.load reads; before the fix optimizer_d.pt and optimizer.pt
+    were refused with a traceback and exit 1."""
+    from test_ppo_resume import _Planted, assert_refused_in_one_line, pickled_files
+
+    from rlgen.cli import main
+
+    out, ran = _copy_run(one_go, tmp_path), tmp_path / "planted_code_ran"
+    checkpoint = out / "checkpoint-3"
+    assert pickled_files(checkpoint) == {"rng_state_0.pth", "optimizer.pt", "optimizer_d.pt"}
+    torch.save({"state": _Planted(ran)}, checkpoint / name)
+    _cpu(monkeypatch)
+    capsys.readouterr()
+    argv = ["seqgan", "--config", str(checkpoint / "config.yaml"), "--output_dir", str(out),
+            "--resume_from_checkpoint", str(checkpoint)]
+    assert main(argv) == 2
+    assert_refused_in_one_line(capsys.readouterr().err.strip(), checkpoint / name, what, ran)

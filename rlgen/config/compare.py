@@ -161,8 +161,8 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
             if self.max_steps < 3:
                 raise UserError(f"seqgan needs max_steps >= 3: one D pre-training round and one adversarial epoch "
                                 f"generate 3 x batch_size completions (got max_steps {self.max_steps})")
-            values = {
-                **sampling, "task": "text", "max_steps": (self.max_steps - 1) // 2,
+            values = {  # preset none: these values as they are (the text task's defaults fill only default values)
+                **sampling, "task": "text", "preset": "none", "max_steps": (self.max_steps - 1) // 2,
                 "batch_size": self.batch_size, "learning_rate": self.learning_rate_of("seqgan"),
                 "kl_coef": self.kl_coef, "g_steps": 1, "rollout_num": 2, "rollout_update_rate": 0.0,
                 "baseline": "mean", "d_pretrain_rounds": 1, "d_pretrain_epochs": 1, "d_steps": 1, "d_epochs": 1,

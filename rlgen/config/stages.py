@@ -342,21 +342,33 @@ PRESETS = {
 }
 
 
+# The text task's values of the options whose defaults are the paper's oracle schedule (an LSTM's learning rate,
+# 50 D pre-training rounds of 10,000 negatives: `--task text --model tiny --max_steps 2` ran for 11 minutes
+# before its first adversarial epoch) or cost B x N x (T - 1) D passes per generator step (MiniLM scoring the
+# rollouts of 64 replies of 48 tokens: minutes per step on a CPU). Applied as a preset is, to the options left
+# at their defaults.
+TEXT_DEFAULTS = dict(max_steps=20, batch_size=16, max_new_tokens=16, learning_rate=1e-5, max_grad_norm=1.0,
+                     rollout_num=4, d_pretrain_rounds=3, d_pretrain_epochs=1, d_steps=1, d_epochs=1, d_negatives=256,
+                     d_learning_rate=2e-5, d_dropout=0.1)
+
+
 @dataclass(frozen=True)
 class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
     """`rlgen seqgan`: SeqGAN on the paper's oracle (task oracle, model lstm) or on real text (task text)."""
 
-    task: str = opt("text", "oracle (the paper's synthetic benchmark; model must be lstm) or text (real replies)")
+    task: str = opt("text", "oracle (the paper's synthetic benchmark; model must be lstm) or text (real replies; the "
+                            "options left at the paper's defaults take the text task's, marked 'task text')")
     preset: str = opt("", "oracle schedule preset: paper, cpu or smoke; it sets only the fields left at their "
-                          "defaults")
-    max_steps: int = opt(200, "adversarial epochs")
+                          "defaults (task oracle only); none: no preset and, for task text, not its defaults")
+    max_steps: int = opt(200, "adversarial epochs (task text: 20)")
     save_steps: int = opt(0, "save checkpoint-<epoch> every N adversarial epochs (0: none between); checkpoint-0 is "
                              "written after MLE pre-training and again after D pre-training, and one after the last "
                              "epoch")
     save_total_limit: int = opt(2, "keep only the newest N checkpoint-<epoch> folders (0: keep all)")
     resume_from_checkpoint: str | None = opt(None, "checkpoint-N folder or 'latest' (the newest in output_dir): "
                                                    "continue that run exactly, skipping the phases it finished")
-    batch_size: int = opt(64, "sequences per generator step, MLE step and D step")
+    batch_size: int = opt(64, "sequences per generator step, MLE step and D step (task text: 16)")
+    max_new_tokens: int = opt(48, "tokens to generate per completion (task text: 16)")
     # oracle task
     oracle_params: str | None = opt(None, "oracle task: .npz of the oracle LSTM (e.g. the authors' arrays); "
                                           "default: N(0, 1) parameters from oracle_seed")
@@ -376,26 +388,28 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
     mle_epochs: int = opt(120, "oracle task: MLE pre-training epochs")
     mle_steps: int = opt(0, "text task: SFT steps before the adversarial phase (0: use the model as is)")
     mle_learning_rate: float = opt(0.01, "oracle task: MLE Adam learning rate (authors: 0.01)")
-    learning_rate: float = opt(0.01, "generator Adam learning rate in the adversarial phase (authors: 0.01)")
-    max_grad_norm: float = opt(5.0, "generator gradient clipping norm (authors: 5.0)")
+    learning_rate: float = opt(0.01, "generator Adam learning rate in the adversarial phase (authors: 0.01; "
+                                     "task text: 1e-05)")
+    max_grad_norm: float = opt(5.0, "generator gradient clipping norm (authors: 5.0; task text: 1.0)")
     g_steps: int = opt(1, "generator steps per adversarial epoch")
-    rollout_num: int = opt(16, "Monte-Carlo rollouts N per prefix")
+    rollout_num: int = opt(16, "Monte-Carlo rollouts N per prefix (task text: 4)")
     rollout_update_rate: float = opt(0.8, "rollout policy theta' <- r theta' + (1 - r) theta after each "
                                           "generator step (0: the generator itself)")
     baseline: str = opt("none", "subtract from Q: none (the paper) or mean (batch mean per position)")
-    kl_coef: float = opt(0.0, "KL penalty to the reference (the starting generator) per token (0: off)")
+    kl_coef: float = opt(0.0, "KL penalty per token to the reference: the generator as MLE pre-training left "
+                                "it (under LoRA too) (0: off)")
     # discriminator
     discriminator: str = opt("auto", "auto (cnn for task oracle, minilm for text), cnn (the paper's CNN over "
                                      "token ids), minilm (all-MiniLM-L6-v2 classifier over text) or a "
                                      "sequence-classifier folder")
-    d_pretrain_rounds: int = opt(50, "D pre-training rounds (fresh negatives each)")
-    d_pretrain_epochs: int = opt(3, "epochs per D pre-training round")
-    d_steps: int = opt(5, "D rounds per adversarial epoch (fresh negatives each)")
-    d_epochs: int = opt(3, "epochs per adversarial D round")
-    d_negatives: int = opt(10000, "generated (and as many real) sequences per D round")
-    d_learning_rate: float = opt(1e-4, "D Adam learning rate (authors: 1e-4; text D: use ~2e-5)")
+    d_pretrain_rounds: int = opt(50, "D pre-training rounds (fresh negatives each; task text: 3)")
+    d_pretrain_epochs: int = opt(3, "epochs per D pre-training round (task text: 1)")
+    d_steps: int = opt(5, "D rounds per adversarial epoch (fresh negatives each; task text: 1)")
+    d_epochs: int = opt(3, "epochs per adversarial D round (task text: 1)")
+    d_negatives: int = opt(10000, "generated (and as many real) sequences per D round (task text: 256)")
+    d_learning_rate: float = opt(1e-4, "D Adam learning rate (authors: 1e-4; task text: 2e-05)")
     d_l2: float = opt(0.2, "L2 on D's output layer (authors: 0.2, as tf.nn.l2_loss)")
-    d_dropout: float = opt(0.25, "dropout before D's output layer (authors: keep 0.75)")
+    d_dropout: float = opt(0.25, "dropout before D's output layer (authors: keep 0.75; task text: 0.1)")
     d_embedding_size: int = opt(64, "cnn: D embedding size")
     d_max_length: int = opt(64, "text D: tokens per reply")
     score_batch_size: int = opt(2048, "sequences per D scoring pass (rollouts)")
@@ -405,10 +419,13 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
     def check(self) -> None:
         CommonConfig.check(self)
         SamplingConfig.check(self)
-        if self.preset and self.preset not in PRESETS:
-            raise UserError(f"preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.preset not in ("", "none", *PRESETS):
+            raise UserError(f"preset {self.preset!r} is not one of {', '.join(PRESETS)} or none")
         if self.task not in ("oracle", "text"):
             raise UserError(f"task must be oracle or text, got {self.task!r}")
+        if self.preset in PRESETS and self.task == "text":
+            raise UserError(f"preset {self.preset} is an oracle schedule; task text has its own defaults (marked "
+                            "'task text' in rlgen seqgan --help)")
         if self.task == "oracle" and self.model != "lstm":
             raise UserError(f"task oracle trains the paper's LSTM generator: set model: lstm (got {self.model!r})")
         if self.task == "oracle" and self.discriminator not in ("auto", "cnn"):
@@ -439,9 +456,11 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
 
 
 def apply_preset(cfg: SeqGANConfig) -> SeqGANConfig:
-    """Fill the preset's values into the fields still at their defaults (YAML and flags win)."""
-    if not cfg.preset:
+    """Fill the preset's values (task text: TEXT_DEFAULTS) into the fields still at their defaults (YAML and flags
+    win)."""
+    if cfg.preset == "none":
         return cfg
+    preset = TEXT_DEFAULTS if cfg.task == "text" else PRESETS.get(cfg.preset, {})
     defaults = {f.name: f.default for f in dataclasses.fields(SeqGANConfig)}
-    values = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) == defaults[k]}
+    values = {k: v for k, v in preset.items() if getattr(cfg, k) == defaults[k]}
     return dataclasses.replace(cfg, **values)
