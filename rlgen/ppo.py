@@ -67,6 +67,7 @@ from rlgen.checkpoint import (
     NonFiniteError,
     StopSignals,
     TrainingInterrupted,
+    check_resume_config,
     find_checkpoint,
     load_training_state,
     preserved_rng,
@@ -218,6 +219,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None
         raise UserError(f"ppo runs in one process or under DDP; {accelerator.distributed_type.value} (sharded "
                         "weights/optimiser) is for `rlgen sft`: launch ppo with a multi-GPU DDP config instead")
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
+    if resume is not None:
+        check_resume_config(resume, cfg)
     # Resuming may write into the checkpoint's own run folder; any other non-empty folder needs overwriting.
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
     out = check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)

@@ -48,6 +48,7 @@ from rlgen.checkpoint import (
     STATE_FILE,
     StopSignals,
     TrainingInterrupted,
+    check_resume_config,
     find_checkpoint,
     load_training_state,
     remove_checkpoints,
@@ -191,6 +192,8 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     cfg = apply_preset(cfg)
     _check_one_process()
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
+    if resume is not None:
+        check_resume_config(resume, cfg)
     # Resuming may write into the checkpoint's own run folder; any other non-empty folder needs overwriting.
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)

@@ -123,6 +123,22 @@ def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, 
         (one_go / "samples.md").read_text()
 
 
+def test_resume_refuses_changed_settings(tiny_folder, reward_file, tmp_path):
+    """Resuming with another seed or learning rate would continue a different run: refused in one line naming
+    the keys; the length, checkpointing and threads may change."""
+    out = tmp_path / "run"
+    train_ppo(config(tiny_folder, reward_file, out, max_steps=2, save_steps=0))
+    with pytest.raises(UserError) as refused:
+        train_ppo(config(tiny_folder, reward_file, out, max_steps=3, seed=1, learning_rate=1e-3,
+                         resume_from_checkpoint="latest"))
+    message = str(refused.value)
+    assert "seed: 0 there, 1 now; learning_rate: 0.003 there, 0.001 now" in message and "\n" not in message
+    assert [n for n, _ in complete_checkpoints(out)] == [2]
+    train_ppo(config(tiny_folder, reward_file, out, max_steps=3, save_steps=1, save_total_limit=0, threads=0,
+                     resume_from_checkpoint="latest"))
+    assert [n for n, _ in complete_checkpoints(out)] == [2, 3]
+
+
 def test_checkpoint_contents_and_latest(tiny_folder, reward_file, tmp_path):
     out = tmp_path / "run"
     train_ppo(config(tiny_folder, reward_file, out, max_steps=3, save_steps=0))
