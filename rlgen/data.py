@@ -5,6 +5,9 @@ about 7,000 casual English conversations). Each pair of consecutive turns become
 `{"prompt": turn_i, "completion": turn_i+1}`; a turn is a speaker's consecutive messages joined by a space.
 The split is by conversation: sha1(conversation id) mod 100 < 90 is train, < 95 validation, else test.
 It is built on first use and cached as JSONL under the rlgen cache folder.
+
+A single user file is split the same way by each row's prompt (`row_key`); when that leaves a split empty (a file
+of few prompts), by row rank instead (`split_file`), so that any file with rows enough to train on can be used.
 """
 
 from __future__ import annotations
@@ -58,6 +61,50 @@ def row_key(row: dict) -> str:
             value = row[column]
             return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return json.dumps(row, sort_keys=True)
+
+
+def split_file(rows: list[dict]) -> tuple[dict[str, list[dict]], bool]:
+    """The rows of a single file by split, and whether the row-rank fallback made them.
+
+    By `split_of(row_key(row))`, so a prompt stays on one side. When that leaves a split empty (a file of few
+    prompts), by row rank instead: rows ordered by sha1 of their row number and key; the first max(1, n // 20)
+    are test, the next as many validation (from 3 rows; 2 rows: one train, one test), the rest train. Rows
+    sharing a prompt may then fall on both sides.
+
+    >>> splits, by_rank = split_file([{"prompt": "p"}] * 40)
+    >>> by_rank, [len(splits[s]) for s in SPLITS]
+    (True, [36, 2, 2])
+    """
+    by_hash: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for row in rows:
+        by_hash[split_of(row_key(row))].append(row)
+    if all(by_hash.values()):
+        return by_hash, False
+    n = len(rows)
+    held = max(1, n // 20)
+    n_test, n_validation = (held if n >= 2 else 0), (held if n >= 3 else 0)
+
+    def rank(item):
+        i, row = item
+        return hashlib.sha1(f"{i}:{row_key(row)}".encode()).hexdigest()
+
+    ordered = [row for _, row in sorted(enumerate(rows), key=rank)]
+    return {"test": ordered[:n_test], "validation": ordered[n_test:n_test + n_validation],
+            "train": ordered[n_test + n_validation:]}, True
+
+
+_NOTED: set[str] = set()
+
+
+def file_splits(path: str | Path, rows: list[dict]) -> dict[str, list[dict]]:
+    """The splits of a single file (`split_file`); the row-rank fallback is said in one line, once per file."""
+    splits, by_rank = split_file(rows)
+    if by_rank and str(path) not in _NOTED:
+        _NOTED.add(str(path))
+        counts = ", ".join(f"{len(splits[s])} {s}" for s in SPLITS)
+        print(f"[rlgen] dataset {path}: too few prompts to split by their hash; split by row rank instead ({counts}; "
+              "rows sharing a prompt may fall on both sides)", flush=True)
+    return splits
 
 
 def chitchat_texts(limit: int | None = None) -> list[str]:
@@ -156,11 +203,11 @@ def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = ("p
         if path.is_dir():
             rows = _read_folder(path, split)
         else:
-            rows = [r for r in read_rows(path, columns) if split_of(row_key(r)) == split]
+            every = read_rows(path, columns)
+            rows = file_splits(path, every)[split]
             if not rows:
-                raise UserError(f"dataset {path}: no row falls in the {split} split (a single file is split by a "
-                                "hash of each prompt: ~90% train, ~5% validation, ~5% test); give more rows or a "
-                                f"folder with {split}.jsonl")
+                raise UserError(f"dataset {path}: no row falls in the {split} split ({len(every)} row(s) are too "
+                                f"few to hold any out); give more rows or a folder with {split}.jsonl")
     if not rows:
         raise UserError(f"dataset {path} ({split}) is empty")
     _check_columns(path, rows, columns)
@@ -173,7 +220,9 @@ def held_out_note(dataset: str, split: str, n: int) -> str:
     if dataset in ("chitchat", "default"):
         how = "split by a hash of the conversation id"
     elif path.is_file():
-        how = "a single file, split by a hash of each prompt"
+        by_rank = split_file(read_rows(path))[1]
+        how = "a single file, split by row rank (too few prompts to split by their hash)" if by_rank else \
+            "a single file, split by a hash of each prompt"
     else:
         how = "the folder's own split"
     held = "held out from training" if split != "train" else "the TRAINING prompts (not held out)"

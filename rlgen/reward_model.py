@@ -5,8 +5,9 @@ Data (`dataset`):
   empty; an optional numeric `margin` column goes to TRL's margin loss, a missing value counting as 0). TRL's
   conversational pairs (lists of messages, the prompt explicit or implicit in chosen and rejected) are rendered
   with the chat template, as `LearnedReward` renders conversations. A folder's `train` split trains and its `validation` (else `test`) split is held out; a single file holds out
-  the pairs whose prompt (or, when the prompt is empty, chosen text) hashes into 10 of 100 buckets, so pairs
-  sharing a prompt stay together. Over-long texts are cut from the left: the prompt goes before the reply.
+  its validation and test splits (`rlgen.data.split_file`): the pairs whose prompt (or, when the prompt is
+  empty, chosen text) hashes into 10 of 100 buckets, so pairs sharing a prompt stay together, or for a file of
+  few prompts one pair in ten by row rank. Over-long texts are cut from the left: the prompt goes before the reply.
 - `chitchat-upbeat`: pairs built from the chit-chat corpus (rlgen.data) labelled by `gold_reward` (VADER by
   default). Replies are grouped by their context's first two words ("how are", "do you", "hello"), a cheap
   notion of "same or similar context" that also groups exact repeats; within a group, replies are matched
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 from rlgen.config import RewardModelConfig, save_config
-from rlgen.data import load_rows, read_rows, row_key, split_of
+from rlgen.data import file_splits, load_rows, read_rows
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
 from rlgen.models import minilm_folder, mixed_precision_flags, resolve_model_path, set_threads
@@ -179,12 +180,12 @@ def load_preference_pairs(dataset: str) -> tuple[list[dict], list[dict]]:
     else:  # a single file (or a folder with a train split only): held out by the hash every user file is split by
         rows = _checked_pairs(load_rows(dataset, "train", columns) if path.is_dir() else read_rows(path, columns),
                               dataset)
-        train = [r for r in rows if split_of(row_key(r)) == "train"]
-        heldout = [r for r in rows if split_of(row_key(r)) != "train"]
+        splits = file_splits(path, rows)
+        train, heldout = splits["train"], splits["validation"] + splits["test"]
     if not train or not heldout:
         which = "training" if not train else "held-out"
-        raise UserError(f"dataset {dataset}: no {which} pairs (a single file holds out ~10% of its prompts by a "
-                        "hash; give more pairs or a folder with train and validation files)")
+        raise UserError(f"dataset {dataset}: no {which} pairs (it takes 2 pairs or more: one to train on, one "
+                        "held out); give more pairs or a folder with train and validation files")
     return train, heldout
 
 

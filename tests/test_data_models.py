@@ -122,16 +122,32 @@ def test_a_single_user_file_is_split_by_a_hash_of_the_prompt(tmp_path):
     assert not {str(r["prompt"]) for r in splits["train"]} & {str(r["prompt"]) for r in splits["test"]}
 
 
-def test_an_empty_split_of_a_small_file_is_one_clear_line(tmp_path):
-    path = tmp_path / "two.jsonl"
-    path.write_text('{"prompt": "question 1"}\n{"prompt": "question 2"}\n')
-    missing = [s for s in data.SPLITS if not any(data.split_of(f"question {i}") == s for i in (1, 2))]
-    with pytest.raises(UserError, match=f"no row falls in the {missing[0]} split .*hash of each prompt"):
-        data.load_rows(str(path), missing[0])
+@pytest.mark.parametrize("prompts", [4, 16])
+def test_a_small_file_falls_back_to_a_row_rank_split(tmp_path, capsys, prompts):
+    """40 rows over 4 prompts, or 16 prompts, hash into too few splits: every split gets rows by row rank instead
+    (the same rows on every call), said in one line."""
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"question {i % prompts}", "row": i}) + "\n" for i in range(40)))
+    assert not all(any(data.split_of(f"question {i}") == s for i in range(prompts)) for s in data.SPLITS)
+    splits = {s: data.load_rows(str(path), s) for s in data.SPLITS}
+    assert [len(splits[s]) for s in data.SPLITS] == [36, 2, 2]
+    assert sorted(r["row"] for rows in splits.values() for r in rows) == list(range(40))
+    assert data.load_rows(str(path), "test") == splits["test"]
+    note = capsys.readouterr().out.strip()
+    assert len(note.splitlines()) == 1 and "split by row rank instead (36 train, 2 validation, 2 test" in note
+    assert "split by row rank" in data.held_out_note(str(path), "test", 2)
+
+
+def test_a_file_of_one_row_trains_and_holds_nothing_out(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"prompt": "question 1"}\n')
+    assert data.load_rows(str(path), "train") == [{"prompt": "question 1"}]
+    with pytest.raises(UserError, match=r"no row falls in the test split \(1 row\(s\) are too few to hold any out"):
+        data.load_rows(str(path), "test")
 
 
 def test_the_report_says_which_prompts_were_held_out(tmp_path):
-    (tmp_path / "f.jsonl").write_text("{}\n")
+    (tmp_path / "f.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(100)))
     assert "held out from training" in data.held_out_note("chitchat", "test", 24)
     assert "single file, split by a hash of each prompt" in data.held_out_note(str(tmp_path / "f.jsonl"), "test", 5)
     assert "TRAINING prompts" in data.held_out_note(str(tmp_path), "train", 5)
