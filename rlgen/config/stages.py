@@ -34,6 +34,31 @@ def check_dtype(cfg) -> None:
     resolve_dtype(cfg.dtype)
 
 
+# report_to name -> the packages that provide it (any one will do): the trackers both transformers' Trainer (sft,
+# reward-model train) and accelerate (ppo) know.
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",), "trackio": ("trackio",),
+            "swanlab": ("swanlab",)}
+
+
+def tracker_installed(name: str) -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(package) is not None for package in TRACKERS[name])
+
+
+def check_trackers(cfg) -> None:
+    """UserError for a `report_to` tracker rlgen does not know or whose package is missing, so that it stops the
+    command before anything loads (the Trainer would raise with a traceback, accelerate only warn)."""
+    for name in cfg.report_to:
+        if name not in TRACKERS:
+            raise UserError(f"report_to {name!r} is not a tracker rlgen knows ({', '.join(TRACKERS)}; leave "
+                            "report_to empty for metrics.jsonl alone)")
+        if not tracker_installed(name):
+            raise UserError(f"report_to {name} needs the package {TRACKERS[name][0]}: pip install "
+                            f"{TRACKERS[name][0].replace('_', '-')}")
+
+
 def at_least(cfg, minimum: float, *names: str) -> None:
     """UserError naming the first of `names` whose value is below `minimum`."""
     for name in names:
@@ -63,7 +88,8 @@ class CommonConfig:
     resume_from_checkpoint: str | None = opt(None, "checkpoint folder or 'latest' to resume from")
     overwrite_output_dir: bool = opt(False, "allow writing into a non-empty output_dir")
     threads: int = opt(1, "torch intra-op threads (0: torch default; 1 is fastest on busy 2-core machines)")
-    report_to: list[str] = opt([], "trackers besides metrics.jsonl: tensorboard, wandb, ...")
+    report_to: list[str] = opt([], "trackers besides metrics.jsonl (their package installed): tensorboard, wandb, "
+                                   "mlflow, comet_ml, clearml, dvclive, trackio, swanlab")
     dtype: str = opt("auto", DTYPE_HELP)
 
     def __post_init__(self):
@@ -72,6 +98,7 @@ class CommonConfig:
     def check(self) -> None:
         """UserError naming the first bad option (subclasses extend it)."""
         at_least(self, 0, "max_steps", "save_steps", "threads")
+        check_trackers(self)
         check_dtype(self)
 
 
