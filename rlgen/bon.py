@@ -13,6 +13,7 @@ import json
 
 from rlgen.config import EvalConfig
 from rlgen.scaling import bon_kl
+from rlgen.tracking import leaves_output_dir_as_found
 
 
 def bon_sizes(n: int) -> list[int]:
@@ -42,6 +43,7 @@ def best_of(proxy: list[list[float]], k: int) -> list[int]:
     return [max(range(k), key=lambda j, row=row: (row[j], -j)) for row in proxy]
 
 
+@leaves_output_dir_as_found()
 def best_of_n(cfg: EvalConfig, n: int, ref_name: str | None = None) -> dict:
     """Best-of-n' of `cfg.model` for n' in `bon_sizes(n)`, on the evaluator's prompts and rewards.
 

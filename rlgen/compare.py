@@ -56,6 +56,7 @@ from rlgen.config import (
 )
 from rlgen.errors import UserError
 from rlgen.files import read_jsonl
+from rlgen.tracking import leaves_output_dir_as_found
 
 
 def check_compare_config(cfg: CompareConfig) -> None:
@@ -218,6 +219,12 @@ def _write_result(run_dir: Path, record: dict) -> None:
     tmp.replace(run_dir / "result.json")
 
 
+def _has_results(out: Path) -> bool:
+    """Whether a run of the comparison finished (result.json): the same command continues from there."""
+    return any(out.glob("runs/*/result.json")) or any(out.glob("runs/*/*/result.json"))
+
+
+@leaves_output_dir_as_found(_has_results)
 def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     """Train and evaluate every (method, seed) not finished yet, then write the report; returns its paths."""
     from rlgen.models import set_threads

@@ -36,7 +36,7 @@ from rlgen.models import default_device, resolve_dtype, set_threads
 from rlgen.policy import Policy
 from rlgen.rewards import load_reward, reward_columns, score_rewards
 from rlgen.text import prompt_of
-from rlgen.tracking import MetricsWriter, prepare_output_dir
+from rlgen.tracking import MetricsWriter, check_output_dir, leaves_output_dir_as_found, prepare_output_dir
 
 
 @torch.no_grad()
@@ -172,12 +172,14 @@ class Evaluator:
         return {"completions/generated": completions, **metrics}
 
 
+@leaves_output_dir_as_found()
 def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int = 0) -> dict[str, float]:
     """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`."""
     set_threads(cfg.threads)
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    evaluator = Evaluator(cfg)  # rewards and prompts before anything is written
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     save_config(cfg, out)
-    evaluator = Evaluator(cfg)
     print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(evaluator.rows))}", flush=True)
     metrics = evaluator(evaluator.load_policy(ref_name), out)
     MetricsWriter(out).log(metrics, step=log_step)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from rlgen.config import TRAINING_STAGES, RunConfig, parse_section_overrides, parse_stage_config, save_config
-from rlgen.tracking import prepare_output_dir
+from rlgen.tracking import leaves_output_dir_as_found, never, prepare_output_dir
 
 
 def training_function(stage: str):
@@ -41,6 +41,7 @@ def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     return run
 
 
+@leaves_output_dir_as_found(never)  # a run has no resume: a failed one starts over
 def run_pipeline(run: RunConfig) -> Path:
     """Evaluate, train each stage, evaluate again; returns the report path."""
     from rlgen.evaluation import run_evaluation

@@ -86,7 +86,13 @@ from rlgen.models import resolve_dtype, set_threads
 from rlgen.policy import Policy, Rollout, completion_mask_from_ids
 from rlgen.rewards import load_reward, reward_columns, reward_mean_metrics, score_rewards
 from rlgen.text import prompt_of
-from rlgen.tracking import MetricsWriter, check_output_dir, jsonable_row, prepare_output_dir
+from rlgen.tracking import (
+    MetricsWriter,
+    check_output_dir,
+    jsonable_row,
+    leaves_output_dir_as_found,
+    prepare_output_dir,
+)
 
 SAMPLES_SHOWN = 4
 
@@ -198,6 +204,7 @@ def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy
     return path
 
 
+@leaves_output_dir_as_found()
 def train_ppo(cfg: PPOConfig, policy: Policy | None = None, rewards: list | None = None) -> Policy:
     """Train `cfg.model` (or the given policy) with PPO; save it to `cfg.output_dir`.
 

@@ -54,7 +54,13 @@ from rlgen.models import minilm_folder, mixed_precision_flags, resolve_model_pat
 from rlgen.rewards import LearnedReward, load_reward, score_rewards
 from rlgen.rewards.learned import NORMALISATION_FILE, scored_text
 from rlgen.text import is_conversation, prompt_of
-from rlgen.tracking import MetricsWriter, prepare_output_dir, trainer_metrics_callback
+from rlgen.tracking import (
+    MetricsWriter,
+    check_output_dir,
+    leaves_output_dir_as_found,
+    prepare_output_dir,
+    trainer_metrics_callback,
+)
 
 UPBEAT_DATASET = "chitchat-upbeat"
 MINILM = "minilm"
@@ -389,6 +395,7 @@ def heldout_metrics(reward, pairs: list[dict], texts: list[dict], gold) -> dict[
 # ---- training ---------------------------------------------------------------------------------------------
 
 
+@leaves_output_dir_as_found()
 def train_reward_model(cfg: RewardModelConfig) -> dict:
     """Train, save, calibrate and evaluate a reward model; return (and write) the summary."""
     from transformers import set_seed
@@ -396,8 +403,8 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
 
     start = time.perf_counter()
     set_threads(cfg.threads)
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
-    save_config(cfg, out)
+    resuming = cfg.resume_from_checkpoint is not None
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming)
     rng = random.Random(cfg.seed)
     gold = None if cfg.gold_reward.lower() == "none" else load_reward(cfg.gold_reward)
 
@@ -414,6 +421,8 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     eval_pairs = _sample(heldout_pairs, cfg.eval_pairs, rng)
     eval_texts = _sample(heldout_texts, cfg.eval_texts, rng)
     data_s = time.perf_counter() - start
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming)  # the data are good: now write
+    save_config(cfg, out)
 
     # 2. model: a 1-label classifier whose inputs match LearnedReward's
     set_seed(cfg.seed)

@@ -64,7 +64,7 @@ from rlgen.files import read_jsonl, write_jsonl
 from rlgen.models import default_device, set_threads
 from rlgen.policy import Policy
 from rlgen.seqgan_tasks import TASKS
-from rlgen.tracking import MetricsWriter, check_output_dir, prepare_output_dir
+from rlgen.tracking import MetricsWriter, check_output_dir, leaves_output_dir_as_found, prepare_output_dir
 
 __all__ = ["SeqGANResult", "discriminator", "ema_update", "train_seqgan"]  # discriminator: the reward spec's home
 
@@ -186,6 +186,7 @@ def _load_checkpoint(folder: Path, parts: _Parts, task, out: Path) -> _Progress:
     return _Progress(**state["progress"])
 
 
+@leaves_output_dir_as_found()
 def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResult:
     """Run SeqGAN on `cfg.task`; save the generator to `cfg.output_dir` and D to `<output_dir>/discriminator`."""
     # 0. setup: checks first (nothing is written before they pass), then preset, threads, seeds, output folder

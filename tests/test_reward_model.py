@@ -256,6 +256,7 @@ def test_bad_input_names_the_culprit(tmp_path, rows, overrides, pattern):
         _write_jsonl(data, rows)
     with pytest.raises(UserError, match=pattern):
         train_reward_model(_config(tmp_path, data, **overrides))
+    assert not (tmp_path / "rm").exists()  # nothing written: the retry of the same command is not refused
 
 
 # ---------------------------------------------------------------- optional toxicity reward
