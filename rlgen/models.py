@@ -203,7 +203,24 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model path {name} does not exist")
-    return name  # a Hub id, for online users
+    return hub_model_folder(name, "model")
+
+
+def hub_model_folder(name: str, what: str) -> str:
+    """The local Hugging Face cache's folder of the Hub model `name`; UserError at once when it is not cached,
+    rather than after a minute of network retries (rlgen runs offline). With HF_HUB_OFFLINE=0 set explicitly,
+    `name` itself, which transformers downloads."""
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if os.environ.get("HF_HUB_OFFLINE") == "0":
+        return name
+    config = try_to_load_from_cache(name, "config.json")
+    if not isinstance(config, str):
+        raise UserError(f"{what} {name!r} is neither a local folder nor in the Hugging Face cache: download it "
+                        f"first (hf download {name}), give a folder, or set HF_HUB_OFFLINE=0 to let it download")
+    return str(Path(config).parent)
 
 
 def load_tokenizer(name: str):

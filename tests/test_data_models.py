@@ -151,3 +151,27 @@ def test_the_report_says_which_prompts_were_held_out(tmp_path):
     assert "held out from training" in data.held_out_note("chitchat", "test", 24)
     assert "single file, split by a hash of each prompt" in data.held_out_note(str(tmp_path / "f.jsonl"), "test", 5)
     assert "TRAINING prompts" in data.held_out_note(str(tmp_path), "train", 5)
+
+
+def test_a_hub_id_loads_from_the_cache_and_fails_at_once_when_not_cached(tiny_folder, tmp_path, monkeypatch):
+    """An id that is neither a folder nor cached is one line before any network call (it used to wait ~60 s on
+    retries); a cached one resolves to its snapshot folder, which loads without the network."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^model 'nobody-xyz/made-up' is neither a local folder nor in the Hugging "
+                                        r"Face cache: download it first \(hf download nobody-xyz/made-up\)"):
+        models.resolve_model_path("nobody-xyz/made-up")
+    snapshot = tmp_path / "models--rlgen-test--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_folder, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    assert models.resolve_model_path("rlgen-test/tiny") == str(snapshot)
+    model, _ = models.load_model("rlgen-test/tiny")
+    assert model.config.vocab_size == models.TINY_VOCAB
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # downloads allowed: the id goes to transformers as it is
+    assert models.resolve_model_path("nobody-xyz/made-up") == "nobody-xyz/made-up"
