@@ -79,7 +79,8 @@ def check_schedule(cfg) -> None:
 class CommonConfig:
     """Options every stage takes."""
 
-    model: str = opt("default", "policy model: default (embedded SmolLM2-135M-Instruct), tiny, a folder or a Hub id")
+    model: str = opt("default", "policy model: default (embedded SmolLM2-135M-Instruct), tiny, a folder or a Hub id "
+                                "in the local cache")
     output_dir: str = opt("runs/latest", "folder for the resolved config, metrics.jsonl and the final model")
     dataset: str = opt("chitchat", "chitchat (demo data), a .jsonl/.csv file or a folder")
     max_steps: int = opt(20, "number of optimisation steps")
@@ -284,7 +285,7 @@ class RewardModelConfig(SamplingConfig, CommonConfig):
     """
 
     model: str = opt("minilm", "base model: minilm (embedded all-MiniLM-L6-v2), default (SmolLM2-135M), tiny, "
-                               "a folder or a Hub id; loaded as a 1-label sequence classifier")
+                               "a folder or a Hub id in the local cache; loaded as a 1-label sequence classifier")
     output_dir: str = opt("runs/reward_model", "folder for the reward model, its config, metrics and summary")
     dataset: str = opt("chitchat-upbeat", "chitchat-upbeat (chit-chat replies paired by gold_reward) or a "
                                           "preference .jsonl/.csv/folder with prompt, chosen, rejected columns")
