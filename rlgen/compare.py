@@ -60,13 +60,19 @@ from rlgen.tracking import leaves_output_dir_as_found
 
 
 def check_compare_config(cfg: CompareConfig) -> None:
-    """What CompareConfig cannot check without loading code: the rewards and TRL's own options. UserError
-    naming the first bad one; runs before anything is written or trained."""
+    """What CompareConfig cannot check without loading code: the rewards, every method's data and TRL's own
+    options. UserError naming the first bad one; runs before anything is written or trained."""
+    from rlgen.data import check_stage_data
     from rlgen.rewards import load_reward
     from rlgen.trl_methods import check_options
 
     for spec in cfg.reward + cfg.gold_reward:
         load_reward(spec)
+    check_stage_data("evaluate", cfg.eval_config(cfg.model, Path(cfg.output_dir), 0))
+    for method in cfg.methods:
+        if method != "bon":  # best-of-n samples the evaluation's prompts only
+            stage = cfg if method in TRL_METHODS else cfg.method_config(method, cfg.model, Path(cfg.output_dir), 0)
+            check_stage_data(method, stage)
     for method in cfg.methods:
         if method in TRL_METHODS:
             check_options(method, getattr(cfg, method))

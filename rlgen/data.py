@@ -214,6 +214,22 @@ def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = ("p
     return rows
 
 
+def check_stage_data(stage: str, cfg) -> None:
+    """Read the rows `stage` (evaluate, sft, ppo, seqgan, a TRL method) will read from `cfg.dataset`; UserError
+    naming the file otherwise. `rlgen run` and `rlgen compare` call it for every stage and method before anything
+    loads, so that a data error in a late one does not wait for the models and stages before it."""
+    if stage == "evaluate":
+        load_rows(cfg.dataset, cfg.split)
+    elif stage == "sft":
+        load_sft_rows(cfg.dataset, "train")
+    elif stage == "seqgan":
+        if cfg.task == "text":  # the oracle task makes its own data
+            for split in ("train", "test"):
+                load_rows(cfg.dataset, split, ("prompt", "completion"))
+    else:
+        load_rows(cfg.dataset, "train")
+
+
 def held_out_note(dataset: str, split: str, n: int) -> str:
     """Which prompts an evaluation used and how they were kept apart from training, for reports."""
     path = Path(dataset).expanduser()

@@ -30,10 +30,14 @@ def training_function(stage: str):
 
 def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     """RunConfig from `--config`, flags, and `--<section>.<key> VALUE` overrides of its sections; building it
-    checks every section, and a comparison's rewards and TRL options are checked here too."""
+    checks every section, and every stage's data and a comparison's rewards and TRL options are checked here too."""
     overrides = parse_section_overrides(extra, ("evaluate", "compare", *TRAINING_STAGES))
     run = parse_stage_config(RunConfig, args, args.config)
     run = dataclasses.replace(run, **{s: {**getattr(run, s), **v} for s, v in overrides.items()})
+    from rlgen.data import check_stage_data
+
+    for section in ("evaluate", *run.stages):
+        check_stage_data(section, run.stage_config(section, Path(run.output_dir), run.model))
     if run.compare:
         from rlgen.compare import check_compare_config
 

@@ -119,3 +119,23 @@ def test_the_same_command_runs_once_the_cause_is_fixed(tiny_folder, tmp_path, fl
     broken.unlink()
     assert main(argv) == 0, capsys.readouterr().err
     assert (out / ("compare_config.yaml" if command == "compare" else "config.yaml")).is_file()
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--model", "tiny", "--stages", "ppo", "sft"],
+    ["compare", "--model", "tiny", "--methods", "bon", "sft", "--seeds", "0"],
+], ids=["run", "compare"])
+def test_a_data_error_of_a_late_stage_stops_before_any_model_loads(tmp_path, monkeypatch, capsys, argv):
+    """A prompt-only file cannot train sft: said before the starting model is loaded and evaluated (before: after
+    the starting model's evaluation and the stages before sft)."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("rlgen.models.load_model", no_model)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say something {i}"}) + "\n" for i in range(16)))
+    out = tmp_path / "out"
+    assert main([*argv, "--dataset", str(data), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlgen: error: dataset {data} needs a 'text' column") and len(err.splitlines()) == 1, err
+    assert not out.exists()
