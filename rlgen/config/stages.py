@@ -59,6 +59,15 @@ def check_trackers(cfg) -> None:
                             f"{TRACKERS[name][0].replace('_', '-')}")
 
 
+def check_hub_model(cfg) -> None:
+    """A Hub id `model` that is not in the local cache, refused when the config is built: before the stage loads
+    anything (a folder that does not exist is refused where it loads: a run's later stages make theirs)."""
+    from rlgen.files import hub_model_folder, is_hub_id
+
+    if is_hub_id(cfg.model):
+        hub_model_folder(cfg.model, "model")
+
+
 def at_least(cfg, minimum: float, *names: str) -> None:
     """UserError naming the first of `names` whose value is below `minimum`."""
     for name in names:
@@ -100,7 +109,8 @@ class CommonConfig:
         """UserError naming the first bad option (subclasses extend it)."""
         at_least(self, 0, "max_steps", "save_steps", "threads")
         check_trackers(self)
-        check_dtype(self)
+        check_hub_model(self)
+        check_dtype(self)  # imports torch: last
 
 
 @dataclass(frozen=True)

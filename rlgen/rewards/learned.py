@@ -53,7 +53,7 @@ def _from_hub(name):
     from huggingface_hub import constants
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlgen.models import hub_model_folder
+    from rlgen.files import hub_model_folder
 
     folder = hub_model_folder(name, "reward model")  # not cached: one line at once, not after network retries
     try:
