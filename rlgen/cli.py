@@ -129,6 +129,10 @@ def _dispatch(argv: list[str]) -> None:
     name = f"{args.command} {args.action}" if args.command == "reward-model" else args.command
     cls, _, target = STAGES[name]
     cfg = parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_"))
+    if name != "reward-model train":  # its pairs are checked by its own reader, first thing
+        from rlgen.data import check_stage_data
+
+        check_stage_data(name, cfg)  # a data error before the stage's libraries (TRL, accelerate) load
     _run_function(target)(cfg)
 
 

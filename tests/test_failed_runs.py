@@ -139,3 +139,18 @@ def test_a_data_error_of_a_late_stage_stops_before_any_model_loads(tmp_path, mon
     err = capsys.readouterr().err
     assert err.startswith(f"rlgen: error: dataset {data} needs a 'text' column") and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["sft", "ppo", "seqgan", "evaluate"])
+def test_a_stage_command_reads_its_data_before_its_training_module_loads(tmp_path, monkeypatch, capsys, command):
+    """A data error is one line before TRL, accelerate and the model load (before: after them, 7 s for sft)."""
+    def no_stage(target):
+        raise AssertionError(f"{target} was imported")
+
+    monkeypatch.setattr("rlgen.cli._run_function", no_stage)
+    data = tmp_path / "replies.jsonl"
+    data.write_text("".join(json.dumps({"question": f"say something {i}"}) + "\n" for i in range(16)))
+    assert main([command, "--model", "tiny", "--dataset", str(data), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlgen: error: dataset {data} ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
