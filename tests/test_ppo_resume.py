@@ -187,8 +187,10 @@ def test_bad_reward_keeps_the_last_checkpoint_intact(tiny_folder, reward_file, t
     assert [n for n, _ in complete_checkpoints(out)] == [2, 4] and not list(out.glob("*.tmp-*"))
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["update"] == 4
     assert len(read_jsonl(out / "metrics.jsonl")) == 4  # the failed update logged nothing
-    # resuming with a fixed reward works from the intact checkpoint
-    train_ppo(config(tiny_folder, reward_file, out, resume_from_checkpoint="latest"))
+    # resuming works from the intact checkpoint once the reward is back (its call counter is past `at`); with the
+    # same spec, since another reward would continue a different run (refused)
+    train_ppo(config(tiny_folder, reward_file, out, reward=[f"{reward_file}:raises_at(at=5)"],
+                     resume_from_checkpoint="latest"))
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
@@ -246,7 +248,8 @@ def test_planted_rng_pickle_is_refused_with_one_line(tiny_folder, reward_file, t
     capsys.readouterr()
     argv = ["ppo", "--model", str(tiny_folder), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "4",
             "--mini_batch_size", "2", "--max_new_tokens", "8", "--reward", f"{reward_file}:vowels",
-            "--resume_from_checkpoint", "latest"]
+            "--ppo_epochs", "2", "--learning_rate", "3e-3", "--adaptive_kl", "true", "--kl_target", "0.1",
+            "--resume_from_checkpoint", "latest"]  # the settings of `config` (resume refuses others)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
