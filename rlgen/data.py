@@ -216,8 +216,8 @@ def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = ("p
 
 def check_stage_data(stage: str, cfg) -> None:
     """Read the rows `stage` (evaluate, sft, ppo, seqgan, a TRL method) will read from `cfg.dataset`; UserError
-    naming the file otherwise. `rlgen run` and `rlgen compare` call it for every stage and method before anything
-    loads, so that a data error in a late one does not wait for the models and stages before it."""
+    naming the file otherwise. The CLI calls it before a stage's module loads, and `rlgen run` and `rlgen compare`
+    for every stage and method, so that a data error waits neither for TRL and the models nor for earlier stages."""
     if stage == "evaluate":
         load_rows(cfg.dataset, cfg.split)
     elif stage == "sft":
