@@ -14,6 +14,7 @@ import math
 
 from rlgen.config import EvalConfig
 from rlgen.scaling import bon_kl
+from rlgen.tracking import leaves_output_dir_as_found
 
 
 def bon_sizes(n: int) -> list[int]:
@@ -69,6 +70,7 @@ def unbiased_best_of(proxy: list[list[float]], values: list[list[float]], k: int
     return estimates
 
 
+@leaves_output_dir_as_found()
 def best_of_n(cfg: EvalConfig, n: int, ref_name: str | None = None) -> dict:
     """Best-of-n' of `cfg.model` for n' in `bon_sizes(n)`, on the evaluator's prompts and rewards.
 

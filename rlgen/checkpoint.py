@@ -35,6 +35,11 @@ from pathlib import Path
 from rlgen.errors import UserError
 
 MARKER = "checkpoint_complete"
+CONFIG_FILE = "config.yaml"
+# Options a resumed run may change: how long it runs and what it saves, logs and evaluates along the way. Any
+# other change (seed, data, model, hyperparameters) would silently continue a different run.
+RESUME_MAY_CHANGE = ("max_steps", "save_steps", "save_total_limit", "output_dir", "overwrite_output_dir",
+                     "resume_from_checkpoint", "report_to", "threads", "skip_nonfinite", "eval_steps", "evaluate")
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -168,6 +173,26 @@ def find_checkpoint(spec: str, output_dir: str | Path) -> Path:
     if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
         raise UserError(f"resume_from_checkpoint: {spec} is not a complete checkpoint (no {MARKER} marker)")
     return path
+
+
+def check_resume_config(folder: Path, cfg) -> None:
+    """UserError naming the options `cfg` changes from the checkpoint's `config.yaml` (RESUME_MAY_CHANGE excepted);
+    options the checkpoint's config does not have (added since) are not compared."""
+    import yaml
+
+    from rlgen.config import to_dict
+
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"resume_from_checkpoint: {folder} has no {CONFIG_FILE}")
+    saved = yaml.safe_load(path.read_text()) or {}
+    now = to_dict(cfg)
+    changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: {saved[k]!r} there, {now[k]!r} now" for k in changed)
+        raise UserError(f"resume_from_checkpoint: {folder} was written with other settings ({diffs}); resume with "
+                        "that run's settings (only max_steps, save_steps, save_total_limit, report_to, threads, "
+                        "skip_nonfinite and the evaluations along training may change) or start a new run")
 
 
 def remove_stale_temporaries(output_dir: str | Path) -> None:

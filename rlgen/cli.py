@@ -130,6 +130,10 @@ def _dispatch(argv: list[str]) -> None:
     overrides = parse_section_overrides(extra, section_names(cls))  # e.g. ppo's --evaluate.num_prompts 8
     cfg = parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_"))
     cfg = with_section_overrides(cfg, overrides)
+    if name != "reward-model train":  # its pairs are checked by its own reader, first thing
+        from rlgen.data import check_stage_data
+
+        check_stage_data(name, cfg)  # a data error before the stage's libraries (TRL, accelerate) load
     _run_function(target)(cfg)
 
 

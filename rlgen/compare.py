@@ -56,16 +56,23 @@ from rlgen.config import (
 )
 from rlgen.errors import UserError
 from rlgen.files import read_jsonl
+from rlgen.tracking import leaves_output_dir_as_found
 
 
 def check_compare_config(cfg: CompareConfig) -> None:
-    """What CompareConfig cannot check without loading code: the rewards and TRL's own options. UserError
-    naming the first bad one; runs before anything is written or trained."""
+    """What CompareConfig cannot check without loading code: the rewards, every method's data and TRL's own
+    options. UserError naming the first bad one; runs before anything is written or trained."""
+    from rlgen.data import check_stage_data
     from rlgen.rewards import load_reward
     from rlgen.trl_methods import check_options
 
     for spec in cfg.reward + cfg.gold_reward:
         load_reward(spec)
+    check_stage_data("evaluate", cfg.eval_config(cfg.model, Path(cfg.output_dir), 0))
+    for method in cfg.methods:
+        if method != "bon":  # best-of-n samples the evaluation's prompts only
+            stage = cfg if method in TRL_METHODS else cfg.method_config(method, cfg.model, Path(cfg.output_dir), 0)
+            check_stage_data(method, stage)
     for method in cfg.methods:
         if method in TRL_METHODS:
             check_options(method, getattr(cfg, method))
@@ -231,6 +238,12 @@ def _write_result(run_dir: Path, record: dict) -> None:
     tmp.replace(run_dir / "result.json")
 
 
+def _has_results(out: Path) -> bool:
+    """Whether a run of the comparison finished (result.json): the same command continues from there."""
+    return any(out.glob("runs/*/result.json")) or any(out.glob("runs/*/*/result.json"))
+
+
+@leaves_output_dir_as_found(_has_results)
 def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     """Train and evaluate every (method, seed) not finished yet, then write the report; returns its paths."""
     from rlgen.models import set_threads

@@ -5,6 +5,9 @@ about 7,000 casual English conversations). Each pair of consecutive turns become
 `{"prompt": turn_i, "completion": turn_i+1}`; a turn is a speaker's consecutive messages joined by a space.
 The split is by conversation: sha1(conversation id) mod 100 < 90 is train, < 95 validation, else test.
 It is built on first use and cached as JSONL under the rlgen cache folder.
+
+A single user file is split the same way by each row's prompt (`row_key`); when that leaves a split empty (a file
+of few prompts), by row rank instead (`split_file`), so that any file with rows enough to train on can be used.
 """
 
 from __future__ import annotations
@@ -62,6 +65,50 @@ def row_key(row: dict) -> str:
     return json.dumps(row, sort_keys=True)
 
 
+def split_file(rows: list[dict]) -> tuple[dict[str, list[dict]], bool]:
+    """The rows of a single file by split, and whether the row-rank fallback made them.
+
+    By `split_of(row_key(row))`, so a prompt stays on one side. When that leaves a split empty (a file of few
+    prompts), by row rank instead: rows ordered by sha1 of their row number and key; the first max(1, n // 20)
+    are test, the next as many validation (from 3 rows; 2 rows: one train, one test), the rest train. Rows
+    sharing a prompt may then fall on both sides.
+
+    >>> splits, by_rank = split_file([{"prompt": "p"}] * 40)
+    >>> by_rank, [len(splits[s]) for s in SPLITS]
+    (True, [36, 2, 2])
+    """
+    by_hash: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for row in rows:
+        by_hash[split_of(row_key(row))].append(row)
+    if all(by_hash.values()):
+        return by_hash, False
+    n = len(rows)
+    held = max(1, n // 20)
+    n_test, n_validation = (held if n >= 2 else 0), (held if n >= 3 else 0)
+
+    def rank(item):
+        i, row = item
+        return hashlib.sha1(f"{i}:{row_key(row)}".encode()).hexdigest()
+
+    ordered = [row for _, row in sorted(enumerate(rows), key=rank)]
+    return {"test": ordered[:n_test], "validation": ordered[n_test:n_test + n_validation],
+            "train": ordered[n_test + n_validation:]}, True
+
+
+_NOTED: set[str] = set()
+
+
+def file_splits(path: str | Path, rows: list[dict]) -> dict[str, list[dict]]:
+    """The splits of a single file (`split_file`); the row-rank fallback is said in one line, once per file."""
+    splits, by_rank = split_file(rows)
+    if by_rank and str(path) not in _NOTED:
+        _NOTED.add(str(path))
+        counts = ", ".join(f"{len(splits[s])} {s}" for s in SPLITS)
+        print(f"[rlgen] dataset {path}: too few prompts to split by their hash; split by row rank instead ({counts}; "
+              "rows sharing a prompt may fall on both sides)", flush=True)
+    return splits
+
+
 def chitchat_texts(limit: int | None = None) -> list[str]:
     """Raw turns of the corpus (in a fixed order), or [] if the package is missing."""
     if _chitchat_json() is None:
@@ -108,7 +155,7 @@ def _read_file(path: Path) -> list[dict]:
 
 def _given_rows(dataset, split: str | None) -> list[dict]:
     """Rows given in Python (`rlgen.config.fields.is_rows`): a mapping of splits (a DatasetDict) gives `split`'s;
-    a Dataset or a list of dicts gives all its rows (`split` None) or those `split_of` puts in `split`, as a
+    a Dataset or a list of dicts gives all its rows (`split` None) or its `split` split as a
     single file's."""
     name = rows_name(dataset)
     if isinstance(dataset, Mapping):
@@ -123,11 +170,11 @@ def _given_rows(dataset, split: str | None) -> list[dict]:
     if not rows:
         raise UserError(f"dataset {name} is empty")
     if split is not None:
-        rows = [r for r in rows if split_of(row_key(r)) == split]
+        every = len(rows)
+        rows = file_splits(name, rows)[split]  # as a single file's, the row-rank fallback included
         if not rows:
-            raise UserError(f"dataset {name}: no row falls in the {split} split (rows are split by a hash of each "
-                            f"prompt: ~90% train, ~5% validation, ~5% test); give more rows or a DatasetDict with a "
-                            f"'{split}' split")
+            raise UserError(f"dataset {name}: no row falls in the {split} split ({every} row(s) are too few to hold "
+                            f"any out); give more rows or a DatasetDict with a '{split}' split")
     return [dict(r) for r in rows]
 
 
@@ -193,15 +240,31 @@ def load_rows(dataset, split: str = "train", columns: tuple[str, ...] = ("prompt
         if path.is_dir():
             rows = _read_folder(path, split)
         else:
-            rows = [r for r in read_rows(path, columns) if split_of(row_key(r)) == split]
+            every = read_rows(path, columns)
+            rows = file_splits(path, every)[split]
             if not rows:
-                raise UserError(f"dataset {path}: no row falls in the {split} split (a single file is split by a "
-                                "hash of each prompt: ~90% train, ~5% validation, ~5% test); give more rows or a "
-                                f"folder with {split}.jsonl")
+                raise UserError(f"dataset {path}: no row falls in the {split} split ({len(every)} row(s) are too "
+                                f"few to hold any out); give more rows or a folder with {split}.jsonl")
     if not rows:
         raise UserError(f"dataset {path} ({split}) is empty")
     _check_columns(path, rows, columns)
     return rows
+
+
+def check_stage_data(stage: str, cfg) -> None:
+    """Read the rows `stage` (evaluate, sft, ppo, seqgan, a TRL method) will read from `cfg.dataset`; UserError
+    naming the file otherwise. The CLI calls it before a stage's module loads, and `rlgen run` and `rlgen compare`
+    for every stage and method, so that a data error waits neither for TRL and the models nor for earlier stages."""
+    if stage == "evaluate":
+        load_rows(cfg.dataset, cfg.split)
+    elif stage == "sft":
+        load_sft_rows(cfg.dataset, "train")
+    elif stage == "seqgan":
+        if cfg.task == "text":  # the oracle task makes its own data
+            for split in ("train", "test"):
+                load_rows(cfg.dataset, split, ("prompt", "completion"))
+    else:
+        load_rows(cfg.dataset, "train")
 
 
 def held_out_note(dataset, split: str, n: int) -> str:
@@ -212,7 +275,9 @@ def held_out_note(dataset, split: str, n: int) -> str:
     elif dataset in ("chitchat", "default"):
         how = "split by a hash of the conversation id"
     elif Path(dataset).expanduser().is_file():
-        how = "a single file, split by a hash of each prompt"
+        by_rank = split_file(read_rows(Path(dataset).expanduser()))[1]
+        how = "a single file, split by row rank (too few prompts to split by their hash)" if by_rank else \
+            "a single file, split by a hash of each prompt"
     else:
         how = "the folder's own split"
     held = "held out from training" if split != "train" else "the TRAINING prompts (not held out)"

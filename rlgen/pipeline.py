@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from rlgen.config import TRAINING_STAGES, RunConfig, parse_section_overrides, parse_stage_config, save_config
-from rlgen.tracking import prepare_output_dir
+from rlgen.tracking import leaves_output_dir_as_found, never, prepare_output_dir
 
 
 def training_function(stage: str):
@@ -30,10 +30,14 @@ def training_function(stage: str):
 
 def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     """RunConfig from `--config`, flags, and `--<section>.<key> VALUE` overrides of its sections; building it
-    checks every section, and a comparison's rewards and TRL options are checked here too."""
+    checks every section, and every stage's data and a comparison's rewards and TRL options are checked here too."""
     overrides = parse_section_overrides(extra, ("evaluate", "compare", *TRAINING_STAGES))
     run = parse_stage_config(RunConfig, args, args.config)
     run = dataclasses.replace(run, **{s: {**getattr(run, s), **v} for s, v in overrides.items()})
+    from rlgen.data import check_stage_data
+
+    for section in ("evaluate", *run.stages):
+        check_stage_data(section, run.stage_config(section, Path(run.output_dir), run.model))
     if run.compare:
         from rlgen.compare import check_compare_config
 
@@ -41,6 +45,7 @@ def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     return run
 
 
+@leaves_output_dir_as_found(never)  # a run has no resume: a failed one starts over
 def run_pipeline(run: RunConfig) -> Path:
     """Evaluate, train each stage, evaluate again; returns the report path."""
     from rlgen.evaluation import run_evaluation

@@ -73,6 +73,7 @@ from rlgen.checkpoint import (
     NonFiniteError,
     StopSignals,
     TrainingInterrupted,
+    check_resume_config,
     find_checkpoint,
     load_sharded_training_state,
     load_training_state,
@@ -94,7 +95,13 @@ from rlgen.models import resolve_dtype, set_threads
 from rlgen.policy import Policy, Rollout, completion_mask_from_ids
 from rlgen.rewards import load_reward, reward_columns, reward_mean_metrics, score_rewards
 from rlgen.text import prompt_of
-from rlgen.tracking import MetricsWriter, check_output_dir, jsonable_row, prepare_output_dir
+from rlgen.tracking import (
+    MetricsWriter,
+    check_output_dir,
+    jsonable_row,
+    leaves_output_dir_as_found,
+    prepare_output_dir,
+)
 
 SAMPLES_SHOWN = 4
 
@@ -212,6 +219,7 @@ def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy
     return path
 
 
+@leaves_output_dir_as_found()
 def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     """Train `cfg.model` (or the given policy) with PPO on `cfg.reward` (specs or callables, weighted by
     `cfg.reward_weights`); save it to `cfg.output_dir`."""
@@ -234,6 +242,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         raise UserError("fsdp: give the model by name (cfg.model): the final folder is rebuilt from it on rank 0")
     own_group = bool(cfg.fsdp) and distributed.ensure_process_group(accelerator.device)
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
+    if resume is not None:
+        check_resume_config(resume, cfg)
     # Resuming may write into the checkpoint's own run folder; any other non-empty folder needs overwriting.
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
     out = check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)

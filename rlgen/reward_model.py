@@ -5,8 +5,9 @@ Data (`dataset`):
   empty; an optional numeric `margin` column goes to TRL's margin loss, a missing value counting as 0). TRL's
   conversational pairs (lists of messages, the prompt explicit or implicit in chosen and rejected) are rendered
   with the chat template, as `LearnedReward` renders conversations. A folder's `train` split trains and its `validation` (else `test`) split is held out; a single file holds out
-  the pairs whose prompt (or, when the prompt is empty, chosen text) hashes into 10 of 100 buckets, so pairs
-  sharing a prompt stay together. Over-long texts are cut from the left: the prompt goes before the reply.
+  its validation and test splits (`rlgen.data.split_file`): the pairs whose prompt (or, when the prompt is
+  empty, chosen text) hashes into 10 of 100 buckets, so pairs sharing a prompt stay together, or for a file of
+  few prompts one pair in ten by row rank. Over-long texts are cut from the left: the prompt goes before the reply.
 - `chitchat-upbeat`: pairs built from the chit-chat corpus (rlgen.data) labelled by `gold_reward` (VADER by
   default). Replies are grouped by their context's first two words ("how are", "do you", "hello"), a cheap
   notion of "same or similar context" that also groups exact repeats; within a group, replies are matched
@@ -48,7 +49,7 @@ import torch
 
 from rlgen.config import RewardModelConfig, save_config
 from rlgen.config.fields import recorded, rows_name
-from rlgen.data import load_rows, read_rows, row_key, split_of
+from rlgen.data import file_splits, load_rows, read_rows
 from rlgen.distributed import refuse_unsharded_launch
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
@@ -56,7 +57,13 @@ from rlgen.models import minilm_folder, mixed_precision_flags, resolve_model_pat
 from rlgen.rewards import LearnedReward, load_reward, score_rewards
 from rlgen.rewards.learned import NORMALISATION_FILE, scored_text
 from rlgen.text import is_conversation, prompt_of
-from rlgen.tracking import MetricsWriter, prepare_output_dir, trainer_metrics_callback
+from rlgen.tracking import (
+    MetricsWriter,
+    check_output_dir,
+    leaves_output_dir_as_found,
+    prepare_output_dir,
+    trainer_metrics_callback,
+)
 
 UPBEAT_DATASET = "chitchat-upbeat"
 MINILM = "minilm"
@@ -187,12 +194,12 @@ def load_preference_pairs(dataset) -> tuple[list[dict], list[dict]]:
     else:  # a single file (or a folder with a train split only): held out by the hash every user file is split by
         rows = _checked_pairs(load_rows(dataset, "train", columns) if keeps_splits else read_rows(dataset, columns),
                               name)
-        train = [r for r in rows if split_of(row_key(r)) == "train"]
-        heldout = [r for r in rows if split_of(row_key(r)) != "train"]
+        splits = file_splits(name, rows)
+        train, heldout = splits["train"], splits["validation"] + splits["test"]
     if not train or not heldout:
         which = "training" if not train else "held-out"
-        raise UserError(f"dataset {name}: no {which} pairs (a single file holds out ~10% of its prompts by a "
-                        "hash; give more pairs or a folder with train and validation files)")
+        raise UserError(f"dataset {name}: no {which} pairs (it takes 2 pairs or more: one to train on, one "
+                        "held out); give more pairs or a folder with train and validation files")
     return train, heldout
 
 
@@ -396,6 +403,7 @@ def heldout_metrics(reward, pairs: list[dict], texts: list[dict], gold) -> dict[
 # ---- training ---------------------------------------------------------------------------------------------
 
 
+@leaves_output_dir_as_found()
 def train_reward_model(cfg: RewardModelConfig) -> dict:
     """Train, save, calibrate and evaluate a reward model; return (and write) the summary."""
     from transformers import set_seed
@@ -404,8 +412,8 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     start = time.perf_counter()
     set_threads(cfg.threads)
     refuse_unsharded_launch("reward-model train")
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
-    save_config(cfg, out)
+    resuming = cfg.resume_from_checkpoint is not None
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming)
     rng = random.Random(cfg.seed)
     gold = None if cfg.gold_reward.lower() == "none" else load_reward(cfg.gold_reward)
 
@@ -422,6 +430,8 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     eval_pairs = _sample(heldout_pairs, cfg.eval_pairs, rng)
     eval_texts = _sample(heldout_texts, cfg.eval_texts, rng)
     data_s = time.perf_counter() - start
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming)  # the data are good: now write
+    save_config(cfg, out)
 
     # 2. model: a 1-label classifier whose inputs match LearnedReward's
     set_seed(cfg.seed)

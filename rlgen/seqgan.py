@@ -51,6 +51,7 @@ from rlgen.checkpoint import (
     STATE_FILE,
     StopSignals,
     TrainingInterrupted,
+    check_resume_config,
     find_checkpoint,
     load_optimizer_state,
     load_training_state,
@@ -67,7 +68,7 @@ from rlgen.files import read_jsonl, write_jsonl
 from rlgen.models import default_device, set_threads
 from rlgen.policy import Policy
 from rlgen.seqgan_tasks import TASKS
-from rlgen.tracking import MetricsWriter, check_output_dir, prepare_output_dir
+from rlgen.tracking import MetricsWriter, check_output_dir, leaves_output_dir_as_found, prepare_output_dir
 
 __all__ = ["SeqGANResult", "discriminator", "ema_update", "train_seqgan"]  # discriminator: the reward spec's home
 
@@ -189,12 +190,15 @@ def _load_checkpoint(folder: Path, parts: _Parts, task, out: Path) -> _Progress:
     return _Progress(**state["progress"])
 
 
+@leaves_output_dir_as_found()
 def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResult:
     """Run SeqGAN on `cfg.task`; save the generator to `cfg.output_dir` and D to `<output_dir>/discriminator`."""
     # 0. setup: checks first (nothing is written before they pass), then preset, threads, seeds, output folder
     cfg = apply_preset(cfg)
     _check_one_process()
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
+    if resume is not None:
+        check_resume_config(resume, cfg)
     # Resuming may write into the checkpoint's own run folder; any other non-empty folder needs overwriting.
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)

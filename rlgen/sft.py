@@ -18,7 +18,14 @@ from rlgen.distributed import refuse_unsharded_launch
 from rlgen.models import mixed_precision_flags, set_threads
 from rlgen.policy import Policy
 from rlgen.text import render_conversation, render_prompt_completion
-from rlgen.tracking import MetricsWriter, prepare_output_dir, quiet_progress, trainer_metrics_callback
+from rlgen.tracking import (
+    MetricsWriter,
+    check_output_dir,
+    leaves_output_dir_as_found,
+    prepare_output_dir,
+    quiet_progress,
+    trainer_metrics_callback,
+)
 
 # TRL/transformers log keys -> rlgen's fixed metric names (others are not recorded).
 SFT_METRIC_NAMES = {
@@ -48,6 +55,7 @@ def _dataset(rows: list[dict], tokenizer, n: int, seed: int):
     return Dataset.from_list([render_prompt_completion(tokenizer, r["prompt"], r["completion"]) for r in rows])
 
 
+@leaves_output_dir_as_found()
 def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
     """Fine-tune `cfg.model` (or the given policy) on `cfg.dataset`; save the policy to `cfg.output_dir`."""
     import datasets
@@ -59,9 +67,11 @@ def train_sft(cfg: SFTConfig, policy: Policy | None = None) -> Policy:
 
     set_threads(cfg.threads)
     refuse_unsharded_launch("sft")
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
+    resuming = cfg.resume_from_checkpoint is not None
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming)
+    rows = load_sft_rows(cfg.dataset, "train")  # data errors before the model loads and before anything is written
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming)
     save_config(cfg, out)
-    rows = load_sft_rows(cfg.dataset, "train")
     if policy is None:
         policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), reference=False, seed=cfg.seed)
     # 1. data

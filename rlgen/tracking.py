@@ -1,11 +1,16 @@
-"""Run outputs: the output folder guard, `metrics.jsonl`, and progress lines."""
+"""Run outputs: the output folder guard, the clean-up of failed runs, `metrics.jsonl`, and progress lines."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+from rlgen.checkpoint import TrainingInterrupted, complete_checkpoints
 from rlgen.errors import UserError
 
 
@@ -25,6 +30,56 @@ def prepare_output_dir(path: str | Path, overwrite: bool, resuming: bool = False
     folder = check_output_dir(path, overwrite, resuming)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint to resume from: rlgen's `checkpoint-N` or the Trainer's
+    `checkpoints/checkpoint-N` (sft, reward-model train)."""
+    return bool(complete_checkpoints(folder)) or any((folder / "checkpoints").glob("checkpoint-*"))
+
+
+def never(folder: Path) -> bool:
+    return False
+
+
+def leaves_output_dir_as_found(resumable: Callable[[Path], bool] = has_checkpoint):
+    """Decorator for a stage function `f(cfg, ...)` that writes to `cfg.output_dir`: if it raises while that folder
+    holds nothing to continue from (`resumable`), what the run created there goes (the folder too, and the parent
+    folders it made), so the same command runs again once the cause is fixed, instead of stopping at "output_dir is
+    not empty" (issue 23). Entries that were there before stay; a TrainingInterrupted has saved a checkpoint and
+    keeps everything."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def run(cfg, *args, **kwargs):
+            folder = Path(cfg.output_dir)
+            made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+            before = set(folder.iterdir()) if folder.is_dir() else set()
+            try:
+                return function(cfg, *args, **kwargs)
+            except TrainingInterrupted:
+                raise
+            except BaseException:
+                # one process cleans up (several under accelerate launch): the main one, which wrote the files
+                if os.environ.get("RANK", "0") == "0" and folder.is_dir() and not resumable(folder):
+                    _remove_new(folder, before, made)
+                raise
+
+        return run
+
+    return decorate
+
+
+def _remove_new(folder: Path, before: set[Path], made: list[Path]) -> None:
+    for path in set(folder.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for path in made:
+        if not path.is_dir() or any(path.iterdir()):
+            break
+        path.rmdir()
 
 
 def _jsonable(v):

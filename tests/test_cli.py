@@ -12,13 +12,29 @@ def _parse(cls, argv, command):
     return parse_stage_config(cls, args, args.config, section=command)
 
 
-def test_yaml_then_flags_override(tmp_path):
+def test_yaml_then_flags_override(tmp_path, monkeypatch):
+    monkeypatch.setattr("rlgen.config.stages.tracker_installed", lambda name: True)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("max_steps: 7\nlearning_rate: 1.0e-4\nlora_r: 8\nreport_to: [tensorboard]\n")
     cfg = _parse(SFTConfig, ["--config", str(cfg_file), "--max_steps", "3", "--overwrite_output_dir"], "sft")
     assert (cfg.max_steps, cfg.learning_rate, cfg.lora_r, cfg.report_to) == (3, 1e-4, 8, ["tensorboard"])
     assert cfg.overwrite_output_dir is True
     assert SFTConfig().max_steps == 20  # defaults untouched
+
+
+@pytest.mark.parametrize("command", ["sft", "ppo", "seqgan", "evaluate", "reward-model train", "run"])
+def test_a_missing_or_unknown_tracker_is_one_line_before_anything_runs(tmp_path, monkeypatch, capsys, command):
+    """Before: sft exited 1 with the Trainer's traceback after loading the model, ppo warned and trained on."""
+    monkeypatch.setattr("rlgen.config.stages.tracker_installed", lambda name: False)
+    out = tmp_path / "out"
+    for tracker, message in [("tensorboard", "report_to tensorboard needs the package tensorboard: pip install "
+                                             "tensorboard"),
+                             ("tensorbord", "report_to 'tensorbord' is not a tracker rlgen knows (tensorboard, ")]:
+        argv = [*command.split(), "--model", "tiny", "--report_to", tracker, "--output_dir", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rlgen: error: ") and message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
 
 
 def test_repeatable_list_flags():

@@ -62,7 +62,6 @@ def test_model_names(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         models.resolve_model_path(str(tmp_path / "empty"))
-    assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
 def test_cache_dir_is_overridable(monkeypatch, tmp_path):
@@ -122,16 +121,60 @@ def test_a_single_user_file_is_split_by_a_hash_of_the_prompt(tmp_path):
     assert not {str(r["prompt"]) for r in splits["train"]} & {str(r["prompt"]) for r in splits["test"]}
 
 
-def test_an_empty_split_of_a_small_file_is_one_clear_line(tmp_path):
-    path = tmp_path / "two.jsonl"
-    path.write_text('{"prompt": "question 1"}\n{"prompt": "question 2"}\n')
-    missing = [s for s in data.SPLITS if not any(data.split_of(f"question {i}") == s for i in (1, 2))]
-    with pytest.raises(UserError, match=f"no row falls in the {missing[0]} split .*hash of each prompt"):
-        data.load_rows(str(path), missing[0])
+@pytest.mark.parametrize("prompts", [4, 16])
+def test_a_small_file_falls_back_to_a_row_rank_split(tmp_path, capsys, prompts):
+    """40 rows over 4 prompts, or 16 prompts, hash into too few splits: every split gets rows by row rank instead
+    (the same rows on every call), said in one line."""
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"question {i % prompts}", "row": i}) + "\n" for i in range(40)))
+    assert not all(any(data.split_of(f"question {i}") == s for i in range(prompts)) for s in data.SPLITS)
+    splits = {s: data.load_rows(str(path), s) for s in data.SPLITS}
+    assert [len(splits[s]) for s in data.SPLITS] == [36, 2, 2]
+    assert sorted(r["row"] for rows in splits.values() for r in rows) == list(range(40))
+    assert data.load_rows(str(path), "test") == splits["test"]
+    note = capsys.readouterr().out.strip()
+    assert len(note.splitlines()) == 1 and "split by row rank instead (36 train, 2 validation, 2 test" in note
+    assert "split by row rank" in data.held_out_note(str(path), "test", 2)
+
+
+def test_a_file_of_one_row_trains_and_holds_nothing_out(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"prompt": "question 1"}\n')
+    assert data.load_rows(str(path), "train") == [{"prompt": "question 1"}]
+    with pytest.raises(UserError, match=r"no row falls in the test split \(1 row\(s\) are too few to hold any out"):
+        data.load_rows(str(path), "test")
 
 
 def test_the_report_says_which_prompts_were_held_out(tmp_path):
-    (tmp_path / "f.jsonl").write_text("{}\n")
+    (tmp_path / "f.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(100)))
     assert "held out from training" in data.held_out_note("chitchat", "test", 24)
     assert "single file, split by a hash of each prompt" in data.held_out_note(str(tmp_path / "f.jsonl"), "test", 5)
     assert "TRAINING prompts" in data.held_out_note(str(tmp_path), "train", 5)
+
+
+def test_a_hub_id_loads_from_the_cache_and_fails_at_once_when_not_cached(tiny_folder, tmp_path, monkeypatch):
+    """An id that is neither a folder nor cached is one line before any network call (it used to wait ~60 s on
+    retries); a cached one resolves to its snapshot folder, which loads without the network."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^model 'nobody-xyz/made-up' is neither a local folder nor in the Hugging "
+                                        r"Face cache: download it first \(hf download nobody-xyz/made-up\)"):
+        models.resolve_model_path("nobody-xyz/made-up")
+    snapshot = tmp_path / "models--rlgen-test--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_folder, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    assert models.resolve_model_path("rlgen-test/tiny") == str(snapshot)
+    model, _ = models.load_model("rlgen-test/tiny")
+    assert model.config.vocab_size == models.TINY_VOCAB
+    from rlgen.cli import main
+
+    assert main(["evaluate", "--model", "nobody-xyz/made-up", "--output_dir", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()  # refused when the config was built, before anything loaded
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # downloads allowed: the id goes to transformers as it is
+    assert models.resolve_model_path("nobody-xyz/made-up") == "nobody-xyz/made-up"

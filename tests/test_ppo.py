@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rlgen.config import PPOConfig, SamplingConfig
-from rlgen.data import row_key, split_of
+from rlgen.data import load_rows
 from rlgen.errors import RewardError, UserError
 from rlgen.files import read_jsonl
 from rlgen.policy import Policy
@@ -325,7 +325,7 @@ def test_trl_reward_functions_run_unchanged_in_ppo_and_the_evaluator(tiny_folder
             "--num_prompts", "6", "--max_new_tokens", "8", "--output_dir", str(tmp_path / "eval")]
     assert main(args + [a for s in specs for a in ("--reward", s)]) == 0
     samples = [json.loads(line) for line in (tmp_path / "eval" / "eval_samples.jsonl").read_text().splitlines()]
-    assert [s["prompt"] for s in samples] == [r["prompt"] for r in rows if split_of(row_key(r)) == "train"]
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in load_rows(str(data), "train")]
     for s in samples:  # completion_ids are the sampled tokens, EOS included
         assert s["rewards"]["overlong"] == pytest.approx(min(0.0, (4 - s["length"]) / 4))
         assert s["rewards"]["solved"] == 1.0 and s["rewards"]["think_format_reward"] == 0.0

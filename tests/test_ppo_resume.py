@@ -123,6 +123,22 @@ def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, 
         (one_go / "samples.md").read_text()
 
 
+def test_resume_refuses_changed_settings(tiny_folder, reward_file, tmp_path):
+    """Resuming with another seed or learning rate would continue a different run: refused in one line naming
+    the keys; the length, checkpointing and threads may change."""
+    out = tmp_path / "run"
+    train_ppo(config(tiny_folder, reward_file, out, max_steps=2, save_steps=0))
+    with pytest.raises(UserError) as refused:
+        train_ppo(config(tiny_folder, reward_file, out, max_steps=3, seed=1, learning_rate=1e-3,
+                         resume_from_checkpoint="latest"))
+    message = str(refused.value)
+    assert "seed: 0 there, 1 now; learning_rate: 0.003 there, 0.001 now" in message and "\n" not in message
+    assert [n for n, _ in complete_checkpoints(out)] == [2]
+    train_ppo(config(tiny_folder, reward_file, out, max_steps=3, save_steps=1, save_total_limit=0, threads=0,
+                     resume_from_checkpoint="latest"))
+    assert [n for n, _ in complete_checkpoints(out)] == [2, 3]
+
+
 def test_checkpoint_contents_and_latest(tiny_folder, reward_file, tmp_path):
     out = tmp_path / "run"
     train_ppo(config(tiny_folder, reward_file, out, max_steps=3, save_steps=0))
@@ -171,8 +187,10 @@ def test_bad_reward_keeps_the_last_checkpoint_intact(tiny_folder, reward_file, t
     assert [n for n, _ in complete_checkpoints(out)] == [2, 4] and not list(out.glob("*.tmp-*"))
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["update"] == 4
     assert len(read_jsonl(out / "metrics.jsonl")) == 4  # the failed update logged nothing
-    # resuming with a fixed reward works from the intact checkpoint
-    train_ppo(config(tiny_folder, reward_file, out, resume_from_checkpoint="latest"))
+    # resuming works from the intact checkpoint once the reward is back (its call counter is past `at`); with the
+    # same spec, since another reward would continue a different run (refused)
+    train_ppo(config(tiny_folder, reward_file, out, reward=[f"{reward_file}:raises_at(at=5)"],
+                     resume_from_checkpoint="latest"))
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
@@ -251,6 +269,7 @@ def test_planted_pickle_in_any_checkpoint_file_is_refused_with_one_line(tiny_fol
     capsys.readouterr()
     argv = ["ppo", "--model", str(tiny_folder), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "4",
             "--mini_batch_size", "2", "--max_new_tokens", "8", "--reward", f"{reward_file}:vowels",
-            "--resume_from_checkpoint", "latest"]
+            "--ppo_epochs", "2", "--learning_rate", "3e-3", "--adaptive_kl", "true", "--kl_target", "0.1",
+            "--resume_from_checkpoint", "latest"]  # the settings of `config` (resume refuses others)
     assert main(argv) == 2
     assert_refused_in_one_line(capsys.readouterr().err.strip(), planted, PPO_PICKLES[name], ran)

@@ -17,6 +17,7 @@ torch.set_num_threads(1)
 
 from rlgen import reward_model  # noqa: E402
 from rlgen.errors import UserError  # noqa: E402
+from rlgen.files import read_jsonl  # noqa: E402
 from rlgen.reward_model import (  # noqa: E402
     RewardModelConfig,
     context_key,
@@ -221,6 +222,17 @@ def test_normalisation_on_calibration_set(toy_model):
     assert scores.std() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_small_preference_file_is_split_by_row_rank(tmp_path):
+    """40 pairs over 4 prompts that all hash into the train split: the row-rank fallback holds 4 pairs out."""
+    from rlgen.reward_model import load_preference_pairs
+
+    data = tmp_path / "prefs.jsonl"
+    _write_jsonl(data, [{**pair, "prompt": f"How was your day {i % 4}? "} for i, pair in enumerate(_pairs(40))])
+    train, heldout = load_preference_pairs(str(data))
+    assert (len(train), len(heldout)) == (36, 4)
+    assert sorted(map(json.dumps, train + heldout)) == sorted(json.dumps(r) for r in read_jsonl(data))
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -244,6 +256,7 @@ def test_bad_input_names_the_culprit(tmp_path, rows, overrides, pattern):
         _write_jsonl(data, rows)
     with pytest.raises(UserError, match=pattern):
         train_reward_model(_config(tmp_path, data, **overrides))
+    assert not (tmp_path / "rm").exists()  # nothing written: the retry of the same command is not refused
 
 
 # ---------------------------------------------------------------- optional toxicity reward

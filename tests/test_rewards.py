@@ -558,11 +558,14 @@ def test_hub_reward_model_id_loads_from_the_hub_cache(tiny_model, tmp_path, monk
     assert reward(PROMPTS, COMPLETIONS) == pytest.approx(LearnedReward(tiny_model)(PROMPTS, COMPLETIONS), abs=1e-5)
 
 
-def test_hub_reward_model_id_offline_error_names_the_id(tmp_path, monkeypatch):
+def test_hub_reward_model_id_not_in_the_cache_fails_at_once_naming_the_id(tmp_path, monkeypatch):
+    """Online or not, an id the cache lacks is one line before any network call (it used to wait on retries)."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(UserError, match=r"Hub model 'nobody-xyz/made-up-rm' is not in the local .*offline") as info:
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(UserError, match=r"reward model 'nobody-xyz/made-up-rm' is neither a local folder nor in the "
+                                        r"Hugging Face cache: download it first \(hf download") as info:
         load_reward("nobody-xyz/made-up-rm")
     assert "\n" not in str(info.value)

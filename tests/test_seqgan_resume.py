@@ -151,10 +151,11 @@ def test_text_task_interrupt_and_resume_equals_one_go(tmp_path, tiny_folder, tin
     assert result_b.summary["generated"] == result_a.summary["generated"]
 
 
-def test_resume_refuses_a_checkpoint_of_other_models(one_go, tmp_path):
+def test_resume_refuses_other_settings(one_go, tmp_path):
+    """A checkpoint of other models or another seed is refused by its config.yaml, naming the changed keys."""
     out, _, _ = one_go
-    with pytest.raises(UserError, match="does not fit this run's models"):
-        train_seqgan(oracle_config(tmp_path, tmp_path / "other", hidden_size=6,
+    with pytest.raises(UserError, match="written with other settings .seed: 0 there, 3 now; hidden_size: 8 there, 6 now"):
+        train_seqgan(oracle_config(tmp_path, tmp_path / "other", hidden_size=6, seed=3,
                                    resume_from_checkpoint=str(out / "checkpoint-3")))
     with pytest.raises(UserError, match="no complete checkpoint-N folder"):
         train_seqgan(oracle_config(tmp_path, tmp_path / "empty", resume_from_checkpoint="latest"))

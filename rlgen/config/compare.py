@@ -65,7 +65,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
     """`rlgen compare`: methods x seeds from one starting model, evaluated on equal terms."""
 
     model: str = opt("default", "starting model of every method: default (embedded SmolLM2-135M-Instruct), tiny, "
-                                "a folder or a Hub id")
+                                "a folder or a Hub id in the local cache")
     output_dir: str = opt("runs/compare", "folder for every run, the tables, the plots and report.html")
     dataset: str = opt("chitchat", "prompts for training (train split) and evaluation (see evaluate.split): "
                                    + DATASET_HELP, python=is_rows)

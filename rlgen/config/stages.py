@@ -47,6 +47,40 @@ def check_dtype(cfg) -> None:
     resolve_dtype(cfg.dtype)
 
 
+# report_to name -> the packages that provide it (any one will do): the trackers both transformers' Trainer (sft,
+# reward-model train) and accelerate (ppo) know.
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",), "trackio": ("trackio",),
+            "swanlab": ("swanlab",)}
+
+
+def tracker_installed(name: str) -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(package) is not None for package in TRACKERS[name])
+
+
+def check_trackers(cfg) -> None:
+    """UserError for a `report_to` tracker rlgen does not know or whose package is missing, so that it stops the
+    command before anything loads (the Trainer would raise with a traceback, accelerate only warn)."""
+    for name in cfg.report_to:
+        if name not in TRACKERS:
+            raise UserError(f"report_to {name!r} is not a tracker rlgen knows ({', '.join(TRACKERS)}; leave "
+                            "report_to empty for metrics.jsonl alone)")
+        if not tracker_installed(name):
+            raise UserError(f"report_to {name} needs the package {TRACKERS[name][0]}: pip install "
+                            f"{TRACKERS[name][0].replace('_', '-')}")
+
+
+def check_hub_model(cfg) -> None:
+    """A Hub id `model` that is not in the local cache, refused when the config is built: before the stage loads
+    anything (a folder that does not exist is refused where it loads: a run's later stages make theirs)."""
+    from rlgen.files import hub_model_folder, is_hub_id
+
+    if is_hub_id(cfg.model):
+        hub_model_folder(cfg.model, "model")
+
+
 def at_least(cfg, minimum: float, *names: str) -> None:
     """UserError naming the first of `names` whose value is below `minimum`."""
     for name in names:
@@ -67,7 +101,8 @@ def check_schedule(cfg) -> None:
 class CommonConfig:
     """Options every stage takes."""
 
-    model: str = opt("default", "policy model: default (embedded SmolLM2-135M-Instruct), tiny, a folder or a Hub id")
+    model: str = opt("default", "policy model: default (embedded SmolLM2-135M-Instruct), tiny, a folder or a Hub id "
+                                "in the local cache")
     output_dir: str = opt("runs/latest", "folder for the resolved config, metrics.jsonl and the final model")
     dataset: str = opt("chitchat", DATASET_HELP, python=is_rows)
     max_steps: int = opt(20, "number of optimisation steps")
@@ -76,7 +111,8 @@ class CommonConfig:
     resume_from_checkpoint: str | None = opt(None, "checkpoint folder or 'latest' to resume from")
     overwrite_output_dir: bool = opt(False, "allow writing into a non-empty output_dir")
     threads: int = opt(1, "torch intra-op threads (0: torch default; 1 is fastest on busy 2-core machines)")
-    report_to: list[str] = opt([], "trackers besides metrics.jsonl: tensorboard, wandb, ...")
+    report_to: list[str] = opt([], "trackers besides metrics.jsonl (their package installed): tensorboard, wandb, "
+                                   "mlflow, comet_ml, clearml, dvclive, trackio, swanlab")
     dtype: str = opt("auto", DTYPE_HELP)
 
     def __post_init__(self):
@@ -86,7 +122,9 @@ class CommonConfig:
         """UserError naming the first bad option (subclasses extend it)."""
         at_least(self, 0, "max_steps", "save_steps", "threads")
         check_dataset(self)
-        check_dtype(self)
+        check_trackers(self)
+        check_hub_model(self)
+        check_dtype(self)  # imports torch: last
 
 
 @dataclass(frozen=True)
@@ -296,7 +334,7 @@ class RewardModelConfig(SamplingConfig, CommonConfig):
     """
 
     model: str = opt("minilm", "base model: minilm (embedded all-MiniLM-L6-v2), default (SmolLM2-135M), tiny, "
-                               "a folder or a Hub id; loaded as a 1-label sequence classifier")
+                               "a folder or a Hub id in the local cache; loaded as a 1-label sequence classifier")
     output_dir: str = opt("runs/reward_model", "folder for the reward model, its config, metrics and summary")
     dataset: str = opt("chitchat-upbeat", "chitchat-upbeat (chit-chat replies paired by gold_reward) or a "
                                           "preference .jsonl/.csv/folder with prompt, chosen, rejected columns; "

@@ -53,8 +53,11 @@ def _from_hub(name):
     from huggingface_hub import constants
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from rlgen.files import hub_model_folder
+
+    folder = hub_model_folder(name, "reward model")  # not cached: one line at once, not after network retries
     try:
-        return AutoTokenizer.from_pretrained(name), AutoModelForSequenceClassification.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(folder), AutoModelForSequenceClassification.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as e:
         if constants.HF_HUB_OFFLINE:
             raise UserError(f"reward model folder not found: {name}, and the Hub model {name!r} is not in the local "
