@@ -220,7 +220,7 @@ def test_reward_name_loads_nothing(tmp_path, reward_package):
         ("myrewards.mod:strict(nope=1)", ["unknown argument 'nope'", "scale"]),
         ("math:pi", ["'pi'", "not callable"]),
         ("missing_dir/rewards.py:fn", ["file not found", "missing_dir/rewards.py"]),
-        ("missing_dir/model", ["folder not found", "missing_dir/model"]),
+        ("missing_dir/model", ["neither a local folder", "missing_dir/model"]),
         ("target_length(30)", ["only keyword arguments"]),
         ("target_length(target=30", ["bad syntax"]),
         ("target_length(target=len('abc'))", ["not a literal", "target=len('abc')"]),
