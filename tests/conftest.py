@@ -76,3 +76,24 @@ def load_shipped_yaml(path, tmp_path) -> dict:
         (tmp_path / "oracle.npz").touch()
         data["oracle_params"] = str(tmp_path / "oracle.npz")
     return data
+
+
+def opinionated_copy(folder, tmp_path):
+    """A copy of the model folder with a generation_config.json whose every field would change sampling."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from rlgen.policy import Policy
+
+    tok = Policy.from_pretrained(str(folder), reference=False).tokenizer
+    banned = tok(" you", add_special_tokens=False)["input_ids"]
+    copy = tmp_path / "opinionated"
+    shutil.copytree(folder, copy)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.3, top_k=5,
+                     top_p=0.5, min_p=0.2, typical_p=0.5, epsilon_cutoff=0.01, eta_cutoff=0.01, min_length=40,
+                     no_repeat_ngram_size=1, repetition_penalty=5.0, suppress_tokens=banned[:1],
+                     bad_words_ids=[banned], begin_suppress_tokens=[2], sequence_bias=[[[3], 5.0]],
+                     renormalize_logits=True, forced_eos_token_id=2,
+                     exponential_decay_length_penalty=(2, 1.5)).save_pretrained(copy)
+    return copy

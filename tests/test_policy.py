@@ -188,20 +188,9 @@ def test_separate_critic_gives_values_and_round_trips(tiny_tokenizer, tmp_path):
 def test_a_model_folders_generation_config_does_not_change_sampling(tiny_folder, tmp_path):
     """generate() fills every field rlgen leaves unset from the folder's generation_config.json; each of these
     would change the sampled tokens (and with them the log-probs). Same weights, same seed: same rollout."""
-    import shutil
+    from conftest import opinionated_copy
 
-    from transformers import GenerationConfig
-
-    tok = Policy.from_pretrained(str(tiny_folder), reference=False).tokenizer
-    banned = tok(" you", add_special_tokens=False)["input_ids"]
-    folder = tmp_path / "opinionated"
-    shutil.copytree(tiny_folder, folder)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.3, top_k=5,
-                     top_p=0.5, min_p=0.2, typical_p=0.5, epsilon_cutoff=0.01, eta_cutoff=0.01, min_length=40,
-                     no_repeat_ngram_size=1, repetition_penalty=5.0, suppress_tokens=banned[:1],
-                     bad_words_ids=[banned], begin_suppress_tokens=[2], sequence_bias=[[[3], 5.0]],
-                     renormalize_logits=True, forced_eos_token_id=2,
-                     exponential_decay_length_penalty=(2, 1.5)).save_pretrained(folder)
+    folder = opinionated_copy(tiny_folder, tmp_path)
     settings = SamplingConfig(max_new_tokens=12, temperature=0.7)
     rollouts = []
     for path in (tiny_folder, folder):

@@ -195,31 +195,13 @@ def test_rewards_get_conversational_completions_completion_ids_and_columns(metho
     assert sum(calls) == 2 * out["completions"]  # the proxy and the gold saw every completion
 
 
-def _opinionated_copy(folder, tmp_path):
-    """The model folder with a generation_config.json whose every field would change sampling."""
-    import shutil
-
-    from transformers import GenerationConfig
-
-    tok = Policy.from_pretrained(str(folder), reference=False).tokenizer
-    banned = tok(" you", add_special_tokens=False)["input_ids"]
-    copy = tmp_path / "opinionated"
-    shutil.copytree(folder, copy)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.3, top_k=5,
-                     top_p=0.5, min_p=0.2, typical_p=0.5, epsilon_cutoff=0.01, eta_cutoff=0.01, min_length=40,
-                     no_repeat_ngram_size=1, repetition_penalty=5.0, suppress_tokens=banned[:1],
-                     bad_words_ids=[banned], begin_suppress_tokens=[2], sequence_bias=[[[3], 5.0]],
-                     renormalize_logits=True, forced_eos_token_id=2,
-                     exponential_decay_length_penalty=(2, 1.5)).save_pretrained(copy)
-    return copy
-
-
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_a_model_folders_generation_config_does_not_change_trl_sampling(method, tiny_folder, tmp_path, monkeypatch):
     """transformers fills the generation fields TRL leaves unset from the folder's generation_config.json (min_p,
     suppress_tokens, no_repeat_ngram_size...), whose processors TRL's log-probs ignore. TRL samples as
     Policy.sample does: from the same prompts and random state, the tokens Policy.sample draws from the plain
     folder."""
+    from conftest import opinionated_copy
     from transformers.generation.utils import GenerationMixin
 
     generate, states, scored = GenerationMixin.generate, [], []
@@ -233,7 +215,7 @@ def test_a_model_folders_generation_config_does_not_change_trl_sampling(method, 
         return [0.0] * len(completions)
 
     monkeypatch.setattr(GenerationMixin, "generate", spy)
-    run(method, _opinionated_copy(tiny_folder, tmp_path), tmp_path / "out", reward_fns=[("record", record)],
+    run(method, opinionated_copy(tiny_folder, tmp_path), tmp_path / "out", reward_fns=[("record", record)],
         weights=[1.0], max_steps=1)
     monkeypatch.setattr(GenerationMixin, "generate", generate)
     prompts, sampled = scored[0]
