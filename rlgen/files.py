@@ -45,9 +45,9 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def is_hub_id(name: str) -> bool:
+def is_hub_id(name: str | Path) -> bool:
     """Whether `name` is a Hub id `owner/name` rather than an existing path."""
-    return bool(re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", name)) and not Path(name).expanduser().exists()
+    return bool(re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", str(name))) and not Path(name).expanduser().exists()
 
 
 def hub_model_folder(name: str, what: str) -> str:

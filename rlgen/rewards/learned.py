@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from rlgen.errors import UserError
+from rlgen.files import is_hub_id
 from rlgen.text import as_messages, is_conversation, render_conversation
 
 NORMALISATION_FILE = "rlgen_reward.json"
 _SANE_MAX_LENGTH = 1_000_000
-_HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")
 
 
 def _one_line(text):
@@ -41,11 +41,6 @@ def _read_normalisation(folder):
             f"{file}: 'gain' and 'bias' must be numbers, got gain={values[0]!r} bias={values[1]!r}"
         )
     return float(values[0]), float(values[1])
-
-
-def is_hub_id(name) -> bool:
-    """`owner/name` that is not an existing path: a Hugging Face Hub model id (as `rlgen.models` reads `--model`)."""
-    return bool(_HUB_ID.fullmatch(str(name))) and not Path(name).exists()
 
 
 def _from_hub(name):
