@@ -369,7 +369,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     summary["s_eval_total"] = times["eval"]
     task.finish(policy, d)
     summary.update(task.summary)
-    policy.save(out)
+    policy.save(out, value_head=False)  # the policy gradient trains no value head
     d.save(out / "discriminator")
     summary["s_total"] = total()
     (out / "seqgan_summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -177,6 +177,7 @@ def test_tiny_oracle_adversarial_training_lowers_nll_oracle(tmp_path):
     assert [row["temperature"] for row in s["temperature_sweep_mle"]] == [1.0, 0.8]
     assert s["g_step_split"]["rollout"] > 0 and s["s_per_d_step"] > 0
     assert (tmp_path / "run" / "config.json").is_file()
+    assert not (tmp_path / "run" / "value_head.safetensors").exists()  # SeqGAN trains no value head
     assert (tmp_path / "run" / "discriminator" / "cnn_discriminator.json").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/mle" in r for r in rows) and rows[-1]["step"] == 12 and "eval/nll_oracle" in rows[-1]
