@@ -15,7 +15,7 @@
 # Parts (each time-boxed with `timeout`, each log tee'd to $OUT/<part>.log, a failure moves on to the next part;
 # all parts together stay within GPU_CHECK_BUDGET seconds, default 500):
 #   0_env          nvidia-smi, wheel install, versions, torch.cuda.is_available(), carried sizes
-#   1_tests        pytest on core/policy/ppo/seqgan/discriminator/metrics, listing which tests allocated CUDA memory
+#   1_tests        pytest on core/policy/ppo/seqgan/discriminator/metrics and the TRL evaluation-hook test, listing which tests allocated CUDA memory
 #   1_cuda_smoke   tiny policy on cuda: sample, ref log-probs, evaluate_policy, train_ppo, and `rlgen ppo` (CLI)
 #   2_ppo_throughput  benchmarks/ppo_throughput.py with its defaults (tiny), then --model-size small, then issue 11's
 #                  figures: the peer's base shape (88M-parameter Llama, 64 completions of 128 tokens, 2 PPO epochs)
@@ -131,7 +131,8 @@ env_part() {
 # ---------------------------------------------------------------------------------------------------------
 # 1. pytest plugin: which tests allocated CUDA memory (in this process; subprocess tests are not seen)
 
-TESTS=(tests/test_core.py tests/test_policy.py tests/test_ppo.py tests/test_seqgan.py tests/test_discriminator.py tests/test_metrics.py)
+TESTS=(tests/test_core.py tests/test_policy.py tests/test_ppo.py tests/test_seqgan.py tests/test_discriminator.py tests/test_metrics.py
+       "tests/test_trl_methods.py::test_evaluations_along_training_leave_no_hooks_on_the_trained_model")
 if [ "$QUICK" = 1 ]; then
   TESTS=(tests/test_metrics.py tests/test_core.py::test_logprobs_temperature_changes_result tests/test_policy.py)
 fi
