@@ -269,17 +269,20 @@ def check_stage_data(stage: str, cfg) -> None:
 
 def held_out_note(dataset, split: str, n: int) -> str:
     """Which prompts an evaluation used and how they were kept apart from training, for reports."""
-    if not isinstance(dataset, str):
-        how = "its own split" if isinstance(dataset, Mapping) else "rows given in Python, split by a hash of each prompt"
-        dataset = rows_name(dataset)
-    elif dataset in ("chitchat", "default"):
+    given = not isinstance(dataset, str)
+    if isinstance(dataset, Mapping):
+        how = "its own split"
+    elif not given and dataset in ("chitchat", "default"):
         how = "split by a hash of the conversation id"
-    elif Path(dataset).expanduser().is_file():
-        by_rank = split_file(read_rows(Path(dataset).expanduser()))[1]
-        how = "a single file, split by row rank (too few prompts to split by their hash)" if by_rank else \
-            "a single file, split by a hash of each prompt"
+    elif given or Path(dataset).expanduser().is_file():  # split as `load_rows` splits it (`split_file`)
+        what = "rows given in Python" if given else "a single file"
+        by_rank = split_file(read_rows(dataset))[1]
+        how = f"{what}, split by row rank (too few prompts to split by their hash)" if by_rank else \
+            f"{what}, split by a hash of each prompt"
     else:
         how = "the folder's own split"
+    if given:
+        dataset = rows_name(dataset)
     held = "held out from training" if split != "train" else "the TRAINING prompts (not held out)"
     return f"the first {n} prompts of the {split} split of {dataset} ({how}; {held})"
 

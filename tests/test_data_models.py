@@ -135,6 +135,9 @@ def test_a_small_file_falls_back_to_a_row_rank_split(tmp_path, capsys, prompts):
     note = capsys.readouterr().out.strip()
     assert len(note.splitlines()) == 1 and "split by row rank instead (36 train, 2 validation, 2 test" in note
     assert "split by row rank" in data.held_out_note(str(path), "test", 2)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # the same rows given in Python
+    assert [r["row"] for r in data.load_rows(rows, "test")] == [r["row"] for r in splits["test"]]
+    assert "rows given in Python, split by row rank" in data.held_out_note(rows, "test", 2)
 
 
 def test_a_file_of_one_row_trains_and_holds_nothing_out(tmp_path):
