@@ -83,6 +83,7 @@ def best_of_n(cfg: EvalConfig, n: int, ref_name: str | None = None) -> dict:
     `eval/kl_se` 0); no `eval/perplexity_ref` (the evaluator keeps no per-sample likelihood) and no
     `eval/reference_nll` (best-of-n has no likelihood of its own to score the reference replies with).
     """
+    from rlgen import engines
     from rlgen.config import save_config
     from rlgen.data import held_out_note
     from rlgen.evaluation import Evaluator, reference_replies
@@ -98,7 +99,11 @@ def best_of_n(cfg: EvalConfig, n: int, ref_name: str | None = None) -> dict:
     evaluator = Evaluator(cfg)
     rows = evaluator.rows
     print(f"[rlgen] best-of-{n} prompts: {held_out_note(cfg.dataset, cfg.split, len(rows))}", flush=True)
-    evaluator(evaluator.load_policy(ref_name), out / "all_samples", repeat=n)
+    policy = evaluator.load_policy(ref_name)
+    try:
+        evaluator(policy, out / "all_samples", repeat=n)
+    finally:
+        engines.stop(policy)
     drawn = read_jsonl(out / "all_samples" / "eval_samples.jsonl")
     p = len(rows)
     proxy = [[drawn[j * p + i]["reward"] for j in range(n)] for i in range(p)]

@@ -324,11 +324,14 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float = 0.2,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate objective (Schulman et al. 2017, eq. 7), negated into a loss.
 
-    ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))``, ``ratio = exp(logp - old)``,
-    averaged over every real token of the batch (token-level, as TRL/lm-human-preferences).
+    ``loss = mean_t w_t * max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))``, ``ratio = exp(logp -
+    old)``, averaged over every real token of the batch (token-level, as TRL/lm-human-preferences). ``w`` (default
+    1): per-token importance weights of the samples, e.g. `truncated_importance_weights` when an inference engine
+    sampled them (verl multiplies the clipped per-token loss the same way).
 
     Args:
         logprobs: ``[B, T]`` log-probs under the current policy (carries grad).
@@ -336,6 +339,7 @@ def ppo_policy_loss(
         advantages: ``[B, T]`` (treated as constants).
         mask: ``[B, T]`` real tokens.
         clip_range: epsilon.
+        weights: ``[B, T]`` or None (treated as constants).
 
     Returns:
         ``(loss, stats)``: 0-dim loss; stats (detached 0-dim tensors, over real tokens):
@@ -349,7 +353,10 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * _zero_padding(weights.detach(), real)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = {
             "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
@@ -358,6 +365,48 @@ def ppo_policy_loss(
             "ratio_max": torch.where(real, ratio, torch.full_like(ratio, -torch.inf)).max(),
         }
     return loss, stats
+
+
+def truncated_importance_weights(
+    logprobs: torch.Tensor,
+    engine_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance weights between the trainer's and an inference engine's sampling distributions.
+
+    An engine (vLLM) samples with other kernels, often in other precision, than the trainer computes its log-probs
+    with, so its samples are slightly off-policy. ``w_t = min(exp(logprobs_t - engine_logprobs_t), cap)`` re-weights
+    each token's loss towards the trainer's distribution, the ratio truncated at ``cap`` to bound the variance
+    (truncated importance sampling: Ionides 2008; Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training"; verl's and TRL's ``vllm_importance_sampling_cap``). ``cap <= 0``: no correction
+    (weights 1); the statistics are reported either way.
+
+    Args:
+        logprobs: ``[B, T]`` the trainer's log-probs of the sampled tokens (the behaviour policy PPO's ratio uses).
+        engine_logprobs: ``[B, T]`` the engine's log-probs of the same tokens.
+        mask: ``[B, T]`` real tokens.
+        cap: the truncation, > 1; ``<= 0`` turns the correction off.
+
+    Returns:
+        ``(weights [B, T], stats)``; weights are 0 on padding. stats (0-dim, over real tokens):
+        ``logprob_diff_mean`` = mean |logprobs - engine_logprobs|, ``logprob_diff_max`` = its max,
+        ``truncated_fraction`` = share of tokens whose ratio exceeded ``cap`` (0 when off).
+    """
+    real = mask.bool()
+    log_ratio = _zero_padding(logprobs - engine_logprobs, real)
+    ratio = torch.exp(log_ratio)
+    if cap > 0:
+        weights, truncated = ratio.clamp(max=cap), (ratio > cap) & real
+    else:
+        weights, truncated = torch.ones_like(ratio), torch.zeros_like(real)
+    diff = log_ratio.abs()
+    stats = {
+        "logprob_diff_mean": masked_mean(diff, mask),
+        "logprob_diff_max": diff.max() if real.any() else diff.new_zeros(()),
+        "truncated_fraction": masked_mean(truncated.float(), mask),
+    }
+    return weights * real, stats
 
 
 def ppo_value_loss(

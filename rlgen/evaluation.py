@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from rlgen import metrics
+from rlgen import engines, metrics
 from rlgen.checkpoint import preserved_rng
 from rlgen.config import EvalConfig, SamplingConfig, load_yaml, save_config
 from rlgen.data import held_out_note, load_rows
@@ -151,10 +151,12 @@ class Evaluator:
                                references=reference_replies(rows) if repeat == 1 else None)
 
     def load_policy(self, ref_name: str | None = None) -> Policy:
-        """cfg.model with its reference (`ref_name`, else the model itself) on the default device, then seeded."""
+        """cfg.model with its reference (`ref_name`, else the model itself) on the default device, its rollout
+        engine started (`rlgen.engines.stop` ends it), then seeded."""
         cfg = self.cfg
         policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed,
                                         dtype=resolve_dtype(cfg.dtype)).to(default_device())
+        engines.start(policy, cfg)
         torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
         return policy
 
@@ -199,6 +201,10 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     save_config(cfg, out)
     print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(evaluator.rows))}", flush=True)
     print(f"[rlgen] reference model (eval/kl, eval/perplexity_ref): {reference} ({why})", flush=True)
-    metrics = evaluator(evaluator.load_policy(reference), out)
+    policy = evaluator.load_policy(reference)
+    try:
+        metrics = evaluator(policy, out)
+    finally:
+        engines.stop(policy)
     MetricsWriter(out).log(metrics, step=log_step)
     return metrics

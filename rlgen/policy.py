@@ -44,6 +44,8 @@ class Rollout:
     values [B, T] float or None: value estimates V(prefix) for each completion token (0 where masked)
     ended_with_eos [B] bool; prompts/completions: the raw prompts (texts or lists of messages) and decoded
     completions (B each)
+    engine_logprobs [B, T] float or None: the sampling engine's own log-probs of the sampled tokens when an
+    inference engine sampled (`rlgen.engines`; 0 where masked); `logprobs` are then the trainer's forward's
     """
 
     prompt_ids: torch.Tensor
@@ -55,6 +57,7 @@ class Rollout:
     ended_with_eos: torch.Tensor
     prompts: list[str]
     completions: list[str]
+    engine_logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -212,6 +215,8 @@ class Policy(nn.Module):
         self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
         # Set by rlgen.distributed.shard_policy: rollouts then gather the whole policy, computing in compute_dtype.
         self.sharded, self.compute_dtype = False, None
+        # An inference engine that samples instead of generate() (rlgen.engines.VLLMEngine; None: generate()).
+        self.engine = None
         if reference and ref_model is None and not self.is_peft:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
@@ -429,14 +434,44 @@ class Policy(nn.Module):
     @torch.no_grad()
     def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
         """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass
-        (in float32 LoRA merged into the weights meanwhile; see `merged_lora`), in half precision from one forward
-        pass. A sharded policy generates on whole weights (`rlgen.distributed.gathered`), resharded afterwards."""
+        (in float32 LoRA merged into the weights meanwhile; see `merged_lora`), in half precision or when an
+        inference engine samples (`self.engine`) from one forward pass. A sharded policy generates on whole
+        weights (`rlgen.distributed.gathered`), resharded afterwards."""
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts, settings.max_prompt_length)
         # In half precision the cached generation and a full forward round differently (default model, bf16: 0.04
         # nats per token on average, benchmarks/rollout_speed.py): one forward re-reads the log-probs and values,
         # so that they are `forward`'s (the first PPO ratio 1, eval/kl unbiased), as generation's are in float32.
-        reread = (self.compute_dtype or self.base_model.dtype) != torch.float32
+        # An engine's kernels differ from the trainer's in any precision: its log-probs are kept beside.
+        reread = self.engine is not None or (self.compute_dtype or self.base_model.dtype) != torch.float32
         shared_values = with_values and self.critic is None and not reread
+        engine_logprobs = hidden = None
+        if self.engine is not None:
+            completion_ids, engine_logprobs = self._engine_sample(prompt_ids, prompt_mask, settings)
+        else:
+            completion_ids, logprobs, hidden = self._generate(prompt_ids, prompt_mask, settings, shared_values, reread)
+        mask, ended = completion_mask_from_ids(completion_ids, self.eos_token_ids)
+        completion_ids = completion_ids.masked_fill(mask == 0, self.tokenizer.pad_token_id)
+        input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
+        T = completion_ids.shape[1]
+        values = None
+        if reread:
+            logprobs, values, _ = self.forward(input_ids, attention_mask, T, settings.temperature, with_values,
+                                               min_new_tokens=settings.min_new_tokens)
+        elif shared_values and self._hidden_hooked:
+            values = self.value_head(hidden.float()).squeeze(-1)
+        elif with_values:  # a separate critic, or a model without a trunk to hook: one forward for the values
+            values = (self.critic_values(input_ids, attention_mask, T) if self.critic is not None
+                      else self.forward(input_ids, attention_mask, T)[1])
+        logprobs = logprobs * mask
+        values = values * mask if values is not None else None
+        engine_logprobs = engine_logprobs * mask if engine_logprobs is not None else None
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # pad after the end
+        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, values, ended,
+                       list(prompts), [t.strip() for t in texts], engine_logprobs)
+
+    def _generate(self, prompt_ids, prompt_mask, settings: SamplingConfig, shared_values: bool, reread: bool):
+        """transformers' generate on [B, P] prompts -> completion ids [B, T] (EOS not yet masked), their log-probs
+        [B, T] and last hidden states [B, T, H] (or None) as the hooks recorded them."""
         was_training = self.model.training
         self.model.eval()
         generation_config = self.generation_config(settings)
@@ -455,24 +490,20 @@ class Policy(nn.Module):
         finally:
             self._recorder.stop()
             self.model.train(was_training)
-        mask, ended = completion_mask_from_ids(completion_ids, self.eos_token_ids)
-        completion_ids = completion_ids.masked_fill(mask == 0, self.tokenizer.pad_token_id)
-        input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
-        T = completion_ids.shape[1]
-        values = None
-        if reread:
-            logprobs, values, _ = self.forward(input_ids, attention_mask, T, settings.temperature, with_values,
-                                               min_new_tokens=settings.min_new_tokens)
-        elif shared_values and self._hidden_hooked:
-            values = self.value_head(hidden.float()).squeeze(-1)
-        elif with_values:  # a separate critic, or a model without a trunk to hook: one forward for the values
-            values = (self.critic_values(input_ids, attention_mask, T) if self.critic is not None
-                      else self.forward(input_ids, attention_mask, T)[1])
-        logprobs = logprobs * mask
-        values = values * mask if values is not None else None
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # pad after the end
-        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, values, ended,
-                       list(prompts), [t.strip() for t in texts])
+        return completion_ids, logprobs, hidden
+
+    def _engine_sample(self, prompt_ids, prompt_mask, settings: SamplingConfig):
+        """The inference engine on the same prompt tokens -> completion ids [B, T] right-padded (EOS not yet
+        masked; T the longest completion) and the engine's log-probs [B, T] (0 on padding)."""
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]  # without left padding
+        completions, engine_lps = self.engine.generate(prompts, settings, self.eos_token_ids)
+        T = max(1, max(len(c) for c in completions))
+        completion_ids = torch.full((len(prompts), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros(len(prompts), T)
+        for i, (ids, lps) in enumerate(zip(completions, engine_lps)):
+            completion_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            logprobs[i, :len(lps)] = torch.tensor(lps)
+        return completion_ids.to(self.device), logprobs.to(self.device)
 
     def sample_batches(self, prompts: list[str], settings: SamplingConfig, batch_size: int):
         """Rollouts (no values) of `prompts`, `batch_size` prompts at a time, in order."""

