@@ -1,6 +1,7 @@
 """Bad input to `rlgen ppo`: exit status 2, exactly one line on stderr naming the culprit, no traceback, and
 an existing output folder untouched, even with --overwrite_output_dir (every check runs before any write)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -53,7 +54,14 @@ def _cases(d, tiny):
         ("negative eval_steps", [*ok, "--eval_steps", "-1"], "eval_steps must be at least 0, got -1"),
         ("unknown evaluation option (YAML)", ["--config", str(d / "eval_key.yaml")],
          "ppo option 'evaluate': unknown key 'num_prompt'"),
-    ]
+        ("unknown rollout engine", [*ok, "--rollout_engine", "sglang"], "rollout_engine must be one of hf, vllm"),
+        ("importance cap below 1", [*ok, "--temperature", "0.001", "--rollout_engine", "hf",
+                                               "--vllm_importance_sampling_cap", "0.5"],
+         "vllm_importance_sampling_cap must be -1 (auto), 0 (off) or > 1, got 0.5"),
+    ] + ([] if importlib.util.find_spec("vllm") else [
+        ("vllm not installed", [*ok, "--rollout_engine", "vllm"],
+         "rollout_engine vllm: vLLM is not installed: pip install 'rlgen[vllm]'"),
+    ])
 
 
 def test_bad_input_is_one_line_status_2_and_touches_nothing(files, tiny_folder, capsys):

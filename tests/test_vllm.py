@@ -139,3 +139,10 @@ def test_evaluate_and_best_of_n_with_vllm(tiny32_folder, tmp_path):
     assert abs(metrics["eval/kl"]) < 1e-4  # the model against itself, on the engine's samples
     result = best_of_n(EvalConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "bon")}), 4)
     assert result["completions"] == 16
+
+
+def test_temperature_below_vllms_floor_is_refused(tiny32_folder):
+    from rlgen.errors import UserError
+
+    with pytest.raises(UserError, match="temperature 0.001 is below 0.01, which vLLM raises to it"):
+        PPOConfig(model=str(tiny32_folder), rollout_engine="vllm", temperature=0.001)
