@@ -3,7 +3,9 @@ side in one process, plus the weight-sync time.
 
 Two shapes on the default model (SmolLM2-135M-Instruct, float32): the README main job's PPO rollout (LoRA r 16,
 alpha 32, 8 prompts of its prompt stream, 32 new tokens, values from the value head) and 64 prompts x exactly 128
-new tokens (`min_new_tokens` = `max_new_tokens`, so both engines generate the same number of tokens). A rollout is
+new tokens (`min_new_tokens` = `max_new_tokens`, so both engines generate the same number of tokens). For a GPU
+(benchmarks/gpu_check.sh), `--shape base|0.5b` takes a random Llama of the peer benchmark's base shape (~88M
+parameters) or of ~0.5B parameters over the tiny tokenizer instead, `--dtype bfloat16`, `--lora-r 0`. A rollout is
 `Policy.sample` as PPO calls it: for vllm that includes the trainer's forward pass that re-reads log-probs and
 values. Runs alternate between the engines, so a busy machine slows both alike; the engine's first batch (its
 warm-up) is timed apart. Weight sync: `VLLMEngine.sync` after an optimiser step's worth of change, LoRA merged.
@@ -14,6 +16,7 @@ log-prob gap.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -21,6 +24,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Llama trunks over the tiny tokenizer (head size 64: vLLM's kernels take 32 and up)
+SHAPES = {"base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12),
+          "0.5b": dict(hidden_size=1280, intermediate_size=3456, num_hidden_layers=24, num_attention_heads=20,
+                       num_key_value_heads=20)}
 
 
 def main() -> None:
@@ -29,6 +37,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per engine and shape")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--large", default="64x128", help="the second shape, prompts x new tokens ('' to skip)")
+    parser.add_argument("--shape", default="", choices=["", *SHAPES], help="a random Llama of this shape instead")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--lora-r", type=int, default=16)
     args = parser.parse_args()
 
     import torch
@@ -37,12 +48,24 @@ def main() -> None:
     from rlgen import engines
     from rlgen.config import EvalConfig, SamplingConfig
     from rlgen.data import load_rows
-    from rlgen.models import set_threads
-    from rlgen.policy import Policy
+    from rlgen.models import build_tiny_model, build_tiny_tokenizer, default_device, set_threads
+    from rlgen.policy import Policy, peft_lora_config
     from rlgen.ppo import _row_stream
 
     set_threads(args.threads)
-    policy = Policy.from_pretrained(args.model, lora_r=16, lora_alpha=32, reference=False).eval()
+    dtype = getattr(torch, args.dtype)
+    if args.shape:
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, seed=0, **SHAPES[args.shape]).to(dtype)
+        if args.lora_r:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_lora_config(args.lora_r, 2 * args.lora_r, 0.0, "all-linear"))
+        policy = Policy(model, tokenizer, reference=False)
+    else:
+        policy = Policy.from_pretrained(args.model, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, reference=False,
+                                        dtype=dtype)
+    policy = policy.to(default_device()).eval()
     stream = _row_stream(load_rows("chitchat", "train"), 0)
     prompts = [str(next(stream)["prompt"]) for _ in range(64)]
     shapes = {"main_job": (prompts[:8], SamplingConfig(max_new_tokens=32))}
@@ -51,10 +74,12 @@ def main() -> None:
         shapes[args.large] = ([prompts[i % 64] for i in range(n)],
                               SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens))
     longest = max(s.max_new_tokens for _, s in shapes.values())
-    engines.start(policy, EvalConfig(model=args.model, rollout_engine="vllm", max_new_tokens=longest))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
+        engines.start(policy, EvalConfig(model="tiny", rollout_engine="vllm", max_new_tokens=longest))
     engine = policy.engine
-    result = {"benchmark": "engine_speed", "model": args.model, "dtype": "float32", "lora_r": 16,
-              "threads": args.threads, "torch_threads": torch.get_num_threads(),
+    result = {"benchmark": "engine_speed", "model": args.shape or args.model, "dtype": args.dtype,
+              "params": sum(p.numel() for p in policy.base_model.parameters()), "lora_r": args.lora_r,
+              "device": str(policy.device), "threads": args.threads, "torch_threads": torch.get_num_threads(),
               "vllm_startup_s": round(engine.startup_s, 1)}
     for shape, (batch, settings) in shapes.items():
         policy.engine = engine
@@ -84,14 +109,15 @@ def main() -> None:
     policy.engine = engine
     syncs = []
     for _ in range(5):
-        with torch.no_grad():  # an update's worth of change in the adapter
+        with torch.no_grad():  # an update's worth of change in what trains (the adapter, else every weight)
             for name, p in policy.model.named_parameters():
-                if "lora_B" in name:
-                    p.add_(torch.randn_like(p) * 1e-3)
+                if "lora_B" in name or not args.lora_r:
+                    p.add_(torch.randn_like(p) * 1e-4)
         syncs.append(round(engine.sync(policy), 3))
     result["weight_sync_s"] = statistics.median(syncs)
     result["weight_sync_runs"] = syncs
-    result["weight_sync_mb"] = round(sum(t.numel() * 4 for _, t in engines.checkpoint_weights(policy)) / 2**20, 1)
+    result["weight_sync_mb"] = round(sum(t.numel() * t.element_size() for _, t in engines.checkpoint_weights(policy))
+                                     / 2**20, 1)
     engines.stop(policy)
     print(json.dumps(result))
 

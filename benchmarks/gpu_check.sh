@@ -26,6 +26,10 @@
 #   3_seqgan_probe SeqGAN oracle, cpu preset shapes, a few epochs of each phase: per-phase timings to extrapolate
 #   4_fsdp_ppo     sharded PPO (--fsdp full_shard, FSDP2, bf16 compute) on every GPU under torchrun at the peer's
 #                  base shape: tokens/s and peak memory per GPU; then `rlgen sft` under experiments/accelerate/fsdp.yaml
+#   5_vllm         --rollout_engine vllm (needs vLLM in the machine's Python; its wheels exceed what can be carried):
+#                  benchmarks/engine_speed.py hf vs vllm rollouts in bf16 at the base shape and at ~0.5B (64 x 128
+#                  tokens, tokens/s, weight-sync time), then ppo_throughput.py at the base shape in bf16 with vllm
+#                  (s_per_update_steady against 2_ppo_throughput's hf figure and TRL 1.12's PPO)
 #   3_seqgan_paper SeqGAN oracle, paper preset, until GPU_CHECK_PAPER_S (default 420 s) runs out (issue 15 item 3);
 #                  GPU_CHECK_PAPER_RESUME=1 continues the checkpoint a previous call left in the work folder
 # $OUT/summary.json: one JSON object per line per part (rc, seconds, limit, timed_out, last JSON line of the part).
@@ -206,6 +210,20 @@ NOTE="smoke preset, seed 2, 1 thread" part 3_seqgan_smoke "$CAP_SEQ" 30 "$PY" "$
 
 NOTE="FSDP2 PPO on all GPUs, base shape, bf16" part 4_fsdp_ppo 150 40 "$PY" benchmarks/gpu_check/fsdp_ppo.py \
   --work "$WORK/fsdp" --peer-dir "$CARRY/bench"
+
+if [ "$QUICK" = 1 ]; then
+  VLLM_SPEED=(--shape base --large 8x16 --repeats 1 --lora-r 0)
+  VLLM_BIG=(--shape base --large 8x16 --repeats 1 --lora-r 0)
+  VLLM_PPO=(--model-size small --steps 2 --response-length 8)
+else
+  VLLM_SPEED=(--shape base --dtype bfloat16 --lora-r 0 --large 64x128 --threads 4)
+  VLLM_BIG=(--shape 0.5b --dtype bfloat16 --lora-r 0 --large 64x128 --threads 4)
+  VLLM_PPO=("${PPO_BASE[@]}" --dtype bfloat16)
+fi
+NOTE="vllm vs hf rollouts, base shape" part 5_vllm 150 60 "$PY" benchmarks/engine_speed.py "${VLLM_SPEED[@]}"
+NOTE="vllm vs hf rollouts, ~0.5B" part 5_vllm 150 60 "$PY" benchmarks/engine_speed.py "${VLLM_BIG[@]}"
+NOTE="ppo with vllm rollouts, base shape" part 5_vllm 150 60 "$PY" benchmarks/ppo_throughput.py \
+  --peer-dir "$CARRY/bench" --workdir "$WORK/peer" "${VLLM_PPO[@]}" --rollout-engine vllm
 
 # the paper's schedule as far as CAP_PAPER allows: `timeout` sends SIGTERM, the run finishes the epoch under way,
 # saves a checkpoint and exits 143; the log holds NLL-oracle after MLE and every 10 adversarial epochs. The

@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--peer-dir", default=peer_dir, help="folder with peer_common.py (default ../shared/bench)")
     parser.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float16", "float32"],
                         help="rlgen's precision (the peer runs fp32)")
+    parser.add_argument("--rollout-engine", default="hf", choices=["hf", "vllm"],
+                        help="what samples the rollouts (vllm: colocated, weights synced after every update)")
     args = parser.parse_args()
     threads = pc.set_threads(args.threads)
 
@@ -108,7 +110,7 @@ def main() -> None:
                     ppo_epochs=args.ppo_epochs, learning_rate=args.lr, kl_coef=args.beta, adaptive_kl=False,
                     temperature=args.temperature, max_new_tokens=args.response_length,
                     min_new_tokens=args.response_length, missing_eos_penalty=0.0,
-                    max_prompt_length=args.prompt_length, dtype=args.dtype)
+                    max_prompt_length=args.prompt_length, dtype=args.dtype, rollout_engine=args.rollout_engine)
 
     # Imports are paid before the timer, as the peer pays them before trainer.train(). Only matplotlib, for
     # ppo_curves.png at the end, is left to train_ppo (~0.5 s timed; importing it here would add ~30 MB to
@@ -123,13 +125,14 @@ def main() -> None:
     wall, cpu = time.perf_counter() - t1, time.process_time() - c1
 
     rows = read_jsonl(work / "out" / "metrics.jsonl")
-    per_update = [r["time/rollout"] + r["time/score"] + r["time/update"] for r in rows]
+    per_update = [r["time/rollout"] + r["time/score"] + r["time/update"] + r.get("time/weight_sync", 0.0) for r in rows]
     gen_tokens = args.steps * args.batch * args.response_length
     split = {"generation": sum(r["time/rollout"] for r in rows),
              "reward_forward": reward.seconds,
              "reference_forward_and_shaping": sum(r["time/score"] for r in rows) - reward.seconds,
              "value_forward": 0.0,
-             "update": sum(r["time/update"] for r in rows)}
+             "update": sum(r["time/update"] for r in rows),
+             "weight_sync": sum(r.get("time/weight_sync", 0.0) for r in rows)}
     print(json.dumps({
         "impl": "rlgen-ppo",
         "transformers_version": transformers.__version__,
@@ -153,6 +156,7 @@ def main() -> None:
         "peak_rss_mb": pc.peak_rss_mb(),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "rollout_engine": args.rollout_engine,
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "settings": {"beta": args.beta, "lr": args.lr, "temperature": args.temperature, "seed": args.seed,
                      "num_prompts": args.num_prompts, "value": "shared-trunk head, from generation",

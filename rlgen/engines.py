@@ -82,8 +82,11 @@ class VLLMEngine:
             from safetensors.torch import save_file
 
             policy.base_config.save_pretrained(self._folder.name)
-            save_file({name: t.contiguous().to(dtype) for name, t in checkpoint_weights(policy)},
-                      os.path.join(self._folder.name, "model.safetensors"))
+            tensors, seen = {}, set()
+            for name, t in checkpoint_weights(policy):  # tied weights share memory, which safetensors refuses
+                tensors[name] = t.to(dtype).clone() if t.data_ptr() in seen else t.contiguous().to(dtype)
+                seen.add(t.data_ptr())
+            save_file(tensors, os.path.join(self._folder.name, "model.safetensors"))
         policy.tokenizer.save_pretrained(self._folder.name)
         on_cuda = torch.cuda.is_available()
         memory = (dict(gpu_memory_utilization=gpu_memory_utilization) if on_cuda

@@ -15,6 +15,10 @@ and TRL's PPOTrainer where they agree):
 - reward whitening off, advantage whitening on, value clipping at 0.2 with vf_coef 0.1;
 - Adam eps 1e-5 and a learning rate annealed linearly to 0 over the run.
 
+`rollout_engine vllm` samples with vLLM colocated in each process (`rlgen.engines`): the trainer's forward then
+gives the log-probs and values, the engine's log-probs weight each token by a truncated importance ratio
+(`vllm_importance_sampling_cap`), and the updated weights go into the engine after every update.
+
 Runs in one process or in several under `accelerate launch` (DDP; gloo on CPU): each process samples its own
 prompts with its own seed (seed + rank), gradients are averaged, metrics are reduced over processes, and only
 the main process writes files. The frozen reference is never wrapped in DDP; sampling uses the unwrapped policy.
@@ -50,6 +54,10 @@ Metrics per update, reduced over processes:
 - time/rollout (generation), time/score (rewards, reference log-probs, shaping, advantages), time/update
 - policy/skipped_batches (only with skip_nonfinite): mini-batches of this update whose optimiser step was
   skipped (all of them when the reward was non-finite)
+- with `rollout_engine vllm` (`rlgen.engines`): rollout/logprob_diff_mean, rollout/logprob_diff_max (|trainer
+  - engine| log-prob of the sampled tokens; the max per process, averaged over processes),
+  rollout/truncated_fraction (share of tokens whose importance ratio exceeded `vllm_importance_sampling_cap`),
+  time/weight_sync (pushing the updated weights into the engine)
 Every `eval_steps` updates, after the update's row, a row of the shared evaluator's eval/* metrics on the current
 policy (`rlgen.evaluation.Evaluator.along_training`, the random streams untouched) and completions/generated.
 """
@@ -240,9 +248,9 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                         "--fsdp full_shard (torch FSDP2) under torchrun or `accelerate launch` with a DDP config")
     if cfg.fsdp and policy is not None:
         raise UserError("fsdp: give the model by name (cfg.model): the final folder is rebuilt from it on rank 0")
-    if cfg.rollout_engine != "hf" and (world > 1 or cfg.fsdp):
-        raise UserError(f"rollout_engine {cfg.rollout_engine} runs in one process for now: launch without "
-                        "torchrun/accelerate (or use rollout_engine hf)")
+    if cfg.rollout_engine == "vllm" and cfg.fsdp and cfg.lora_r:
+        raise UserError("rollout_engine vllm with fsdp takes full fine-tuning for now (lora_r 0): merging sharded "
+                        "LoRA adapters into the engine's weights is not implemented")
     own_group = bool(cfg.fsdp) and distributed.ensure_process_group(accelerator.device)
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     if resume is not None:

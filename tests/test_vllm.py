@@ -146,3 +146,36 @@ def test_temperature_below_vllms_floor_is_refused(tiny32_folder):
 
     with pytest.raises(UserError, match="temperature 0.001 is below 0.01, which vLLM raises to it"):
         PPOConfig(model=str(tiny32_folder), rollout_engine="vllm", temperature=0.001)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_ppo_with_vllm_in_two_processes(tiny32_folder, tmp_path, fsdp):
+    """torchrun, 2 CPU processes (gloo): each process runs its own colocated engine on its share of the prompts;
+    sharded (FSDP2, full fine-tuning), each engine is synced from the gathered shards, one parameter at a time.
+    Both ranks must have started an engine (and, sharded, each held a part of the weights)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "rlgen.cli", "ppo", "--model", str(tiny32_folder), "--output_dir", str(out), "--max_steps", "2",
+           "--batch_size", "4", "--mini_batch_size", "4", "--max_new_tokens", "6", "--rollout_engine", "vllm",
+           "--reward", "keyword(include=['a'])", *(["--fsdp", "full_shard"] if fsdp else [])]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("[rlgen] rollout engine: vLLM") == 2  # one engine per process
+    if fsdp:
+        shards = [line for line in done.stdout.splitlines() if "FSDP2 full_shard, rank" in line]
+        assert sorted(line.split("rank ", 1)[1].split()[0] for line in shards) == ["0", "1"]
+        assert all(" of 2 " in line for line in shards)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)
+    assert (out / "model.safetensors").is_file()
