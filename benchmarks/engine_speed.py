@@ -11,7 +11,8 @@ values. Runs alternate between the engines, so a busy machine slows both alike; 
 warm-up) is timed apart. Weight sync: `VLLMEngine.sync` after an optimiser step's worth of change, LoRA merged.
 
 Prints one JSON line: seconds per rollout (median and each run), tokens per second, the vllm/hf speed-up per
-shape, the start-up and first-batch seconds, the sync seconds (median of 5) and the largest engine/trainer
+shape, the engine's own share of a vllm rollout (`_vllm_generate_s`; the rest is the trainer's forward that
+re-reads log-probs and values), the start-up and first-batch seconds, the sync seconds (median of 5) and the largest engine/trainer
 log-prob gap.
 """
 
@@ -29,6 +30,19 @@ SHAPES = {"base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layer
                        num_key_value_heads=12),
           "0.5b": dict(hidden_size=1280, intermediate_size=3456, num_hidden_layers=24, num_attention_heads=20,
                        num_key_value_heads=20)}
+
+
+class TimedEngine:
+    """The engine, its `generate` calls timed (`seconds`): the engine's share of a vllm rollout."""
+
+    def __init__(self, engine):
+        self.engine, self.seconds = engine, 0.0
+
+    def generate(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.engine.generate(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 def main() -> None:
@@ -87,14 +101,16 @@ def main() -> None:
         policy.sample(batch, settings)
         result[f"{shape}_vllm_first_batch_s"] = round(time.perf_counter() - start, 2)
         runs = {"hf": [], "vllm": []}
-        gap, tokens = 0.0, {}
+        gap, tokens, generate = 0.0, {}, []
         for _ in range(args.repeats):
             for name in runs:
-                policy.engine = engine if name == "vllm" else None
+                policy.engine = TimedEngine(engine) if name == "vllm" else None
                 torch.manual_seed(0)
                 start = time.perf_counter()
                 ro = policy.sample(batch, settings)
                 runs[name].append(round(time.perf_counter() - start, 3))
+                if policy.engine is not None:
+                    generate.append(round(policy.engine.seconds, 3))
                 tokens[name] = int(ro.completion_mask.sum())
                 if ro.engine_logprobs is not None:
                     gap = max(gap, float((ro.logprobs - ro.engine_logprobs).abs().max()))
@@ -105,6 +121,8 @@ def main() -> None:
             result[f"{shape}_{name}_completion_tokens"] = tokens[name]
         result[f"{shape}_shape"] = f"{len(batch)} prompts x {settings.max_new_tokens} new tokens"
         result[f"{shape}_speedup_vllm"] = round(result[f"{shape}_hf_s"] / result[f"{shape}_vllm_s"], 2)
+        # the engine alone; the rest of a vllm rollout is the trainer's forward that re-reads log-probs and values
+        result[f"{shape}_vllm_generate_s"] = statistics.median(generate)
         result[f"{shape}_max_logprob_gap"] = gap
     policy.engine = engine
     syncs = []

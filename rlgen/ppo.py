@@ -494,7 +494,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     accelerator.wait_for_everyone()
     if is_main or cfg.fsdp:  # sharded, every process takes part (generation gathers the weights)
         after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
-    engines.stop(policy)
+    with_engine = policy  # the sharded policy's engine outlives the gather below
     if cfg.fsdp:  # rank 0 gathers the weights into an ordinary policy for the final folder
         policy = distributed.unsharded_copy(policy, lambda: Policy.from_pretrained(
             cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic, reference=False, seed=cfg.seed)) or policy
@@ -512,6 +512,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     if world > 1:
         time.sleep(0.2)
     accelerator.end_training()
+    engines.stop(with_engine)  # last: vLLM's shutdown may take the default process group down with it
     if own_group and torch.distributed.is_initialized():  # accelerate's end_training may have destroyed it
         torch.distributed.destroy_process_group()
     return policy
