@@ -91,6 +91,7 @@ class VLLMEngine:
         on_cuda = torch.cuda.is_available()
         memory = (dict(gpu_memory_utilization=gpu_memory_utilization) if on_cuda
                   else dict(kv_cache_memory_bytes=int(kv_cache_gb * 2**30)))
+        self._owns_process_group = not torch.distributed.is_initialized()  # vLLM makes one (world 1) if none
         with preserved_rng():  # vLLM seeds the global generators while it starts; training's streams stay as they were
             self.llm = LLM(model=self._folder.name, dtype=dtype, seed=seed, max_model_len=max_model_len,
                            logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True,
@@ -136,11 +137,21 @@ class VLLMEngine:
         return time.perf_counter() - start
 
     def close(self) -> None:
-        """Free the engine and its temporary folder."""
+        """Free the engine, its process groups and its temporary folder. The default process group goes too when
+        the engine made it (one process): otherwise the next engine in this process would find vLLM's record of a
+        group that something else (accelerate's `end_training`) destroyed. A launcher's group stays."""
         import gc
+
+        from vllm.distributed import parallel_state
 
         self.llm = None
         gc.collect()
+        parallel_state.destroy_model_parallel()
+        if self._owns_process_group:
+            parallel_state.destroy_distributed_environment()
+        elif parallel_state._WORLD is not None:  # vLLM's world coordinator over the launcher's group; no public reset
+            parallel_state._WORLD.destroy()
+            parallel_state._WORLD = None
         self._folder.cleanup()
 
 

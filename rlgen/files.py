@@ -37,9 +37,10 @@ def read_jsonl(path: str | Path, missing_ok: bool = False) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Write `rows`, one JSON object per line, atomically (a reader never sees half a file)."""
+    """Write `rows`, one JSON object per line, atomically (a reader never sees half a file; processes that write
+    the same file at once, e.g. every rank filling the demo-data cache, each replace it whole)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     tmp.replace(path)

@@ -504,6 +504,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
         print(f"[rlgen] ppo: {cfg.max_steps - done} updates in {train_s:.0f}s, then {time.perf_counter() - start - train_s:.0f}s "
               f"saving and sampling; model saved to {out}")
+    engines.stop(with_engine)
     # Drop the DDP wrapper while the process group is still registered, and give gloo's worker thread a moment
     # to release its last work (it needs the GIL): destroying the group as the last reference to it goes
     # away can otherwise deadlock a process at exit (seen with 2 CPU processes, torch 2.13).
@@ -512,7 +513,6 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     if world > 1:
         time.sleep(0.2)
     accelerator.end_training()
-    engines.stop(with_engine)  # last: vLLM's shutdown may take the default process group down with it
     if own_group and torch.distributed.is_initialized():  # accelerate's end_training may have destroyed it
         torch.distributed.destroy_process_group()
     return policy

@@ -179,3 +179,22 @@ def test_ppo_with_vllm_in_two_processes(tiny32_folder, tmp_path, fsdp):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)
     assert (out / "model.safetensors").is_file()
+
+
+def test_compare_with_vllm_samples_ppo_best_of_n_and_evaluations_with_it(tiny32_folder, tmp_path, capsys):
+    """`rlgen compare --rollout_engine vllm`: the PPO run, best-of-n and every evaluation (the start's included)
+    sample with vLLM; PPO's rows carry the engine metrics."""
+    import json
+
+    from rlgen.cli import main
+
+    args = ["compare", "--model", str(tiny32_folder), "--output_dir", str(tmp_path / "cmp"), "--methods", "ppo",
+            "bon", "--seeds", "0", "--max_steps", "2", "--batch_size", "4", "--max_new_tokens", "6", "--bon_n", "2",
+            "--reward", "keyword(include=['a'])", "--evaluate.num_prompts", "4", "--rollout_engine", "vllm"]
+    assert main(args) == 0
+    started = capsys.readouterr().out.count("[rlgen] rollout engine: vLLM")
+    assert started == 4  # the start's evaluation, the PPO run, its evaluation, best-of-n
+    ppo = json.loads((tmp_path / "cmp" / "runs" / "ppo" / "seed0" / "result.json").read_text())
+    assert ppo["completions"] == 8  # 2 updates of 4
+    rows = read_jsonl(tmp_path / "cmp" / "runs" / "ppo" / "seed0" / "metrics.jsonl")
+    assert all("rollout/logprob_diff_max" in r for r in rows)
