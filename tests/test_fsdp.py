@@ -13,6 +13,7 @@ and the single-process runs see the same data, and per-process means equal the g
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -104,12 +105,9 @@ def _untimed(rows: list[dict]) -> list[dict]:
 
 def _shards(output: str) -> dict[int, tuple[int, int, int]]:
     """rank -> (world, held, total) from the runs' '[rlgen] ppo: FSDP2 full_shard, rank r of w holds x of y' lines."""
-    found = {}
-    for line in output.splitlines():
-        if "FSDP2 full_shard, rank" in line:
-            words = line.split("rank ", 1)[1].split()
-            found[int(words[0])] = (int(words[2]), int(words[4]), int(words[6]))
-    return found
+    # matched anywhere: two processes printing at once can write their lines into one (text, text, newlines)
+    pattern = r"FSDP2 full_shard, rank (\d+) of (\d+) holds (\d+) of (\d+) parameter elements"
+    return {int(m[1]): (int(m[2]), int(m[3]), int(m[4])) for m in re.finditer(pattern, output)}
 
 
 @pytest.fixture(scope="module")
