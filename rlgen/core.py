@@ -511,10 +511,11 @@ def ensemble_reward(
         scores: ``[k, B]``, member ``i``'s score of sample ``b``; ``k >= 1``.
         combine: ``"mean"``: the members' mean; ``"min"``: worst-case optimisation (WCO), the lowest member;
             ``"uwo"``: uncertainty-weighted optimisation, ``mean - lam * var`` with ``var`` the intra-ensemble
-            variance over the members, population form (divided by the member count, not count - 1). That is
-            Coste et al.'s UWO (their eq. for R_UWO, and ``np.var`` in the authors' best-of-n code): a variance,
-            not a standard deviation, so ``lam`` is in 1 / reward units and depends on the rewards' scale; the
-            population form gives 0, not nan, where one member scored.
+            variance over the members, population form (divided by the member count k, not k - 1). That is
+            Coste et al.'s UWO (their formula for R_UWO, and ``np.var`` in the authors' best-of-n code; their PPO
+            code's ``torch.var`` divides by k - 1): a variance, not a standard deviation, so ``lam`` is in
+            1 / reward units and depends on the rewards' scale; the population form gives 0, not nan, where one
+            member scored.
         lam: UWO's penalty coefficient, ``>= 0`` (0 is the mean); unused by the other modes.
         mask: ``[k, B]``, set where member ``i`` scored sample ``b`` (None: everywhere). A sample is combined over
             the members that scored it; what sits at unset positions (inf/nan included) never reaches the result
