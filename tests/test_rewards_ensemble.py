@@ -70,6 +70,19 @@ def test_the_spec_loads_each_member_and_names_the_ensemble(members):
     assert load_reward(spec([members["a"]]))[1].combine == "mean"  # the default
 
 
+def test_an_ensemble_built_in_python_is_recorded_as_a_spec_that_loads_it_again(members, tiny_reward_models):
+    from rlgen.config.fields import recorded
+
+    built = RewardEnsemble([load_reward(members["a"]), load_reward(tiny_reward_models[0]),
+                            load_reward("keyword(include=['x'])")], combine="uwo", lam=0.5)
+    text = recorded(built)
+    assert text == spec([members["a"], tiny_reward_models[0], "rlgen.rewards.rules:keyword(include=['x'])"],
+                        combine="uwo", lam=0.5)  # each member as config.yaml records any reward
+    again = load_reward(text)[1]
+    assert again.member_names == built.member_names and (again.combine, again.lam) == ("uwo", 0.5)
+    assert again(PROMPTS, COMPLETIONS) == pytest.approx(built(PROMPTS, COMPLETIONS))
+
+
 @pytest.mark.parametrize(("combine", "lam", "expected"), [
     ("mean", 1.0, [2.0, 2.0, 2.0, None]),
     ("min", 1.0, [1.0, 2.0, 0.0, None]),

@@ -51,6 +51,22 @@ class RewardEnsemble:
         self.combine = combine
         self.lam = float(lam)
         self.__name__ = NAME
+        self._spec = None
+
+    @property
+    def rlgen_spec(self) -> str:
+        """How config.yaml records it (rlgen.config.fields.callable_name): the spec ``load_reward`` made it from, or
+        for one built in Python an ``ensemble(...)`` spec of its members' recorded names."""
+        if self._spec is not None:
+            return self._spec
+        from rlgen.config.fields import callable_name
+
+        members = [callable_name(fn) for _, fn in self.members]
+        return f"{NAME}(members={members!r}, combine={self.combine!r}, lam={self.lam!r})"
+
+    @rlgen_spec.setter
+    def rlgen_spec(self, spec: str):
+        self._spec = spec
 
     def __repr__(self):
         return f"RewardEnsemble({[name for name, _ in self.members]!r}, combine={self.combine!r}, lam={self.lam!r})"
