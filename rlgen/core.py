@@ -14,6 +14,7 @@ processes (``all_reduce``) or accumulate them without a device sync at every ste
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -495,6 +496,52 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_residual = masked_var(returns - values, mask, unbiased=False)
     nan = torch.full((), torch.nan, dtype=dtype, device=values.device)
     return torch.where(var_returns == 0, nan, 1.0 - var_residual / var_returns)
+
+
+ENSEMBLE_COMBINES = ("mean", "min", "uwo")
+
+
+def ensemble_reward(
+    scores: torch.Tensor, combine: str = "mean", lam: float = 1.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One reward per sample from an ensemble of reward models (Coste et al. 2024, "Reward Model Ensembles Help
+    Mitigate Overoptimization", ICLR, section 3).
+
+    Args:
+        scores: ``[k, B]``, member ``i``'s score of sample ``b``; ``k >= 1``.
+        combine: ``"mean"``: the members' mean; ``"min"``: worst-case optimisation (WCO), the lowest member;
+            ``"uwo"``: uncertainty-weighted optimisation, ``mean - lam * var`` with ``var`` the intra-ensemble
+            variance over the members, population form (divided by the member count k, not k - 1). That is
+            Coste et al.'s UWO (their formula for R_UWO, and ``np.var`` in the authors' best-of-n code; their PPO
+            code's ``torch.var`` divides by k - 1): a variance, not a standard deviation, so ``lam`` is in
+            1 / reward units and depends on the rewards' scale; the population form gives 0, not nan, where one
+            member scored.
+        lam: UWO's penalty coefficient, ``>= 0`` (0 is the mean); unused by the other modes.
+        mask: ``[k, B]``, set where member ``i`` scored sample ``b`` (None: everywhere). A sample is combined over
+            the members that scored it; what sits at unset positions (inf/nan included) never reaches the result
+            or a gradient.
+
+    Returns:
+        ``[B]``; nan for a sample no member scored (as :func:`masked_mean` for an empty mask).
+    """
+    if combine not in ENSEMBLE_COMBINES:
+        raise ValueError(f"unknown ensemble combine {combine!r}; expected one of {ENSEMBLE_COMBINES}")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    if scores.ndim != 2 or scores.shape[0] == 0:
+        raise ValueError(f"scores must be [k, B] with k >= 1 members, got shape {tuple(scores.shape)}")
+    real = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.bool()
+    zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    x = torch.where(real, scores, zero)  # unset entries never reach a result or a gradient
+    if combine == "min":
+        inf = torch.full((), torch.inf, dtype=scores.dtype, device=scores.device)
+        lowest = torch.where(real, x, inf).min(dim=0).values
+        return torch.where(real.any(dim=0), lowest, torch.full_like(lowest, torch.nan))
+    mean = masked_mean(x, real, dim=0)
+    if combine == "mean":
+        return mean
+    var = masked_mean((x - mean) ** 2, real, dim=0)
+    return mean - lam * var
 
 
 class FixedKLController:

@@ -44,7 +44,7 @@ from rlgen.config import EvalConfig, SamplingConfig
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
 from rlgen.policy import NEUTRAL_SAMPLING, Policy, peft_lora_config
-from rlgen.rewards import reward_mean_metrics, score_rewards
+from rlgen.rewards import reward_mean_metrics, score_rewards, scored_names
 from rlgen.text import render_prompt
 from rlgen.tracking import MetricsWriter, quiet_progress
 
@@ -131,7 +131,8 @@ def _trainer_class(method: str, max_prompt_length: int):
 def _trl_rewards(reward_fns, weights, raw_prompt: dict, column_names, seen: dict):
     """TRL reward functions for the optimised rewards (weight != 0), called as rlgen's PPO calls them (raw prompt,
     stripped completion, completion_ids, the dataset columns `column_names`, which TRL passes on); the first also
-    counts what TRL generated and scores the gold rewards."""
+    counts what TRL generated and scores the gold rewards. An ensemble returns its combined values to TRL and reports
+    its members' means (`rewards/<name>/<member>/mean`) through `log_metric`."""
     golds = [fn for fn, w in zip(reward_fns, weights) if w == 0]
 
     def wrap(name, fn, first):
@@ -143,7 +144,10 @@ def _trl_rewards(reward_fns, weights, raw_prompt: dict, column_names, seen: dict
                 seen["tokens"] += sum(len(ids) for ids in completion_ids)  # up to and including EOS
                 for key, value in reward_mean_metrics(score_rewards(golds, prompts, completions, columns=extra)[1]).items():
                     log_metric(key, value)
-            return score_rewards([(name, fn)], prompts, completions, columns=extra)[1][name]
+            per_fn = score_rewards([(name, fn)], prompts, completions, columns=extra)[1]
+            for key, value in reward_mean_metrics({k: v for k, v in per_fn.items() if k != name}).items():
+                log_metric(key, value)
+            return per_fn[name]
 
         reward.__name__ = name  # TRL names reward functions (rewards/<name>/mean) by __name__
         return reward
@@ -245,7 +249,7 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
     tok = policy.tokenizer
     seen, rows, evals = {"completions": 0, "tokens": 0}, [], []
     names = {**METRIC_NAMES, "loss": "loss/dpo" if method == "dpo" else "loss/policy",
-             **{f"rewards/{name}/mean": f"rewards/{name}/mean" for name, _ in reward_fns}}
+             **{f"rewards/{name}/mean": f"rewards/{name}/mean" for name in scored_names(reward_fns)}}
     args = dict(output_dir=str(out), max_steps=max_steps, learning_rate=learning_rate, beta=beta, seed=seed,
                 logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", push_to_hub=False,
                 use_cpu=not torch.cuda.is_available(), **mixed_precision_flags(dtype), gradient_checkpointing=False,
@@ -296,7 +300,7 @@ def train_trl(method: str, *, model: str, output_dir: str | Path, prompts: list,
     if method == "dpo":
         curve = [{"step": 0, "completions": seen["completions"], **sampled_means}]
     else:
-        reward_keys = [f"rewards/{name}/mean" for name, _ in reward_fns]
+        reward_keys = [f"rewards/{name}/mean" for name in scored_names(reward_fns)]
         curve = [{"step": r["step"], "completions": r["completions/generated"], **{k: r[k] for k in reward_keys if k in r}}
                  for r in rows]
     return {"completions": seen["completions"], "tokens": seen["tokens"], "curve": curve, "train_s": train_s,

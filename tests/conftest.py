@@ -64,6 +64,33 @@ def tiny_classifier(tmp_path_factory):
     return str(folder)
 
 
+def save_tiny_reward_model(folder, seed=0):
+    """A tiny random one-logit Llama reward model (word-level tokenizer, [PAD] and [EOS]) saved in `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    words = "the a cat dog sat ran on in mat tree happy sad big small good bad very not and is was it".split()
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[EOS]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]",
+                                        pad_token="[PAD]")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, max_position_embeddings=256,
+                         pad_token_id=0)
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_models(tmp_path_factory):
+    """Two tiny random reward-model folders, `rm_a` and `rm_b` (seeds 1 and 2: they disagree)."""
+    root = tmp_path_factory.mktemp("tiny_rms")
+    return [save_tiny_reward_model(root / name, seed) for name, seed in (("rm_a", 1), ("rm_b", 2))]
+
+
 def load_shipped_yaml(path, tmp_path) -> dict:
     """An experiment/recipe YAML's values; an `oracle_params` file missing here (../shared is not beside every
     clone) is replaced by an empty one in `tmp_path`, since only the values' validity is under test."""

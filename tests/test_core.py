@@ -651,6 +651,70 @@ def test_explained_variance_hand_values():
     assert math.isnan(core.explained_variance(returns, torch.full((1, 3), 5.0, dtype=D), mask).item())
 
 
+
+# --- reward-model ensembles (Coste et al. 2024) --------------------------------------------------------
+
+# k = 3 members (rows) x B = 3 samples (columns)
+ENSEMBLE = torch.tensor([[1.0, 2.0, 0.0], [3.0, 2.0, -1.0], [2.0, 2.0, 4.0]], dtype=D)
+
+
+@pytest.mark.parametrize(("combine", "lam", "expected"), [
+    ("mean", 1.0, [2.0, 2.0, 1.0]),
+    ("min", 1.0, [1.0, 2.0, -1.0]),
+    # population variances 2/3, 0, 14/3 (column 2: deviations -1, -2, 3 from the mean 1; (1 + 4 + 9) / 3):
+    # 2 - 1.5 * 2/3 = 1, 2 - 0 = 2, 1 - 1.5 * 14/3 = -6
+    ("uwo", 1.5, [1.0, 2.0, -6.0]),
+    ("uwo", 0.0, [2.0, 2.0, 1.0]),
+])
+def test_ensemble_reward_hand_values(combine, lam, expected):
+    out = core.ensemble_reward(ENSEMBLE, combine, lam)
+    assert out.shape == (3,) and out.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_ensemble_reward_matches_a_loop_over_members():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 7, dtype=D)
+    for b in range(7):
+        column = [float(scores[i, b]) for i in range(5)]
+        mu = sum(column) / 5
+        var = sum((x - mu) ** 2 for x in column) / 5  # population (1/k), Coste et al.'s intra-ensemble variance
+        assert core.ensemble_reward(scores, "mean")[b].item() == pytest.approx(mu, abs=1e-12)
+        assert core.ensemble_reward(scores, "min")[b].item() == min(column)
+        assert core.ensemble_reward(scores, "uwo", 0.7)[b].item() == pytest.approx(mu - 0.7 * var, abs=1e-12)
+
+
+def test_ensemble_reward_combines_the_members_that_scored_each_sample():
+    """Column 0: members 0 and 2 (1 and 2); column 1: member 0 alone; column 2: none -> nan. Unset entries hold
+    garbage (nan, inf) that must reach neither the result nor the gradient."""
+    scores = ENSEMBLE.clone()
+    scores[1, 0], scores[1, 1], scores[2, 1] = math.nan, math.inf, -math.inf
+    scores[:, 2] = math.nan
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    for combine, expected in [("mean", [1.5, 2.0]), ("min", [1.0, 2.0]), ("uwo", [1.5 - 2.0 * 0.25, 2.0])]:
+        x = scores.clone().requires_grad_(True)
+        out = core.ensemble_reward(x, combine, 2.0, mask)
+        assert out[:2].tolist() == pytest.approx(expected, abs=1e-12) and math.isnan(out[2].item())
+        out[:2].sum().backward()
+        assert torch.isfinite(x.grad).all() and (x.grad[~mask.bool()] == 0).all()
+    assert torch.equal(core.ensemble_reward(ENSEMBLE, "uwo", 1.0, torch.ones(3, 3, dtype=torch.bool)),
+                       core.ensemble_reward(ENSEMBLE, "uwo", 1.0))
+
+
+def test_ensemble_reward_of_one_member_is_that_member_and_of_none_is_refused():
+    one = torch.tensor([[0.5, -2.0, 3.0]], dtype=D)
+    for combine in core.ENSEMBLE_COMBINES:  # one member has no spread: variance 0, so UWO is the member too
+        assert torch.equal(core.ensemble_reward(one, combine, 10.0), one[0])
+    with pytest.raises(ValueError, match="k >= 1 members"):
+        core.ensemble_reward(torch.zeros(0, 3), "mean")
+    with pytest.raises(ValueError, match=r"\[k, B\]"):
+        core.ensemble_reward(torch.zeros(3), "mean")
+    with pytest.raises(ValueError, match="unknown ensemble combine 'max'"):
+        core.ensemble_reward(ENSEMBLE, "max")
+    for lam in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
+            core.ensemble_reward(ENSEMBLE, "uwo", lam)
+
+
 # --- KL controllers ----------------------------------------------------------------------------------
 
 

@@ -172,6 +172,25 @@ def test_user_reward_file_by_path(tiny_folder, reward_file, tmp_path):
     assert 0.0 < row["rewards/vowel_share/mean"] < 1.0 and "rewards/keyword/mean" in row
 
 
+def test_an_ensembles_members_reach_the_metrics_and_the_evaluations(tiny_folder, tiny_reward_models, reward_file,
+                                                                     tmp_path):
+    """An ensemble of two tiny reward-model folders and a rule: every member's mean is logged beside the combined
+    reward's, in the update rows and in the evaluator's."""
+    rm_a, rm_b = tiny_reward_models
+    members = ["rm_a", "rm_b", "vowel_share"]
+    ensemble = f"ensemble(members=[{rm_a!r}, {rm_b!r}, '{reward_file}:vowel_share'], combine='min')"
+    train_ppo(small_config(tiny_folder, tmp_path, max_steps=2, reward=[ensemble], eval_steps=2,
+                           evaluate={"num_prompts": 2, "batch_size": 2}))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    updates, evals = [r for r in rows if "objective/scores" in r], [r for r in rows if "eval/reward/mean" in r]
+    assert len(updates) == 2 and len(evals) == 1
+    for row in updates:
+        assert set(row) == METRIC_NAMES | {"step", "rewards/ensemble/mean", *(f"rewards/ensemble/{m}/mean" for m in members)}
+        assert row["objective/scores"] == pytest.approx(row["rewards/ensemble/mean"], abs=1e-5)  # the min is optimised
+        assert row["rewards/ensemble/mean"] <= min(row[f"rewards/ensemble/{m}/mean"] for m in members) + 1e-6
+    assert all(f"eval/rewards/ensemble/{m}/mean" in evals[0] for m in members)
+
+
 def test_a_dataset_column_named_weights_reaches_the_reward(tiny_folder, reward_file, tmp_path):
     """Before, the column went to score_rewards(**columns) and collided with its `weights`: a TypeError."""
     data = tmp_path / "data.jsonl"

@@ -94,6 +94,26 @@ def test_gold_reward_at_weight_zero_does_not_change_training(method, tiny_folder
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
 
 
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_an_ensembles_members_are_logged_beside_it(method, tiny_folder, tmp_path):
+    """GRPO gets the combined values (TRL's rewards/ensemble/mean) and the members' means through log_metric; a gold
+    ensemble's members are logged too; DPO's sampled means carry them as well."""
+    from rlgen.rewards import RewardEnsemble
+
+    proxy = RewardEnsemble([("words", words), ("sometimes", sometimes)], combine="min")
+    golds = RewardEnsemble([("gold", gold), ("words", words)])
+    out = run(method, tiny_folder, tmp_path, reward_fns=[("ensemble", proxy), ("ensemble_2", golds)])
+    keys = {f"rewards/{k}/mean" for k in ("ensemble", "ensemble/words", "ensemble/sometimes", "ensemble_2",
+                                          "ensemble_2/gold", "ensemble_2/words")}
+    for point in out["curve"]:
+        assert keys - {"rewards/ensemble/sometimes/mean"} <= set(point)  # `sometimes` may give only None in a step
+        assert point["rewards/ensemble_2/words/mean"] == pytest.approx(point["rewards/ensemble/words/mean"])
+    if method == "grpo":
+        rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert all(keys - {"rewards/ensemble/sometimes/mean"} <= set(r) for r in rows)
+        assert all(r["objective/scores"] == pytest.approx(r["rewards/ensemble/mean"]) for r in rows)
+
+
 def test_preference_pairs_rank_by_score_and_keep_ties():
     rows = preference_pairs(["p1", "p2", "p3"], ["a1", "a2", "a3"], ["b1", "b2", "b3"], [1.0, 0.0, 0.5], [0.0, 2.0, 0.5])
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("a1", "b1"), ("b2", "a2"), ("a3", "b3")]

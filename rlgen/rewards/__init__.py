@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from rlgen.errors import RewardError, UserError
+from rlgen.rewards.ensemble import RewardEnsemble, ensemble
 from rlgen.rewards.learned import LearnedReward, folder_reward_name, is_hub_id
 from rlgen.rewards.rules import (
     keyword,
@@ -35,8 +36,8 @@ from rlgen.rewards.rules import (
 )
 from rlgen.text import is_conversation
 
-__all__ = ["BUILTIN_REWARDS", "LearnedReward", "load_reward", "reward_columns", "reward_mean_metrics", "reward_name",
-           "score_rewards"]
+__all__ = ["BUILTIN_REWARDS", "LearnedReward", "RewardEnsemble", "load_reward", "reward_columns", "reward_mean_metrics",
+           "reward_name", "score_rewards", "scored_names"]
 
 BUILTIN_REWARDS = {
     "sentiment_positive": sentiment_positive,
@@ -48,6 +49,7 @@ BUILTIN_REWARDS = {
     "regex_match": regex_match,
     "repetition_penalty": repetition_penalty,
     "toxicity_penalty": toxicity_penalty,
+    "ensemble": ensemble,  # a reward factory: ensemble(members=[spec, ...], combine=..., lam=...) -> RewardEnsemble
 }
 
 _SPEC = re.compile(r"([^()]*?)\s*(?:\((.*)\))?", re.DOTALL)
@@ -175,6 +177,19 @@ def _check_builtin(spec, fn, kwargs):
         raise UserError(f"reward spec {spec!r}: {type(e).__name__}: {_one_line(e)}") from e
 
 
+def _builtin_factory(spec, factory, kwargs):
+    """Call a built-in reward factory (``ensemble``) with the spec's arguments; errors name the spec."""
+    _check_kwargs(spec, factory, kwargs, strict=True)
+    try:
+        reward = factory(**kwargs)
+    except UserError as e:
+        raise UserError(f"reward spec {spec!r}: {e}") from e
+    except Exception as e:
+        raise UserError(f"reward spec {spec!r}: {type(e).__name__}: {_one_line(e)}") from e
+    reward.rlgen_spec = spec  # config.yaml records the spec that made it (rlgen.config.fields.recorded)
+    return reward
+
+
 def _learned(target, kwargs, spec):
     try:
         reward = LearnedReward(target, **kwargs)
@@ -233,8 +248,9 @@ def load_reward(spec):
     LearnedReward (``batch_size``, ``device``, ``max_length``). A ``module:function`` or file target that takes
     neither ``prompts``/``completions`` nor ``**kwargs`` is a reward factory: it is called here with the arguments
     (``trl.rewards:get_soft_overlong_punishment(max_completion_len=16, soft_punish_cache=4)``) and must return a
-    reward. The name is the built-in name, the function's (or factory's) name or the folder name, without
-    arguments, so it fits metric keys such as ``rewards/<name>/mean``.
+    reward. ``ensemble(members=[spec, ...], combine='min', lam=1.0)`` loads each member spec and combines their
+    values (``rlgen.rewards.ensemble``). The name is the built-in name, the function's (or factory's) name or the
+    folder name, without arguments, so it fits metric keys such as ``rewards/<name>/mean``.
     """
     if callable(spec):
         return getattr(spec, "__name__", type(spec).__name__), spec
@@ -246,6 +262,8 @@ def load_reward(spec):
     target, kwargs = _split_spec(spec)
     if target in BUILTIN_REWARDS:
         name, fn = target, BUILTIN_REWARDS[target]
+        if _is_factory(fn):
+            return name, _builtin_factory(spec, fn, kwargs)
         _check_builtin(spec, fn, kwargs)
     elif Path(target).is_dir():
         return _learned(target, kwargs, spec)
@@ -339,12 +357,36 @@ def unique_name(name, taken):
     return next(c for c in candidates if c not in taken)
 
 
+def scored_names(reward_fns) -> list[str]:
+    """The keys of ``score_rewards(reward_fns, ...)``'s ``per_fn``, in order, without calling anything: each
+    reward's name (a repeated one with a ``_2``, ``_3``, ... suffix), an ensemble's followed by its members'."""
+    names: list[str] = []
+    for name, fn in reward_fns:
+        key = unique_name(name, names)
+        names.append(key)
+        if isinstance(fn, RewardEnsemble):
+            for member in scored_names(fn.members):
+                names.append(unique_name(f"{key}/{member}", names))
+    return names
+
+
+def _call_ensemble(name, fn, prompts, completions, kwargs):
+    """An ensemble's combined values and its members' (``{member: values}``, validated one by one)."""
+    try:
+        members = fn.member_values(prompts, completions, **kwargs)
+    except RewardError as e:
+        raise RewardError(f"reward {name!r}: {e}") from e
+    return [_as_float(name, i, v) for i, v in enumerate(fn.combine_values(members))], members
+
+
 def score_rewards(reward_fns, prompts, completions, weights=None, columns=None):
     """Call each ``(name, fn)`` and return ``(totals, per_fn)``.
 
     ``totals[i]`` is the weighted sum (weights default to 1) of the values for sample i, where None contributes
     nothing; a sample every function gives None totals 0.0. ``per_fn`` maps each name to its validated values
-    (floats or None); a repeated name gets a ``_2``, ``_3``, ... suffix. Functions are called as TRL does,
+    (floats or None); a repeated name gets a ``_2``, ``_3``, ... suffix. An ensemble (``RewardEnsemble``) is scored
+    member by member: its combined values under its name, then each member's under ``<name>/<member>`` (reported,
+    not added to the totals); ``scored_names`` gives the keys. Functions are called as TRL does,
     ``fn(prompts=..., completions=..., **columns)`` (``columns``: dataset column name -> one value per sample,
     ``completion_ids`` among them; a dict, so no column name can collide with this function's own arguments), so
     ``def f(completions, **kwargs)`` works too. A function that raises or returns anything but one finite number
@@ -363,8 +405,14 @@ def score_rewards(reward_fns, prompts, completions, weights=None, columns=None):
     totals = [0.0] * len(completions)
     per_fn = {}
     for (name, fn), weight in zip(reward_fns, weights):
-        values = _call_reward(name, fn, prompts, completions, kwargs)
-        per_fn[unique_name(name, per_fn)] = values
+        key = unique_name(name, per_fn)
+        if isinstance(fn, RewardEnsemble):
+            values, members = _call_ensemble(name, fn, prompts, completions, kwargs)
+        else:
+            values, members = _call_reward(name, fn, prompts, completions, kwargs), {}
+        per_fn[key] = values
+        for member, member_values in members.items():
+            per_fn[unique_name(f"{key}/{member}", per_fn)] = member_values
         for i, value in enumerate(values):
             if value is not None:
                 totals[i] += weight * value
@@ -379,7 +427,8 @@ def reward_columns(rows):
 
 
 def reward_mean_metrics(per_fn):
-    """``{"rewards/<name>/mean": mean of the non-None values}``; a function with only None values is skipped."""
+    """``{"rewards/<name>/mean": mean of the non-None values}``; a function with only None values is skipped.
+    An ensemble's members (``<name>/<member>`` in ``per_fn``) give ``rewards/<name>/<member>/mean``."""
     metrics = {}
     for name, values in per_fn.items():
         present = [v for v in values if v is not None]
