@@ -26,7 +26,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 
 import torch
 
@@ -36,17 +35,43 @@ from rlgen.errors import UserError
 
 def checkpoint_weights(policy) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's causal-LM weights under their checkpoint names (`model.layers.0.self_attn.q_proj.weight`, ...),
-    one at a time. Under LoRA call it inside `rlgen.policy.merged_lora`: the base weights then hold W + BA and the
-    adapter tensors are skipped. A sharded (FSDP2) parameter is all-gathered when it is reached and dropped after
-    it is consumed, so at most one whole parameter is held beside the shards; every process must iterate."""
+    one at a time, LoRA adapters merged: a LoRA layer's base weight comes as W + scaling * B @ A (PEFT's
+    `get_delta_weight` for a Linear) and the adapter tensors are skipped. A sharded (FSDP2) tensor is all-gathered
+    when it is reached and dropped once consumed, so at most one whole layer's weights are held beside the shards;
+    every process must iterate, in the same order."""
     from torch.distributed.tensor import DTensor
 
-    for name, tensor in policy.base_model.state_dict().items():
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+
+    model = policy.base_model
+    adapted = {name: module for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    for name, tensor in model.state_dict().items():
         if "lora_" in name:
             continue
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        yield name.replace(".base_layer.", "."), tensor.detach()
+        tensor = whole(tensor)
+        module = adapted.get(name.removesuffix(".base_layer.weight"))
+        if module is not None and name.endswith(".base_layer.weight"):
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    delta = whole(module.lora_B[adapter].weight) @ whole(module.lora_A[adapter].weight)
+                    tensor = tensor + (delta * module.scaling[adapter]).to(tensor.dtype)
+        yield name.replace(".base_layer.", "."), tensor
+
+
+def check_mergeable(policy) -> None:
+    """UserError for adapters that `checkpoint_weights` cannot merge (anything but plain LoRA on Linear layers)."""
+    if not policy.is_peft:
+        return
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in policy.model.named_modules():
+        plain = type(module) is LoraLinear and not module.lora_variant and not any(module.lora_bias.values())
+        if isinstance(module, ModulesToSaveWrapper) or (isinstance(module, LoraLayer) and not plain):
+            raise UserError(f"rollout_engine vllm merges LoRA adapters into the engine's weights; {name} "
+                            f"({type(module).__name__}) is not a plain LoRA Linear: use rollout_engine hf")
 
 
 def _reload(worker, weights) -> None:
@@ -73,11 +98,11 @@ class VLLMEngine:
         from vllm import LLM
 
         from rlgen.checkpoint import preserved_rng
-        from rlgen.policy import merged_lora
 
+        check_mergeable(policy)
         self._folder = tempfile.TemporaryDirectory(prefix="rlgen-vllm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         start = time.perf_counter()
-        with torch.no_grad(), merged_lora(policy.model) if policy.is_peft else nullcontext():
+        with torch.no_grad():
             # the base model's own folder layout (config.json + model.safetensors), LoRA merged, no adapter
             from safetensors.torch import save_file
 
@@ -127,12 +152,9 @@ class VLLMEngine:
     @torch.no_grad()
     def sync(self, policy) -> float:
         """Push the policy's current weights (LoRA merged) into the engine; returns the seconds it took."""
-        from rlgen.policy import merged_lora
-
         start = time.perf_counter()
-        with merged_lora(policy.model) if policy.is_peft else nullcontext():
-            weights = ((name, t.to(self.dtype)) for name, t in checkpoint_weights(policy))
-            self.llm.collective_rpc(_reload, args=(weights,))
+        weights = ((name, t.to(self.dtype)) for name, t in checkpoint_weights(policy))
+        self.llm.collective_rpc(_reload, args=(weights,))
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
 

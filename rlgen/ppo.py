@@ -248,9 +248,6 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                         "--fsdp full_shard (torch FSDP2) under torchrun or `accelerate launch` with a DDP config")
     if cfg.fsdp and policy is not None:
         raise UserError("fsdp: give the model by name (cfg.model): the final folder is rebuilt from it on rank 0")
-    if cfg.rollout_engine == "vllm" and cfg.fsdp and cfg.lora_r:
-        raise UserError("rollout_engine vllm with fsdp takes full fine-tuning for now (lora_r 0): merging sharded "
-                        "LoRA adapters into the engine's weights is not implemented")
     own_group = bool(cfg.fsdp) and distributed.ensure_process_group(accelerator.device)
     resume = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     if resume is not None:

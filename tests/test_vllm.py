@@ -151,11 +151,12 @@ def test_temperature_below_vllms_floor_is_refused(tiny32_folder):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_ppo_with_vllm_in_two_processes(tiny32_folder, tmp_path, fsdp):
+@pytest.mark.parametrize(("fsdp", "lora"), [(False, False), (True, False), (True, True)],
+                         ids=["ddp", "fsdp", "fsdp_lora"])
+def test_ppo_with_vllm_in_two_processes(tiny32_folder, tmp_path, fsdp, lora):
     """torchrun, 2 CPU processes (gloo): each process runs its own colocated engine on its share of the prompts;
-    sharded (FSDP2, full fine-tuning), each engine is synced from the gathered shards, one parameter at a time.
-    Both ranks must have started an engine (and, sharded, each held a part of the weights)."""
+    sharded (FSDP2), each engine is synced from the gathered shards, one tensor at a time, LoRA merged from the
+    gathered adapters. Both ranks must have started an engine (and, sharded, each held a part of the weights)."""
     import os
     import socket
     import subprocess
@@ -168,7 +169,8 @@ def test_ppo_with_vllm_in_two_processes(tiny32_folder, tmp_path, fsdp):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "rlgen.cli", "ppo", "--model", str(tiny32_folder), "--output_dir", str(out), "--max_steps", "2",
            "--batch_size", "4", "--mini_batch_size", "4", "--max_new_tokens", "6", "--rollout_engine", "vllm",
-           "--reward", "keyword(include=['a'])", *(["--fsdp", "full_shard"] if fsdp else [])]
+           "--reward", "keyword(include=['a'])", *(["--fsdp", "full_shard"] if fsdp else []),
+           *(["--lora_r", "4"] if lora else [])]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
