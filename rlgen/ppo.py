@@ -326,7 +326,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             write_jsonl(out / "metrics.jsonl", history)
     engines.start(policy, cfg)  # after resuming: the engine starts from the restored weights
     is_cap = cfg.vllm_importance_sampling_cap
-    if is_cap == -1:  # auto: engine and trainer agree to ~1e-6 in float32 (README, 'Rollout engines')
+    if is_cap == -1:  # auto: engine and trainer agree to ~5e-5 in float32 (README, "Rollout engines")
         is_cap = 0.0 if engines.engine_dtype(policy) == torch.float32 else 2.0
     stream = _row_stream(rows, cfg.seed)
     collections.deque(itertools.islice(stream, consumed), maxlen=0)  # the data position: skip used prompts
