@@ -25,6 +25,7 @@ import importlib.util
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -95,6 +96,7 @@ class VLLMEngine:
             raise UserError(f"rollout_engine vllm: vLLM is not installed: {VLLM_INSTALL}")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process (colocate)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings repeat every sync
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")  # torch deprecations in vLLM
         from vllm import LLM
 
         from rlgen.checkpoint import preserved_rng
