@@ -21,7 +21,6 @@ vLLM-specific facts this module relies on (vLLM 0.32, CPU and CUDA builds):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 import time
@@ -30,7 +29,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rlgen.config import VLLM_INSTALL
+from rlgen.config import require_vllm
 from rlgen.errors import UserError
 
 
@@ -92,8 +91,7 @@ class VLLMEngine:
 
     def __init__(self, policy, *, max_model_len: int, gpu_memory_utilization: float = 0.3,
                  kv_cache_gb: float = 1.0, dtype: torch.dtype = torch.float32, seed: int = 0):
-        if importlib.util.find_spec("vllm") is None:
-            raise UserError(f"rollout_engine vllm: vLLM is not installed: {VLLM_INSTALL}")
+        require_vllm()  # also here: a policy given in Python skips the config's check
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process (colocate)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings repeat every sync
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")  # torch deprecations in vLLM

@@ -46,6 +46,7 @@ from rlgen.config.stages import (
     apply_preset,
     engine_kwargs,
     lora_kwargs,
+    require_vllm,
 )
 
 __all__ = [
@@ -53,5 +54,5 @@ __all__ = [
     "CommonConfig", "CompareConfig", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
     "RewardModelConfig", "RolloutEngineMixin", "RunConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
     "apply_preset", "build_config", "engine_kwargs", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",
-    "parse_stage_config", "save_config", "section_names", "to_dict", "with_section_overrides",
+    "parse_stage_config", "require_vllm", "save_config", "section_names", "to_dict", "with_section_overrides",
 ]

@@ -199,14 +199,20 @@ def engine_kwargs(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutEngineMixin)}
 
 
-def check_engine_options(cfg) -> None:
-    """UserError for an unknown engine, `vllm` without vLLM installed, or engine options out of range."""
+def require_vllm() -> None:
+    """UserError naming the install routes when vLLM is not installed (imports nothing)."""
     import importlib.util
 
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(f"rollout_engine vllm: vLLM is not installed: {VLLM_INSTALL}")
+
+
+def check_engine_options(cfg) -> None:
+    """UserError for an unknown engine, `vllm` without vLLM installed, or engine options out of range."""
     if cfg.rollout_engine not in ENGINES:
         raise UserError(f"rollout_engine must be one of {', '.join(ENGINES)}, got {cfg.rollout_engine!r}")
-    if cfg.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise UserError(f"rollout_engine vllm: vLLM is not installed: {VLLM_INSTALL}")
+    if cfg.rollout_engine == "vllm":
+        require_vllm()
     if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
         raise UserError(f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
     if not cfg.vllm_kv_cache_gb > 0:
