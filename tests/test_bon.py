@@ -58,24 +58,39 @@ def bon(tiny_folder, dataset, tmp_path_factory):
     return best_of_n(_eval_config(tiny_folder, dataset, folder), 4), folder
 
 
-def test_best_of_n_picks_the_proxy_argmax_of_the_first_draws(bon):
+def test_best_of_n_reports_every_subset_of_the_draws(bon):
+    """Per n', each per-sample mean is E[value of the proxy argmax of n' draws] over every n'-subset of the N
+    draws of a prompt (enumerated here), averaged over prompts with its SE over prompts; the set-level metrics
+    (distinct-n) are those of the first n' draws' argmax."""
+    import itertools
+    import statistics
+
     result, folder = bon
     drawn = read_jsonl(folder / "all_samples" / "eval_samples.jsonl")
     assert len(drawn) == 12 and [s["prompt"] for s in drawn[:4]] == [p["prompt"] for p in PAIRS[:3]] + [
         PAIRS[0]["prompt"]]
     assert (result["completions"], result["tokens"]) == (12, sum(s["length"] for s in drawn))
     assert [(row["step"], row["completions"]) for row in result["evals"]] == [(1, 3), (2, 6), (4, 12)]
+    values = {"eval/reward/mean": lambda s: s["reward"], "eval/mean_length": lambda s: s["length"],
+              "eval/gold/repetition_penalty/mean": lambda s: s["rewards"]["gold/repetition_penalty"],
+              "eval/rewards/target_length/mean": lambda s: s["rewards"]["target_length"]}
     for row in result["evals"]:
         k = row["step"]
-        best = [max((drawn[j * 3 + i] for j in range(k)), key=lambda s: s["reward"]) for i in range(3)]
-        assert row["eval/reward/mean"] == pytest.approx(sum(s["reward"] for s in best) / 3)
-        assert row["eval/gold/repetition_penalty/mean"] == pytest.approx(
-            sum(s["rewards"]["gold/repetition_penalty"] for s in best) / 3)
-        assert row["eval/rewards/target_length/mean"] == pytest.approx(
-            sum(s["rewards"]["target_length"] for s in best) / 3)
+        for key, get in values.items():
+            per_prompt = []
+            for i in range(3):
+                draws = [drawn[j * 3 + i] for j in range(4)]
+                subsets = list(itertools.combinations(draws, k))  # in draw order: max() keeps the first on ties
+                per_prompt.append(sum(get(max(sub, key=lambda s: s["reward"])) for sub in subsets) / len(subsets))
+            assert row[key] == pytest.approx(statistics.mean(per_prompt)), (key, k)
+            se_key = key.replace("/mean", "/se") if key.endswith("/mean") else key + "_se"
+            assert row[se_key] == pytest.approx(statistics.stdev(per_prompt) / math.sqrt(3)), (se_key, k)
+        first = [max((drawn[j * 3 + i] for j in range(k)), key=lambda s: s["reward"]) for i in range(3)]
+        assert row["eval/distinct_1"] == sample_metrics(first)["eval/distinct_1"]
         assert (row["eval/kl"], row["eval/kl_se"]) == (bon_kl(k), 0.0)
     proxies = [row["eval/reward/mean"] for row in result["evals"]]
     assert proxies == sorted(proxies) and proxies[0] < proxies[-1]  # a max over more draws never falls
+    assert proxies[0] == pytest.approx(sum(s["reward"] for s in drawn) / 12)  # best-of-1: the plain mean
 
 
 def test_best_of_n_writes_the_chosen_samples_and_one_metrics_row_per_n(bon):
