@@ -17,6 +17,7 @@ from rlgen.config import (
     COMPARE_HELP,
     RUN_HELP,
     SECTION_METHODS,
+    SWEEP_HELP,
     CompareConfig,
     EvalConfig,
     PPOConfig,
@@ -24,6 +25,7 @@ from rlgen.config import (
     RunConfig,
     SeqGANConfig,
     SFTConfig,
+    SweepConfig,
     add_arguments,
     parse_section_overrides,
     parse_stage_config,
@@ -46,6 +48,7 @@ STAGES = {
     "seqgan": (SeqGANConfig, "SeqGAN: generator/discriminator loop with Monte-Carlo rollout rewards",
                "rlgen.seqgan:train_seqgan"),
     "evaluate": (EvalConfig, "sample held-out prompts and report eval/* metrics", "rlgen.cli:_evaluate"),
+    "sweep": (SweepConfig, SWEEP_HELP, "rlgen.sweep:main"),
     "reward-model train": (RewardModelConfig, "train a reward model on preference pairs (TRL RewardTrainer)",
                            "rlgen.reward_model:train_reward_model"),
 }
@@ -130,7 +133,8 @@ def _dispatch(argv: list[str]) -> None:
     overrides = parse_section_overrides(extra, section_names(cls))  # e.g. ppo's --evaluate.num_prompts 8
     cfg = parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_"))
     cfg = with_section_overrides(cfg, overrides)
-    if name != "reward-model train":  # its pairs are checked by its own reader, first thing
+    # reward-model train reads its pairs first thing; a sweep's comparisons check their own data
+    if name not in ("reward-model train", "sweep"):
         from rlgen.data import check_stage_data
 
         check_stage_data(name, cfg)  # a data error before the stage's libraries (TRL, accelerate) load

@@ -135,3 +135,81 @@ def fit_gao(d, reward, form: str) -> GaoFit:
                          f"beta, got {len(distinct)} ({len(d)} points)")
     (alpha, beta), *_ = np.linalg.lstsq(_features(d, form), reward, rcond=None)
     return GaoFit(form, float(alpha), float(beta), gao_log_peak(float(alpha), float(beta), form))
+
+
+def mean_curve(gold: np.ndarray, kl: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points Gao et al. fit, one per (seed, evaluation): d = sqrt(mean KL over prompts), R = mean gold gain.
+
+    gold, kl: [S seeds, T evaluations, P prompts] gold reward and KL (nats) to the start per prompt; start:
+    [P] the starting policy's gold on the same prompts. Returns d [S*T] and R [S*T] (gold - start, prompt mean).
+
+    >>> d, r = mean_curve(np.array([[[1.0, 3.0]]]), np.array([[[4.0, 12.0]]]), np.array([0.0, 1.0]))
+    >>> d.tolist(), r.tolist()
+    ([2.8284271247461903], [1.5])
+    """
+    gold, kl = np.asarray(gold, dtype=float), np.asarray(kl, dtype=float)
+    if gold.ndim != 3 or gold.shape != kl.shape or np.shape(start) != gold.shape[2:]:
+        raise ValueError(f"mean_curve: gold and kl must be [S, T, P] and start [P], got {gold.shape}, {kl.shape}, "
+                         f"{np.shape(start)}")
+    d = np.sqrt(np.clip(kl.mean(axis=2), 0.0, None))
+    return d.reshape(-1), (gold - np.asarray(start, dtype=float)).mean(axis=2).reshape(-1)
+
+
+def peak_and_fall(gold: np.ndarray) -> tuple[int, float, float]:
+    """Where the measured gold peaks along an optimisation, and how far it fell by the last evaluation.
+
+    gold: [S, T, P] gold per seed, evaluation (in order of KL) and prompt. Returns (t*, the mean gold at t*, the
+    mean gold at t* minus the mean at the last evaluation), means over seeds and prompts; the fall is 0 when the
+    peak is the last evaluation.
+
+    >>> peak_and_fall(np.array([[[0.0], [2.0], [1.5]], [[0.0], [3.0], [2.5]]]))
+    (1, 2.5, 0.5)
+    """
+    curve = np.asarray(gold, dtype=float).mean(axis=(0, 2))
+    t = int(np.argmax(curve))
+    return t, float(curve[t]), float(curve[t] - curve[-1])
+
+
+def bootstrap_overoptimization(gold, kl, start, form: str, samples: int = 1000, seed: int = 0,
+                               level: float = 0.95) -> dict:
+    """Gao et al.'s fit and the measured turn of one proxy's gold, with a bootstrap over seeds and prompts.
+
+    gold, kl: [S, T, P] per seed, evaluation (in order) and prompt; start: [P] the starting policy's gold; form:
+    "rl" or "bon". Each of `samples` replicates draws S seeds and P prompts with replacement (the same prompts for
+    every seed and evaluation, as they were measured) and refits. Returns:
+    - `alpha`, `beta`, `peak_kl`: the fit on all the data (`peak_kl` None without a peak, inf beyond floats;
+      all three None when the data cannot be fitted: fewer than two distinct KL > 0);
+    - `peak_kl_lo`, `peak_kl_hi`: the central `level` interval of the replicates' peak KL (a replicate without a
+      peak counts as inf, so an upper end of inf says the data do not bound the peak; None without a fit);
+    - `peak_eval`, `peak_gold`, `fall`: `peak_and_fall` of the data; `fall_se`: the replicates' std of the fall
+      at that same evaluation (the peak is not re-picked, which would bias the fall upwards);
+    - `turned`: the gold fell from its measured peak by more than 2 standard errors.
+    """
+    gold, kl, start = (np.asarray(a, dtype=float) for a in (gold, kl, start))
+    try:
+        fit = fit_gao(*mean_curve(gold, kl, start), form=form)
+    except ValueError:  # e.g. a policy that never moved: every d is 0
+        fit = None
+    t, peak, fall = peak_and_fall(gold)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_prompts = gold.shape[0], gold.shape[2]
+    log_peaks, falls = [], []
+    for _ in range(samples):
+        s, p = rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_prompts, n_prompts)
+        g, k = gold[s][:, :, p], kl[s][:, :, p]
+        curve = g.mean(axis=(0, 2))
+        falls.append(curve[t] - curve[-1])
+        if fit is None:
+            continue
+        try:
+            log_peak = fit_gao(*mean_curve(g, k, start[p]), form=form).log_peak_kl
+        except ValueError:  # a replicate without two distinct d > 0
+            log_peak = None
+        log_peaks.append(math.inf if log_peak is None else log_peak)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(log_peaks, [tail, 100 - tail], method="nearest") if fit else (None, None)
+    fall_se = float(np.std(falls, ddof=1))
+    return {"alpha": fit and fit.alpha, "beta": fit and fit.beta, "peak_kl": fit and fit.peak_kl,
+            "peak_kl_lo": None if lo is None else _exp(lo), "peak_kl_hi": None if hi is None else _exp(hi),
+            "peak_eval": t, "peak_gold": peak, "fall": fall, "fall_se": fall_se,
+            "turned": bool(t < gold.shape[1] - 1 and fall > 2 * fall_se)}

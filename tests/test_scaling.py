@@ -97,3 +97,51 @@ def test_a_nearly_linear_rl_curve_keeps_its_peak_in_log_space(ratio):
     assert fit.log_peak_kl == pytest.approx(2 * (ratio - 1), rel=1e-6)
     assert fit.peak_kl == math.inf and fit.peak_d == (math.inf if ratio > 710 else pytest.approx(math.exp(ratio - 1)))
     assert gao_peak(alpha, alpha / ratio, "rl") == pytest.approx(fit.peak_d, rel=1e-6)
+
+
+def test_mean_curve_and_peak_and_fall_against_naive_loops():
+    from rlgen.scaling import mean_curve, peak_and_fall
+
+    rng = np.random.default_rng(0)
+    gold, kl, start = rng.normal(size=(3, 4, 5)), rng.uniform(0, 9, size=(3, 4, 5)), rng.normal(size=5)
+    d, r = mean_curve(gold, kl, start)
+    for s in range(3):
+        for t in range(4):
+            assert d[s * 4 + t] == pytest.approx(math.sqrt(sum(kl[s, t]) / 5))
+            assert r[s * 4 + t] == pytest.approx(sum(gold[s, t, p] - start[p] for p in range(5)) / 5)
+    t, peak, fall = peak_and_fall(gold)
+    curve = [sum(gold[s, t2, p] for s in range(3) for p in range(5)) / 15 for t2 in range(4)]
+    assert t == curve.index(max(curve)) and peak == pytest.approx(max(curve))
+    assert fall == pytest.approx(max(curve) - curve[-1])
+    with pytest.raises(ValueError, match=r"\[S, T, P\]"):
+        mean_curve(gold[0], kl[0], start)
+
+
+def _gao_data(alpha, beta, noise, rng, seeds=3, prompts=64, kls=(0.5, 2, 5, 10, 20, 40)):
+    """Per-prompt gold along an RL optimisation whose seed-and-prompt mean follows R(d) = d (alpha - beta log d)."""
+    kl = np.broadcast_to(np.array(kls, dtype=float)[None, :, None], (seeds, len(kls), prompts)).copy()
+    gold = gao_reward(np.sqrt(kl), alpha, beta, "rl") + rng.normal(0, noise, size=kl.shape)
+    return gold, kl, np.zeros(prompts)
+
+
+def test_bootstrap_finds_a_turn_and_brackets_the_true_peak():
+    from rlgen.scaling import bootstrap_overoptimization
+
+    rng = np.random.default_rng(1)
+    alpha, beta = 0.5, 0.25  # peak at log d* = alpha / beta - 1 = 1: KL* = e^2 = 7.39, inside the measured range
+    result = bootstrap_overoptimization(*_gao_data(alpha, beta, 0.3, rng), form="rl", samples=300)
+    assert result["peak_kl_lo"] < math.exp(2) < result["peak_kl_hi"] < 40
+    assert result["alpha"] == pytest.approx(alpha, abs=0.1) and result["beta"] == pytest.approx(beta, abs=0.05)
+    assert result["turned"] and result["fall"] > 2 * result["fall_se"] > 0 and result["peak_eval"] in (1, 2, 3)
+
+
+def test_bootstrap_claims_no_turn_while_the_gold_rises_or_when_noise_hides_the_fall():
+    from rlgen.scaling import bootstrap_overoptimization
+
+    rng = np.random.default_rng(2)
+    rising = bootstrap_overoptimization(*_gao_data(0.5, 0.0, 0.3, rng), form="rl", samples=200)
+    assert not rising["turned"] and rising["peak_eval"] == 5 and rising["fall"] == 0.0
+    assert rising["peak_kl_hi"] == math.inf  # the data do not bound a peak
+    gold, kl, start = _gao_data(0.5, 0.25, 0.3, rng, prompts=2)
+    gold += rng.normal(0, 5.0, size=gold.shape)  # the same turn under noise far larger than the fall
+    assert not bootstrap_overoptimization(gold, kl, start, form="rl", samples=200)["turned"]

@@ -12,10 +12,12 @@ from rlgen.config.compare import (
     METHODS,
     RUN_HELP,
     SECTION_METHODS,
+    SWEEP_HELP,
     TRAINING_STAGES,
     TRL_METHODS,
     CompareConfig,
     RunConfig,
+    SweepConfig,
 )
 from rlgen.config.fields import opt
 from rlgen.config.loader import (
@@ -50,9 +52,9 @@ from rlgen.config.stages import (
 )
 
 __all__ = [
-    "COMPARE_HELP", "DEFAULT_LR", "ENGINES", "VLLM_INSTALL", "MAY_CHANGE", "METHODS", "PRESETS", "RUN_HELP", "SECTION_METHODS", "TRAINING_STAGES", "TRL_METHODS",
+    "COMPARE_HELP", "SWEEP_HELP", "DEFAULT_LR", "ENGINES", "VLLM_INSTALL", "MAY_CHANGE", "METHODS", "PRESETS", "RUN_HELP", "SECTION_METHODS", "TRAINING_STAGES", "TRL_METHODS",
     "CommonConfig", "CompareConfig", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
-    "RewardModelConfig", "RolloutEngineMixin", "RunConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
+    "RewardModelConfig", "RolloutEngineMixin", "RunConfig", "SweepConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
     "apply_preset", "build_config", "engine_kwargs", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",
     "parse_stage_config", "require_vllm", "save_config", "section_names", "to_dict", "with_section_overrides",
 ]

@@ -7,11 +7,12 @@ build them all in `check()`, so a bad option in any section is refused before an
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlgen.config.fields import is_rows, opt
-from rlgen.config.loader import build_config
+from rlgen.config.loader import build_config, load_yaml
 from rlgen.config.stages import (
     DATASET_HELP,
     DTYPE_HELP,
@@ -20,6 +21,7 @@ from rlgen.config.stages import (
     LoraConfigMixin,
     PPOConfig,
     RewardConfigMixin,
+    RewardModelConfig,
     RolloutEngineMixin,
     SamplingConfig,
     SeqGANConfig,
@@ -35,6 +37,8 @@ from rlgen.config.stages import (
 from rlgen.errors import UserError
 
 COMPARE_HELP = "train several methods from one model on equal terms and report them side by side"
+SWEEP_HELP = ("reward over-optimisation against proxy quality (Gao et al. 2022): train proxies on more or fewer "
+              "preference pairs (and ensembles of them), optimise each, report the gold's peak and fits")
 RUN_HELP = "the pipeline: evaluate the starting model, run each training stage, evaluate after each, report"
 # the methods that train, each with an options section of its own; bon trains nothing (see rlgen/bon.py)
 SECTION_METHODS = ("sft", "ppo", "seqgan", "grpo", "rloo", "dpo")
@@ -227,3 +231,82 @@ class RunConfig(CommonConfig):
                   **self.compare,
                   "output_dir": str(Path(self.output_dir) / "compare"), "overwrite_output_dir": True}
         return build_config(CompareConfig, values, "run config, section 'compare'")
+
+
+# A sweep sets these of every comparison itself (per proxy, method and seed).
+SWEEP_OWN = ("output_dir", "methods", "seeds", "reward", "reward_weights", "threads", "overwrite_output_dir")
+ENSEMBLE_COMBINES = ("mean", "min", "uwo")  # rlgen.core.ENSEMBLE_COMBINES, which imports torch
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`rlgen sweep` (rlgen/sweep.py): proxies x methods x seeds, one comparison per proxy, one report."""
+
+    output_dir: str = opt("runs/overoptimization_sweep", "folder for the proxies, every comparison and the report")
+    proxy_recipe: str = opt("", "reward-model recipe (a YAML file, see reward_models/) every proxy starts from")
+    proxy: dict = opt({}, "options of every proxy over the recipe (rlgen reward-model train --help)")
+    num_pairs: list[int] = opt([100, 300, 1000, 3000], "one proxy per size: its number of training pairs")
+    proxy_epochs: float = opt(1.0, "passes over its pairs each proxy trains for (max_steps = ceil(num_pairs x "
+                                   "proxy_epochs / batch_size)), as Gao et al. train every reward model for one epoch")
+    ensemble_pairs: int = opt(300, "training pairs of each ensemble member (one of num_pairs)")
+    ensemble_seeds: list[int] = opt([], "seeds of the ensemble members besides the proxy of ensemble_pairs pairs "
+                                        "(which has the recipe's seed); empty: no ensembles")
+    ensembles: list[str] = opt(list(ENSEMBLE_COMBINES), "one ensemble reward per combination, from: "
+                                                        + ", ".join(ENSEMBLE_COMBINES))
+    uwo_lambda: float = opt(1.0, "uwo: lam in mean - lam * variance")
+    methods: list[str] = opt(["ppo", "bon"], "methods that optimise every proxy (bon: sampled once per seed, read "
+                                             "for every proxy)")
+    seeds: list[int] = opt([0, 1, 2], "one run per proxy, method and seed")
+    compare: dict = opt({}, "options of every comparison (rlgen compare --help): budget, gold_reward (the first is "
+                            "the one fitted), eval_steps, evaluate and method sections")
+    workers: int = opt(2, "runs side by side, one process each")
+    bootstrap: int = opt(1000, "bootstrap replicates over seeds and prompts")
+    threads: int = opt(1, "torch intra-op threads per process")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        at_least(self, 1, "workers", "bootstrap", "threads")
+        if not self.proxy_epochs > 0:
+            raise UserError(f"proxy_epochs must be > 0, got {self.proxy_epochs}")
+        if not self.num_pairs or min(self.num_pairs) < 1 or len(set(self.num_pairs)) != len(self.num_pairs):
+            raise UserError(f"num_pairs: at least one size, each >= 1 and none repeated, got {self.num_pairs}")
+        if self.ensemble_seeds and self.ensemble_pairs not in self.num_pairs:
+            raise UserError(f"ensemble_pairs {self.ensemble_pairs} must be one of num_pairs {self.num_pairs}: its "
+                            "proxy is the ensembles' first member")
+        bad = next((c for c in self.ensembles if c not in ENSEMBLE_COMBINES), None)
+        if bad:
+            raise UserError(f"ensembles: unknown combination {bad!r} (known: {', '.join(ENSEMBLE_COMBINES)})")
+        own = next((k for k in SWEEP_OWN if k in self.compare), None)
+        if own:
+            raise UserError(f"sweep section 'compare': key '{own}' is set by the sweep for every comparison")
+        if self.proxy_recipe and not Path(self.proxy_recipe).is_file():
+            raise UserError(f"proxy_recipe: no such file {self.proxy_recipe}")
+        if not self.compare.get("gold_reward"):
+            raise UserError("sweep section 'compare': set gold_reward (the first is the gold the report fits)")
+        self.proxy_configs()
+        self.compare_config("check", [str(Path(self.output_dir) / "proxies" / "check")], self.methods, self.seeds)
+
+    def proxy_configs(self) -> dict[str, RewardModelConfig]:
+        """The reward models to train, by name: `pairs<N>` per num_pairs, `pairs<N>_seed<s>` per ensemble seed."""
+        recipe = {**(load_yaml(self.proxy_recipe) if self.proxy_recipe else {}), **self.proxy}
+        base_seed = recipe.get("seed", 0)
+        if base_seed in self.ensemble_seeds:
+            raise UserError(f"ensemble_seeds {self.ensemble_seeds}: {base_seed} is the recipe's own seed, which the "
+                            "first member already has")
+        out = {}
+        for n, seed in [(n, base_seed) for n in self.num_pairs] + [(self.ensemble_pairs, s) for s in self.ensemble_seeds]:
+            name = f"pairs{n}" if seed == base_seed else f"pairs{n}_seed{seed}"
+            steps = math.ceil(n * self.proxy_epochs / recipe.get("batch_size", RewardModelConfig.batch_size))
+            values = {**recipe, "num_pairs": n, "seed": seed, "max_steps": steps, "threads": self.threads,
+                      "output_dir": str(Path(self.output_dir) / "proxies" / name)}
+            out[name] = build_config(RewardModelConfig, values, f"sweep proxy {name}")
+        return out
+
+    def compare_config(self, name: str, rewards: list[str], methods: list[str], seeds: list[int]) -> CompareConfig:
+        """The comparison `name` of `methods` against `rewards` (the first optimised, any others at weight 0)."""
+        values = {**self.compare, "output_dir": str(Path(self.output_dir) / "runs" / name), "methods": methods,
+                  "seeds": seeds, "reward": rewards, "reward_weights": [1.0] + [0.0] * (len(rewards) - 1),
+                  "threads": self.threads}
+        return build_config(CompareConfig, values, f"sweep comparison {name}")

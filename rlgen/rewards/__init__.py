@@ -32,6 +32,7 @@ from rlgen.rewards.rules import (
     sentiment_positive,
     sentiment_textblob,
     target_length,
+    target_sentiment,
     toxicity_penalty,
 )
 from rlgen.text import is_conversation
@@ -45,6 +46,7 @@ BUILTIN_REWARDS = {
     "sentiment_textblob": sentiment_textblob,
     "sentiment_lexicons": sentiment_lexicons,
     "target_length": target_length,
+    "target_sentiment": target_sentiment,
     "keyword": keyword,
     "regex_match": regex_match,
     "repetition_penalty": repetition_penalty,

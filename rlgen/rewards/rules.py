@@ -65,6 +65,20 @@ def sentiment_lexicons(prompts, completions, **kwargs):
                                          sentiment_textblob(prompts, completions), strict=True)]
 
 
+def target_sentiment(prompts, completions, target=0.5, **kwargs):
+    """``-|sentiment_lexicons - target|``, in [-2, 0]: a labeller who wants replies upbeat to a degree, not gushing
+    (0 at `target` on the lexicons' [-1, 1] scale, falling on both sides). With target 0.4 it is the labeller and
+    gold of the over-optimisation sweep (experiments/overoptimization_sweep.yaml): most chit-chat replies lie below
+    0.4, where more positive is better, so a proxy learned from few of its pairs misses the fall above the target.
+
+    >>> [round(r, 3) for r in target_sentiment(["", ""], ["I love this, great day!", "It is a chair."])]
+    [-0.318, -0.5]
+    """
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not -1 <= target <= 1:
+        raise UserError(f"target_sentiment: target must be a number in [-1, 1], got {target!r}")
+    return [-abs(s - target) for s in sentiment_lexicons(prompts, completions)]
+
+
 def target_length(prompts, completions, target=20, unit="words", **kwargs):
     """``-|length - target| / target``, length counted in whitespace-split words or in characters.
 
