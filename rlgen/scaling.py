@@ -181,8 +181,9 @@ def bootstrap_overoptimization(gold, kl, start, form: str, samples: int = 1000, 
       all three None when the data cannot be fitted: fewer than two distinct KL > 0);
     - `peak_kl_lo`, `peak_kl_hi`: the central `level` interval of the replicates' peak KL (a replicate without a
       peak counts as inf, so an upper end of inf says the data do not bound the peak; None without a fit);
-    - `peak_eval`, `peak_gold`, `fall`: `peak_and_fall` of the data; `fall_se`: the replicates' std of the fall
-      at that same evaluation (the peak is not re-picked, which would bias the fall upwards);
+    - `peak_eval`, `peak_gold`, `fall`: `peak_and_fall` of the data; `peak_gold_se`, `fall_se`: the replicates'
+      std of the gold at that same evaluation and of the fall from it (the peak is not re-picked, which would
+      bias both upwards);
     - `turned`: the gold fell from its measured peak by more than 2 standard errors.
     """
     gold, kl, start = (np.asarray(a, dtype=float) for a in (gold, kl, start))
@@ -193,11 +194,12 @@ def bootstrap_overoptimization(gold, kl, start, form: str, samples: int = 1000, 
     t, peak, fall = peak_and_fall(gold)
     rng = np.random.default_rng(seed)
     n_seeds, n_prompts = gold.shape[0], gold.shape[2]
-    log_peaks, falls = [], []
+    log_peaks, peaks, falls = [], [], []
     for _ in range(samples):
         s, p = rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_prompts, n_prompts)
         g, k = gold[s][:, :, p], kl[s][:, :, p]
         curve = g.mean(axis=(0, 2))
+        peaks.append(curve[t])
         falls.append(curve[t] - curve[-1])
         if fit is None:
             continue
@@ -211,5 +213,6 @@ def bootstrap_overoptimization(gold, kl, start, form: str, samples: int = 1000, 
     fall_se = float(np.std(falls, ddof=1))
     return {"alpha": fit and fit.alpha, "beta": fit and fit.beta, "peak_kl": fit and fit.peak_kl,
             "peak_kl_lo": None if lo is None else _exp(lo), "peak_kl_hi": None if hi is None else _exp(hi),
-            "peak_eval": t, "peak_gold": peak, "fall": fall, "fall_se": fall_se,
+            "peak_eval": t, "peak_gold": peak, "peak_gold_se": float(np.std(peaks, ddof=1)), "fall": fall,
+            "fall_se": fall_se,
             "turned": bool(t < gold.shape[1] - 1 and fall > 2 * fall_se)}

@@ -165,7 +165,10 @@ def _by_prompt(samples: list[dict], prompts: list[str], key: str) -> np.ndarray:
 
 def rl_curves(folder: Path, method: str, seeds: list[int], gold: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gold [S, T, P], kl [S, T, P], start gold [P]) of one comparison's `method` runs: every evaluation along
-    training (eval_steps/step<n>) and the final one, per prompt, in the starting model's prompt order."""
+    training (eval_steps/step<n>) and the final one, per prompt, in the starting model's prompt order. The final
+    evaluation is left out where it repeats the last one along training (the same policy evaluated again when
+    eval_steps divides max_steps: equal to 1e-4, as `rlgen.report.trajectory` compares them), so that no point
+    counts twice."""
     start = _samples(folder / "runs" / "start" / "eval")
     prompts = list(dict.fromkeys(s["prompt"] for s in start))
     golds, kls = [], []
@@ -173,8 +176,13 @@ def rl_curves(folder: Path, method: str, seeds: list[int], gold: str) -> tuple[n
         run = folder / "runs" / method / f"seed{seed}"
         steps = sorted((run / "eval_steps").glob("step*"), key=lambda p: int(p.name[4:]))
         evals = [_samples(p) for p in steps] + [_samples(run / "eval")]
-        golds.append([_by_prompt(e, prompts, f"gold/{gold}") for e in evals])
-        kls.append([_by_prompt(e, prompts, "kl") for e in evals])
+        gold_rows = [_by_prompt(e, prompts, f"gold/{gold}") for e in evals]
+        kl_rows = [_by_prompt(e, prompts, "kl") for e in evals]
+        if len(evals) > 1 and np.allclose(gold_rows[-1], gold_rows[-2], rtol=1e-4, atol=1e-6) and np.allclose(
+                kl_rows[-1], kl_rows[-2], rtol=1e-4, atol=1e-6):
+            gold_rows, kl_rows = gold_rows[:-1], kl_rows[:-1]
+        golds.append(gold_rows)
+        kls.append(kl_rows)
     return np.array(golds), np.array(kls), _by_prompt(start, prompts, f"gold/{gold}")
 
 
@@ -252,7 +260,7 @@ def write_sweep_report(cfg: SweepConfig, proxies: list[Proxy], seconds: dict) ->
     out = Path(cfg.output_dir)
     rows, data = sweep_rows(cfg, proxies)
     header = ["proxy", "pairs", "members", "accuracy", "accuracy_se", "spearman", "method", "seeds", "prompts",
-              "start_gold", "max_kl", "peak_at_kl", "peak_gold", "fall", "fall_se", "turned", "alpha", "beta",
+              "start_gold", "max_kl", "peak_at_kl", "peak_gold", "peak_gold_se", "fall", "fall_se", "turned", "alpha", "beta",
               "peak_kl", "peak_kl_lo", "peak_kl_hi"]
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
@@ -260,14 +268,15 @@ def write_sweep_report(cfg: SweepConfig, proxies: list[Proxy], seconds: dict) ->
         writer.writerows(rows)
     (out / "sweep.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1, default=str))
     lines = [f"# Over-optimisation sweep: gold `{data['gold']}` against proxy quality", "",
-             "| proxy | pairs | held-out accuracy | method | KL reached | gold: start → peak (at KL) | fall from peak "
+             "| proxy | pairs | held-out accuracy | method | KL reached | gold: start → peak ± SE (at KL) | fall from peak "
              "by the end | turned (fall > 2 SE) | fit α, β | fitted peak KL [95% CI] |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["proxy"] + (f" ({r['members']} members)" if r["members"] > 1 else "")
         lines.append(
             f"| {name} | {r['pairs']} | {r['accuracy']:.3f} ± {r['accuracy_se']:.3f} | {r['method']} | "
-            f"{r['max_kl']:.2f} | {r['start_gold']:.3f} → {r['peak_gold']:.3f} ({r['peak_at_kl']:.2f}) | "
+            f"{r['max_kl']:.2f} | {r['start_gold']:.3f} → {r['peak_gold']:.3f} ± {r['peak_gold_se']:.3f} "
+            f"({r['peak_at_kl']:.2f}) | "
             f"{r['fall']:.3f} ± {r['fall_se']:.3f} | {'yes' if r['turned'] else 'no'} | "
             f"{_fmt(r['alpha'])}, {_fmt(r['beta'])} | {_fmt(r['peak_kl'])} [{_fmt(r['peak_kl_lo'])}, "
             f"{_fmt(r['peak_kl_hi'])}] |")
@@ -328,7 +337,8 @@ def plot_gold_vs_kl(rows: list[dict], data: dict, path: Path):
 
 
 def plot_peak_vs_quality(rows: list[dict], path: Path):
-    """Per method: the measured peak's KL and gold against the proxy's training pairs (single proxies)."""
+    """Per method: the measured peak's KL (and the fitted one where finite) and the gold at the measured peak (± its
+    bootstrap SE) against the proxy's training pairs (single proxies)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -342,7 +352,7 @@ def plot_peak_vs_quality(rows: list[dict], path: Path):
         finite = [(r["pairs"], r["peak_kl"]) for r in mine if r["peak_kl"] and math.isfinite(r["peak_kl"])]
         if finite:
             left.plot(*zip(*finite), "x--", label=f"{method}: fitted peak")
-        right.errorbar(pairs, [r["peak_gold"] for r in mine], yerr=[r["fall_se"] for r in mine], fmt="o-",
+        right.errorbar(pairs, [r["peak_gold"] for r in mine], yerr=[r["peak_gold_se"] for r in mine], fmt="o-",
                        capsize=2, label=method)
     left.set_xscale("log")
     left.set_yscale("log")

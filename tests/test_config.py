@@ -17,6 +17,7 @@ from rlgen.config import (
     SamplingConfig,
     SeqGANConfig,
     SFTConfig,
+    SweepConfig,
     build_config,
     lora_kwargs,
 )
@@ -167,7 +168,9 @@ def test_every_shipped_config_builds(path, tmp_path):
     from rlgen.cli import STAGES
 
     data = load_shipped_yaml(path, tmp_path)
-    if "stages" in data:
+    if "proxy_recipe" in data:
+        build_config(SweepConfig, data, str(path))
+    elif "stages" in data:
         cfg = build_config(RunConfig, data, str(path))
         assert cfg.stages
     elif "methods" in data:

@@ -88,6 +88,7 @@ def test_sentiment_matches_vader():
     [
         (rules.target_length, {"unit": "lines"}, "unit"),
         (rules.target_length, {"target": 0}, "target"),
+        (rules.target_sentiment, {"target": 1.5}, "target must be a number in"),
         (rules.keyword, {}, "at least one keyword"),
         (rules.regex_match, {"pattern": "(unclosed"}, "bad pattern"),
         (rules.repetition_penalty, {"n": 0}, "n must be"),
@@ -108,6 +109,7 @@ def test_builtin_table():
         "sentiment_negative",
         "sentiment_textblob",
         "sentiment_lexicons",
+        "target_sentiment",
         "target_length",
         "keyword",
         "regex_match",

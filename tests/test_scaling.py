@@ -133,6 +133,8 @@ def test_bootstrap_finds_a_turn_and_brackets_the_true_peak():
     assert result["peak_kl_lo"] < math.exp(2) < result["peak_kl_hi"] < 40
     assert result["alpha"] == pytest.approx(alpha, abs=0.1) and result["beta"] == pytest.approx(beta, abs=0.05)
     assert result["turned"] and result["fall"] > 2 * result["fall_se"] > 0 and result["peak_eval"] in (1, 2, 3)
+    # the peak's SE: about the noise over the 3 x 64 per-prompt values (0.3 / sqrt(192) = 0.022)
+    assert 0.01 < result["peak_gold_se"] < 0.04
 
 
 def test_bootstrap_claims_no_turn_while_the_gold_rises_or_when_noise_hides_the_fall():

@@ -81,6 +81,8 @@ def test_rl_rows_come_from_the_per_prompt_samples_of_every_evaluation(swept):
         run = folder / "ppo" / f"seed{seed}"
         evals = [run / "eval_steps" / "step1", run / "eval_steps" / "step2", run / "eval"]
         samples = [read_jsonl(e / "eval_samples.jsonl") for e in evals]
+        assert [s["completion"] for s in samples[1]] == [s["completion"] for s in samples[2]]
+        samples = samples[:2]  # the final evaluation repeats the one at step 2 (eval_steps divides max_steps)
         curves.append([np.mean([s["rewards"]["gold/sentiment_positive"] for s in e]) for e in samples])
         kls.append([np.mean([s["kl"] for s in e]) for e in samples])
     mean = np.mean(curves, axis=0)
