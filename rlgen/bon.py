@@ -105,10 +105,11 @@ def expected_metrics(drawn: list[list[dict]], k: int) -> dict[str, float]:
                "eval/eos_fraction": lambda s: float(s["eos"])}
     for name in dict.fromkeys(key for row in drawn for s in row for key in s["rewards"]):
         getters[f"eval/{name}" if name.startswith("gold/") else f"eval/rewards/{name}"] = field(name)
+    weights = [best_of_weights([s["reward"] for s in row], k) for row in drawn]
     out = {}
     for key, get in getters.items():
-        per_prompt = [sum(w * get(s) for w, s in zip(best_of_weights([s["reward"] for s in row], k), row))
-                      for row in drawn if all(get(s) is not None for s in row)]
+        per_prompt = [sum(w * get(s) for w, s in zip(row_weights, row))
+                      for row_weights, row in zip(weights, drawn) if all(get(s) is not None for s in row)]
         mean_key, se_key = (f"{key}/mean", f"{key}/se") if key.startswith(("eval/reward", "eval/gold")) else (
             key, f"{key}_se")
         out[mean_key], out[se_key] = mean_std(per_prompt)[0], standard_error(per_prompt)

@@ -69,9 +69,9 @@ def _train_proxy(rm_cfg: RewardModelConfig) -> str:
 
     folder = Path(rm_cfg.output_dir)
     if (folder / SUMMARY_FILE).is_file():
-        saved = load_yaml(str(folder / "config.yaml"))
-        if saved != to_dict(rm_cfg):
-            changed = sorted(k for k in set(saved) | set(to_dict(rm_cfg)) if saved.get(k) != to_dict(rm_cfg).get(k))
+        saved, wanted = load_yaml(str(folder / "config.yaml")), to_dict(rm_cfg)
+        if saved != wanted:
+            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise UserError(f"{folder}: trained earlier with other settings ({', '.join(changed)}); use another "
                             "output_dir or remove that folder")
         return f"{folder.name}: trained earlier, kept"

@@ -150,3 +150,11 @@ def test_proxy_steps_follow_the_pairs():
     cfg = SweepConfig(num_pairs=[100, 3000], proxy_epochs=2.0, compare={"gold_reward": ["sentiment_positive"]})
     steps = {name: c.max_steps for name, c in cfg.proxy_configs().items()}
     assert steps == {"pairs100": math.ceil(200 / 16), "pairs3000": 375}
+
+
+def test_the_configs_ensemble_combinations_are_the_reward_ensembles():
+    """The config keeps its own copy (rlgen.config loads no torch); it must list what core.ensemble_reward takes."""
+    from rlgen import core
+    from rlgen.config.compare import ENSEMBLE_COMBINES
+
+    assert ENSEMBLE_COMBINES == core.ENSEMBLE_COMBINES

@@ -235,7 +235,7 @@ class RunConfig(CommonConfig):
 
 # A sweep sets these of every comparison itself (per proxy, method and seed).
 SWEEP_OWN = ("output_dir", "methods", "seeds", "reward", "reward_weights", "threads", "overwrite_output_dir")
-ENSEMBLE_COMBINES = ("mean", "min", "uwo")  # rlgen.core.ENSEMBLE_COMBINES, which imports torch
+ENSEMBLE_COMBINES = ("mean", "min", "uwo")  # rlgen.core.ENSEMBLE_COMBINES, which imports torch (a test keeps them equal)
 
 
 @dataclass(frozen=True)
