@@ -117,7 +117,7 @@ def expected_metrics(drawn: list[list[dict]], k: int) -> dict[str, float]:
 
 
 @leaves_output_dir_as_found()
-def best_of_n(cfg: EvalConfig, n: int, ref_name: str | None = None) -> dict:
+def best_of_n(cfg: EvalConfig, n: int) -> dict:
     """Best-of-n' of `cfg.model` for n' in `bon_sizes(n)`, on the evaluator's prompts and rewards.
 
     Writes to `cfg.output_dir`: `all_samples/` (the evaluator's output for all n x prompts samples; sample
@@ -147,9 +147,9 @@ def best_of_n(cfg: EvalConfig, n: int, ref_name: str | None = None) -> dict:
     evaluator = Evaluator(cfg)
     rows = evaluator.rows
     print(f"[rlgen] best-of-{n} prompts: {held_out_note(cfg.dataset, cfg.split, len(rows))}", flush=True)
-    policy = evaluator.load_policy(ref_name)
+    policy = evaluator.load_policy(reference=False)  # KL is bon_kl(n'), exact: no reference needed
     try:
-        evaluator(policy, out / "all_samples", repeat=n)
+        evaluator(policy, out / "all_samples", repeat=n, own_reference=True)
     finally:
         engines.stop(policy)
     drawn = read_jsonl(out / "all_samples" / "eval_samples.jsonl")

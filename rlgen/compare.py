@@ -27,7 +27,8 @@ does not; dpo ranks its pairs by the proxy alone.
 
 Output folder: `compare_config.yaml`; `runs/<method>/seed<k>/` (the trained policy, metrics.jsonl, `eval/`
 with the evaluator's samples, `result.json`; with `eval_steps`, `eval_steps/step<n>/` with the samples of each
-evaluation along training, whose metrics result.json keeps under `evals`); `runs/start/` (the starting model's
+evaluation along training, whose metrics result.json keeps under `evals`, and `eval/` a copy of the last one
+where it evaluated the final policy); `runs/start/` (the starting model's
 evaluation); and the report (rlgen.report): comparison.md/.csv, frontier.png, learning_curves.png,
 proxy_vs_gold.png, gold_vs_kl.png, samples.md, report.html.
 Resumable: a run whose `result.json` exists is not rerun, so the same command continues an interrupted
@@ -220,12 +221,23 @@ def _evaluate(cfg: CompareConfig, model: str, start: str, folder: Path, seed: in
     return metrics, read_jsonl(folder / "eval_samples.jsonl"), time.perf_counter() - t
 
 
+def _final_evaluation(cfg: CompareConfig, model: str, start: str, run_dir: Path, seed: int) -> tuple[dict, list[dict], float]:
+    """The trained run's evaluation in `run_dir/eval`: a copy of the evaluation along training at `max_steps`
+    where there is one (the same policy, prompts and seed; evaluating it again would repeat it), else a new one."""
+    last = run_dir / "eval_steps" / f"step{cfg.max_steps}"
+    if not (last / "eval_summary.json").is_file():
+        return _evaluate(cfg, model, start, run_dir / "eval", seed)
+    shutil.copytree(last, run_dir / "eval")
+    metrics = json.loads((last / "eval_summary.json").read_text())
+    return metrics, read_jsonl(last / "eval_samples.jsonl"), 0.0
+
+
 def _best_of_n(cfg: CompareConfig, start: str, run_dir: Path, seed: int) -> dict:
     """The result.json record of a bon run (rlgen.bon): nothing trains; train_s is the time to sample and score."""
     from rlgen.bon import best_of_n
 
     t = time.perf_counter()
-    result = best_of_n(cfg.eval_config(start, run_dir / "eval", seed), cfg.bon_n, ref_name=start)
+    result = best_of_n(cfg.eval_config(start, run_dir / "eval", seed), cfg.bon_n)
     return {"method": "bon", "seed": seed, "metrics": result["metrics"], "train_s": time.perf_counter() - t,
             "eval_s": 0.0, "completions": result["completions"], "tokens": result["tokens"], "curve": [],
             "evals": result["evals"], "samples": result["samples"]}
@@ -244,8 +256,9 @@ def _has_results(out: Path) -> bool:
 
 
 @leaves_output_dir_as_found(_has_results)
-def run_compare(cfg: CompareConfig) -> dict[str, Path]:
-    """Train and evaluate every (method, seed) not finished yet, then write the report; returns its paths."""
+def run_compare(cfg: CompareConfig, report: bool = True) -> dict[str, Path] | None:
+    """Train and evaluate every (method, seed) not finished yet, then write the report (unless `report` is False:
+    `rlgen sweep` runs one seed per process and reports once all have finished); returns its paths."""
     from rlgen.models import set_threads
     from rlgen.report import write_comparison_report
 
@@ -288,11 +301,13 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
             train_s = time.perf_counter() - t - sum(e["time/eval"] for e in trained["evals"])  # training time only
             # an unfinished run starts over, so its checkpoints (GBs for a SmolLM-sized ppo or seqgan) are not kept
             remove_checkpoints(run_dir)
-            metrics, samples, eval_s = _evaluate(cfg, str(run_dir), start, run_dir / "eval", seed)
+            metrics, samples, eval_s = _final_evaluation(cfg, str(run_dir), start, run_dir, seed)
             _write_result(run_dir, {"method": method, "seed": seed, "metrics": metrics, "train_s": train_s,
                                     "eval_s": eval_s, **trained, "samples": samples})
             print(f"[compare] {method} seed {seed}: proxy {metrics['eval/reward/mean']:.3f}, KL "
                   f"{metrics['eval/kl']:.2f}, {train_s:.0f}s training", flush=True)
         records.append(json.loads((run_dir / "result.json").read_text()))
+    if not report:
+        return None
     return write_comparison_report(out, records, _reward_names(cfg.reward), _reward_names(cfg.gold_reward), to_dict(cfg),
                         title=f"rlgen comparison: {', '.join(cfg.methods)} from {cfg.model}")

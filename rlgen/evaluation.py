@@ -45,13 +45,15 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
                     sampling: SamplingConfig, *, weights: list[float] | None = None, batch_size: int = 16,
                     output_dir: str | Path | None = None, self_bleu_max_texts: int = 200,
                     gold_rewards: list = (), columns: dict[str, list] | None = None,
-                    references: list[str] | None = None) -> dict[str, float]:
+                    references: list[str] | None = None, own_reference: bool = False) -> dict[str, float]:
     """Sample one completion per prompt and return `eval/*` metrics.
 
     `reward_fns`, `gold_rewards`: `(name, fn)` pairs, reward callables or specs (see `rlgen.rewards.load_reward`).
     `gold_rewards` are scored and reported under `eval/gold/` but are not part of `eval/reward/mean`. Every reward
     gets `completion_ids` and `columns` (one value per prompt, e.g. `reward_columns(rows)`) as keyword lists.
     `references`: one reference reply per prompt for `eval/bleu` and `eval/rouge_l`.
+    `own_reference`: the policy samples as the reference does (best-of-n's draws from the starting model): every
+    sample's KL is 0 by definition, so no reference forward pass runs and there is no `eval/perplexity_ref`.
     Writes `eval_samples.jsonl` (one object per sample) and `eval_summary.json` to `output_dir` if given.
     """
     start = time.perf_counter()
@@ -66,11 +68,14 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         T = ro.completion_ids.shape[1]
         mask = ro.completion_mask.float()
         ids, attn = ro.input_ids, ro.attention_mask
-        ref_lp = policy.ref_logprobs(ids, attn, T, sampling.temperature, sampling.min_new_tokens)
-        kl = ((ro.logprobs - ref_lp) * mask).sum(1)
-        ref_lp1 = ref_lp if sampling.temperature == 1.0 else policy.ref_logprobs(ids, attn, T, 1.0)
-        nll_sum += float(-(ref_lp1 * mask).sum())
-        n_tokens += int(mask.sum())
+        if own_reference:
+            kl = torch.zeros(len(batch))
+        else:
+            ref_lp = policy.ref_logprobs(ids, attn, T, sampling.temperature, sampling.min_new_tokens)
+            kl = ((ro.logprobs - ref_lp) * mask).sum(1)
+            ref_lp1 = ref_lp if sampling.temperature == 1.0 else policy.ref_logprobs(ids, attn, T, 1.0)
+            nll_sum += float(-(ref_lp1 * mask).sum())
+            n_tokens += int(mask.sum())
         extra = {k: v[i:i + batch_size] for k, v in (columns or {}).items()}
         extra["completion_ids"] = ro.completion_id_lists
         total, fn_values = score_rewards(reward_fns, ro.prompts, ro.completions, weights, extra)
@@ -88,7 +93,8 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         for sample, value in zip(samples, nll, strict=True):
             sample["reference_nll"] = value
     out = metrics.sample_metrics(samples, references, self_bleu_max_texts)
-    out["eval/perplexity_ref"] = metrics.perplexity(nll_sum, n_tokens)
+    if not own_reference:
+        out["eval/perplexity_ref"] = metrics.perplexity(nll_sum, n_tokens)
     out["time/eval"] = time.perf_counter() - start
     if output_dir is not None:
         folder = Path(output_dir)
@@ -140,21 +146,23 @@ class Evaluator:
         self.gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
         self.rows = load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]
 
-    def __call__(self, policy: Policy, output_dir: str | Path | None, repeat: int = 1) -> dict[str, float]:
+    def __call__(self, policy: Policy, output_dir: str | Path | None, repeat: int = 1,
+                 own_reference: bool = False) -> dict[str, float]:
         """evaluate_policy on the prompts; `repeat` > 1 samples each prompt that many times (sample j * prompts + i
-        is draw j of prompt i) and leaves out the reference-reply metrics."""
+        is draw j of prompt i) and leaves out the reference-reply metrics; `own_reference`: see evaluate_policy."""
         cfg, rows = self.cfg, self.rows
         return evaluate_policy(policy, [prompt_of(r) for r in rows] * repeat, self.reward_fns, SamplingConfig.of(cfg),
                                weights=cfg.reward_weights or None, batch_size=cfg.batch_size, output_dir=output_dir,
                                self_bleu_max_texts=cfg.self_bleu_max_texts, gold_rewards=self.gold_fns,
                                columns={k: v * repeat for k, v in reward_columns(rows).items()},
-                               references=reference_replies(rows) if repeat == 1 else None)
+                               references=reference_replies(rows) if repeat == 1 else None,
+                               own_reference=own_reference)
 
-    def load_policy(self, ref_name: str | None = None) -> Policy:
-        """cfg.model with its reference (`ref_name`, else the model itself) on the default device, its rollout
-        engine started (`rlgen.engines.stop` ends it), then seeded."""
+    def load_policy(self, ref_name: str | None = None, reference: bool = True) -> Policy:
+        """cfg.model with its reference (`ref_name`, else the model itself; none without `reference`) on the
+        default device, its rollout engine started (`rlgen.engines.stop` ends it), then seeded."""
         cfg = self.cfg
-        policy = Policy.from_pretrained(cfg.model, reference=True, ref_name=ref_name, seed=cfg.seed,
+        policy = Policy.from_pretrained(cfg.model, reference=reference, ref_name=ref_name, seed=cfg.seed,
                                         dtype=resolve_dtype(cfg.dtype)).to(default_device())
         engines.start(policy, cfg)
         torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers

@@ -64,81 +64,121 @@ def sweep_proxies(cfg: SweepConfig) -> list[Proxy]:
     return singles + ensembles
 
 
-def _train_proxy(rm_cfg: RewardModelConfig) -> str:
-    from rlgen.reward_model import SUMMARY_FILE, train_reward_model
+def _proxy_kept(rm_cfg: RewardModelConfig) -> bool:
+    """Whether the proxy was trained by an earlier call (its summary exists); one trained with other settings is
+    refused, naming them."""
+    from rlgen.reward_model import SUMMARY_FILE
 
     folder = Path(rm_cfg.output_dir)
-    if (folder / SUMMARY_FILE).is_file():
-        saved, wanted = load_yaml(str(folder / "config.yaml")), to_dict(rm_cfg)
-        if saved != wanted:
-            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-            raise UserError(f"{folder}: trained earlier with other settings ({', '.join(changed)}); use another "
-                            "output_dir or remove that folder")
-        return f"{folder.name}: trained earlier, kept"
+    if not (folder / SUMMARY_FILE).is_file():
+        return False
+    saved, wanted = load_yaml(str(folder / "config.yaml")), to_dict(rm_cfg)
+    if saved != wanted:
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise UserError(f"{folder}: trained earlier with other settings ({', '.join(changed)}); use another "
+                        "output_dir or remove that folder")
+    return True
+
+
+def _train_proxy(rm_cfg: RewardModelConfig) -> str:
+    from rlgen.reward_model import train_reward_model
+
     train_reward_model(rm_cfg)
-    return f"{folder.name}: trained"
+    return f"{Path(rm_cfg.output_dir).name}: trained"
 
 
-def _compare(compare_cfg: CompareConfig) -> str:
+def _compare_done(compare_cfg: CompareConfig) -> bool:
+    """Whether every (method, seed) run of this comparison finished in an earlier call (result.json)."""
+    runs = Path(compare_cfg.output_dir) / "runs"
+    return all((runs / m / f"seed{s}" / "result.json").is_file() for m in compare_cfg.methods
+               for s in compare_cfg.seeds)
+
+
+def _compare(compare_cfg: CompareConfig, report: bool = False) -> str:
     from rlgen.compare import run_compare
 
-    run_compare(compare_cfg)
+    run_compare(compare_cfg, report=report)
     return f"{Path(compare_cfg.output_dir).name} {','.join(compare_cfg.methods)} seeds {compare_cfg.seeds}"
 
 
-def _run_jobs(jobs: list[tuple], workers: int, after: dict[int, int]) -> None:
-    """Run `jobs` ((function, argument) pairs) in `workers` fresh processes each (spawned: no torch state
-    shared), job i only once job `after[i]` has finished; the first failure stops the sweep (finished jobs keep
-    their output)."""
-    done: set[int] = set()
-    pending = list(range(len(jobs)))
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One unit of the sweep for a worker process: `run(arg)` once the jobs at indices `after` have finished."""
+
+    run: object
+    arg: object
+    after: frozenset[int] = frozenset()
+
+
+def _run_jobs(jobs: list[Job], workers: int, done: set[int]) -> None:
+    """Run `jobs` not in `done` in `workers` fresh processes (spawned: no torch state shared), each once its
+    `after` jobs have finished, the first ready job in list order first; the first failure stops the sweep
+    (finished jobs keep their output)."""
+    done = set(done)
+    pending = [i for i in range(len(jobs)) if i not in done]
+    if not pending:
+        return
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         running = {}
         while pending or running:
-            for i in [i for i in pending if after.get(i) is None or after[i] in done][:workers - len(running)]:
+            for i in [i for i in pending if jobs[i].after <= done][:workers - len(running)]:
                 pending.remove(i)
-                running[pool.submit(*jobs[i])] = i
+                running[pool.submit(jobs[i].run, jobs[i].arg)] = i
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 done.add(running.pop(future))
                 print(f"[sweep] {future.result()}", flush=True)  # re-raises the job's error
 
 
+def sweep_jobs(cfg: SweepConfig) -> tuple[list[Job], set[int]]:
+    """Every job of the sweep in priority order, and those an earlier call finished.
+
+    Proxies first, the largest first (it takes longest); a comparison may start once the proxies it needs exist,
+    so the other worker optimises against the small proxies while the large one trains. A reward's first seed
+    evaluates the starting model into the comparison's folder before its other seeds start there."""
+    rm_cfgs = sorted(cfg.proxy_configs().values(), key=lambda c: (-c.num_pairs, c.seed))
+    jobs = [Job(_train_proxy, c) for c in rm_cfgs]
+    trained_by = {c.output_dir: i for i, c in enumerate(rm_cfgs)}
+    done = {i for i, c in enumerate(rm_cfgs) if _proxy_kept(c)}
+    for i in sorted(done):
+        print(f"[sweep] {Path(rm_cfgs[i].output_dir).name}: trained earlier, kept", flush=True)
+    proxies = sweep_proxies(cfg)
+    methods, seeds = [m for m in cfg.methods if m != BON], cfg.seeds
+    groups = []  # (compare configs one per seed, the proxy jobs they need)
+    if BON in cfg.methods:
+        groups.append(([cfg.compare_config(BON, [p.spec for p in proxies], [BON], [s]) for s in seeds],
+                       frozenset(range(len(rm_cfgs)))))
+    if methods:
+        groups += [([cfg.compare_config(p.name, [p.spec], methods, [s]) for s in seeds],
+                    frozenset(trained_by[f] for f in p.folders)) for p in proxies]
+    firsts = {}
+    for g, (configs, needs) in enumerate(groups):
+        firsts[g] = len(jobs)
+        jobs.append(Job(_compare, configs[0], needs))
+    for g, (configs, needs) in enumerate(groups):
+        jobs += [Job(_compare, c, needs | {firsts[g]}) for c in configs[1:]]
+    done |= {i for i in range(len(rm_cfgs), len(jobs)) if _compare_done(jobs[i].arg)}
+    return jobs, done
+
+
 def run_sweep(cfg: SweepConfig) -> dict[str, Path]:
-    """Train the proxies, run every comparison, write the report; returns the report's paths."""
+    """Train the proxies and run every comparison (one job graph, `workers` processes), write the report; returns
+    the report's paths."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, "sweep_config.yaml")
     t0 = time.perf_counter()
-    # 1. proxies, smallest first
-    rm_cfgs = sorted(cfg.proxy_configs().values(), key=lambda c: (c.num_pairs, c.seed))
-    _run_jobs([(_train_proxy, c) for c in rm_cfgs], cfg.workers, {})
-    proxies_s = time.perf_counter() - t0
-    # 2. comparisons: per (reward, seed); a reward's first seed evaluates the starting model before its others run
-    proxies = sweep_proxies(cfg)
-    methods, seeds = [m for m in cfg.methods if m != BON], cfg.seeds
-    jobs, after = [], {}
-    if BON in cfg.methods:
-        bon_rewards = [p.spec for p in proxies]
-        jobs += [(_compare, cfg.compare_config(BON, bon_rewards, [BON], [s])) for s in seeds]
-        after.update({i: 0 for i in range(1, len(seeds))})
-    if methods:
-        firsts = {}
-        for p in proxies:
-            firsts[p.name] = len(jobs)
-            jobs.append((_compare, cfg.compare_config(p.name, [p.spec], methods, seeds[:1])))
-        for p in proxies:
-            for s in seeds[1:]:
-                after[len(jobs)] = firsts[p.name]
-                jobs.append((_compare, cfg.compare_config(p.name, [p.spec], methods, [s])))
-    _run_jobs(jobs, cfg.workers, after)
-    optimise_s = time.perf_counter() - proxies_s - t0
+    jobs, done = sweep_jobs(cfg)
+    _run_jobs(jobs, cfg.workers, done)
+    work_s = time.perf_counter() - t0
     # the full reports of every comparison (every run exists: nothing trains)
+    proxies = sweep_proxies(cfg)
+    methods = [m for m in cfg.methods if m != BON]
     if BON in cfg.methods:
-        _compare(cfg.compare_config(BON, [p.spec for p in proxies], [BON], seeds))
+        _compare(cfg.compare_config(BON, [p.spec for p in proxies], [BON], cfg.seeds), report=True)
     for p in proxies if methods else []:
-        _compare(cfg.compare_config(p.name, [p.spec], methods, seeds))
-    return write_sweep_report(cfg, proxies, {"proxies": proxies_s, "optimisation": optimise_s})
+        _compare(cfg.compare_config(p.name, [p.spec], methods, cfg.seeds), report=True)
+    return write_sweep_report(cfg, proxies, {"work": work_s, "reports": time.perf_counter() - t0 - work_s})
 
 
 def main(cfg: SweepConfig) -> None:
@@ -245,6 +285,24 @@ def sweep_rows(cfg: SweepConfig, proxies: list[Proxy]) -> tuple[list[dict], dict
     return rows, {"curves": curves, "gold": gold, "methods": methods}
 
 
+def part_minutes(cfg: SweepConfig, proxies: list[Proxy]) -> dict[str, float]:
+    """Process minutes of each part, from the records the jobs left: every proxy's training (its summary's total),
+    and per method the runs' training and evaluation (result.json: train_s + eval_s + the evaluations along
+    training), the starting-model evaluations included under "start"."""
+    from rlgen.reward_model import SUMMARY_FILE
+
+    minutes = {"proxies": sum(json.loads((Path(c.output_dir) / SUMMARY_FILE).read_text())["time_s"]["total"]
+                              for c in cfg.proxy_configs().values()) / 60}
+    folders = [p.name for p in proxies if [m for m in cfg.methods if m != BON]] + ([BON] if BON in cfg.methods else [])
+    for name in folders:
+        for result in (Path(cfg.output_dir) / "runs" / name / "runs").glob("*/**/result.json"):
+            r = json.loads(result.read_text())
+            seconds = r["train_s"] + r["eval_s"] + sum(e.get("time/eval", 0.0) for e in r.get("evals") or []
+                                                       if r["method"] != BON)
+            minutes[r["method"]] = minutes.get(r["method"], 0.0) + seconds / 60
+    return minutes
+
+
 def _fmt(x, digits=3) -> str:
     if x is None:
         return "–"
@@ -285,9 +343,11 @@ def write_sweep_report(cfg: SweepConfig, proxies: list[Proxy], seconds: dict) ->
               f"({cfg.bootstrap} replicates); an interval's upper end ∞ means the data do not bound a peak. "
               "Ensemble accuracy: the mean of its members'. Fit: Gao et al. 2022, RL R(d) = d(α − β log d), "
               "best-of-n R(d) = d(α − β d), d = √KL, R the gold gained over the start.", "",
-              f"Wall time of the call that wrote this report (work kept from earlier calls not counted): proxies "
-              f"{seconds['proxies'] / 60:.1f} min, optimisation {seconds['optimisation'] / 60:.1f} min, "
-              f"{cfg.workers} processes side by side.", "", "![gold against sqrt(KL)](gold_vs_kl.png)", "",
+              f"Wall time of the call that wrote this report (work kept from earlier calls not counted): "
+              f"{seconds['work'] / 60:.1f} min for the proxies and optimisation ({cfg.workers} processes side by "
+              f"side, proxies and comparisons overlapping), {seconds['reports'] / 60:.1f} min for the reports. "
+              "Process time by part (the jobs' own records, model loading left out): " + ", ".join(
+                  f"{part} {m:.1f} min" for part, m in part_minutes(cfg, proxies).items()) + ".", "", "![gold against sqrt(KL)](gold_vs_kl.png)", "",
               "![peak against proxy quality](peak_vs_quality.png)", ""]
     (out / "sweep.md").write_text("\n".join(lines))
     plot_gold_vs_kl(rows, data, out / "gold_vs_kl.png")

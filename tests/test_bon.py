@@ -138,3 +138,24 @@ def test_unbiased_best_of_refuses_k_outside_the_draws():
         unbiased_best_of([[0.1, 0.2]], [[1.0, 2.0]], 3)
     with pytest.raises(ValueError, match="k 1"):
         unbiased_best_of([[0.1, 0.2]], [[1.0]], 1)
+
+
+def test_own_reference_skips_only_the_reference_pass(tiny_folder, dataset, tmp_path):
+    """Best-of-n samples with `own_reference`: the same draws as an evaluation against a copy of the model as
+    reference, whose KL per sample is 0 up to rounding, so each draw's KL is 0 exactly and no reference runs."""
+    from rlgen import engines
+    from rlgen.evaluation import Evaluator
+
+    evaluator = Evaluator(_eval_config(tiny_folder, dataset, tmp_path / "eval"))
+    summaries = {}
+    for own in (False, True):
+        policy = evaluator.load_policy(reference=not own)
+        try:
+            summaries[own] = evaluator(policy, tmp_path / str(own), repeat=2, own_reference=own)
+        finally:
+            engines.stop(policy)
+    with_ref, own = (read_jsonl(tmp_path / str(k) / "eval_samples.jsonl") for k in (False, True))
+    assert len(own) == 6 and [s["completion"] for s in own] == [s["completion"] for s in with_ref]
+    assert [s["rewards"] for s in own] == [s["rewards"] for s in with_ref]
+    assert all(s["kl"] == 0.0 for s in own) and max(abs(s["kl"]) for s in with_ref) < 1e-4
+    assert "eval/perplexity_ref" in summaries[False] and "eval/perplexity_ref" not in summaries[True]

@@ -82,6 +82,7 @@ def test_rl_rows_come_from_the_per_prompt_samples_of_every_evaluation(swept):
         evals = [run / "eval_steps" / "step1", run / "eval_steps" / "step2", run / "eval"]
         samples = [read_jsonl(e / "eval_samples.jsonl") for e in evals]
         assert [s["completion"] for s in samples[1]] == [s["completion"] for s in samples[2]]
+        assert (evals[1] / "eval_summary.json").read_text() == (evals[2] / "eval_summary.json").read_text()
         samples = samples[:2]  # the final evaluation repeats the one at step 2 (eval_steps divides max_steps)
         curves.append([np.mean([s["rewards"]["gold/sentiment_positive"] for s in e]) for e in samples])
         kls.append([np.mean([s["kl"] for s in e]) for e in samples])
@@ -115,8 +116,36 @@ def test_best_of_n_is_sampled_once_and_read_per_proxy_with_the_unbiased_estimato
         assert float(rows[proxy]["max_kl"]) == pytest.approx(bon_kl(4))
 
 
-def test_rerun_trains_nothing(swept, capsys):
+def test_jobs_start_once_their_proxies_exist_largest_proxy_first(swept):
     tmp_path, config, _ = swept
+    from rlgen.config import build_config
+    from rlgen.sweep import _compare, _train_proxy, sweep_jobs
+
+    cfg = build_config(SweepConfig, yaml.safe_load(config.read_text()), str(config))
+    jobs, done = sweep_jobs(cfg)
+    assert done == set(range(len(jobs)))  # all finished by the fixture's sweep
+    proxies = [j.arg.output_dir.rsplit("/", 1)[1] for j in jobs if j.run is _train_proxy]
+    assert proxies == ["pairs24", "pairs8", "pairs8_seed1"]
+    index = {name: i for i, name in enumerate(proxies)}
+    compares = [j for j in jobs if j.run is _compare]
+    assert len(compares) == 2 * (1 + 4)  # bon and 4 rewards, 2 seeds each
+    for job in compares:
+        name, seed = job.arg.output_dir.rsplit("/", 1)[1], job.arg.seeds[0]
+        needs = {"bon": set(index.values()), "pairs8": {index["pairs8"]}, "pairs24": {index["pairs24"]}}.get(
+            name, {index["pairs8"], index["pairs8_seed1"]})
+        first = next(i for i, j in enumerate(jobs) if j.run is _compare and j.arg.output_dir == job.arg.output_dir)
+        assert set(job.after) == needs | ({first} if seed == 1 else set())
+        assert seed == 0 or jobs.index(job) > first
+
+
+def test_rerun_trains_nothing(swept, capsys, monkeypatch):
+    tmp_path, config, _ = swept
+    import rlgen.sweep
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a finished sweep started worker processes")
+
+    monkeypatch.setattr(rlgen.sweep, "ProcessPoolExecutor", no_workers)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("result.json")}
     assert main(["sweep", "--config", str(config), "--workers", "1"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("result.json")} == before
