@@ -13,7 +13,14 @@ import dataclasses
 import time
 from pathlib import Path
 
-from rlgen.config import TRAINING_STAGES, RunConfig, parse_section_overrides, parse_stage_config, save_config
+from rlgen.config import (
+    TRAINING_STAGES,
+    RunConfig,
+    parse_section_overrides,
+    parse_stage_config,
+    save_config,
+    with_section_overrides,
+)
 from rlgen.tracking import leaves_output_dir_as_found, never, prepare_output_dir
 
 
@@ -33,7 +40,7 @@ def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     checks every section, and every stage's data and a comparison's rewards and TRL options are checked here too."""
     overrides = parse_section_overrides(extra, ("evaluate", "compare", *TRAINING_STAGES))
     run = parse_stage_config(RunConfig, args, args.config)
-    run = dataclasses.replace(run, **{s: {**getattr(run, s), **v} for s, v in overrides.items()})
+    run = with_section_overrides(run, overrides)
     from rlgen.data import check_stage_data
 
     for section in ("evaluate", *run.stages):

@@ -143,7 +143,7 @@ def test_stage_command_reads_its_section_of_a_run_file(tmp_path):
         _parse(PPOConfig, ["--config", str(run_file)], "ppo")
 
 
-def test_stage_sections_take_dotted_flags(monkeypatch, capsys):
+def test_stage_sections_take_dotted_flags(monkeypatch, capsys, tmp_path):
     """Before, `rlgen ppo --help` listed --evaluate but only `compare` took --evaluate.<key> VALUE."""
     import rlgen.cli
 
@@ -160,6 +160,25 @@ def test_stage_sections_take_dotted_flags(monkeypatch, capsys):
     with pytest.raises(SystemExit):  # a stage without sections refuses them as any unknown flag
         main(["sft", "--evaluate.num_prompts", "3"])
     assert "unrecognized arguments: --evaluate.num_prompts" in capsys.readouterr().err
+    # a section inside a section: more dots, merged with what the config file set there
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("compare:\n  gold_reward: [sentiment_positive]\n  evaluate: {num_prompts: 5, batch_size: 2}\n")
+    assert main(["sweep", "--config", str(sweep), "--compare.evaluate.num_prompts", "3",
+                 "--compare.evaluate.split", "validation", "--compare.ppo.learning_rate", "1e-3"]) == 0
+    compare = ran[-1].compare_config("bon", ["sentiment_positive"], ["bon"], [0])
+    assert compare.evaluate == {"num_prompts": "3", "batch_size": 2, "split": "validation"}
+    assert compare.ppo == {"learning_rate": "1e-3"}
+    assert compare.eval_config("tiny", "out", 0).num_prompts == 3
+    assert main(["sweep", "--config", str(sweep), "--compare.evaluate", "3", "--compare.evaluate.split", "x"]) == 2
+    assert "'evaluate' was given a value earlier, so it takes no keys" in capsys.readouterr().err
+    from rlgen.cli import build_parser
+    from rlgen.pipeline import parse_run_config
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("model: tiny\nstages: []\ncompare:\n  methods: [ppo]\n  ppo: {ppo_epochs: 2}\n")
+    run = parse_run_config(*build_parser().parse_known_args(
+        ["run", "--config", str(run_file), "--compare.ppo.learning_rate", "1e-3"]))
+    assert run.compare["ppo"] == {"ppo_epochs": 2, "learning_rate": "1e-3"}
     # the help lists the dotted form, not a flag that cannot work
     out = subprocess.run([sys.executable, "-m", "rlgen.cli", "ppo", "--help"], capture_output=True, text=True).stdout
     assert "--evaluate.<key> VALUE" in out and "--evaluate EVALUATE" not in out

@@ -91,7 +91,9 @@ def parse_stage_config(cls, args: argparse.Namespace, config_path: str | None, s
 
 def parse_section_overrides(extra: list[str], sections: tuple[str, ...]) -> dict[str, dict]:
     """`--<section>.<key> VALUE` arguments (options of a run's stages or a comparison's methods) as
-    {section: {key: VALUE}}; the values are checked later, with the section's config class."""
+    {section: {key: VALUE}}; a section inside a section takes more dots (`rlgen sweep --compare.evaluate.num_prompts
+    8`: {"compare": {"evaluate": {"num_prompts": "8"}}}). The values are checked later, with the section's config
+    class."""
     overrides: dict[str, dict] = {}
     it = iter(extra)
     for token in it:
@@ -103,13 +105,30 @@ def parse_section_overrides(extra: list[str], sections: tuple[str, ...]) -> dict
         value = next(it, None)
         if value is None:
             raise UserError(f"{token} needs a value")
-        overrides.setdefault(section, {})[key] = value
+        *inner, key = key.split(".")
+        target = overrides.setdefault(section, {})
+        for name in inner:
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise UserError(f"{token}: '{name}' was given a value earlier, so it takes no keys")
+        if isinstance(target.get(key), dict):
+            raise UserError(f"{token}: '{key}' was given keys earlier, so it takes no value")
+        target[key] = value
     return overrides
 
 
+def _merged(base: dict, update: dict) -> dict:
+    """`base` updated by `update`, a section inside both merged key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def with_section_overrides(config, overrides: dict[str, dict]):
-    """`config` with each section's options updated by `overrides` ({section: {key: VALUE}}), checked again."""
-    return dataclasses.replace(config, **{k: {**getattr(config, k), **v} for k, v in overrides.items()})
+    """`config` with each section's options updated by `overrides` ({section: {key: VALUE}}, a section inside a
+    section merged key by key), checked again."""
+    return dataclasses.replace(config, **{k: _merged(getattr(config, k), v) for k, v in overrides.items()})
 
 
 def to_dict(config) -> dict:
