@@ -130,6 +130,19 @@ def _run_jobs(jobs: list[Job], workers: int, done: set[int]) -> None:
                 print(f"[sweep] {future.result()}", flush=True)  # re-raises the job's error
 
 
+def comparisons(cfg: SweepConfig, proxies: list[Proxy], seeds: list[int]) -> list[tuple[CompareConfig, tuple]]:
+    """Every comparison of the sweep at `seeds`, with the proxy folders it needs: best-of-n once for all rewards
+    (the first at weight 1), then the other methods against each reward alone."""
+    methods = [m for m in cfg.methods if m != BON]
+    out = []
+    if BON in cfg.methods:
+        out.append((cfg.compare_config(BON, [p.spec for p in proxies], [BON], seeds),
+                    tuple(f for p in proxies for f in p.folders)))
+    if methods:
+        out += [(cfg.compare_config(p.name, [p.spec], methods, seeds), p.folders) for p in proxies]
+    return out
+
+
 def sweep_jobs(cfg: SweepConfig) -> tuple[list[Job], set[int]]:
     """Every job of the sweep in priority order, and those an earlier call finished.
 
@@ -143,14 +156,9 @@ def sweep_jobs(cfg: SweepConfig) -> tuple[list[Job], set[int]]:
     for i in sorted(done):
         print(f"[sweep] {Path(rm_cfgs[i].output_dir).name}: trained earlier, kept", flush=True)
     proxies = sweep_proxies(cfg)
-    methods, seeds = [m for m in cfg.methods if m != BON], cfg.seeds
-    groups = []  # (compare configs one per seed, the proxy jobs they need)
-    if BON in cfg.methods:
-        groups.append(([cfg.compare_config(BON, [p.spec for p in proxies], [BON], [s]) for s in seeds],
-                       frozenset(range(len(rm_cfgs)))))
-    if methods:
-        groups += [([cfg.compare_config(p.name, [p.spec], methods, [s]) for s in seeds],
-                    frozenset(trained_by[f] for f in p.folders)) for p in proxies]
+    per_seed = [comparisons(cfg, proxies, [s]) for s in cfg.seeds]
+    groups = [([seed[g][0] for seed in per_seed], frozenset(trained_by[f] for f in needs))
+              for g, (_, needs) in enumerate(per_seed[0])]  # (one config per seed, the proxy jobs they need)
     firsts = {}
     for g, (configs, needs) in enumerate(groups):
         firsts[g] = len(jobs)
@@ -171,13 +179,9 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Path]:
     jobs, done = sweep_jobs(cfg)
     _run_jobs(jobs, cfg.workers, done)
     work_s = time.perf_counter() - t0
-    # the full reports of every comparison (every run exists: nothing trains)
     proxies = sweep_proxies(cfg)
-    methods = [m for m in cfg.methods if m != BON]
-    if BON in cfg.methods:
-        _compare(cfg.compare_config(BON, [p.spec for p in proxies], [BON], cfg.seeds), report=True)
-    for p in proxies if methods else []:
-        _compare(cfg.compare_config(p.name, [p.spec], methods, cfg.seeds), report=True)
+    for compare_cfg, _ in comparisons(cfg, proxies, cfg.seeds):  # the full reports (every run exists: nothing trains)
+        _compare(compare_cfg, report=True)
     return write_sweep_report(cfg, proxies, {"work": work_s, "reports": time.perf_counter() - t0 - work_s})
 
 
@@ -293,9 +297,8 @@ def part_minutes(cfg: SweepConfig, proxies: list[Proxy]) -> dict[str, float]:
 
     minutes = {"proxies": sum(json.loads((Path(c.output_dir) / SUMMARY_FILE).read_text())["time_s"]["total"]
                               for c in cfg.proxy_configs().values()) / 60}
-    folders = [p.name for p in proxies if [m for m in cfg.methods if m != BON]] + ([BON] if BON in cfg.methods else [])
-    for name in folders:
-        for result in (Path(cfg.output_dir) / "runs" / name / "runs").glob("*/**/result.json"):
+    for compare_cfg, _ in comparisons(cfg, proxies, cfg.seeds):
+        for result in (Path(compare_cfg.output_dir) / "runs").glob("*/**/result.json"):
             r = json.loads(result.read_text())
             seconds = r["train_s"] + r["eval_s"] + sum(e.get("time/eval", 0.0) for e in r.get("evals") or []
                                                        if r["method"] != BON)
