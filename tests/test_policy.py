@@ -26,6 +26,43 @@ def test_sampled_logprobs_and_values_match_a_separate_forward(tiny_policy, min_n
     assert len(ro.completions) == len(PROMPTS) and ro.prompts == PROMPTS
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_repeated_prompts_are_prefilled_once_and_sample_as_if_each_were(tiny_tokenizer, lora):
+    """Best-of-n's batches repeat each prompt: the distinct prompts' KV cache (all but the last prompt token) is
+    computed once and copied to the repeats. Same seed, same tokens, log-probs and values as prefilling every row,
+    and the first forward sees the 3 distinct prompts, not the 12 rows."""
+    from rlgen.models import build_tiny_model
+
+    policy = Policy(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, reference=False)
+    if lora:
+        policy = Policy.from_pretrained("tiny", lora_r=4, reference=False)
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)  # an adapter that changes the model (B starts at zero)
+    torch.nn.init.normal_(policy.value_head.weight)
+    prompts = PROMPTS * 4  # draw j of prompt i is row 3 * j + i, as the evaluator repeats them
+    rows_seen = []
+    hook = policy.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    settings = SamplingConfig(max_new_tokens=10, temperature=0.8)
+    torch.manual_seed(0)
+    shared = policy.sample(prompts, settings)
+    P = shared.prompt_ids.shape[1]
+    assert rows_seen[0] == (3, P - 1) and rows_seen[1] == (12, 1)  # the shared prefill, then the last prompt token
+    hook.remove()
+    policy._shared_prompt_cache = lambda ids, mask: {}
+    torch.manual_seed(0)
+    each = policy.sample(prompts, settings)
+    assert torch.equal(shared.completion_ids, each.completion_ids)
+    torch.testing.assert_close(shared.logprobs, each.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.values, each.values, atol=1e-5, rtol=1e-5)
+    m = shared.completion_mask.bool()
+    logprobs, values, _ = policy.forward(shared.input_ids, shared.attention_mask, shared.completion_ids.shape[1],
+                                         temperature=0.8)
+    torch.testing.assert_close(shared.logprobs[m], logprobs[m], atol=1e-4, rtol=1e-4)  # LoRA merged vs not
+    torch.testing.assert_close(shared.values[m], values[m], atol=1e-4, rtol=1e-4)
+
+
 def test_min_new_tokens_logprobs_are_those_of_the_distribution_that_sampled(tiny_policy):
     """EOS is blocked before min_new_tokens in sampling, and so in the log-probs of generation, forward and
     reference alike: the first PPO ratio is 1 and the KL is that of the sampling policies."""
