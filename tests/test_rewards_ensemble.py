@@ -197,6 +197,35 @@ def test_learned_reward_model_members(tiny_reward_models, tmp_path):
     assert load_reward(spec([rm_a, str(copy)]))[1].member_names == ["rm_a", "rm_a_2"]
 
 
+def test_a_reward_model_named_by_several_specs_loads_and_scores_once(tiny_reward_models, tmp_path, monkeypatch):
+    """The sweep's rewards: a proxy on its own and as a member of three ensembles over the same members."""
+    rm_a, rm_b = tiny_reward_models
+    expected = {folder: LearnedReward(folder, device="cpu")(*PAIRS) for folder in (rm_a, rm_b)}
+    specs = [rm_a] + [spec([rm_a, rm_b], combine=c) for c in ("mean", "min", "uwo")]
+    fns = [load_reward(s) for s in specs]
+    assert fns[0][1] is fns[1][1].members[0][1] is fns[3][1].members[0][1]  # one object per folder
+    assert fns[1][1].members[1][1] is fns[2][1].members[1][1]
+    assert load_reward(f"{rm_a}(batch_size=2)")[1] is not fns[0][1]  # other arguments: another reward
+    runs = []
+    score_batch = LearnedReward._score_batch
+    monkeypatch.setattr(LearnedReward, "_score_batch", lambda self, texts: runs.append(self.path) or
+                        score_batch(self, texts))
+    _, per_fn = score_rewards(fns, *PAIRS)
+    assert sorted(map(str, runs)) == sorted([rm_a, rm_b])  # each model ran once for the four rewards
+    assert per_fn["rm_a"] == pytest.approx(expected[rm_a], abs=1e-6)
+    for key in ("ensemble", "ensemble_2", "ensemble_3"):
+        assert per_fn[f"{key}/rm_a"] == pytest.approx(expected[rm_a], abs=1e-6)
+        assert per_fn[f"{key}/rm_b"] == pytest.approx(expected[rm_b], abs=1e-6)
+    score_rewards(fns, PAIRS[0], PAIRS[1][::-1])  # other completions: scored anew
+    assert len(runs) == 4
+    copy = tmp_path / "rm"
+    shutil.copytree(rm_b, copy)
+    first = load_reward(str(copy))[1]
+    shutil.copytree(rm_a, copy, dirs_exist_ok=True)  # the folder written again: its model loads again
+    second = load_reward(str(copy))[1]
+    assert second is not first and second(*PAIRS) == pytest.approx(expected[rm_a], abs=1e-6)
+
+
 def test_the_evaluator_reports_each_member(tiny_policy, tiny_reward_models, members, tmp_path):
     rm_a, rm_b = tiny_reward_models
     with warnings.catch_warnings():

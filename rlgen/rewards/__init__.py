@@ -18,6 +18,7 @@ import math
 import numbers
 import re
 import sys
+import weakref
 from pathlib import Path
 
 from rlgen.errors import RewardError, UserError
@@ -192,11 +193,29 @@ def _builtin_factory(spec, factory, kwargs):
     return reward
 
 
+# Reward models loaded and still in use, by folder (or Hub id), its files' times and the arguments: a folder named
+# by several specs (a proxy that is also an ensemble member, several ensembles over the same members) loads once,
+# and scores a batch once (`LearnedReward` keeps its last call's scores); a folder written again loads again.
+_LEARNED: "weakref.WeakValueDictionary[tuple, LearnedReward]" = weakref.WeakValueDictionary()
+
+
+def _learned_key(target, kwargs) -> tuple:
+    folder = Path(target)
+    if not folder.is_dir():
+        return str(target), repr(sorted(kwargs.items()))
+    files = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+    return str(folder.resolve()), files, repr(sorted(kwargs.items()))
+
+
 def _learned(target, kwargs, spec):
-    try:
-        reward = LearnedReward(target, **kwargs)
-    except TypeError as e:
-        raise UserError(f"reward spec {spec!r}: bad arguments for a reward model: {_one_line(e)}") from e
+    key = _learned_key(target, kwargs)
+    reward = _LEARNED.get(key)
+    if reward is None:
+        try:
+            reward = LearnedReward(target, **kwargs)
+        except TypeError as e:
+            raise UserError(f"reward spec {spec!r}: bad arguments for a reward model: {_one_line(e)}") from e
+        _LEARNED[key] = reward
     return reward.__name__, reward
 
 

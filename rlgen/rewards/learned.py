@@ -112,7 +112,9 @@ class LearnedReward:
     scores them with a reward model: the chat template of the prompt's messages followed by the completion's.
 
     Texts longer than the model's context are truncated on the tokenizer's truncation side, with one warning
-    per call. Nothing is cached between calls.
+    per call. The last call's texts and scores are kept: scored again on the same texts (an ensemble member that is
+    also a reward of its own, or a member of several ensembles: `load_reward` gives one object per folder), the
+    model does not run again.
     """
 
     def __init__(self, path, batch_size=32, device=None, max_length=None):
@@ -136,6 +138,7 @@ class LearnedReward:
             )
         self.max_length = max_length if max_length is not None else self._context_length()
         self.gain, self.bias = _read_normalisation(folder)
+        self._last: tuple[list[str], list[float]] = ([], [])  # the last call's texts and scores
 
     def __repr__(self):
         return f"LearnedReward({str(self.path)!r})"
@@ -175,9 +178,13 @@ class LearnedReward:
         texts = [scored_text(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
         if not texts:
             return []
+        if texts == self._last[0]:
+            return list(self._last[1])
         self._warn_truncation(texts)
         raw = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 raw.extend(self._score_batch(texts[start : start + self.batch_size]))
-        return [self.gain * r + self.bias for r in raw]
+        scores = [self.gain * r + self.bias for r in raw]
+        self._last = (texts, scores)
+        return list(scores)
