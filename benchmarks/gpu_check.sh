@@ -16,7 +16,8 @@
 # all parts together stay within GPU_CHECK_BUDGET seconds, default 500):
 #   0_env          nvidia-smi, wheel install, versions, torch.cuda.is_available(), carried sizes
 #   1_tests        pytest on core/policy/ppo/seqgan/discriminator/metrics and the TRL evaluation-hook test, listing which tests allocated CUDA memory
-#   1_cuda_smoke   tiny policy on cuda: sample, ref log-probs, evaluate_policy, train_ppo, and `rlgen ppo` (CLI)
+#   1_cuda_smoke   tiny policy on cuda: sample, ref log-probs, evaluate_policy, train_ppo, and `rlgen ppo` (CLI);
+#                  then `rlgen sweep` with the GPU config shrunk (proxies, PPO, best-of-n, ensemble, report)
 #   2_ppo_throughput  benchmarks/ppo_throughput.py with its defaults (tiny), then --model-size small, then issue 11's
 #                  figures: the peer's base shape (88M-parameter Llama, 64 completions of 128 tokens, 2 PPO epochs)
 #                  in float32 (the peer's precision) and in bfloat16 (all in the one log: at most 8 files come back)
@@ -190,6 +191,15 @@ part 0_env 90 20 bash -c env_part
 part 1_tests "$CAP_TESTS" 30 "$PY" -m pytest -q -p no:cacheprovider -p cudaprobe -rfE --maxfail=15 \
   --durations=10 "${TESTS[@]}"
 part 1_cuda_smoke 120 30 env GPU_CHECK_WORK="$WORK" "$PY" benchmarks/gpu_check/cuda_smoke.py
+# `rlgen sweep --config experiments/overoptimization_sweep_gpu.yaml` (issue 22) shrunk: two proxies and a min
+# ensemble trained on the device, PPO and best-of-n against each in two worker processes, the report. The tiny model
+# for policy and proxies and VADER as labeller and gold: the default model's GGUF, MiniLM and TextBlob are not carried.
+SWEEP=(--config experiments/overoptimization_sweep_gpu.yaml --output_dir "$WORK/sweep" --num_pairs 100 300
+       --ensemble_seeds 1 --ensembles min --seeds 0 --bootstrap 50 --proxy.model tiny
+       --proxy.gold_reward sentiment_positive --compare.model tiny --compare.gold_reward sentiment_positive
+       --compare.max_steps 4 --compare.eval_steps 2 --compare.bon_n 16 --compare.evaluate.num_prompts 16)
+[ "$QUICK" = 1 ] && SWEEP+=(--compare.dtype auto)
+NOTE="rlgen sweep, GPU config shrunk, tiny models" part 1_cuda_smoke 150 60 "$PY" -m rlgen sweep "${SWEEP[@]}"
 part 2_ppo_throughput 60 20 "$PY" benchmarks/ppo_throughput.py --peer-dir "$CARRY/bench" --workdir "$WORK/peer" \
   "${PPO_T[@]}"
 # the small shape (about 20M parameters per model) is where a GPU should pay; appended to the same log
