@@ -219,7 +219,10 @@ class Policy(nn.Module):
         self.engine = None
         if reference and ref_model is None and not self.is_peft:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
+        forward_args = inspect.signature(self.base_model.forward).parameters
+        self._takes_position_ids = "position_ids" in forward_args
+        # the KV cache argument: cache in transformers 5.24 (past_key_values deprecated), past_key_values before
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         # After the reference copy above, which must not carry the hooks.
         self._recorder = _StepRecorder()
         self._hidden_hooked = self.base_model.base_model is not self.base_model
@@ -503,19 +506,20 @@ class Policy(nn.Module):
         same tokens (benchmarks/bon_sampling.py)."""
         from transformers import DynamicCache
 
+        P = prompt_ids.shape[1]
+        if P < 2 or not self.base_model._supports_default_dynamic_cache():
+            return {}
         rows = torch.cat([prompt_ids, prompt_mask], 1)  # a row's padding is part of what must repeat
         distinct, copies = torch.unique(rows, dim=0, return_inverse=True)  # distinct [U, 2P], copies [B] -> U
-        if (len(distinct) == len(rows) or prompt_ids.shape[1] < 2
-                or not self.base_model._supports_default_dynamic_cache()):
+        if len(distinct) == len(rows):
             return {}
-        P = prompt_ids.shape[1]
         ids, mask = distinct[:, :P - 1], distinct[:, P:2 * P - 1]  # [U, P - 1]
-        name = "cache" if "cache" in inspect.signature(self.base_model.forward).parameters else "past_key_values"
         cache = DynamicCache(config=self.base_config)
         kwargs = {"position_ids": position_ids_from_mask(mask)} if self._takes_position_ids else {}
-        self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **{name: cache}, **kwargs)
+        self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache},
+                   **kwargs)
         cache.batch_select_indices(copies)  # [U, ...] -> [B, ...]
-        return {name: cache}
+        return {self._cache_arg: cache}
 
     def _engine_sample(self, prompt_ids, prompt_mask, settings: SamplingConfig):
         """The inference engine on the same prompt tokens -> completion ids [B, T] right-padded (EOS not yet
