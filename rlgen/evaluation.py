@@ -212,6 +212,12 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     policy = evaluator.load_policy(reference)
     try:
         metrics = evaluator(policy, out)
+        if cfg.qd_temperatures:
+            from rlgen.quality_diversity import text_sweep, write_sweep
+
+            sweep = text_sweep(policy, [prompt_of(r) for r in evaluator.rows], cfg.qd_temperatures,
+                               SamplingConfig.of(cfg), cfg.batch_size, cfg.self_bleu_max_texts, cfg.seed)
+            write_sweep(out, sweep, cfg.model, reference)
     finally:
         engines.stop(policy)
     MetricsWriter(out).log(metrics, step=log_step)

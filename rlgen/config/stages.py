@@ -245,6 +245,10 @@ class EvalConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, CommonCo
     reference: str = opt("", "reference model of eval/kl and eval/perplexity_ref: default, tiny, a folder or a Hub "
                              "id; '' (default): the model a run folder's config.yaml started from (its 'model' "
                              "key) when model is such a folder, else the model itself")
+    qd_temperatures: list[float] = opt([], "quality-diversity sweep (Caccia et al. 2020): also sample the prompts at "
+                                           "each of these temperatures and write quality_diversity.json/.png "
+                                           "(quality: the reference's NLL of the samples; diversity: entropy, "
+                                           "self-BLEU); [] (default): none")
 
     def check(self) -> None:
         CommonConfig.check(self)
@@ -253,6 +257,8 @@ class EvalConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, CommonCo
         check_engine_options(self)
         at_least(self, 1, "num_prompts", "batch_size")
         at_least(self, 2, "self_bleu_max_texts")
+        if any(not t > 0 for t in self.qd_temperatures):
+            raise UserError(f"qd_temperatures must be > 0, got {self.qd_temperatures}")
 
     def own_options(self) -> dict:
         """Its options beyond CommonConfig's and the reference: what a training run's `evaluate` option holds."""

@@ -1,0 +1,268 @@
+"""Quality-diversity evaluation (Caccia et al., ICLR 2020, "Language GANs Falling Short").
+
+A GAN-trained generator usually samples with less entropy than the MLE model it started from; so does the MLE
+model at a lower temperature. Caccia et al. therefore sweep the MLE model's sampling temperature, which traces a
+quality-diversity curve, and claim a gain for a method only where its point lies beyond that curve (on it, they
+found, MLE beat every GAN they tried).
+
+Axes (every one has a direction; the curve maths works on costs, lower is better on both axes):
+- the oracle task (`rlgen.oracle`): quality eval/nll_oracle (the oracle's NLL of the samples) against diversity
+  eval/nll_test (the generator's NLL of held-out oracle data: low only if it covers the data); also
+  eval/nll_self (the generator's own-sample NLL, its entropy rate);
+- text: quality qd/scorer_nll (mean per-token NLL of each sample under a scorer model at temperature 1: the
+  evaluation's reference, i.e. the starting model, or a teacher given as the reference) against diversity
+  qd/entropy (the sampled tokens' NLL under the sampling distribution, an estimate of its entropy rate), and
+  eval/self_bleu, eval/distinct_2 (`rlgen.metrics`).
+
+`beyond_curve` is the claim: a point (mean over seeds, with SEs) lies beyond a temperature curve when, moved
+`k` SEs the worse way on both axes, it still strictly dominates a point of the curve's polyline moved `k` SEs
+the better way. A point beyond the curve's ends (in the direction no temperature reached) dominates no point of
+it and is never claimed: sweep more temperatures.
+`text_sweep` measures a policy at each temperature; `write_sweep` writes quality_diversity.json and .png
+(`rlgen evaluate --qd_temperatures ...`); `compare_quality_diversity` does it for a comparison's runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from rlgen import metrics
+
+# metric -> (axis label, lower is better)
+AXES = {
+    "eval/nll_oracle": ("NLL-oracle of samples (quality)", True),
+    "eval/nll_test": ("NLL-test of held-out data (diversity)", True),
+    "eval/nll_self": ("own-sample NLL, entropy rate (diversity)", False),
+    "qd/scorer_nll": ("scorer NLL per token of samples (quality)", True),
+    "qd/entropy": ("own-sample NLL per token, entropy (diversity)", False),
+    "eval/self_bleu": ("self-BLEU (diversity: lower is more diverse)", True),
+    "eval/distinct_2": ("distinct-2 (diversity)", False),
+}
+# (quality, diversity) pairs the plots show and the claims use, first pair first
+TEXT_PAIRS = [("qd/scorer_nll", "qd/entropy"), ("qd/scorer_nll", "eval/self_bleu")]
+ORACLE_PAIRS = [("eval/nll_oracle", "eval/nll_test"), ("eval/nll_oracle", "eval/nll_self")]
+
+
+# ---- curve maths (pure) ------------------------------------------------------------------------------------
+
+
+def cost(value: float, key: str) -> float:
+    """A metric as a cost, lower is better: the value, or minus it for the higher-is-better axes of AXES."""
+    return value if AXES[key][1] else -value
+
+
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether cost point a is strictly better (lower) than b on both axes.
+
+    >>> dominates((1.0, 1.0), (2.0, 2.0)), dominates((1.0, 2.0), (2.0, 2.0))
+    (True, False)
+    """
+    return a[0] < b[0] and a[1] < b[1]
+
+
+def dominates_polyline(p: tuple[float, float], curve: list[tuple[float, float]]) -> bool:
+    """Whether cost point p strictly dominates some point of the polyline through `curve` (cost points in
+    temperature order; one point is a degenerate polyline). Exact: on segment a + t (b - a), t in [0, 1], the
+    t with x(t) > p_x and those with y(t) > p_y are intervals, and p dominates a point iff they intersect.
+
+    >>> dominates_polyline((1.0, 1.0), [(0.0, 3.0), (3.0, 0.0)])  # below the line x + y = 3
+    True
+    >>> dominates_polyline((2.0, 2.0), [(0.0, 3.0), (3.0, 0.0)])
+    False
+    """
+    if len(curve) == 1:
+        return dominates(p, curve[0])
+    for a, b in zip(curve, curve[1:]):
+        lo, hi, empty = 0.0, 1.0, False
+        for axis in (0, 1):
+            c, d = a[axis] - p[axis], b[axis] - a[axis]  # need c + t d > 0
+            if d == 0:
+                empty |= c <= 0
+            elif d > 0:
+                lo = max(lo, -c / d)
+            else:
+                hi = min(hi, -c / d)
+        # the bounds from d are strict, 0 and 1 are not: nonempty iff lo < hi (lo == hi is never 0 and 1 both)
+        if not empty and lo < hi:
+            return True
+    return False
+
+
+def beyond_curve(point: tuple[float, float], point_se: tuple[float, float], curve: list[tuple[float, float]],
+                 curve_se: list[tuple[float, float]] | None = None, k: float = 1.0) -> bool:
+    """The claim: cost point `point` (SEs `point_se`, nan read as 0) moved k SEs worse on both axes strictly
+    dominates a point of the polyline through `curve` (cost points in temperature order) moved k of its SEs
+    better on both axes."""
+    def se(v: float) -> float:
+        return 0.0 if v is None or math.isnan(v) else v
+
+    worse = (point[0] + k * se(point_se[0]), point[1] + k * se(point_se[1]))
+    curve_se = curve_se or [(0.0, 0.0)] * len(curve)
+    better = [(x - k * se(sx), y - k * se(sy)) for (x, y), (sx, sy) in zip(curve, curve_se, strict=True)]
+    return dominates_polyline(worse, better)
+
+
+def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
+    """y of the polyline through `curve` (points sorted by x for this) at x: linear between the two points that
+    bracket x; None outside [min x, max x] (the gap there is unknown).
+
+    >>> interpolate([(0.0, 1.0), (2.0, 3.0)], 1.0), interpolate([(0.0, 1.0), (2.0, 3.0)], 3.0)
+    (2.0, None)
+    """
+    points = sorted(curve)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if len(points) == 1 and points[0][0] == x:
+        return points[0][1]
+    return None
+
+
+def mean_se(rows: list[dict], key: str) -> tuple[float, float]:
+    """Mean of rows[i][key] over the rows that have it, and its standard error: over the rows (seeds) when
+    there are two or more, else the one row's own `<key>_se` (nan if none)."""
+    rows = [r for r in rows if r.get(key) is not None]
+    if not rows:
+        return math.nan, math.nan
+    if len(rows) > 1:
+        values = [r[key] for r in rows]
+        return sum(values) / len(values), metrics.standard_error(values)
+    return rows[0][key], rows[0].get(f"{key}_se", math.nan)
+
+
+def curve_of(sweeps: list[list[dict]], x_key: str, y_key: str) -> tuple[list[float], list[tuple], list[tuple]]:
+    """One temperature curve from one or more sweeps (seeds) over the same temperatures: the temperatures, the
+    mean cost points (x, y) and their SEs, in temperature order."""
+    temps = sorted({row["temperature"] for sweep in sweeps for row in sweep})
+    points, ses = [], []
+    for t in temps:
+        rows = [row for sweep in sweeps for row in sweep if row["temperature"] == t]
+        (mx, sx), (my, sy) = mean_se(rows, x_key), mean_se(rows, y_key)
+        points.append((cost(mx, x_key), cost(my, y_key)))
+        ses.append((sx, sy))
+    return temps, points, ses
+
+
+def claims(points: dict[str, list[dict]], curve: list[list[dict]], pairs: list[tuple[str, str]],
+           k: float = 1.0) -> list[dict]:
+    """Per method and axis pair: its point (mean ± SE over its rows, one per seed) and whether it lies beyond
+    the temperature curve of `curve` (sweeps, one per seed) by more than k SEs (`beyond_curve`), with the
+    quality gap to the curve at the method's diversity (`interpolate`; None outside the swept range)."""
+    out = []
+    for quality, diversity in pairs:
+        _, c_points, c_ses = curve_of(curve, diversity, quality)
+        for method, rows in points.items():
+            (x, sx), (y, sy) = mean_se(rows, diversity), mean_se(rows, quality)
+            if math.isnan(x) or math.isnan(y):
+                continue
+            on_curve = interpolate(c_points, cost(x, diversity))
+            out.append({"method": method, "quality": quality, "diversity": diversity, "n": len(rows),
+                        "quality_mean": y, "quality_se": sy, "diversity_mean": x, "diversity_se": sx,
+                        "quality_gap": None if on_curve is None else on_curve - cost(y, quality),
+                        "beyond": beyond_curve((cost(x, diversity), cost(y, quality)), (sx, sy), c_points, c_ses, k)})
+    return out
+
+
+# ---- measuring -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def text_point(policy, prompts: list, sampling, batch_size: int = 16, self_bleu_max_texts: int = 200) -> dict:
+    """One completion per prompt sampled with `sampling`; qd/scorer_nll (mean over samples of the per-token NLL
+    of each under the policy's reference at temperature 1), qd/entropy (per-token NLL of each under the
+    sampling distribution), each with its `_se`, and eval/self_bleu, eval/distinct_1, eval/distinct_2."""
+    scorer_nll, entropy, texts = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        ro = policy.sample(prompts[i:i + batch_size], sampling, with_values=False)
+        mask = ro.completion_mask.float()
+        n = mask.sum(1).clamp(min=1)
+        ref_lp = policy.ref_logprobs(ro.input_ids, ro.attention_mask, mask.shape[1], 1.0)
+        scorer_nll += (-(ref_lp * mask).sum(1) / n).tolist()
+        entropy += (-(ro.logprobs * mask).sum(1) / n).tolist()
+        texts += ro.completions
+    out = {}
+    for key, values in (("qd/scorer_nll", scorer_nll), ("qd/entropy", entropy)):
+        out[key], out[f"{key}_se"] = sum(values) / len(values), metrics.standard_error(values)
+    out["eval/self_bleu"] = metrics.self_bleu(texts, max_texts=self_bleu_max_texts)
+    out["eval/distinct_1"], out["eval/distinct_2"] = metrics.distinct_n(texts, 1), metrics.distinct_n(texts, 2)
+    out["eval/num_samples"] = len(texts)
+    return out
+
+
+def text_sweep(policy, prompts: list, temperatures: list[float], sampling, batch_size: int = 16,
+               self_bleu_max_texts: int = 200, seed: int = 0) -> list[dict]:
+    """`text_point` at each temperature (torch seeded with `seed` before each), one row per temperature."""
+    rows = []
+    for t in temperatures:
+        torch.manual_seed(seed)
+        rows.append({"temperature": t, **text_point(policy, prompts, dataclasses.replace(sampling, temperature=t),
+                                                    batch_size, self_bleu_max_texts)})
+    return rows
+
+
+# ---- files and plots -------------------------------------------------------------------------------------
+
+
+def plot(curves: dict[str, list[list[dict]]], points: dict[str, list[dict]], pairs: list[tuple[str, str]],
+         path: Path, beyond: dict | None = None, title: str = "Quality against diversity"):
+    """quality_diversity.png: one panel per (quality, diversity) pair; each name of `curves` a temperature
+    curve (mean over its sweeps, ± SE, temperatures annotated), each of `points` its per-seed points and their
+    mean ± SE (filled when `beyond[(method, quality, diversity)]`). Axes in the metrics' own units, each label
+    saying which way is better. Returns the Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(pairs), 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(pairs), squeeze=False)[0]
+    colours = dict(zip([*curves, *points], [f"C{i}" for i in range(10)] * 10))
+    for ax, (quality, diversity) in zip(axes, pairs):
+        for name, sweeps in curves.items():
+            temps, pts, ses = curve_of(sweeps, diversity, quality)
+            xs, ys = [cost(x, diversity) for x, _ in pts], [cost(y, quality) for _, y in pts]
+            ax.errorbar(xs, ys, xerr=[_nan0(s[0]) for s in ses], yerr=[_nan0(s[1]) for s in ses], fmt="-o", ms=4,
+                        capsize=3, color=colours[name], label=f"{name}: temperature sweep")
+            for t, x, y in zip(temps, xs, ys):
+                ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=colours[name])
+        for name, rows in points.items():
+            xs = [r[diversity] for r in rows if r.get(diversity) is not None]
+            ys = [r[quality] for r in rows if r.get(quality) is not None]
+            if not xs or not ys:
+                continue
+            (mx, sx), (my, sy) = mean_se(rows, diversity), mean_se(rows, quality)
+            filled = bool(beyond and beyond.get((name, quality, diversity)))
+            ax.scatter(xs, ys, s=20, alpha=0.4, color=colours[name], linewidths=0)
+            ax.errorbar([mx], [my], xerr=[_nan0(sx)], yerr=[_nan0(sy)], fmt="D", ms=8, capsize=4,
+                        color=colours[name], mfc=colours[name] if filled else "white", zorder=3,
+                        label=f"{name} (n={len(rows)})" + (": beyond the curve" if filled else ""))
+        ax.set(xlabel=_axis_label(diversity), ylabel=_axis_label(quality), title=title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def _nan0(v) -> float:
+    return 0.0 if v is None or math.isnan(v) else v
+
+
+def _axis_label(key: str) -> str:
+    label, lower = AXES[key]
+    return f"{label}; {'lower' if lower else 'higher'} is better"
+
+
+def write_sweep(folder: Path, sweep: list[dict], model: str, scorer: str) -> dict[str, Path]:
+    """`rlgen evaluate --qd_temperatures`: quality_diversity.json ({model, scorer, sweep}) and
+    quality_diversity.png (the model's temperature curve) in `folder`."""
+    folder = Path(folder)
+    json_path, png_path = folder / "quality_diversity.json", folder / "quality_diversity.png"
+    json_path.write_text(json.dumps({"model": model, "scorer": scorer, "sweep": sweep}, indent=1))
+    plot({model: [sweep]}, {}, TEXT_PAIRS, png_path, title=f"Temperature sweep (scorer: {scorer})")
+    return {"json": json_path, "png": png_path}

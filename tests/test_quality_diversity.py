@@ -1,0 +1,96 @@
+"""Quality-diversity curves (rlgen.quality_diversity): the curve maths against naive loops and hand values, and
+`rlgen evaluate --qd_temperatures` end to end on the tiny model."""
+
+import json
+import math
+import random
+
+import pytest
+
+from rlgen import quality_diversity as qd
+
+
+def _naive_dominates_polyline(p, curve, steps=2000):
+    """Dense points along each segment (and the vertices): does p strictly dominate one of them?"""
+    pts = list(curve)
+    for a, b in zip(curve, curve[1:]):
+        pts += [(a[0] + i / steps * (b[0] - a[0]), a[1] + i / steps * (b[1] - a[1])) for i in range(steps + 1)]
+    return any(p[0] < x and p[1] < y for x, y in pts)
+
+
+def test_dominates_polyline_matches_a_dense_naive_loop():
+    rng = random.Random(0)
+    checked = {True: 0, False: 0}
+    for _ in range(300):
+        curve = [(rng.uniform(0, 4), rng.uniform(0, 4)) for _ in range(rng.randint(1, 5))]
+        p = (rng.uniform(-1, 5), rng.uniform(-1, 5))
+        # points within 1e-3 of the boundary are left to the hand cases (the dense loop resolves 1/2000)
+        near = [(p[0] + dx, p[1] + dy) for dx in (-1e-3, 1e-3) for dy in (-1e-3, 1e-3)]
+        if len({_naive_dominates_polyline(q, curve) for q in near}) > 1:
+            continue
+        expected = _naive_dominates_polyline(p, curve)
+        assert qd.dominates_polyline(p, curve) == expected, (p, curve)
+        checked[expected] += 1
+    assert checked[True] > 30 and checked[False] > 30
+
+
+def test_dominates_polyline_by_hand():
+    line = [(0.0, 3.0), (3.0, 0.0)]  # x + y = 3
+    assert qd.dominates_polyline((1.0, 1.9), line)  # 1 + 1.9 < 3: below it
+    assert not qd.dominates_polyline((1.0, 2.0), line)  # on it: dominates no point strictly
+    assert not qd.dominates_polyline((3.5, -1.0), line)  # beyond the curve's end (x > 3): never claimed
+    assert qd.dominates_polyline((-1.0, 2.5), line)  # left of the end, below (0, 3)
+    assert qd.dominates_polyline((0.5, 0.5), [(1.0, 1.0)])  # a one-point curve
+    assert not qd.dominates_polyline((1.0, 0.5), [(1.0, 1.0)])  # ties on x
+
+
+def test_beyond_curve_needs_more_than_the_standard_errors():
+    line = [(0.0, 3.0), (3.0, 0.0)]
+    # (1, 1.5): 0.5 below the line in x + y; SEs 0.2 on each axis of the point move it to (1.2, 1.7): still below
+    assert qd.beyond_curve((1.0, 1.5), (0.2, 0.2), line)
+    # SEs 0.3: (1.3, 1.8), x + y = 3.1 > 3: not claimed; nor with curve SEs that move the line 0.1 + 0.1 closer
+    assert not qd.beyond_curve((1.0, 1.5), (0.3, 0.3), line)
+    assert not qd.beyond_curve((1.0, 1.5), (0.2, 0.2), line, [(0.1, 0.1), (0.1, 0.1)])
+    assert qd.beyond_curve((1.0, 1.5), (0.3, 0.3), line, k=0.5)
+    assert qd.beyond_curve((1.0, 1.5), (math.nan, None), line)  # a missing SE counts as 0
+
+
+def test_interpolate_and_costs():
+    assert qd.interpolate([(2.0, 3.0), (0.0, 1.0)], 0.5) == pytest.approx(1.5)  # sorted by x first
+    assert qd.interpolate([(0.0, 1.0), (2.0, 3.0)], -0.1) is None
+    assert qd.cost(2.0, "eval/nll_oracle") == 2.0 and qd.cost(2.0, "qd/entropy") == -2.0
+
+
+def test_mean_se_over_seeds_or_the_runs_own():
+    assert qd.mean_se([{"a": 1.0}, {"a": 3.0}], "a") == (2.0, 1.0)  # sample std sqrt(2) / sqrt(2)
+    assert qd.mean_se([{"b": 1.0}, {"a": 3.0, "a_se": 0.5}], "a") == (3.0, 0.5)
+    assert all(math.isnan(v) for v in qd.mean_se([{"b": 1.0}], "a"))
+
+
+def test_claims_against_a_temperature_curve():
+    # MLE's curve: quality (NLL-oracle) falls as diversity (NLL-test) rises, two seeds per temperature
+    curve = [[{"temperature": t, "eval/nll_oracle": q + d, "eval/nll_test": n + d} for t, q, n in
+              ((0.5, 1.0, 9.0), (1.0, 3.0, 7.0), (1.5, 5.0, 5.0))] for d in (-0.05, 0.05)]
+    # gan: at NLL-test 7 its NLL-oracle 2.0 is 1.0 below the curve (3.0); bad: 3.5, 0.5 above it
+    points = {"gan": [{"eval/nll_oracle": 2.0, "eval/nll_test": 7.0}, {"eval/nll_oracle": 2.2, "eval/nll_test": 7.2}],
+              "bad": [{"eval/nll_oracle": 3.5, "eval/nll_test": 7.0}]}
+    rows = {r["method"]: r for r in qd.claims(points, curve, [("eval/nll_oracle", "eval/nll_test")])}
+    assert rows["gan"]["beyond"] and not rows["bad"]["beyond"]
+    assert rows["gan"]["quality_mean"] == pytest.approx(2.1) and rows["gan"]["quality_se"] == pytest.approx(0.1)
+    assert rows["gan"]["quality_gap"] == pytest.approx(2.9 - 2.1)  # the curve q = 10 - n at NLL-test 7.1: 2.9
+    assert rows["bad"]["quality_gap"] == pytest.approx(-0.5)
+
+
+def test_evaluate_with_qd_temperatures_writes_the_sweep_and_plot(tmp_path, tiny_folder):
+    from rlgen.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_folder), "--num_prompts", "4", "--batch_size", "2",
+                 "--max_new_tokens", "6", "--output_dir", str(out), "--qd_temperatures", "0.5", "1.5"]) == 0
+    saved = json.loads((out / "quality_diversity.json").read_text())
+    assert [row["temperature"] for row in saved["sweep"]] == [0.5, 1.5]
+    low, high = saved["sweep"]
+    assert high["qd/entropy"] > low["qd/entropy"]  # the tiny model's own NLL rises with the temperature
+    assert all(row["eval/num_samples"] == 4 and row["qd/scorer_nll_se"] >= 0 for row in saved["sweep"])
+    assert (out / "quality_diversity.png").stat().st_size > 0
+    assert main(["evaluate", "--model", "tiny", "--qd_temperatures", "0"]) == 2
