@@ -1,0 +1,158 @@
+"""Adversarial rewards (rlgen.adversarial): discriminator losses and reward transforms against plain loops and
+hand values, mask invariance."""
+
+import math
+
+import pytest
+import torch
+
+from rlgen import adversarial as adv
+
+torch.set_num_threads(1)
+D = torch.float64
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def rand_mask(batch, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (batch,), generator=g)
+    lengths[0] = length
+    return (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).to(D)
+
+
+def garbage_at_padding(x, mask, seed=1):
+    """x with huge random values (and an inf) where mask is 0."""
+    g = torch.Generator().manual_seed(seed)
+    junk = torch.randn(x.shape, generator=g, dtype=x.dtype) * 1e4
+    out = torch.where(mask.bool(), x, junk)
+    padding = (mask == 0).nonzero()
+    if len(padding):
+        out[tuple(padding[0])] = float("inf")
+    return out
+
+
+# --- discriminator losses ----------------------------------------------------------------------------------
+
+
+def test_bradley_terry_loss_matches_a_loop_and_hand_values():
+    real = torch.tensor([2.0, 0.0, -1.0, 0.5], dtype=D)
+    fake = torch.tensor([1.0, 0.0, 1.0, 3.0], dtype=D)
+    loss, stats = adv.bradley_terry_loss(real, fake)
+    expected = sum(-math.log(sigmoid(r - f)) for r, f in zip(real.tolist(), fake.tolist())) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert stats["accuracy"].item() == pytest.approx((1 + 0.5 + 0 + 0) / 4)  # a tie counts half
+    assert stats["margin"].item() == pytest.approx((1 + 0 - 2 - 2.5) / 4)
+    assert adv.bradley_terry_loss(torch.zeros(3, dtype=D), torch.zeros(3, dtype=D))[0].item() == pytest.approx(
+        math.log(2))
+
+
+def test_bradley_terry_gradient_pushes_real_up_and_fake_down():
+    real = torch.tensor([0.3, -0.2], dtype=D, requires_grad=True)
+    fake = torch.tensor([0.1, 0.4], dtype=D, requires_grad=True)
+    adv.bradley_terry_loss(real, fake)[0].backward()
+    # d/dr -log sigmoid(r - f) = -(1 - sigmoid(r - f)), averaged over 2 pairs
+    for i in range(2):
+        g = -(1 - sigmoid(real[i].item() - fake[i].item())) / 2
+        assert real.grad[i].item() == pytest.approx(g)
+        assert fake.grad[i].item() == pytest.approx(-g)
+
+
+def test_bradley_terry_loss_refuses_unpaired_scores():
+    with pytest.raises(ValueError, match="pairs"):
+        adv.bradley_terry_loss(torch.zeros(3), torch.zeros(2))
+
+
+def test_bce_loss_on_sequences_matches_a_loop():
+    real = torch.tensor([2.0, -0.5, 0.0], dtype=D)
+    fake = torch.tensor([-1.0, 0.7], dtype=D)
+    loss, stats = adv.bce_loss(real, fake)
+    terms = [-math.log(sigmoid(x)) for x in real.tolist()] + [-math.log(1 - sigmoid(x)) for x in fake.tolist()]
+    assert loss.item() == pytest.approx(sum(terms) / 5, rel=1e-12)
+    assert stats["accuracy"].item() == pytest.approx(2 / 5)  # real 2.0 and fake -1.0; logit 0 counts as generated
+    assert stats["real_score"].item() == pytest.approx(0.5)
+
+
+def test_bce_loss_per_token_is_a_masked_mean_and_ignores_padding():
+    torch.manual_seed(0)
+    real, fake = torch.randn(3, 5, dtype=D), torch.randn(2, 4, dtype=D)
+    real_mask, fake_mask = rand_mask(3, 5, seed=1), rand_mask(2, 4, seed=2)
+    loss, stats = adv.bce_loss(real, fake, real_mask, fake_mask)
+    terms, right = [], 0
+    for x, m, label in ((real, real_mask, 1), (fake, fake_mask, 0)):
+        for b in range(x.shape[0]):
+            for t in range(x.shape[1]):
+                if m[b, t]:
+                    p = sigmoid(x[b, t].item())
+                    terms.append(-math.log(p if label else 1 - p))
+                    right += (x[b, t].item() > 0) == bool(label)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    assert stats["accuracy"].item() == pytest.approx(right / len(terms))
+    junk_loss, junk_stats = adv.bce_loss(garbage_at_padding(real, real_mask), garbage_at_padding(fake, fake_mask, 3),
+                                         real_mask, fake_mask)
+    assert junk_loss.item() == loss.item()
+    assert all(junk_stats[k].item() == stats[k].item() for k in stats)
+    with pytest.raises(ValueError, match="both masks"):
+        adv.bce_loss(real, fake, real_mask)
+
+
+# --- reward transforms -------------------------------------------------------------------------------------
+
+
+def test_prob_and_bt_score_rewards_by_hand():
+    scores = torch.tensor([0.0, math.log(3.0), -2.0], dtype=D)
+    assert adv.prob_reward(scores).tolist() == pytest.approx([0.5, 0.75, sigmoid(-2.0)])
+    assert adv.bt_score_reward(scores).tolist() == scores.tolist()
+
+
+def test_maligan_reward_matches_the_source_formula():
+    """TextGAN-PyTorch get_mali_reward: D / (1 - D), divided by its sum, minus its mean."""
+    scores = torch.tensor([0.3, -1.2, 2.0, 0.0], dtype=D)
+    d = [sigmoid(s) for s in scores.tolist()]
+    r = [p / (1 - p) for p in d]
+    r = [x / sum(r) for x in r]
+    expected = [x - sum(r) / len(r) for x in r]
+    got = adv.maligan_reward(scores)
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
+    assert got.sum().item() == pytest.approx(0.0, abs=1e-12)
+    assert got.dtype == D
+
+
+def test_maligan_reward_stays_finite_where_d_is_one():
+    got = adv.maligan_reward(torch.tensor([800.0, 0.0, 1.0]))  # sigmoid(800) == 1.0: D / (1 - D) = inf
+    assert torch.isfinite(got).all()
+    assert got.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3], abs=1e-6)
+
+
+def test_dense_reward_matches_scratchgan_loop():
+    torch.manual_seed(0)
+    logits, mask, gamma = torch.randn(4, 6, dtype=D) * 2, rand_mask(4, 6, seed=3), 0.23
+    got = adv.dense_reward(logits, mask, gamma)
+    for b in range(4):
+        n = int(mask[b].sum())
+        r = [2 * sigmoid(logits[b, t].item()) - 1 for t in range(n)]
+        for t in range(6):
+            expected = sum(gamma ** (s - t) * r[s] for s in range(t, n)) if t < n else 0.0
+            assert got[b, t].item() == pytest.approx(expected, abs=1e-12)
+    assert torch.equal(adv.dense_reward(garbage_at_padding(logits, mask), mask, gamma), got)
+
+
+@pytest.mark.parametrize("transform", adv.TRANSFORMS)
+def test_sequence_reward_reads_real_tokens_only(transform):
+    torch.manual_seed(1)
+    token_scores, mask = torch.randn(5, 7, dtype=D), rand_mask(5, 7, seed=4)
+    got = adv.sequence_reward(transform, token_scores, mask, gamma=0.9)
+    assert torch.equal(adv.sequence_reward(transform, garbage_at_padding(token_scores, mask), mask, gamma=0.9), got)
+    last = torch.tensor([token_scores[b, int(mask[b].sum()) - 1].item() for b in range(5)], dtype=D)
+    expected = {"prob": torch.sigmoid(last), "bt_score": last, "maligan": adv.maligan_reward(last),
+                "dense": adv.dense_reward(token_scores, mask, 0.9)[:, 0]}[transform]
+    assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+
+
+def test_sequence_reward_names_an_unknown_transform():
+    with pytest.raises(ValueError, match="unknown reward transform 'rank'"):
+        adv.sequence_reward("rank", torch.zeros(1, 2), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="no real token"):
+        adv.last_token_scores(torch.zeros(2, 2), torch.tensor([[1, 0], [0, 0]]))
