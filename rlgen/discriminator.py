@@ -147,6 +147,19 @@ def prob_real(d: nn.Module, batch, batch_size: int = 2048) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0)
 
 
+@torch.no_grad()
+def real_logit(d: nn.Module, batch, batch_size: int = 2048) -> torch.Tensor:
+    """D's logit that each sequence is real, l_real - l_fake of its two classes (prob_real = sigmoid of it, as
+    softmax over two classes is, up to rounding), unsaturated where the probability rounds to 1. [M], in eval mode."""
+    was_training = d.training
+    d.eval()
+    try:
+        out = [torch.diff(d.logits(batch[i:i + batch_size]), dim=-1)[:, 0] for i in range(0, len(batch), batch_size)]
+    finally:
+        d.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def heldout_accuracy(d: nn.Module, real, fake) -> float:
     """Share of real (ids [M, L] or texts) that D calls real and of fake that it calls generated."""
     correct = torch.cat([prob_real(d, real) > 0.5, prob_real(d, fake) <= 0.5])

@@ -13,6 +13,10 @@ and the evaluation; `train_seqgan` runs the same numbered phases for either:
    Q(t) = mean of D over `rollout_num` Monte-Carlo completions of the prefix (eq. 4; D of the whole sequence
    at t = T) by a rollout policy (a delayed copy, theta' <- r theta' + (1 - r) theta); then `d_steps` x
    (fresh negatives, `d_epochs` epochs); checkpoint-<epoch> every `save_steps` epochs and after the last.
+   `reward_transform` picks the reward (`advantages`): seqgan (Q itself), maligan (D/(1-D) of the whole sequence
+   normalised over the batch, minus its mean, on every token; no rollouts), dense (ScratchGAN: returns of
+   2 Q(t) - 1 discounted by `dense_gamma`, minus a moving-average baseline). ScratchGAN's D scores every prefix
+   itself; D here scores whole sequences, so the Monte-Carlo Q of each prefix stands in for its D_t.
 5. evaluation and save: NLL-oracle / NLL-test / own-sample NLL (oracle, `rlgen.oracle`), or the shared
    evaluator (text).
 The policy-gradient maths lives in `rlgen.core`.
@@ -46,7 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rlgen import core
+from rlgen import adversarial, core
 from rlgen.checkpoint import (
     STATE_FILE,
     StopSignals,
@@ -62,7 +66,7 @@ from rlgen.checkpoint import (
     write_atomically,
 )
 from rlgen.config import SeqGANConfig, apply_preset, save_config, to_dict
-from rlgen.discriminator import discriminator, load_discriminator, train_discriminator
+from rlgen.discriminator import discriminator, load_discriminator, real_logit, train_discriminator
 from rlgen.errors import UserError
 from rlgen.files import read_jsonl, write_jsonl
 from rlgen.models import default_device, set_threads
@@ -82,6 +86,15 @@ def ema_update(target: nn.Module, source: nn.Module, rate: float) -> None:
     """theta' <- rate * theta' + (1 - rate) * theta (the paper's delayed rollout policy, rate 0.8)."""
     for t, s in zip(target.parameters(), source.parameters()):
         t.mul_(rate).add_(s.detach(), alpha=1.0 - rate)
+
+
+def ema_baseline_advantages(returns: torch.Tensor, mask: torch.Tensor, baseline: float,
+                            decay: float) -> tuple[torch.Tensor, float]:
+    """ScratchGAN's REINFORCE baseline (deepmind-research `scratchgan/losses.py`, `reinforce_loss`): the moving
+    average b' = decay * b + (1 - decay) * mean(returns over real tokens), updated first, then returns - b'.
+    returns, mask [B, T] -> (advantages [B, T], 0 at masked positions; b')."""
+    new = decay * baseline + (1.0 - decay) * float(core.masked_mean(returns, mask))
+    return (returns - new) * mask, new
 
 
 @dataclass
@@ -116,6 +129,7 @@ class _Progress:
     epoch: int = 0
     g_steps: int = 0
     d_steps: int = 0
+    dense_baseline: float = 0.0  # reward_transform dense: the moving-average baseline (ScratchGAN starts at 0)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(
         ("d_pretrain", "adv", "rollout", "score", "update", "d_step", "eval"), 0.0))
 
@@ -297,14 +311,27 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
             for _ in range(cfg.g_steps):
                 # 4a. a batch of B sequences, and N rollouts of each proper prefix by the rollout policy
                 clock = _timer()
-                batch = task.sample(policy, rollout_model)
+                batch = task.sample(policy, rollout_model, rollouts=cfg.reward_transform != "maligan")
                 mask = batch.completion_mask  # [B, T]
                 times["rollout"] += clock()
-                # 4b. Q(t) = mean over the N rollouts of D, and D of the whole sequence at t = T (eq. 4)
+                # 4b. the rewards: Q(t) = mean over the N rollouts of D, and D of the whole sequence at t = T
+                #     (eq. 4), then the reward transform; maligan reads D of the whole sequences only
                 clock = _timer()
-                scores, final = task.score(d, batch)  # [T-1, N, B], [B]
-                q = core.monte_carlo_q_values(scores, final)  # [B, T]
-                advantages = q - core.masked_mean(q, mask, dim=0) if cfg.baseline == "mean" else q
+                if cfg.reward_transform == "maligan":
+                    logit = real_logit(d, batch.sequences, cfg.score_batch_size).to(mask.device)  # [B]
+                    advantages = adversarial.maligan_reward(logit)[:, None] * mask
+                    row["objective/q_last"] = float(torch.sigmoid(logit).mean())
+                else:
+                    scores, final = task.score(d, batch)  # [T-1, N, B], [B]
+                    q = core.monte_carlo_q_values(scores, final)  # [B, T]
+                    row["objective/q_mean"], row["objective/q_last"] = float(core.masked_mean(q, mask)), float(final.mean())
+                    if cfg.reward_transform == "dense":
+                        returns = adversarial.dense_reward(torch.logit(q), mask, cfg.dense_gamma)  # sigmoid(logit q) = q
+                        advantages, progress.dense_baseline = ema_baseline_advantages(
+                            returns, mask, progress.dense_baseline, cfg.dense_baseline_decay)
+                        row["objective/dense_baseline"] = progress.dense_baseline
+                    else:
+                        advantages = q - core.masked_mean(q, mask, dim=0) if cfg.baseline == "mean" else q
                 if cfg.kl_coef > 0:  # per-token KL to the reference, as a penalty on the return (not in the paper)
                     ref_lp = policy.ref_logprobs(batch.input_ids, batch.attention_mask, mask.shape[1],
                                                  cfg.temperature, cfg.min_new_tokens)
@@ -327,8 +354,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
                     ema_update(rollout_model, policy.model, cfg.rollout_update_rate)
                 times["update"] += clock()
                 progress.g_steps += 1
-                row.update({"loss/policy": float(loss.detach()), "objective/q_mean": float(core.masked_mean(q, mask)),
-                            "objective/q_last": float(final.mean()), "policy/grad_norm": float(grad_norm),
+                row.update({"loss/policy": float(loss.detach()), "policy/grad_norm": float(grad_norm),
                             "policy/logprob_mean": float(stats["logprob_mean"])})
             # 4d. D steps, each on fresh negatives (Algorithm 1)
             clock = _timer()

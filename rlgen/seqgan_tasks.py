@@ -9,8 +9,8 @@ Each task holds its data and a `summary` (what it adds to the run's summary), an
 - `generator(policy, resuming)`, `discriminator()`: the models (phase 1);
 - `pretrain(policy)`: MLE pre-training of the generator (phase 2; a resumed run skips it);
 - `positives(n)`, `negatives(policy, n)`: real and fresh generated sequences for D (phases 3 and 4d);
-- `sample(policy, rollout_model)`: a batch of B sequences with `rollout_num` (N) Monte-Carlo rollouts of each
-  proper prefix (4a); `score(d, batch)`: D of those rollouts [T-1, N, B] and of the whole sequences [B] (4b);
+- `sample(policy, rollout_model, rollouts)`: a batch of B sequences with `rollout_num` (N) Monte-Carlo rollouts
+  of each proper prefix (none when `rollouts` is False: reward_transform maligan scores whole sequences) (4a); `score(d, batch)`: D of those rollouts [T-1, N, B] and of the whole sequences [B] (4b);
 - `evaluate(policy, d, epoch)`: the metrics of an adversarial epoch; `finish(policy, d)`: the final evaluation;
 - `state_dict()`, `load_state_dict(state)`: what a checkpoint keeps of the task (JSON: summary, curves, counts).
 
@@ -220,13 +220,14 @@ class OracleTask:
     def negatives(self, policy: Policy, n: int) -> torch.Tensor:
         return policy.base_model.sample(n, self.T, self.cfg.temperature, self.g_sample)[0]
 
-    def sample(self, policy: Policy, rollout_model: SeqGANLSTMForCausalLM) -> Batch:
+    def sample(self, policy: Policy, rollout_model: SeqGANLSTMForCausalLM, rollouts: bool = True) -> Batch:
         cfg = self.cfg
         seqs, logprobs = policy.base_model.sample(cfg.batch_size, self.T, cfg.temperature, self.g_sample)  # [B, T]
         start = torch.full((cfg.batch_size, 1), policy.base_model.config.start_token_id, dtype=torch.long,
                            device=self.device)
         input_ids = torch.cat([start, seqs], 1)
-        rollouts = lstm_rollouts(rollout_model, seqs, cfg.rollout_num, cfg.temperature, self.g_sample)
+        if rollouts:
+            rollouts = lstm_rollouts(rollout_model, seqs, cfg.rollout_num, cfg.temperature, self.g_sample)
         return Batch(input_ids, torch.ones_like(input_ids), torch.ones_like(seqs), logprobs, seqs, rollouts)
 
     def score(self, d: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,13 +316,16 @@ class TextTask:
             self.generated["tokens"] += int(ro.completion_mask.sum())
         return texts
 
-    def sample(self, policy: Policy, rollout_model) -> Batch:
+    def sample(self, policy: Policy, rollout_model, rollouts: bool = True) -> Batch:
         cfg = self.cfg
         rows = random.sample(self.train_rows, cfg.batch_size)
         ro = policy.sample([r["prompt"] for r in rows], self.sampling, with_values=False)
         lengths = ro.completion_mask.sum(1)
-        texts, rows_of, n_rollout = generate_rollout_texts(rollout_model, policy, ro.prompt_ids, ro.prompt_mask,
-                                                           ro.completion_ids, lengths, cfg.rollout_num, self.sampling)
+        texts, rows_of, n_rollout = [], [], 0
+        if rollouts:
+            texts, rows_of, n_rollout = generate_rollout_texts(rollout_model, policy, ro.prompt_ids, ro.prompt_mask,
+                                                               ro.completion_ids, lengths, cfg.rollout_num,
+                                                               self.sampling)
         self.generated["completions"] += len(ro.completions)
         self.generated["tokens"] += int(lengths.sum()) + n_rollout
         self.generated["rollouts"] += sum(map(len, texts))

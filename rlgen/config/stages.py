@@ -439,6 +439,9 @@ PRESETS = {
 }
 
 
+REWARD_TRANSFORMS = ("seqgan", "maligan", "dense")  # SeqGANConfig.reward_transform (rlgen.seqgan)
+
+
 # The text task's values of the options whose defaults are the paper's oracle schedule (an LSTM's learning rate,
 # 50 D pre-training rounds of 10,000 negatives: `--task text --model tiny --max_steps 2` ran for 11 minutes
 # before its first adversarial epoch) or cost B x N x (T - 1) D passes per generator step (MiniLM scoring the
@@ -492,7 +495,17 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
     rollout_num: int = opt(16, "Monte-Carlo rollouts N per prefix (task text: 4)")
     rollout_update_rate: float = opt(0.8, "rollout policy theta' <- r theta' + (1 - r) theta after each "
                                           "generator step (0: the generator itself)")
-    baseline: str = opt("none", "subtract from Q: none (the paper) or mean (batch mean per position)")
+    baseline: str = opt("none", "reward_transform seqgan: subtract from Q: none (the paper) or mean (batch mean per "
+                                "position)")
+    reward_transform: str = opt("seqgan", "the generator's reward from D: seqgan (per-token Monte-Carlo Q, eq. 4), "
+                                          "maligan (Che et al. 2017: D/(1-D) of the whole sequence normalised over the "
+                                          "batch, minus its mean; no rollouts) or dense (ScratchGAN, de Masson "
+                                          "d'Autume et al. 2019: per-token 2 D_t - 1, discounted by dense_gamma, minus "
+                                          "a moving-average baseline; D_t is the Monte-Carlo Q of the prefix, as D "
+                                          "scores whole sequences)")
+    dense_gamma: float = opt(0.23, "reward_transform dense: discount (ScratchGAN: 0.23)")
+    dense_baseline_decay: float = opt(0.08, "reward_transform dense: decay of the moving-average baseline "
+                                            "b <- decay b + (1 - decay) mean(R) (ScratchGAN: 0.08)")
     kl_coef: float = opt(0.0, "KL penalty per token to the reference: the generator as MLE pre-training left "
                                 "it (under LoRA too) (0: off)")
     # discriminator
@@ -537,6 +550,15 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
             raise UserError("model lstm is for task oracle; for text give default, tiny, a folder or a Hub id")
         if self.baseline not in ("none", "mean"):
             raise UserError(f"baseline must be none or mean, got {self.baseline!r}")
+        if self.reward_transform not in REWARD_TRANSFORMS:
+            raise UserError(f"reward_transform must be one of {', '.join(REWARD_TRANSFORMS)}, got "
+                            f"{self.reward_transform!r}")
+        if self.reward_transform != "seqgan" and self.baseline != "none":
+            raise UserError(f"baseline {self.baseline} is for reward_transform seqgan; {self.reward_transform} "
+                            "subtracts its own baseline: set baseline none")
+        if not 0.0 <= self.dense_gamma <= 1.0 or not 0.0 <= self.dense_baseline_decay < 1.0:
+            raise UserError(f"dense_gamma must be in [0, 1] and dense_baseline_decay in [0, 1), got "
+                            f"{self.dense_gamma} and {self.dense_baseline_decay}")
         if not 0.0 <= self.rollout_update_rate < 1.0:
             raise UserError(f"rollout_update_rate must be in [0, 1), got {self.rollout_update_rate}")
         at_least(self, 1, "batch_size", "rollout_num", "seq_len", "num_train", "num_test", "eval_samples",
