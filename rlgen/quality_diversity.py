@@ -15,9 +15,9 @@ Axes (every one has a direction; the curve maths works on costs, lower is better
   eval/self_bleu, eval/distinct_2 (`rlgen.metrics`).
 
 `beyond_curve` is the claim: a point (mean over seeds, with SEs) lies beyond a temperature curve when, moved
-`k` SEs the worse way on both axes, it still strictly dominates a point of the curve's polyline moved `k` SEs
-the better way. A point beyond the curve's ends (in the direction no temperature reached) dominates no point of
-it and is never claimed: sweep more temperatures.
+`k` SEs the worse way on both axes, no point of the curve's polyline moved `k` SEs the better way is as good on
+both axes, and it strictly dominates one of them (`lies_beyond`). A point past the curve's ends (where no
+temperature reached) is not claimed: sweep more temperatures.
 `text_sweep` measures a policy at each temperature; `write_sweep` writes quality_diversity.json and .png
 (`rlgen evaluate --qd_temperatures ...`); `compare_quality_diversity` does it for a comparison's runs.
 """
@@ -65,6 +65,26 @@ def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] < b[0] and a[1] < b[1]
 
 
+def _on_segment(a, b, cs, ds, strict: bool) -> bool:
+    """Whether some t in [0, 1] has c_i + t d_i > 0 (>= 0 unless strict) for every i: each inequality holds on a
+    half-line of t, so the t that satisfy all form one interval [lo, hi] (open at the bounds the d's set)."""
+    lo, hi = 0.0, 1.0
+    for c, d in zip(cs, ds):
+        if d == 0:
+            if c < 0 or (strict and c == 0):
+                return False
+        elif d > 0:
+            lo = max(lo, -c / d)
+        else:
+            hi = min(hi, -c / d)
+    # strict: the bounds from d are open, 0 and 1 closed, and lo == hi is never 0 and 1 both
+    return lo < hi if strict else lo <= hi
+
+
+def _segments(curve):
+    return zip(curve, curve[1:]) if len(curve) > 1 else [(curve[0], curve[0])]
+
+
 def dominates_polyline(p: tuple[float, float], curve: list[tuple[float, float]]) -> bool:
     """Whether cost point p strictly dominates some point of the polyline through `curve` (cost points in
     temperature order; one point is a degenerate polyline). Exact: on segment a + t (b - a), t in [0, 1], the
@@ -75,52 +95,65 @@ def dominates_polyline(p: tuple[float, float], curve: list[tuple[float, float]])
     >>> dominates_polyline((2.0, 2.0), [(0.0, 3.0), (3.0, 0.0)])
     False
     """
-    if len(curve) == 1:
-        return dominates(p, curve[0])
-    for a, b in zip(curve, curve[1:]):
-        lo, hi, empty = 0.0, 1.0, False
-        for axis in (0, 1):
-            c, d = a[axis] - p[axis], b[axis] - a[axis]  # need c + t d > 0
-            if d == 0:
-                empty |= c <= 0
-            elif d > 0:
-                lo = max(lo, -c / d)
-            else:
-                hi = min(hi, -c / d)
-        # the bounds from d are strict, 0 and 1 are not: nonempty iff lo < hi (lo == hi is never 0 and 1 both)
-        if not empty and lo < hi:
-            return True
-    return False
+    return any(_on_segment(a, b, [a[0] - p[0], a[1] - p[1]], [b[0] - a[0], b[1] - a[1]], strict=True)
+               for a, b in _segments(curve))
+
+
+def weakly_dominated_by_polyline(p: tuple[float, float], curve: list[tuple[float, float]]) -> bool:
+    """Whether some point of the polyline through `curve` is at least as good as cost point p on both axes
+    (x <= p_x and y <= p_y), exactly as `dominates_polyline`.
+
+    >>> weakly_dominated_by_polyline((2.0, 1.0), [(0.0, 3.0), (3.0, 0.0)]), weakly_dominated_by_polyline((1.0, 1.0), [(1.0, 1.0)])
+    (True, True)
+    """
+    return any(_on_segment(a, b, [p[0] - a[0], p[1] - a[1]], [a[0] - b[0], a[1] - b[1]], strict=False)
+               for a, b in _segments(curve))
+
+
+def lies_beyond(p: tuple[float, float], curve: list[tuple[float, float]]) -> bool:
+    """Whether cost point p lies beyond the polyline through `curve`: no point of it is at least as good as p on
+    both axes, and p strictly dominates one of its points. The second part keeps out a point past the curve's
+    ends that no swept temperature bears on (less diverse than its coldest point, or more than its hottest,
+    without beating that point's quality); the first keeps out a point that only beats the part of a curve
+    folding back on itself (e.g. NLL-test rising again at high temperature), and the curve's own points.
+
+    >>> lies_beyond((1.0, 1.0), [(0.0, 3.0), (3.0, 0.0)]), lies_beyond((4.0, -1.0), [(0.0, 3.0), (3.0, 0.0)])
+    (True, False)
+    """
+    return dominates_polyline(p, curve) and not weakly_dominated_by_polyline(p, curve)
 
 
 def beyond_curve(point: tuple[float, float], point_se: tuple[float, float], curve: list[tuple[float, float]],
                  curve_se: list[tuple[float, float]] | None = None, k: float = 1.0) -> bool:
-    """The claim: cost point `point` (SEs `point_se`, nan read as 0) moved k SEs worse on both axes strictly
-    dominates a point of the polyline through `curve` (cost points in temperature order) moved k of its SEs
-    better on both axes."""
+    """The claim: cost point `point` (SEs `point_se`, nan read as 0) moved k SEs worse on both axes `lies_beyond`
+    the polyline through `curve` (cost points in temperature order) moved k of its SEs better on both axes."""
     def se(v: float) -> float:
         return 0.0 if v is None or math.isnan(v) else v
 
     worse = (point[0] + k * se(point_se[0]), point[1] + k * se(point_se[1]))
     curve_se = curve_se or [(0.0, 0.0)] * len(curve)
     better = [(x - k * se(sx), y - k * se(sy)) for (x, y), (sx, sy) in zip(curve, curve_se, strict=True)]
-    return dominates_polyline(worse, better)
+    return lies_beyond(worse, better)
 
 
-def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
-    """y of the polyline through `curve` (points sorted by x for this) at x: linear between the two points that
-    bracket x; None outside [min x, max x] (the gap there is unknown).
+def envelope(curve: list[tuple[float, float]], x: float) -> float | None:
+    """The best (lowest) y of the polyline through `curve` among its points with diversity cost <= x: the
+    quality the temperature curve reaches at diversity at least as good as x. None outside [min x, max x] (the
+    gap there is unknown). Exact: on each segment the lowest y of the part left of x is at one of its ends.
 
-    >>> interpolate([(0.0, 1.0), (2.0, 3.0)], 1.0), interpolate([(0.0, 1.0), (2.0, 3.0)], 3.0)
+    >>> envelope([(0.0, 3.0), (2.0, 1.0)], 1.0), envelope([(0.0, 3.0), (2.0, 1.0)], 3.0)
     (2.0, None)
     """
-    points = sorted(curve)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    if len(points) == 1 and points[0][0] == x:
-        return points[0][1]
-    return None
+    xs = [px for px, _ in curve]
+    if not min(xs) <= x <= max(xs):
+        return None
+    best = math.inf
+    for a, b in _segments(curve):
+        ends = [q for q in (a, b) if q[0] <= x]
+        if (a[0] - x) * (b[0] - x) < 0:  # the segment crosses x: its point there
+            ends.append((x, a[1] + (b[1] - a[1]) * (x - a[0]) / (b[0] - a[0])))
+        best = min([best, *(q[1] for q in ends)])
+    return best
 
 
 def mean_se(rows: list[dict], key: str) -> tuple[float, float]:
@@ -151,8 +184,10 @@ def curve_of(sweeps: list[list[dict]], x_key: str, y_key: str) -> tuple[list[flo
 def claims(points: dict[str, list[dict]], curve: list[list[dict]], pairs: list[tuple[str, str]],
            k: float = 1.0) -> list[dict]:
     """Per method and axis pair: its point (mean ± SE over its rows, one per seed) and whether it lies beyond
-    the temperature curve of `curve` (sweeps, one per seed) by more than k SEs (`beyond_curve`), with the
-    quality gap to the curve at the method's diversity (`interpolate`; None outside the swept range)."""
+    the temperature curve of `curve` (sweeps, one per seed) by more than k SEs (`beyond_curve`; None, not
+    claimed, where the point or the curve lacks a SE: one seed of a metric without per-sample SEs), with the
+    quality gap to the curve at the method's diversity (`envelope` minus the point's quality cost: positive is
+    better; None outside the swept range)."""
     out = []
     for quality, diversity in pairs:
         _, c_points, c_ses = curve_of(curve, diversity, quality)
@@ -160,11 +195,13 @@ def claims(points: dict[str, list[dict]], curve: list[list[dict]], pairs: list[t
             (x, sx), (y, sy) = mean_se(rows, diversity), mean_se(rows, quality)
             if math.isnan(x) or math.isnan(y):
                 continue
-            on_curve = interpolate(c_points, cost(x, diversity))
+            on_curve = envelope(c_points, cost(x, diversity))
+            known = not any(v is None or math.isnan(v) for v in (sx, sy, *(v for se in c_ses for v in se)))
             out.append({"method": method, "quality": quality, "diversity": diversity, "n": len(rows),
-                        "quality_mean": y, "quality_se": sy, "diversity_mean": x, "diversity_se": sx,
+                        "quality_mean": y, "quality_se": _none(sy), "diversity_mean": x, "diversity_se": _none(sx),
                         "quality_gap": None if on_curve is None else on_curve - cost(y, quality),
-                        "beyond": beyond_curve((cost(x, diversity), cost(y, quality)), (sx, sy), c_points, c_ses, k)})
+                        "beyond": beyond_curve((cost(x, diversity), cost(y, quality)), (sx, sy), c_points, c_ses, k)
+                        if known else None})
     return out
 
 
@@ -247,6 +284,11 @@ def plot(curves: dict[str, list[list[dict]]], points: dict[str, list[dict]], pai
             ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     return fig
+
+
+def _none(v):
+    """nan as None (JSON has no NaN)."""
+    return None if v is None or math.isnan(v) else v
 
 
 def _nan0(v) -> float:

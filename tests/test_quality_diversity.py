@@ -34,6 +34,38 @@ def test_dominates_polyline_matches_a_dense_naive_loop():
     assert checked[True] > 30 and checked[False] > 30
 
 
+def _dense(curve, steps=2000):
+    pts = list(curve)
+    for a, b in zip(curve, curve[1:]):
+        pts += [(a[0] + i / steps * (b[0] - a[0]), a[1] + i / steps * (b[1] - a[1])) for i in range(steps + 1)]
+    return pts
+
+
+def test_weakly_dominated_by_polyline_matches_a_dense_naive_loop():
+    rng = random.Random(1)
+    checked = {True: 0, False: 0}
+    for _ in range(300):
+        curve = [(rng.uniform(0, 4), rng.uniform(0, 4)) for _ in range(rng.randint(1, 5))]
+        p = (rng.uniform(-1, 5), rng.uniform(-1, 5))
+        naive = [any(x <= q[0] and y <= q[1] for x, y in _dense(curve))
+                 for q in [(p[0] + dx, p[1] + dy) for dx in (-1e-3, 0, 1e-3) for dy in (-1e-3, 0, 1e-3)]]
+        if len(set(naive)) > 1:  # near the boundary: the hand cases
+            continue
+        assert qd.weakly_dominated_by_polyline(p, curve) == naive[0], (p, curve)
+        checked[naive[0]] += 1
+    assert checked[True] > 30 and checked[False] > 30
+
+
+def test_a_curves_own_points_and_its_fold_are_not_beyond_it():
+    # NLL-test falls then rises again with the temperature: the curve folds back; (1, 1) beats only the fold
+    curve = [(2.0, 0.0), (1.0, 1.0), (1.5, 2.0)]
+    assert qd.dominates_polyline((1.0, 1.0), curve)  # e.g. (1.25, 1.5) on the fold
+    assert not qd.lies_beyond((1.0, 1.0), curve)  # a point of the curve itself
+    assert not qd.lies_beyond((1.2, 0.8), curve)  # on the segment (2, 0)-(1, 1), x + y = 2
+    assert qd.lies_beyond((1.2, 0.7), curve)  # below it
+    assert qd.weakly_dominated_by_polyline((1.0, 1.0), curve) and qd.weakly_dominated_by_polyline((1.2, 0.8), curve)
+
+
 def test_dominates_polyline_by_hand():
     line = [(0.0, 3.0), (3.0, 0.0)]  # x + y = 3
     assert qd.dominates_polyline((1.0, 1.9), line)  # 1 + 1.9 < 3: below it
@@ -51,13 +83,24 @@ def test_beyond_curve_needs_more_than_the_standard_errors():
     # SEs 0.3: (1.3, 1.8), x + y = 3.1 > 3: not claimed; nor with curve SEs that move the line 0.1 + 0.1 closer
     assert not qd.beyond_curve((1.0, 1.5), (0.3, 0.3), line)
     assert not qd.beyond_curve((1.0, 1.5), (0.2, 0.2), line, [(0.1, 0.1), (0.1, 0.1)])
+    assert not qd.beyond_curve((4.0, -1.0), (0.0, 0.0), line)  # past the coldest end: no temperature bears on it
     assert qd.beyond_curve((1.0, 1.5), (0.3, 0.3), line, k=0.5)
     assert qd.beyond_curve((1.0, 1.5), (math.nan, None), line)  # a missing SE counts as 0
 
 
-def test_interpolate_and_costs():
-    assert qd.interpolate([(2.0, 3.0), (0.0, 1.0)], 0.5) == pytest.approx(1.5)  # sorted by x first
-    assert qd.interpolate([(0.0, 1.0), (2.0, 3.0)], -0.1) is None
+def test_envelope_against_a_dense_naive_loop_and_costs():
+    rng = random.Random(2)
+    for _ in range(200):
+        curve = [(rng.uniform(0, 4), rng.uniform(0, 4)) for _ in range(rng.randint(1, 5))]
+        x = rng.uniform(-1, 5)
+        got = qd.envelope(curve, x)
+        if not min(c[0] for c in curve) <= x <= max(c[0] for c in curve):
+            assert got is None
+            continue
+        naive = min(y for px, y in _dense(curve, 20000) if px <= x)
+        assert got <= naive + 1e-12 and got == pytest.approx(naive, abs=2e-3)
+    fold = [(2.0, 0.0), (1.0, 1.0), (1.5, 2.0)]
+    assert qd.envelope(fold, 1.25) == pytest.approx(0.75)  # (2, 0)-(1, 1) at 1.25; the fold there: 1.5
     assert qd.cost(2.0, "eval/nll_oracle") == 2.0 and qd.cost(2.0, "qd/entropy") == -2.0
 
 
@@ -73,12 +116,14 @@ def test_claims_against_a_temperature_curve():
               ((0.5, 1.0, 9.0), (1.0, 3.0, 7.0), (1.5, 5.0, 5.0))] for d in (-0.05, 0.05)]
     # gan: at NLL-test 7 its NLL-oracle 2.0 is 1.0 below the curve (3.0); bad: 3.5, 0.5 above it
     points = {"gan": [{"eval/nll_oracle": 2.0, "eval/nll_test": 7.0}, {"eval/nll_oracle": 2.2, "eval/nll_test": 7.2}],
-              "bad": [{"eval/nll_oracle": 3.5, "eval/nll_test": 7.0}]}
+              "bad": [{"eval/nll_oracle": 3.5, "eval/nll_test": 7.0}],
+              "worse": [{"eval/nll_oracle": 3.5, "eval/nll_test": 7.0}, {"eval/nll_oracle": 3.7, "eval/nll_test": 7.0}]}
     rows = {r["method"]: r for r in qd.claims(points, curve, [("eval/nll_oracle", "eval/nll_test")])}
-    assert rows["gan"]["beyond"] and not rows["bad"]["beyond"]
+    assert rows["gan"]["beyond"] and rows["bad"]["beyond"] is None  # one seed, no SE: no claim either way
     assert rows["gan"]["quality_mean"] == pytest.approx(2.1) and rows["gan"]["quality_se"] == pytest.approx(0.1)
     assert rows["gan"]["quality_gap"] == pytest.approx(2.9 - 2.1)  # the curve q = 10 - n at NLL-test 7.1: 2.9
     assert rows["bad"]["quality_gap"] == pytest.approx(-0.5)
+    assert rows["worse"]["beyond"] is False and rows["worse"]["quality_gap"] == pytest.approx(-0.6)
 
 
 def test_evaluate_with_qd_temperatures_writes_the_sweep_and_plot(tmp_path, tiny_folder):
