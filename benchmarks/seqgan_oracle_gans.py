@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     points, sweeps, minutes = collect(folders)
     found = qd.claims(points, sweeps, qd.ORACLE_PAIRS, args.k)
     beyond = {(c["method"], c["quality"], c["diversity"]): c["beyond"] for c in found}
-    qd.plot({"MLE temperature sweep": sweeps}, points, qd.ORACLE_PAIRS, out / "quality_diversity.png", beyond,
+    qd.plot({"MLE": sweeps}, points, qd.ORACLE_PAIRS, out / "quality_diversity.png", beyond,
             title=f"SeqGAN oracle, {len(args.seeds)} seed(s)")
     result = {"benchmark": "seqgan_oracle_gans", "seeds": args.seeds, "extra": extra, "points": points,
               "mle_sweeps": sweeps, "claims": found,

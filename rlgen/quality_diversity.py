@@ -308,3 +308,76 @@ def write_sweep(folder: Path, sweep: list[dict], model: str, scorer: str) -> dic
     json_path.write_text(json.dumps({"model": model, "scorer": scorer, "sweep": sweep}, indent=1))
     plot({model: [sweep]}, {}, TEXT_PAIRS, png_path, title=f"Temperature sweep (scorer: {scorer})")
     return {"json": json_path, "png": png_path}
+
+
+# ---- rlgen compare ---------------------------------------------------------------------------------------
+
+def _sweep_run(cfg, model: str, start: str, folder: Path, seed: int, temperatures: list[float]) -> list[dict]:
+    """The sweep of one model on the comparison's evaluation prompts, kept in folder/quality_diversity.json (a
+    finished one with these temperatures is read back: the comparison resumes)."""
+    from rlgen import engines
+    from rlgen.config import SamplingConfig
+    from rlgen.evaluation import Evaluator
+    from rlgen.text import prompt_of
+
+    saved = folder / "quality_diversity.json"
+    if saved.is_file():
+        sweep = json.loads(saved.read_text())["sweep"]
+        if [row["temperature"] for row in sweep] == temperatures:
+            return sweep
+    ecfg = cfg.eval_config(model, folder, seed)
+    evaluator = Evaluator(ecfg)
+    policy = evaluator.load_policy(start)
+    try:
+        sweep = text_sweep(policy, [prompt_of(r) for r in evaluator.rows], temperatures, SamplingConfig.of(ecfg),
+                           ecfg.batch_size, ecfg.self_bleu_max_texts, seed)
+    finally:
+        engines.stop(policy)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_sweep(folder, sweep, model, start)
+    return sweep
+
+
+def compare_quality_diversity(cfg, out: Path, start: str, methods: list[str], seeds: list[int]) -> dict[str, Path]:
+    """`rlgen compare` with quality_diversity: every model (the starting one and each trained run; best-of-n
+    trains none) swept over `qd_temperatures` plus the comparison's own temperature, in `<run>/qd/`; then
+    `out/quality_diversity.json` (sweeps, points, claims against the starting model's curve and against sft's
+    when sft is compared), `quality_diversity.md` (the claims) and `quality_diversity.png`."""
+    temps = sorted({*cfg.qd_temperatures, cfg.temperature})
+    print(f"[compare] quality-diversity sweeps at temperatures {temps}", flush=True)
+    curves = {"start": [_sweep_run(cfg, start, start, out / "runs" / "start" / "qd", seeds[0], temps)]}
+    sweeps = {m: [_sweep_run(cfg, str(out / "runs" / m / f"seed{s}"), start, out / "runs" / m / f"seed{s}" / "qd",
+                             s, temps) for s in seeds] for m in methods if m != "bon"}
+    if "sft" in sweeps:
+        curves["sft"] = sweeps["sft"]
+    points = {m: [row for sweep in runs for row in sweep if row["temperature"] == cfg.temperature]
+              for m, runs in sweeps.items()}
+    found = {f"vs_{name}": claims(points, curve, TEXT_PAIRS) for name, curve in curves.items()}
+    beyond = {(c["method"], c["quality"], c["diversity"]): c["beyond"] for c in found["vs_start"]}
+    paths = {"json": out / "quality_diversity.json", "md": out / "quality_diversity.md",
+             "png": out / "quality_diversity.png"}
+    paths["json"].write_text(json.dumps({"temperatures": temps, "temperature": cfg.temperature, "curves": curves,
+                                         "sweeps": sweeps, "claims": found}, indent=1))
+    paths["md"].write_text(claims_markdown(found))
+    plot(curves, points, TEXT_PAIRS, paths["png"], beyond, title=f"Quality-diversity at temperature {cfg.temperature:g}")
+    return paths
+
+
+def claims_markdown(found: dict[str, list[dict]]) -> str:
+    """The claims as markdown tables, one per curve compared against."""
+    def num(v) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["# Quality-diversity claims (Caccia et al. 2020)", "",
+             "A method's point beats the curve only where it lies beyond it by more than the SEs (`beyond`: yes); "
+             "`no SE`: one seed of a metric without per-sample SEs (no claim). Gap: the curve's best quality cost at "
+             "diversity at least as good as the point's, minus the point's (positive: better; - outside the sweep)."]
+    for name, rows in found.items():
+        lines += ["", f"## {name.replace('_', ' ')}", "", "| method | n | quality | diversity | gap | beyond |",
+                  "|---|---|---|---|---|---|"]
+        for c in rows:
+            verdict = {True: "yes", False: "no", None: "no SE"}[c["beyond"]]
+            lines.append(f"| {c['method']} | {c['n']} | {c['quality']} {num(c['quality_mean'])} ± "
+                         f"{num(c['quality_se'])} | {c['diversity']} {num(c['diversity_mean'])} ± "
+                         f"{num(c['diversity_se'])} | {num(c['quality_gap'])} | {verdict} |")
+    return "\n".join(lines) + "\n"

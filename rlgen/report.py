@@ -58,6 +58,13 @@ CAPTIONS = {
                   "seeds; over prompts for a single run); star: the starting model. Lines: Gao et al. 2022 fits "
                   "through the starting model, R(d) = d(α − β log d) for trained methods and d(α − β d) for "
                   "best-of-n; ×: the gold fit's peak (d*, KL* = d*²) when it has one.",
+    "quality_diversity": "Quality against diversity (Caccia et al. 2020): the starting model's NLL per token of "
+                         "each evaluation sample (lower: better quality) against the sampling distribution's own NLL "
+                         "per token, its entropy (left), and self-BLEU (right). Lines: the temperature sweeps of the "
+                         "starting model (and of sft, the MLE baseline, when compared), ± SE; diamonds: each "
+                         "method's mean at the comparison's temperature ± SE (over seeds; over samples for one seed), "
+                         "filled where it lies beyond the starting model's curve by more than the SEs. "
+                         "quality_diversity.md lists the claims.",
 }
 LABELS = {"proxy_reward": "proxy reward", "kl": "KL", "perplexity": "perplexity (ref)", "distinct_2": "distinct-2",
           "self_bleu": "self-BLEU", "mean_length": "length", "train_s": "train s"}
@@ -697,6 +704,8 @@ def write_comparison_report(folder: Path, records: list[dict], proxy_names: list
     plot_learning_curves(records, proxy_names, gold_names, plots["learning_curves"])
     plot_proxy_vs_gold(records, proxy_names, gold_names, plots["proxy_vs_gold"])
     plot_gold_vs_kl(records, proxy_names, gold_names, plots["gold_vs_kl"])
+    if (folder / "quality_diversity.png").is_file():  # rlgen compare --quality_diversity true wrote it
+        plots["quality_diversity"] = folder / "quality_diversity.png"
     samples = sample_table(records)
     _write_samples(folder / "samples.md", samples)
     page = write_html(folder, rows, plots, samples, settings, title, fits, gold_names)

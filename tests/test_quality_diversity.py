@@ -139,3 +139,25 @@ def test_evaluate_with_qd_temperatures_writes_the_sweep_and_plot(tmp_path, tiny_
     assert all(row["eval/num_samples"] == 4 and row["qd/scorer_nll_se"] >= 0 for row in saved["sweep"])
     assert (out / "quality_diversity.png").stat().st_size > 0
     assert main(["evaluate", "--model", "tiny", "--qd_temperatures", "0"]) == 2
+
+
+def test_compare_with_quality_diversity_plots_every_method_against_the_start_curve(tmp_path):
+    from rlgen.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", "tiny", "--methods", "sft", "ppo", "--seeds", "0", "--max_steps", "2",
+                 "--batch_size", "4", "--max_new_tokens", "6", "--reward", "target_length(target=3)",
+                 "--output_dir", str(out), "--quality_diversity", "true", "--qd_temperatures", "0.5", "1.5",
+                 "--evaluate.num_prompts", "4", "--evaluate.batch_size", "4"]) == 0
+    saved = json.loads((out / "quality_diversity.json").read_text())
+    assert saved["temperatures"] == [0.5, 1.0, 1.5]  # the comparison's own temperature 1.0 added
+    assert set(saved["curves"]) == {"start", "sft"} and set(saved["sweeps"]) == {"sft", "ppo"}
+    claims = saved["claims"]["vs_start"]
+    assert {(c["method"], c["diversity"]) for c in claims} == {(m, d) for m in ("sft", "ppo")
+                                                              for d in ("qd/entropy", "eval/self_bleu")}
+    ppo = next(c for c in claims if c["method"] == "ppo" and c["diversity"] == "qd/entropy")
+    row = next(r for r in saved["sweeps"]["ppo"][0] if r["temperature"] == 1.0)
+    assert ppo["quality_mean"] == row["qd/scorer_nll"] and ppo["quality_se"] == row["qd/scorer_nll_se"]
+    assert "| ppo | 1 |" in (out / "quality_diversity.md").read_text()
+    assert "Quality against diversity" in (out / "report.html").read_text()
+    assert (out / "runs" / "ppo" / "seed0" / "qd" / "quality_diversity.json").is_file()

@@ -63,7 +63,8 @@ BUDGET_KEYS = {
 }
 BUDGET_KEYS["rloo"] = BUDGET_KEYS["grpo"]
 # Settings that may change between invocations on the same output folder (they do not change any result).
-MAY_CHANGE = ("methods", "seeds", "output_dir", "overwrite_output_dir", "threads")
+MAY_CHANGE = ("methods", "seeds", "output_dir", "overwrite_output_dir", "threads", "quality_diversity",
+              "qd_temperatures")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
     eval_steps: int = opt(0, "ppo, grpo, rloo, dpo: also run the evaluation (the same as the final one) every N "
                              "optimiser steps, kept in each run's result.json under evals (0: off; sft and seqgan "
                              "are evaluated at the end only)")
+    quality_diversity: bool = opt(False, "also sweep every model's sampling temperature over qd_temperatures and plot "
+                                         "quality (the starting model's NLL of the samples) against diversity "
+                                         "(entropy, self-BLEU): quality_diversity.png/.json/.md (Caccia et al. 2020)")
+    qd_temperatures: list[float] = opt([0.5, 0.75, 1.0, 1.25, 1.5], "quality_diversity: the temperatures swept "
+                                                                    "(the comparison's temperature is added)")
     threads: int = opt(1, "torch intra-op threads (1 is fastest on busy 2-core machines)")
     dtype: str = opt("auto", DTYPE_HELP)
     overwrite_output_dir: bool = opt(False, "discard a previous comparison in output_dir instead of continuing it")
@@ -118,6 +124,8 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
             raise UserError("methods and seeds must not repeat")
         at_least(self, 1, "max_steps", "batch_size", "bon_n")
         at_least(self, 0, "threads", "samples_shown", "eval_steps")
+        if any(not t > 0 for t in self.qd_temperatures):
+            raise UserError(f"qd_temperatures must be > 0, got {self.qd_temperatures}")
         check_dataset(self)
         check_dtype(self)
         for method in SECTION_METHODS:
