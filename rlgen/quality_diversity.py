@@ -313,11 +313,13 @@ def write_sweep(folder: Path, sweep: list[dict], model: str, scorer: str) -> dic
 # ---- rlgen compare ---------------------------------------------------------------------------------------
 
 def _sweep_run(cfg, model: str, start: str, folder: Path, seed: int, temperatures: list[float]) -> list[dict]:
-    """The sweep of one model on the comparison's evaluation prompts, kept in folder/quality_diversity.json (a
-    finished one with these temperatures is read back: the comparison resumes)."""
-    from rlgen import engines
+    """The sweep of one model on the comparison's evaluation prompts (sampled by generate(), the reference the
+    starting model), kept in folder/quality_diversity.json (a finished one with these temperatures is read back:
+    the comparison resumes)."""
     from rlgen.config import SamplingConfig
-    from rlgen.evaluation import Evaluator
+    from rlgen.data import load_rows
+    from rlgen.models import default_device, resolve_dtype
+    from rlgen.policy import Policy
     from rlgen.text import prompt_of
 
     saved = folder / "quality_diversity.json"
@@ -326,13 +328,10 @@ def _sweep_run(cfg, model: str, start: str, folder: Path, seed: int, temperature
         if [row["temperature"] for row in sweep] == temperatures:
             return sweep
     ecfg = cfg.eval_config(model, folder, seed)
-    evaluator = Evaluator(ecfg)
-    policy = evaluator.load_policy(start)
-    try:
-        sweep = text_sweep(policy, [prompt_of(r) for r in evaluator.rows], temperatures, SamplingConfig.of(ecfg),
-                           ecfg.batch_size, ecfg.self_bleu_max_texts, seed)
-    finally:
-        engines.stop(policy)
+    rows = load_rows(ecfg.dataset, ecfg.split)[:ecfg.num_prompts]  # the evaluator's prompts (rlgen.evaluation)
+    policy = Policy.from_pretrained(model, ref_name=start, seed=seed, dtype=resolve_dtype(ecfg.dtype))
+    sweep = text_sweep(policy.to(default_device()), [prompt_of(r) for r in rows], temperatures,
+                       SamplingConfig.of(ecfg), ecfg.batch_size, ecfg.self_bleu_max_texts, seed)
     folder.mkdir(parents=True, exist_ok=True)
     write_sweep(folder, sweep, model, start)
     return sweep
