@@ -140,15 +140,21 @@ def test_dense_reward_matches_scratchgan_loop():
 
 
 @pytest.mark.parametrize("transform", adv.TRANSFORMS)
-def test_sequence_reward_reads_real_tokens_only(transform):
+@pytest.mark.parametrize("prompt_tokens", [0, 3])
+def test_sequence_reward_reads_the_reply_tokens_only(transform, prompt_tokens):
+    """Replies right-padded, after `prompt_tokens` masked prompt positions (as the discriminator scores them)."""
     torch.manual_seed(1)
-    token_scores, mask = torch.randn(5, 7, dtype=D), rand_mask(5, 7, seed=4)
+    reply = rand_mask(5, 7, seed=4)
+    mask = torch.cat([torch.zeros(5, prompt_tokens, dtype=D), reply], dim=1)
+    token_scores = torch.randn(5, 7 + prompt_tokens, dtype=D)
     got = adv.sequence_reward(transform, token_scores, mask, gamma=0.9)
     assert torch.equal(adv.sequence_reward(transform, garbage_at_padding(token_scores, mask), mask, gamma=0.9), got)
-    last = torch.tensor([token_scores[b, int(mask[b].sum()) - 1].item() for b in range(5)], dtype=D)
-    expected = {"prob": torch.sigmoid(last), "bt_score": last, "maligan": adv.maligan_reward(last),
-                "dense": adv.dense_reward(token_scores, mask, 0.9)[:, 0]}[transform]
-    assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+    real = [[token_scores[b, t].item() for t in range(7 + prompt_tokens) if mask[b, t]] for b in range(5)]
+    last = torch.tensor([r[-1] for r in real], dtype=D)
+    dense = [sum(0.9 ** s * (2 * sigmoid(x) - 1) for s, x in enumerate(r)) for r in real]
+    expected = {"prob": torch.sigmoid(last).tolist(), "bt_score": last.tolist(),
+                "maligan": adv.maligan_reward(last).tolist(), "dense": dense}[transform]
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def test_sequence_reward_names_an_unknown_transform():
@@ -156,3 +162,87 @@ def test_sequence_reward_names_an_unknown_transform():
         adv.sequence_reward("rank", torch.zeros(1, 2), torch.ones(1, 2))
     with pytest.raises(ValueError, match="no real token"):
         adv.last_token_scores(torch.zeros(2, 2), torch.tensor([[1, 0], [0, 0]]))
+
+
+# --- the discriminator (tiny causal LM with a score head) ---------------------------------------------------
+
+PROMPTS = ["how are you?", "what did you do today?", "do you like cats?", "where do you live?"]
+REAL = ["i am happy to talk with you.", "i went to the park with my dog.", "yes, cats are lovely.",
+        "i live in a small town by the sea."]
+FAKE = ["no no no no", "the the the", "cat cat", "what what what what what"]
+
+
+def tiny_d(**kw):
+    from rlgen.adversarial import AdversarialReward
+
+    return AdversarialReward(**{"model": "tiny", "learning_rate": 1e-3, "batch_size": 2, "device": "cpu", **kw})
+
+
+def test_discriminator_scores_each_reply_at_its_appended_eos():
+    d = tiny_d(transform="prob")
+    scores, mask = d.token_scores(PROMPTS[:2], ["", REAL[1]])
+    n_reply = len(d.tokenizer(REAL[1], add_special_tokens=False)["input_ids"])
+    assert mask.sum(1).tolist() == [1, n_reply + 1]  # the empty reply is its EOS alone
+    ids, attention, _ = d._encode(PROMPTS[:2], ["", REAL[1]])
+    last = attention.sum(1) - 1
+    assert ids[torch.arange(2), last].tolist() == [d.tokenizer.eos_token_id] * 2
+    rewards = d(PROMPTS, REAL)
+    assert len(rewards) == 4 and all(0 < r < 1 for r in rewards)
+    # chunked scoring (batch_size 2) pads each chunk alike: the same values as one batch of 4
+    assert rewards == pytest.approx(tiny_d(transform="prob", batch_size=4)(PROMPTS, REAL), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss,transform", [("bt", "bt_score"), ("bce", "prob"), ("bce", "dense"), ("bt", "maligan")])
+def test_discriminator_learns_to_tell_real_from_fake(loss, transform):
+    d = tiny_d(loss=loss, transform=transform)
+    columns = {"completion": REAL}
+    first = d.update(PROMPTS, FAKE, columns)
+    for _ in range(15):
+        last = d.update(PROMPTS, FAKE, columns)
+    assert set(last) == {"loss/discriminator", "val/d_accuracy", "val/d_accuracy_train", "val/d_real_score",
+                         "val/d_fake_score", "val/d_reward_std", "time/d_update"}
+    assert last["loss/discriminator"] < first["loss/discriminator"]
+    assert last["val/d_accuracy"] == 1.0
+    assert last["val/d_real_score"] > last["val/d_fake_score"]
+    if transform == "maligan":  # normalised over the call: real and fake scored together
+        rewards = d(PROMPTS + PROMPTS, REAL + FAKE)
+        assert min(rewards[:4]) > 0 > max(rewards[4:])
+    else:
+        assert min(d(PROMPTS, REAL)) > max(d(PROMPTS, FAKE))
+    assert d.updates == 16
+
+
+def test_discriminator_state_resumes_bit_exactly():
+    import io
+
+    a = tiny_d(batch_size=3)
+    columns = {"completion": REAL}
+    for _ in range(2):
+        a.update(PROMPTS, FAKE, columns)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    after = [a.update(PROMPTS, FAKE, columns) for _ in range(2)]
+
+    b = tiny_d(batch_size=3, seed=1)  # another start: everything must come from the state
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed = [b.update(PROMPTS, FAKE, columns) for _ in range(2)]
+    drop_time = [{k: v for k, v in m.items() if k != "time/d_update"} for m in (*after, *resumed)]
+    assert drop_time[:2] == drop_time[2:]
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert b.updates == 4 and torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert a(PROMPTS, FAKE) == b(PROMPTS, FAKE)
+
+
+def test_discriminator_refuses_bad_options_and_a_missing_teacher_column():
+    from rlgen.errors import UserError
+
+    with pytest.raises(UserError, match="unknown loss 'wgan'"):
+        tiny_d(loss="wgan")
+    with pytest.raises(UserError, match="unknown transform 'rank'"):
+        tiny_d(transform="rank")
+    with pytest.raises(UserError, match="d_every must be at least 1"):
+        tiny_d(d_every=0)
+    with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: completion"):
+        tiny_d(teacher="teacher_reply").update(PROMPTS, FAKE, {"completion": REAL, "completion_ids": []})
