@@ -14,12 +14,16 @@ never reach a result. `stats` hold detached 0-dim tensors, as in `rlgen.core`.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch.nn import functional as F
 
 from rlgen import core
 
 D_LOSSES = ("bt", "bce")
+STATE_FILE = "discriminator.pt"  # in a checkpoint folder: AdversarialReward.state_dict()
 
 
 def bradley_terry_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -154,12 +158,14 @@ class AdversarialReward:
     - `reward(prompts, completions, **columns)` -> one float per reply: `transform` of D's scores, in eval mode,
       without gradients (the RL loop's phase 2). The values' spread is kept for `metrics`.
     - `update(prompts, fakes, columns)`: with the real replies for the same prompts (`real_replies`: the dataset
-      column `teacher`), first D's accuracy on these fresh pairs (held out: it has not trained on them), then
+      column `teacher`, or the replies of `teacher_model`, sampled once per prompt and kept), first D's accuracy on these fresh pairs (held out: it has not trained on them), then
       `epochs` shuffled passes of minibatches with `loss`: `bt` (GAD) or `bce` (SeqGAN; per token with `dense`,
       as ScratchGAN trains D). Under torch.distributed, gradients are averaged over the processes, so every
       replica stays the same. Returns the metrics below.
-    - `state_dict()` / `load_state_dict()`: D's weights, its AdamW state, its shuffle generator and update count,
-      for exact resume.
+    - `state_dict()` / `load_state_dict()`: D's weights, its AdamW state, its shuffle generator, update count and
+      the teacher model's replies so far, for exact resume (`save_state` / `load_state`: `STATE_FILE` in a folder).
+    - The RL loop reads `d_every` (train D after every N-th policy update) and `d_warmup` (D updates on the
+      starting policy's replies before the first policy update: GAD's discriminator warm-up).
 
     Metrics (`update`): `loss/discriminator` (mean training loss), `val/d_accuracy` (on the fresh pairs before
     training on them), `val/d_accuracy_train` (during the passes), `val/d_real_score` and `val/d_fake_score`
@@ -169,8 +175,9 @@ class AdversarialReward:
 
     def __init__(self, model: str = "tiny", teacher: str = "completion", loss: str = "bt",
                  transform: str = "bt_score", gamma: float = 1.0, learning_rate: float = 1e-5,
-                 batch_size: int = 16, epochs: int = 1, d_every: int = 1, max_length: int = 256,
-                 max_grad_norm: float = 1.0, seed: int = 0, device: str | None = None):
+                 batch_size: int = 16, epochs: int = 1, d_every: int = 1, d_warmup: int = 0, max_length: int = 256,
+                 max_grad_norm: float = 1.0, teacher_model: str = "", teacher_max_new_tokens: int = 48,
+                 teacher_temperature: float = 1.0, seed: int = 0, device: str | None = None):
         from rlgen.errors import UserError
 
         if loss not in D_LOSSES:
@@ -181,13 +188,24 @@ class AdversarialReward:
                             ("max_length", max_length)):
             if value < 1:
                 raise UserError(f"adversarial: {name} must be at least 1, got {value}")
+        if d_warmup < 0:
+            raise UserError(f"adversarial: d_warmup must be at least 0, got {d_warmup}")
         if not 0 < gamma <= 1 or not learning_rate > 0:
             raise UserError(f"adversarial: gamma must be in (0, 1] and learning_rate > 0, got {gamma}, {learning_rate}")
         self.model_name, self.teacher, self.loss, self.transform, self.gamma = model, teacher, loss, transform, gamma
         self.batch_size, self.epochs, self.d_every, self.max_length = batch_size, epochs, d_every, max_length
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.d_warmup = max_grad_norm, d_warmup
         self.__name__ = "adversarial"
         self._build(model, seed, learning_rate, device)
+        self.teacher_policy = None
+        if teacher_model:
+            from rlgen.config import SamplingConfig
+            from rlgen.policy import Policy
+
+            self.teacher_policy = Policy.from_pretrained(teacher_model, reference=False, seed=seed).to(self.device)
+            self.teacher_sampling = SamplingConfig(max_new_tokens=teacher_max_new_tokens,
+                                                   temperature=teacher_temperature)
+        self.teacher_replies: dict[str, str] = {}
         self.updates = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.last_rewards = torch.zeros(0)
@@ -254,10 +272,20 @@ class AdversarialReward:
 
     # -- training
 
-    def real_replies(self, columns: dict) -> list[str]:
-        """The real (teacher) replies for a batch: its `teacher` column."""
+    def real_replies(self, prompts: list, columns: dict) -> list[str]:
+        """The real (teacher) replies for a batch: the teacher model's (sampled once per prompt, with the global
+        torch RNG), else the batch's `teacher` column."""
         from rlgen.errors import UserError
 
+        if self.teacher_policy is not None:
+            keys = [json.dumps(p) for p in prompts]
+            new = [(k, p) for k, p in dict(zip(keys, prompts)).items() if k not in self.teacher_replies]
+            if new:
+                with torch.no_grad():
+                    replies = self.teacher_policy.sample_completions([p for _, p in new], self.teacher_sampling,
+                                                                     self.batch_size)
+                self.teacher_replies.update(zip([k for k, _ in new], replies))
+            return [self.teacher_replies[k] for k in keys]
         if self.teacher not in columns:
             raise UserError(f"adversarial: the dataset has no column {self.teacher!r} of teacher replies (teacher=...; "
                             f"columns: {', '.join(sorted(k for k in columns if k != 'completion_ids')) or 'none'})")
@@ -276,7 +304,7 @@ class AdversarialReward:
         import time
 
         start = time.perf_counter()
-        real = self.real_replies(columns)
+        real = self.real_replies(prompts, columns)
         with torch.no_grad():
             self.model.eval()
             _, held = self._loss(prompts, real, fakes)
@@ -304,13 +332,32 @@ class AdversarialReward:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "updates": self.updates}
+                "generator": self.generator.get_state(), "updates": self.updates,
+                "teacher_replies": dict(self.teacher_replies)}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.updates = state["updates"]
+        self.teacher_replies = dict(state["teacher_replies"])
+
+    def save_state(self, folder: Path) -> None:
+        torch.save(self.state_dict(), Path(folder) / STATE_FILE)
+
+    def load_state(self, folder: Path) -> None:
+        from rlgen.errors import UserError
+
+        path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            raise UserError(f"checkpoint {folder} has no {STATE_FILE}: it was written without an adversarial reward")
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+    def save(self, folder: Path) -> Path:
+        """D as a Hugging Face folder (model and tokenizer)."""
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        return Path(folder)
 
 
 def _average_gradients(model: torch.nn.Module) -> None:
@@ -325,7 +372,19 @@ def _average_gradients(model: torch.nn.Module) -> None:
             p.grad /= dist.get_world_size()
 
 
-def adversarial(**kwargs) -> AdversarialReward:
-    """Reward spec factory: `adversarial(teacher='completion', loss='bt', transform='bt_score', ...)`; the arguments
-    are `AdversarialReward`'s."""
-    return AdversarialReward(**kwargs)
+def find_adversarial(reward_fns: list[tuple[str, object]]) -> AdversarialReward | None:
+    """The one adversarial reward among `(name, fn)` pairs, or None; two are refused (one D per run)."""
+    from rlgen.errors import UserError
+
+    found = [fn for _, fn in reward_fns if isinstance(fn, AdversarialReward)]
+    if len(found) > 1:
+        raise UserError("reward: at most one adversarial reward per run (one discriminator trains alongside)")
+    return found[0] if found else None
+
+
+def share_live(reward_fns: list[tuple[str, object]], live: AdversarialReward | None) -> list[tuple[str, object]]:
+    """`reward_fns` with any adversarial reward replaced by the training run's `live` one (an evaluation along
+    training then scores with the discriminator as it is, not with a fresh one built from the same spec)."""
+    if live is None:
+        return reward_fns
+    return [(name, live if isinstance(fn, AdversarialReward) else fn) for name, fn in reward_fns]

@@ -58,6 +58,12 @@ Metrics per update, reduced over processes:
   - engine| log-prob of the sampled tokens; the max per process, averaged over processes),
   rollout/truncated_fraction (share of tokens whose importance ratio exceeded `vllm_importance_sampling_cap`),
   time/weight_sync (pushing the updated weights into the engine)
+- with an adversarial reward (`adversarial(...)`, `rlgen.adversarial`): its discriminator trains after the policy's
+  update every `d_every` updates, on that batch's (real, policy) replies; those rows add loss/discriminator,
+  val/d_accuracy (on the fresh pairs, before training on them), val/d_accuracy_train, val/d_real_score,
+  val/d_fake_score, val/d_reward_std and time/d_update. `d_warmup` D updates on the starting policy's replies come
+  before the first update; D's state is in every checkpoint (discriminator.pt) and D is saved in
+  output_dir/discriminator/
 Every `eval_steps` updates, after the update's row, a row of the shared evaluator's eval/* metrics on the current
 policy (`rlgen.evaluation.Evaluator.along_training`, the random streams untouched) and completions/generated.
 """
@@ -75,7 +81,7 @@ from pathlib import Path
 
 import torch
 
-from rlgen import core, distributed, engines
+from rlgen import adversarial, core, distributed, engines
 from rlgen.checkpoint import (
     SHARDED_DIR,
     NonFiniteError,
@@ -205,7 +211,7 @@ def _stop_signal(accelerator, stop: StopSignals) -> int | None:
 
 
 def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy: Policy, optimizer, scheduler,
-                     state: dict) -> Path:
+                     state: dict, adv: adversarial.AdversarialReward | None = None) -> Path:
     """`out/checkpoint-<update>`, written atomically by the main process with every process's RNG state (sharded:
     every process first writes its shards to a staging folder, which the main process moves in)."""
     from accelerate.utils import gather_object
@@ -218,6 +224,8 @@ def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy
             save_sharded_training_state(tmp, staged, scheduler, state, rng_states)
         else:
             save_training_state(tmp, policy, optimizer, scheduler, state, rng_states)
+        if adv is not None:
+            adv.save_state(tmp)
         save_config(cfg, tmp)
 
     path = out / f"checkpoint-{update}"
@@ -257,11 +265,14 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     out = check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)
     set_seed(cfg.seed + rank)
     reward_fns = [load_reward(spec) for spec in cfg.reward]
+    adv = adversarial.find_adversarial(reward_fns)  # a discriminator that trains alongside (rlgen.adversarial)
     weights = cfg.reward_weights or None  # one per reward: PPOConfig checked that
     with accelerator.main_process_first():  # the first process fills the demo-data and model caches alone
         rows = load_rows(cfg.dataset, "train")
         with preserved_rng():  # loading the evaluation's rewards (a reward model) must not move training's streams
             evaluator = Evaluator(cfg.eval_config()) if cfg.eval_steps else None
+        if evaluator is not None:  # it scores with the training discriminator as it is, not a fresh one
+            evaluator.reward_fns = adversarial.share_live(evaluator.reward_fns, adv)
         if policy is None:
             policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic,
                                             dtype=torch.float32 if cfg.fsdp else resolve_dtype(cfg.dtype),
@@ -320,6 +331,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                 raise UserError(f"checkpoint {resume} was written by {state['world_size']} processes; "
                                 f"resume it with the same number (this run has {world})")
         kl_ctl.load_state_dict(state["kl_ctl"])
+        if adv is not None:
+            adv.load_state(resume)
         done, consumed, history = state["update"], state["rows_consumed"], state["history"]
         shown = (state["shown"][0], state["shown"][1])
         if is_main:  # one row per update: drop rows a killed run logged after this checkpoint
@@ -330,6 +343,15 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         is_cap = 0.0 if engines.engine_dtype(policy) == torch.float32 else 2.0
     stream = _row_stream(rows, cfg.seed)
     collections.deque(itertools.islice(stream, consumed), maxlen=0)  # the data position: skip used prompts
+    if adv is not None and done == 0 and adv.d_warmup:  # GAD's warm-up: D first learns the starting policy's replies
+        for _ in range(adv.d_warmup):
+            batch = list(itertools.islice(stream, cfg.batch_size * world))[rank * cfg.batch_size:][:cfg.batch_size]
+            consumed += cfg.batch_size * world
+            ro = _truncate(policy.sample([prompt_of(r) for r in batch], sampling, with_values=False), stop_id, tokenizer)
+            d_row = adv.update(ro.prompts, ro.completions, reward_columns(batch))
+        if is_main:
+            print(f"[rlgen] ppo: discriminator warm-up, {adv.d_warmup} updates; accuracy on the last fresh pairs "
+                  f"{d_row['val/d_accuracy']:.3f}", flush=True)
     start = time.perf_counter()
     progress = tqdm(range(done + 1, cfg.max_steps + 1), initial=done, total=cfg.max_steps, desc="ppo",
                     disable=not accelerator.is_local_main_process)
@@ -426,6 +448,9 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                     break
             scheduler.step()
             t_update = time.perf_counter() - t0
+            # 5b. discriminator (an adversarial reward): trained on this batch's (real, policy) replies
+            d_row = (adv.update(ro.prompts, ro.completions, columns)
+                     if adv is not None and update % adv.d_every == 0 else {})
             t_sync = policy.engine.sync(policy) if policy.engine is not None else None  # the next rollout's weights
 
             # 6. log: per-process means reduced over processes; reward values gathered exactly
@@ -448,6 +473,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             }
             if cfg.skip_nonfinite:
                 local["policy/skipped_batches"] = torch.tensor(float(skipped))
+            local.update({k: torch.tensor(v) for k, v in d_row.items()})
             if is_stats:
                 local.update({f"rollout/{k}": v for k, v in is_stats.items()})
                 local["time/weight_sync"] = torch.tensor(t_sync)
@@ -479,7 +505,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             if (cfg.save_steps and update % cfg.save_steps == 0) or update == cfg.max_steps or signum:
                 state = {"update": update, "rows_consumed": consumed, "world_size": world,
                          "kl_ctl": kl_ctl.state_dict(), "history": history, "shown": list(shown)}
-                last_checkpoint = _save_checkpoint(accelerator, cfg, out, update, policy, adam, scheduler, state)
+                last_checkpoint = _save_checkpoint(accelerator, cfg, out, update, policy, adam, scheduler, state, adv)
             if signum and update < cfg.max_steps:
                 progress.close()
                 raise TrainingInterrupted(signum, update, last_checkpoint.resolve())
@@ -497,6 +523,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic, reference=False, seed=cfg.seed)) or policy
     if is_main:
         policy.save(out)
+        if adv is not None:
+            adv.save(out / "discriminator")
         _plot_curves(history, out / "ppo_curves.png")
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
         print(f"[rlgen] ppo: {cfg.max_steps - done} updates in {train_s:.0f}s, then {time.perf_counter() - start - train_s:.0f}s "

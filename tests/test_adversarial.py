@@ -235,6 +235,20 @@ def test_discriminator_state_resumes_bit_exactly():
     assert a(PROMPTS, FAKE) == b(PROMPTS, FAKE)
 
 
+def test_a_teacher_model_answers_each_prompt_once(tiny_folder):
+    """teacher_model: replies sampled on first sight of a prompt and kept (in the state too), so later updates on
+    the same prompts reuse them and a resumed run does not sample them again."""
+    d = tiny_d(teacher_model=str(tiny_folder), teacher_max_new_tokens=4)
+    torch.manual_seed(0)
+    first = d.real_replies(PROMPTS[:3], {})
+    assert len(d.teacher_replies) == 3
+    state = torch.get_rng_state()
+    assert d.real_replies(PROMPTS[2::-1], {}) == first[::-1]
+    assert torch.equal(torch.get_rng_state(), state)  # nothing sampled again
+    d.update(PROMPTS, FAKE, {})
+    assert len(d.teacher_replies) == 4 and len(d.state_dict()["teacher_replies"]) == 4
+
+
 def test_discriminator_refuses_bad_options_and_a_missing_teacher_column():
     from rlgen.errors import UserError
 
@@ -246,3 +260,98 @@ def test_discriminator_refuses_bad_options_and_a_missing_teacher_column():
         tiny_d(d_every=0)
     with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: completion"):
         tiny_d(teacher="teacher_reply").update(PROMPTS, FAKE, {"completion": REAL, "completion_ids": []})
+
+
+# --- in the RL loop -----------------------------------------------------------------------------------------
+
+
+STOP_REWARD = '''
+import os
+import signal
+
+_calls = 0
+
+
+def stop_at(completions, **kwargs):
+    """0 for every reply; sends this process SIGINT at call $RLGEN_TEST_STOP_AT (one call per update)."""
+    global _calls
+    _calls += 1
+    if os.environ.get("RLGEN_TEST_STOP_AT") == str(_calls):
+        os.kill(os.getpid(), signal.SIGINT)
+    return [0.0] * len(completions)
+'''
+
+
+@pytest.fixture
+def teacher_data(tmp_path):
+    """Prompts whose teacher reply is always the same short sentence: a perfect, easy teacher signal."""
+    path = tmp_path / "teacher.jsonl"
+    path.write_text("".join(f'{{"prompt": "question {i}: how are you?", "teacher": "i am fine."}}\n'
+                            for i in range(64)))
+    return path
+
+
+def rl_config(tiny_folder, data, out, spec, **overrides):
+    from rlgen.config import PPOConfig
+
+    values = dict(model=str(tiny_folder), output_dir=str(out), dataset=str(data), max_steps=30, batch_size=16,
+                  mini_batch_size=8, ppo_epochs=4, max_new_tokens=4, learning_rate=1e-2, kl_coef=0.0,
+                  missing_eos_penalty=0.0, save_steps=0, reward=[spec])
+    return PPOConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("d_options, gain", [
+    ("loss='bt', transform='bt_score', learning_rate=1e-4, d_warmup=3", 0.04),  # GAD (measured: +0.08)
+    ("loss='bce', transform='dense', learning_rate=1e-3, d_warmup=10", 0.3),  # ScratchGAN's reward (measured: +0.7)
+], ids=["gad", "scratchgan"])
+def test_rl_on_a_warmed_up_discriminator_raises_its_reward(tiny_folder, teacher_data, tmp_path, d_options, gain):
+    """D pre-trained on (teacher, starting policy) pairs (d_warmup), then held fixed (d_every beyond the run): RL
+    raises D's reward of the policy's replies (mean of the last 3 updates over the first 3). D's own metrics
+    appear only on updates where it trained."""
+    from rlgen.files import read_jsonl
+    from rlgen.ppo import train_ppo
+
+    spec = f"adversarial(teacher='teacher', {d_options}, d_every=100, batch_size=16, device='cpu')"
+    train_ppo(rl_config(tiny_folder, teacher_data, tmp_path / "run", spec))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "objective/scores" in r]
+    scores = [r["rewards/adversarial/mean"] for r in rows]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + gain, scores
+    assert not any("loss/discriminator" in r for r in rows)
+    assert (tmp_path / "run" / "discriminator" / "config.json").is_file()
+
+
+def test_the_discriminator_trains_every_d_every_updates_and_resumes_exactly(tiny_folder, teacher_data, tmp_path,
+                                                                          monkeypatch):
+    """6 updates in one go == SIGINT after update 3, resume from checkpoint-2, 4 more: metrics (D's included),
+    policy and D weights exactly equal."""
+    from rlgen.checkpoint import TrainingInterrupted
+    from rlgen.files import read_jsonl
+    from rlgen.ppo import train_ppo
+
+    stop = tmp_path / "stop.py"
+    stop.write_text(STOP_REWARD)
+    spec = ("adversarial(teacher='teacher', loss='bce', transform='prob', learning_rate=1e-3, d_every=2, "
+            "batch_size=4, device='cpu')")
+    common = dict(max_steps=6, save_steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=2, reward=[f"{stop}:stop_at", spec], reward_weights=[0.0, 1.0])
+    policy_a = train_ppo(rl_config(tiny_folder, teacher_data, tmp_path / "one_go", spec, **common))
+    split = tmp_path / "split"
+    monkeypatch.setenv("RLGEN_TEST_STOP_AT", "9")  # update 3 of the second run
+    with pytest.raises(TrainingInterrupted):
+        train_ppo(rl_config(tiny_folder, teacher_data, split, spec, **common))
+    monkeypatch.delenv("RLGEN_TEST_STOP_AT")
+    policy_b = train_ppo(rl_config(tiny_folder, teacher_data, split, spec, resume_from_checkpoint=str(split / "checkpoint-2"),
+                                   **common))
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(out / "metrics.jsonl")]
+
+    rows_a = rows(tmp_path / "one_go")
+    assert rows(split) == rows_a
+    assert [r["step"] for r in rows_a if "loss/discriminator" in r] == [2, 4, 6]
+    for (name, x), y in zip(policy_a.state_dict().items(), policy_b.state_dict().values()):
+        assert torch.equal(x, y), name
+    d_a = torch.load(tmp_path / "one_go" / "checkpoint-6" / "discriminator.pt", weights_only=False)
+    d_b = torch.load(split / "checkpoint-6" / "discriminator.pt", weights_only=False)
+    for name, x in d_a["model"].items():
+        assert torch.equal(x, d_b["model"][name]), name
+    assert d_a["updates"] == d_b["updates"] == 3

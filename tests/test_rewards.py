@@ -116,10 +116,13 @@ def test_builtin_table():
         "repetition_penalty",
         "toxicity_penalty",
         "ensemble",
+        "adversarial",
     }
     optional_missing = set() if importlib.util.find_spec("profanity_check") else {"toxicity_penalty"}
-    for name in BUILTIN_REWARDS:  # those that need arguments aside (ensemble: tests/test_rewards_ensemble.py)
-        if name not in ("regex_match", "keyword", "ensemble", *optional_missing):
+    # those that need arguments aside (ensemble: tests/test_rewards_ensemble.py), and the adversarial factory
+    # (tests/test_adversarial.py)
+    for name in BUILTIN_REWARDS:
+        if name not in ("regex_match", "keyword", "ensemble", "adversarial", *optional_missing):
             assert load_reward(name) == (name, BUILTIN_REWARDS[name])
 
 

@@ -21,6 +21,7 @@ import sys
 import weakref
 from pathlib import Path
 
+from rlgen.adversarial import AdversarialReward
 from rlgen.errors import RewardError, UserError
 from rlgen.rewards.ensemble import RewardEnsemble, ensemble
 from rlgen.rewards.learned import LearnedReward, folder_reward_name, is_hub_id
@@ -53,6 +54,9 @@ BUILTIN_REWARDS = {
     "repetition_penalty": repetition_penalty,
     "toxicity_penalty": toxicity_penalty,
     "ensemble": ensemble,  # a reward factory: ensemble(members=[spec, ...], combine=..., lam=...) -> RewardEnsemble
+    # a factory: adversarial(teacher='completion', loss='bt', transform='bt_score', ...), a discriminator that
+    # trains alongside the RL loop (rlgen.adversarial)
+    "adversarial": AdversarialReward,
 }
 
 _SPEC = re.compile(r"([^()]*?)\s*(?:\((.*)\))?", re.DOTALL)
