@@ -157,8 +157,9 @@ class AdversarialReward:
 
     - `reward(prompts, completions, **columns)` -> one float per reply: `transform` of D's scores, in eval mode,
       without gradients (the RL loop's phase 2). The values' spread is kept for `metrics`.
-    - `update(prompts, fakes, columns)`: with the real replies for the same prompts (`real_replies`: the dataset
-      column `teacher`, or the replies of `teacher_model`, sampled once per prompt and kept), first D's accuracy on these fresh pairs (held out: it has not trained on them), then
+    - `update(prompts, fakes, columns=None)`: with the real replies for the same prompts (`real_replies`: the
+      dataset column `teacher`, given or seen with each (prompt, reply) when scored, or the replies of
+      `teacher_model`, sampled once per prompt and kept), first D's accuracy on these fresh pairs (held out: it has not trained on them), then
       `epochs` shuffled passes of minibatches with `loss`: `bt` (GAD) or `bce` (SeqGAN; per token with `dense`,
       as ScratchGAN trains D). Under torch.distributed, gradients are averaged over the processes, so every
       replica stays the same. Returns the metrics below.
@@ -205,7 +206,9 @@ class AdversarialReward:
             self.teacher_policy = Policy.from_pretrained(teacher_model, reference=False, seed=seed).to(self.device)
             self.teacher_sampling = SamplingConfig(max_new_tokens=teacher_max_new_tokens,
                                                    temperature=teacher_temperature)
-        self.teacher_replies: dict[str, str] = {}
+        self.teacher_replies: dict[str, str] = {}  # teacher_model's, by prompt
+        self.scored_with: dict[str, str] = {}  # the teacher column's reply for each (prompt, reply) scored since update
+        self.scored_columns: set[str] = set()
         self.updates = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.last_rewards = torch.zeros(0)
@@ -268,13 +271,18 @@ class AdversarialReward:
         mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, m in chunks])
         rewards = sequence_reward(self.transform, scores, mask, self.gamma)
         self.last_rewards = rewards.cpu()
+        self.scored_columns = set(kwargs)
+        if self.teacher_policy is None and self.teacher in kwargs:  # for `update`, which may get no columns
+            self.scored_with.update((json.dumps([p, c]), str(r))
+                                    for p, c, r in zip(prompts, completions, kwargs[self.teacher]))
         return rewards.tolist()
 
     # -- training
 
-    def real_replies(self, prompts: list, columns: dict) -> list[str]:
+    def real_replies(self, prompts: list, fakes: list[str], columns: dict | None = None) -> list[str]:
         """The real (teacher) replies for a batch: the teacher model's (sampled once per prompt, with the global
-        torch RNG), else the batch's `teacher` column."""
+        torch RNG), else the `teacher` column of `columns`, else the column's values that came with each (prompt,
+        reply) when it was scored (so a loop that drops or reorders rows after scoring needs no columns here)."""
         from rlgen.errors import UserError
 
         if self.teacher_policy is not None:
@@ -286,10 +294,14 @@ class AdversarialReward:
                                                                      self.batch_size)
                 self.teacher_replies.update(zip([k for k, _ in new], replies))
             return [self.teacher_replies[k] for k in keys]
-        if self.teacher not in columns:
+        if columns is not None and self.teacher in columns:
+            return [str(r) for r in columns[self.teacher]]
+        keys = [json.dumps([p, f]) for p, f in zip(prompts, fakes)]
+        if columns is not None or not all(k in self.scored_with for k in keys):
+            seen = columns if columns is not None else self.scored_columns
             raise UserError(f"adversarial: the dataset has no column {self.teacher!r} of teacher replies (teacher=...; "
-                            f"columns: {', '.join(sorted(k for k in columns if k != 'completion_ids')) or 'none'})")
-        return [str(r) for r in columns[self.teacher]]
+                            f"columns: {', '.join(sorted(k for k in seen if k != 'completion_ids')) or 'none'})")
+        return [self.scored_with[k] for k in keys]
 
     def _loss(self, prompts: list, real: list[str], fake: list[str]) -> tuple[torch.Tensor, dict]:
         scores, mask = self.token_scores(list(prompts) + list(prompts), list(real) + list(fake))
@@ -299,12 +311,13 @@ class AdversarialReward:
         seq = last_token_scores(scores, mask)
         return (bradley_terry_loss if self.loss == "bt" else bce_loss)(seq[:n], seq[n:])
 
-    def update(self, prompts: list, fakes: list[str], columns: dict) -> dict[str, float]:
-        """Train D on (real, fake) replies to `prompts`; the real ones from `columns` (see the class docstring)."""
+    def update(self, prompts: list, fakes: list[str], columns: dict | None = None) -> dict[str, float]:
+        """Train D on (real, fake) replies to `prompts`; the real ones from `real_replies`."""
         import time
 
         start = time.perf_counter()
-        real = self.real_replies(prompts, columns)
+        real = self.real_replies(prompts, fakes, columns)
+        self.scored_with.clear()
         with torch.no_grad():
             self.model.eval()
             _, held = self._loss(prompts, real, fakes)

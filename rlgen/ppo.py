@@ -449,7 +449,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             scheduler.step()
             t_update = time.perf_counter() - t0
             # 5b. discriminator (an adversarial reward): trained on this batch's (real, policy) replies
-            d_row = (adv.update(ro.prompts, ro.completions, columns)
+            d_row = (adv.update(ro.prompts, ro.completions)
                      if adv is not None and update % adv.d_every == 0 else {})
             t_sync = policy.engine.sync(policy) if policy.engine is not None else None  # the next rollout's weights
 

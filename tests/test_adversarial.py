@@ -240,12 +240,12 @@ def test_a_teacher_model_answers_each_prompt_once(tiny_folder):
     the same prompts reuse them and a resumed run does not sample them again."""
     d = tiny_d(teacher_model=str(tiny_folder), teacher_max_new_tokens=4)
     torch.manual_seed(0)
-    first = d.real_replies(PROMPTS[:3], {})
+    first = d.real_replies(PROMPTS[:3], FAKE[:3])
     assert len(d.teacher_replies) == 3
     state = torch.get_rng_state()
-    assert d.real_replies(PROMPTS[2::-1], {}) == first[::-1]
+    assert d.real_replies(PROMPTS[2::-1], FAKE[2::-1]) == first[::-1]
     assert torch.equal(torch.get_rng_state(), state)  # nothing sampled again
-    d.update(PROMPTS, FAKE, {})
+    d.update(PROMPTS, FAKE)
     assert len(d.teacher_replies) == 4 and len(d.state_dict()["teacher_replies"]) == 4
 
 
@@ -260,6 +260,24 @@ def test_discriminator_refuses_bad_options_and_a_missing_teacher_column():
         tiny_d(d_every=0)
     with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: completion"):
         tiny_d(teacher="teacher_reply").update(PROMPTS, FAKE, {"completion": REAL, "completion_ids": []})
+    d = tiny_d(teacher="teacher_reply")
+    d(PROMPTS, FAKE, completion=REAL)
+    with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: completion"):
+        d.update(PROMPTS, FAKE)
+
+
+def test_the_teacher_column_is_matched_to_each_scored_reply():
+    """Scored with the batch's columns, D later trains on any subset or order of those (prompt, reply) pairs
+    without them (as a loop with dynamic sampling selects rows after scoring), each with its own teacher reply."""
+    a, b = tiny_d(), tiny_d()
+    a(PROMPTS, FAKE, completion=REAL, other=[0] * 4)
+    order = [2, 0, 3]
+    assert a.real_replies([PROMPTS[i] for i in order], [FAKE[i] for i in order]) == [REAL[i] for i in order]
+    got = a.update([PROMPTS[i] for i in order], [FAKE[i] for i in order])
+    given = b.update([PROMPTS[i] for i in order], [FAKE[i] for i in order], {"completion": [REAL[i] for i in order]})
+    assert {k: v for k, v in got.items() if k not in ("time/d_update", "val/d_reward_std")} == \
+        {k: v for k, v in given.items() if k not in ("time/d_update", "val/d_reward_std")}
+    assert a.scored_with == {}
 
 
 # --- in the RL loop -----------------------------------------------------------------------------------------
