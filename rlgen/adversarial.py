@@ -174,7 +174,7 @@ class AdversarialReward:
     is the loop's `rewards/<name>/mean`), `time/d_update`.
     """
 
-    def __init__(self, model: str = "tiny", teacher: str = "completion", loss: str = "bt",
+    def __init__(self, model: str = "tiny", teacher: str = "reference_completion", loss: str = "bt",
                  transform: str = "bt_score", gamma: float = 1.0, learning_rate: float = 1e-5,
                  batch_size: int = 16, epochs: int = 1, d_every: int = 1, d_warmup: int = 0, max_length: int = 256,
                  max_grad_norm: float = 1.0, teacher_model: str = "", teacher_max_new_tokens: int = 48,

@@ -195,7 +195,7 @@ def test_discriminator_scores_each_reply_at_its_appended_eos():
 @pytest.mark.parametrize("loss,transform", [("bt", "bt_score"), ("bce", "prob"), ("bce", "dense"), ("bt", "maligan")])
 def test_discriminator_learns_to_tell_real_from_fake(loss, transform):
     d = tiny_d(loss=loss, transform=transform)
-    columns = {"completion": REAL}
+    columns = {"reference_completion": REAL}
     first = d.update(PROMPTS, FAKE, columns)
     for _ in range(15):
         last = d.update(PROMPTS, FAKE, columns)
@@ -216,7 +216,7 @@ def test_discriminator_state_resumes_bit_exactly():
     import io
 
     a = tiny_d(batch_size=3)
-    columns = {"completion": REAL}
+    columns = {"reference_completion": REAL}
     for _ in range(2):
         a.update(PROMPTS, FAKE, columns)
     buffer = io.BytesIO()
@@ -258,11 +258,11 @@ def test_discriminator_refuses_bad_options_and_a_missing_teacher_column():
         tiny_d(transform="rank")
     with pytest.raises(UserError, match="d_every must be at least 1"):
         tiny_d(d_every=0)
-    with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: completion"):
-        tiny_d(teacher="teacher_reply").update(PROMPTS, FAKE, {"completion": REAL, "completion_ids": []})
+    with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: reference_completion"):
+        tiny_d(teacher="teacher_reply").update(PROMPTS, FAKE, {"reference_completion": REAL, "completion_ids": []})
     d = tiny_d(teacher="teacher_reply")
-    d(PROMPTS, FAKE, completion=REAL)
-    with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: completion"):
+    d(PROMPTS, FAKE, reference_completion=REAL)
+    with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: reference_completion"):
         d.update(PROMPTS, FAKE)
 
 
@@ -270,11 +270,11 @@ def test_the_teacher_column_is_matched_to_each_scored_reply():
     """Scored with the batch's columns, D later trains on any subset or order of those (prompt, reply) pairs
     without them (as a loop with dynamic sampling selects rows after scoring), each with its own teacher reply."""
     a, b = tiny_d(), tiny_d()
-    a(PROMPTS, FAKE, completion=REAL, other=[0] * 4)
+    a(PROMPTS, FAKE, reference_completion=REAL, other=[0] * 4)
     order = [2, 0, 3]
     assert a.real_replies([PROMPTS[i] for i in order], [FAKE[i] for i in order]) == [REAL[i] for i in order]
     got = a.update([PROMPTS[i] for i in order], [FAKE[i] for i in order])
-    given = b.update([PROMPTS[i] for i in order], [FAKE[i] for i in order], {"completion": [REAL[i] for i in order]})
+    given = b.update([PROMPTS[i] for i in order], [FAKE[i] for i in order], {"reference_completion": [REAL[i] for i in order]})
     assert {k: v for k, v in got.items() if k not in ("time/d_update", "val/d_reward_std")} == \
         {k: v for k, v in given.items() if k not in ("time/d_update", "val/d_reward_std")}
     assert a.scored_with == {}
@@ -318,11 +318,15 @@ def rl_config(tiny_folder, data, out, spec, **overrides):
     return PPOConfig(**{**values, **overrides})
 
 
-@pytest.mark.parametrize("d_options, gain", [
-    ("loss='bt', transform='bt_score', learning_rate=1e-4, d_warmup=3", 0.04),  # GAD (measured: +0.08)
-    ("loss='bce', transform='dense', learning_rate=1e-3, d_warmup=10", 0.3),  # ScratchGAN's reward (measured: +0.7)
-], ids=["gad", "scratchgan"])
-def test_rl_on_a_warmed_up_discriminator_raises_its_reward(tiny_folder, teacher_data, tmp_path, d_options, gain):
+@pytest.mark.parametrize("d_options, rl_options, gain", [
+    # GAD's discriminator under PPO (measured: +0.08) and under GRPO (measured: +0.085)
+    ("loss='bt', transform='bt_score', learning_rate=1e-4, d_warmup=3", {}, 0.04),
+    ("loss='bt', transform='bt_score', learning_rate=3e-4, d_warmup=2", dict(preset="grpo", kl_coef=0.0), 0.04),
+    # ScratchGAN's per-token discriminator and dense reward (measured: +0.7)
+    ("loss='bce', transform='dense', learning_rate=1e-3, d_warmup=10", {}, 0.3),
+], ids=["gad_ppo", "gad_grpo", "scratchgan"])
+def test_rl_on_a_warmed_up_discriminator_raises_its_reward(tiny_folder, teacher_data, tmp_path, d_options,
+                                                           rl_options, gain):
     """D pre-trained on (teacher, starting policy) pairs (d_warmup), then held fixed (d_every beyond the run): RL
     raises D's reward of the policy's replies (mean of the last 3 updates over the first 3). D's own metrics
     appear only on updates where it trained."""
@@ -330,7 +334,7 @@ def test_rl_on_a_warmed_up_discriminator_raises_its_reward(tiny_folder, teacher_
     from rlgen.ppo import train_ppo
 
     spec = f"adversarial(teacher='teacher', {d_options}, d_every=100, batch_size=16, device='cpu')"
-    train_ppo(rl_config(tiny_folder, teacher_data, tmp_path / "run", spec))
+    train_ppo(rl_config(tiny_folder, teacher_data, tmp_path / "run", spec, **rl_options))
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "objective/scores" in r]
     scores = [r["rewards/adversarial/mean"] for r in rows]
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + gain, scores
@@ -373,3 +377,21 @@ def test_the_discriminator_trains_every_d_every_updates_and_resumes_exactly(tiny
     for name, x in d_a["model"].items():
         assert torch.equal(x, d_b["model"][name]), name
     assert d_a["updates"] == d_b["updates"] == 3
+
+
+def test_the_gad_preset_runs_grpo_on_a_discriminator_trained_every_update(tiny_folder, tmp_path):
+    """preset gad: GRPO groups, the adversarial reward from the run's own model, D warm-up and an update each step."""
+    from rlgen.config import PPOConfig
+    from rlgen.files import read_jsonl
+    from rlgen.ppo import train_ppo
+
+    cfg = PPOConfig(model=str(tiny_folder), output_dir=str(tmp_path / "run"), preset="gad", max_steps=2, batch_size=8,
+                    mini_batch_size=8, max_new_tokens=4, save_steps=0)
+    assert cfg.reward == [f"adversarial(model={str(tiny_folder)!r}, teacher='reference_completion', loss='bt', "
+                          "transform='bt_score', d_every=1, d_warmup=1)"]
+    assert (cfg.advantage, cfg.num_generations) == ("grpo", 4)
+    train_ppo(cfg)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "val/d_accuracy" in r] == [1, 2]
+    assert all(0 <= r["val/d_accuracy"] <= 1 and math.isfinite(r["loss/discriminator"]) for r in rows)
+    assert (tmp_path / "run" / "discriminator" / "model.safetensors").is_file()

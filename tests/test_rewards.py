@@ -575,3 +575,11 @@ def test_hub_reward_model_id_not_in_the_cache_fails_at_once_naming_the_id(tmp_pa
                                         r"Hugging Face cache: download it first \(hf download") as info:
         load_reward("nobody-xyz/made-up-rm")
     assert "\n" not in str(info.value)
+
+
+def test_reward_columns_pass_the_datasets_own_completion_as_reference_completion():
+    from rlgen.rewards import reward_columns
+
+    rows = [{"prompt": "p", "completion": "gold reply", "topic": "x"}]
+    assert reward_columns(rows) == {"topic": ["x"], "reference_completion": ["gold reply"]}
+    assert reward_columns([{"prompt": "p", "topic": "x"}]) == {"topic": ["x"]}

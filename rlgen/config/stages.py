@@ -327,6 +327,13 @@ RL_PRESETS = {
     # the last fifth of max_new_tokens (their 4096 of 20480), no KL
     "dapo": dict(advantage="grpo", num_generations=4, clip_low=0.2, clip_high=0.28, loss_agg="token-mean",
                  kl_coef=0.0, kl_in="loss", dynamic_sampling=True, overlong_buffer=-1, ppo_epochs=1),
+    # Ye et al. 2025 (GAD, arXiv 2511.10643): GRPO on the score of a Bradley-Terry discriminator that prefers the
+    # teacher's reply (the dataset's `completion` column) to the student's, initialised from the student ({model}
+    # is this run's model) and trained on every batch after a warm-up round (rlgen.adversarial)
+    "gad": dict(advantage="grpo", num_generations=4, kl_in="loss", kl_estimator="k3", kl_coef=0.04,
+                loss_agg="seq-mean-token-mean", ppo_epochs=1,
+                reward=["adversarial(model={model}, teacher='reference_completion', loss='bt', transform='bt_score', "
+                        "d_every=1, d_warmup=1)"]),
 }
 
 
@@ -406,8 +413,11 @@ class PPOConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraConfi
 
     def __post_init__(self):
         if self.preset in RL_PRESETS:  # before the checks, which see the preset's values
-            defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(PPOConfig)}
             for key, value in RL_PRESETS[self.preset].items():
+                if key == "reward" and isinstance(self.model, str):
+                    value = [spec.replace("{model}", repr(self.model)) for spec in value]
                 if getattr(self, key) == defaults[key]:
                     object.__setattr__(self, key, value)
         if self.overlong_buffer == -1:

@@ -446,9 +446,13 @@ def score_rewards(reward_fns, prompts, completions, weights=None, columns=None):
 
 def reward_columns(rows):
     """The dataset columns reward functions get, as keyword lists (TRL's convention): all but `prompt`,
-    `completion` and `completion_ids` (the sampled ones are passed instead)."""
+    `completion` and `completion_ids` (the sampled ones are passed instead); the dataset's own `completion` (a
+    reference reply, e.g. the teacher's for `adversarial`) comes as `reference_completion`."""
     keys = [k for k in (rows[0] if rows else {}) if k not in ("prompt", "completion", "completion_ids")]
-    return {k: [r.get(k) for r in rows] for k in keys}
+    columns = {k: [r.get(k) for r in rows] for k in keys}
+    if rows and "completion" in rows[0] and "reference_completion" not in columns:
+        columns["reference_completion"] = [r.get("completion") for r in rows]
+    return columns
 
 
 def reward_mean_metrics(per_fn):
