@@ -150,7 +150,7 @@ def sequence_reward(transform: str, token_scores: torch.Tensor, mask: torch.Tens
 class AdversarialReward:
     """A discriminator that is a reward in the shared protocol and trains while the policy trains.
 
-    D is a causal LM with a one-logit score head on every token (`rlgen.reward_model.load_reward_base`: tiny,
+    D is a causal LM with a one-logit score head on every token (`rlgen.models.load_reward_base`: tiny,
     default, a folder, a Hub id in the cache; MiniLM, which pools [CLS], cannot give per-token scores). It reads
     the prompt and the reply (the chat template for conversations, as `rlgen.text.render_prompt_completion`) with
     the tokenizer's EOS appended to the reply; the reply's sequence score is the score at that EOS.
@@ -215,7 +215,7 @@ class AdversarialReward:
 
     def _build(self, name: str, seed: int, learning_rate: float, device: str | None) -> None:
         from rlgen.errors import UserError
-        from rlgen.reward_model import load_reward_base
+        from rlgen.models import load_reward_base
 
         model, self.tokenizer = load_reward_base(name, seed)
         if not isinstance(getattr(model, "score", None), torch.nn.Linear):
