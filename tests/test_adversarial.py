@@ -395,3 +395,43 @@ def test_the_gad_preset_runs_grpo_on_a_discriminator_trained_every_update(tiny_f
     assert [r["step"] for r in rows if "val/d_accuracy" in r] == [1, 2]
     assert all(0 <= r["val/d_accuracy"] <= 1 and math.isfinite(r["loss/discriminator"]) for r in rows)
     assert (tmp_path / "run" / "discriminator" / "model.safetensors").is_file()
+
+
+def test_compare_method_gad_is_sft_then_grpo_on_the_discriminator_within_the_budget(tmp_path):
+    """compare --methods sft gad: gad's SFT warm-up equals the sft run's recipe, its RL stage (preset gad from the
+    warm-up model) has max_steps - d_warmup updates, and its completions stay within max_steps x batch_size."""
+    import csv
+    import json
+
+    import yaml
+
+    from rlgen.cli import main
+    from rlgen.config import CompareConfig
+    from rlgen.errors import UserError
+    from rlgen.files import read_jsonl
+
+    settings = {"model": "tiny", "output_dir": str(tmp_path / "cmp"), "methods": ["sft", "gad"], "seeds": [0],
+                "max_steps": 3, "batch_size": 4, "num_generations": 2, "max_new_tokens": 6,
+                "reward": ["target_length(target=3)"], "gold_reward": ["sentiment_positive"],
+                "evaluate": {"num_prompts": 4, "batch_size": 4},
+                "gad": {"discriminator": {"learning_rate": 1e-4, "device": "cpu"}}}
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["compare", "--config", str(config)]) == 0
+    run = tmp_path / "cmp" / "runs" / "gad" / "seed0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["completions"] == 3 * 4
+    assert [row["completions"] for row in result["curve"]] == [8, 12]  # after the D warm-up round of 4
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss/discriminator" in r] == [1, 2]
+    assert {"rewards/adversarial/mean", "rewards/target_length/mean", "rewards/sentiment_positive/mean"} <= set(rows[0])
+    ppo = yaml.safe_load((run / "config.yaml").read_text())
+    assert ppo["preset"] == "gad" and ppo["max_steps"] == 2 and ppo["model"].endswith("seed0_warmup_sft")
+    assert ppo["reward_weights"] == [0.0, 0.0, 1.0]
+    assert not (run.parent / "seed0_warmup_sft").exists() and (run / "discriminator" / "config.json").is_file()
+    with open(tmp_path / "cmp" / "comparison.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["start", "sft", "gad"]
+    with pytest.raises(UserError, match="d_warmup 3 must be an integer in \\[0, max_steps\\)"):
+        CompareConfig(**{**settings, "gad": {"discriminator": {"d_warmup": 3}}})
+    with pytest.raises(UserError, match="key 'num_generations' would change this method's budget"):
+        CompareConfig(**{**settings, "gad": {"num_generations": 4}})
