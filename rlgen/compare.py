@@ -218,7 +218,9 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
     keys = _curve_keys(cfg, _reward_names(stage.reward))
     curve = [{"completions": (row["step"] + warmup) * cfg.batch_size,
               **{new: row[old] for old, new in keys.items() if old in row}} for row in rows]
-    tokens = round(sum(float(row["completions/mean_length"]) * cfg.batch_size for row in rows))  # warm-up's not known
+    warmup_rows = [row for row in logged if row["step"] == 0]  # gad: its D warm-up's replies
+    tokens = round(sum(float(row["completions/mean_length"]) * cfg.batch_size for row in rows)
+                   + sum(float(row["completions/mean_length"]) * cfg.batch_size * warmup for row in warmup_rows))
     return {"completions": (len(rows) + warmup) * cfg.batch_size, "tokens": tokens, "curve": curve,
             "evals": _evals(logged)}
 

@@ -62,7 +62,7 @@ Metrics per update, reduced over processes:
   update every `d_every` updates, on that batch's (real, policy) replies; those rows add loss/discriminator,
   val/d_accuracy (on the fresh pairs, before training on them), val/d_accuracy_train, val/d_real_score,
   val/d_fake_score, val/d_reward_std and time/d_update. `d_warmup` D updates on the starting policy's replies come
-  before the first update; D's state is in every checkpoint (discriminator.pt) and D is saved in
+  before the first update (a row at step 0: the last one's D metrics and completions/mean_length); D's state is in every checkpoint (discriminator.pt) and D is saved in
   output_dir/discriminator/
 Every `eval_steps` updates, after the update's row, a row of the shared evaluator's eval/* metrics on the current
 policy (`rlgen.evaluation.Evaluator.along_training`, the random streams untouched) and completions/generated.
@@ -450,14 +450,22 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     stream = _row_stream(rows, cfg.seed)
     collections.deque(itertools.islice(stream, consumed), maxlen=0)  # the data position: skip used prompts
     if adv is not None and done == 0 and adv.d_warmup:  # GAD's warm-up: D first learns the starting policy's replies
+        lengths = []
         for _ in range(adv.d_warmup):
             batch = list(itertools.islice(stream, cfg.batch_size * world))[rank * cfg.batch_size:][:cfg.batch_size]
             consumed += cfg.batch_size * world
             ro = _truncate(policy.sample([prompt_of(r) for r in batch], sampling, with_values=False), stop_id, tokenizer)
             d_row = adv.update(ro.prompts, ro.completions, reward_columns(batch))
+            lengths.append(ro.completion_mask.sum(1).float().mean().cpu())
+        # a row at step 0: the last warm-up update's D metrics and the warm-up replies' mean length
+        warm = {**d_row, "completions/mean_length": float(torch.stack(lengths).mean())}
+        reduced = accelerator.reduce(torch.tensor(list(warm.values()), device=accelerator.device), "mean")
+        row = dict(zip(warm, reduced.tolist()))
         if is_main:
+            writer.log(row, step=0)
             print(f"[rlgen] ppo: discriminator warm-up, {adv.d_warmup} updates; accuracy on the last fresh pairs "
-                  f"{d_row['val/d_accuracy']:.3f}", flush=True)
+                  f"{row['val/d_accuracy']:.3f}", flush=True)
+        history.append(jsonable_row({"step": 0, **row}))
     start = time.perf_counter()
     progress = tqdm(range(done + 1, cfg.max_steps + 1), initial=done, total=cfg.max_steps, desc="ppo",
                     disable=not accelerator.is_local_main_process)

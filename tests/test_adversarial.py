@@ -392,7 +392,7 @@ def test_the_gad_preset_runs_grpo_on_a_discriminator_trained_every_update(tiny_f
     assert (cfg.advantage, cfg.num_generations) == ("grpo", 4)
     train_ppo(cfg)
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in rows if "val/d_accuracy" in r] == [1, 2]
+    assert [r["step"] for r in rows if "val/d_accuracy" in r] == [0, 1, 2]
     assert all(0 <= r["val/d_accuracy"] <= 1 and math.isfinite(r["loss/discriminator"]) for r in rows)
     assert (tmp_path / "run" / "discriminator" / "model.safetensors").is_file()
 
@@ -421,10 +421,12 @@ def test_compare_method_gad_is_sft_then_grpo_on_the_discriminator_within_the_bud
     run = tmp_path / "cmp" / "runs" / "gad" / "seed0"
     result = json.loads((run / "result.json").read_text())
     assert result["completions"] == 3 * 4
+    lengths = [r["completions/mean_length"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert result["tokens"] == round(sum(lengths) * 4)  # the step-0 row: the D warm-up's replies
     assert [row["completions"] for row in result["curve"]] == [8, 12]  # after the D warm-up round of 4
     rows = read_jsonl(run / "metrics.jsonl")
-    assert [r["step"] for r in rows if "loss/discriminator" in r] == [1, 2]
-    assert {"rewards/adversarial/mean", "rewards/target_length/mean", "rewards/sentiment_positive/mean"} <= set(rows[0])
+    assert [r["step"] for r in rows if "loss/discriminator" in r] == [0, 1, 2]
+    assert {"rewards/adversarial/mean", "rewards/target_length/mean", "rewards/sentiment_positive/mean"} <= set(rows[1])
     ppo = yaml.safe_load((run / "config.yaml").read_text())
     assert ppo["preset"] == "gad" and ppo["max_steps"] == 2 and ppo["model"].endswith("seed0_warmup_sft")
     assert ppo["reward_weights"] == [0.0, 0.0, 1.0]
