@@ -437,3 +437,35 @@ def test_compare_method_gad_is_sft_then_grpo_on_the_discriminator_within_the_bud
         CompareConfig(**{**settings, "gad": {"discriminator": {"d_warmup": 3}}})
     with pytest.raises(UserError, match="key 'num_generations' would change this method's budget"):
         CompareConfig(**{**settings, "gad": {"num_generations": 4}})
+
+
+def _two_process_update(rank, port, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        d = tiny_d(batch_size=4)
+        fakes = FAKE if rank == 0 else list(reversed(REAL))  # each process its own batch
+        d.update(PROMPTS, fakes, {"reference_completion": REAL})
+        torch.save(d.model.state_dict(), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_discriminator_replicas_stay_equal_over_processes(tmp_path):
+    """Under torch.distributed each process trains its D replica on its own batch with averaged gradients: the
+    replicas stay equal, and differ from a D trained on one process's batch alone."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_update, args=(port, tmp_path), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    alone = tiny_d(batch_size=4)
+    alone.update(PROMPTS, FAKE, {"reference_completion": REAL})
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in alone.model.state_dict().items())
