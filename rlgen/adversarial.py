@@ -221,7 +221,9 @@ class AdversarialReward:
         if not isinstance(getattr(model, "score", None), torch.nn.Linear):
             raise UserError(f"adversarial: model {name!r} ({type(model).__name__}) has no per-token score head; "
                             "give a causal LM (tiny, default, a folder)")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # this process's GPU (accelerate and torchrun set it per process), else the CPU
+        self.device = torch.device(device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                                              else "cpu"))
         self.model = model.to(self.device).float().eval()
         self.trunk = getattr(model, model.base_model_prefix)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)

@@ -235,6 +235,19 @@ def test_discriminator_state_resumes_bit_exactly():
     assert a(PROMPTS, FAKE) == b(PROMPTS, FAKE)
 
 
+def test_the_loop_finds_one_adversarial_reward_and_shares_it_with_its_evaluations():
+    from rlgen.errors import UserError
+
+    live, other, rule = tiny_d(), tiny_d(), (lambda prompts, completions, **kw: [0.0] * len(completions))
+    assert adv.find_adversarial([("rule", rule)]) is None
+    assert adv.find_adversarial([("rule", rule), ("adversarial", live)]) is live
+    with pytest.raises(UserError, match="at most one adversarial reward"):
+        adv.find_adversarial([("adversarial", live), ("adversarial_2", other)])
+    shared = adv.share_live([("rule", rule), ("adversarial", other)], live)
+    assert shared[0] == ("rule", rule) and shared[1][0] == "adversarial" and shared[1][1] is live
+    assert adv.share_live([("adversarial", other)], None) == [("adversarial", other)]
+
+
 def test_a_teacher_model_answers_each_prompt_once(tiny_folder):
     """teacher_model: replies sampled on first sight of a prompt and kept (in the state too), so later updates on
     the same prompts reuse them and a resumed run does not sample them again."""
