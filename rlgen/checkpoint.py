@@ -300,7 +300,8 @@ def load_policy_weights(folder: Path, policy) -> None:
 
         saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         policy.model.load_state_dict(saved.state_dict())
-    policy.value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
+    if policy.value_head is not None:  # an estimator without a critic has none (rlgen.estimators.needs_critic)
+        policy.value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
     if policy.critic is not None:
         from transformers import AutoModel
 

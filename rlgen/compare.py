@@ -14,6 +14,12 @@ Budget, matched by generated completions: every run generates at most `max_steps
   `(max_steps - 1) // 2` adversarial epochs of one generator step (`batch_size` samples; its Monte-Carlo
   rollouts are partial continuations, counted in the tokens column) and one D step on `batch_size` fresh samples;
 - sft (TRL SFTTrainer): `max_steps` steps of `batch_size` real replies; it generates nothing;
+- gad (Ye et al. 2025, rlgen.adversarial): GAD's warm-up is the sft run above (SFT on the dataset's replies, the
+  teacher's; it generates nothing), then the RL stage with preset gad from it: `d_warmup` (default 1) rounds of
+  `batch_size` replies pre-train the discriminator, then `max_steps - d_warmup` GRPO updates of `batch_size`
+  completions (`num_generations` per prompt) on the discriminator's score, the discriminator trained on each batch
+  (its folder in `runs/gad/seed<k>/discriminator/`; the SFT warm-up's, `runs/gad/seed<k>_warmup_sft/`, is removed
+  once the RL stage finished);
 - bon (rlgen.bon): no training; `bon_n` samples of the starting model per evaluation prompt, best-of-n' by the
   proxy for n' = 1, 2, 4, ..., bon_n (`evals` in result.json; KL = log n' - (n'-1)/n'); its budget is
   `bon_n` x the evaluation prompts, all spent at evaluation (its `train_s` is the time to sample and score them).
@@ -184,7 +190,13 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
                  for r in result["curve"]]
         return {"completions": result["completions"], "tokens": result["tokens"], "curve": curve,
                 "evals": _evals(result["evals"])}
-    stage = cfg.method_config(method, start, run_dir, seed)
+    model = start
+    if method == "gad":  # GAD's warm-up: SFT on the teacher's replies; the RL stage starts from it
+        from rlgen.sft import train_sft
+
+        model = str(run_dir.parent / f"{run_dir.name}_warmup_sft")  # beside the run folder, which PPO prepares
+        train_sft(cfg.method_config("sft", start, Path(model), seed))
+    stage = cfg.method_config(method, model, run_dir, seed)
     if method == "sft":
         from rlgen.sft import train_sft
 
@@ -198,13 +210,19 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
     from rlgen.ppo import train_ppo
 
     train_ppo(stage)
+    warmup = cfg.max_steps - stage.max_steps  # gad: rounds of batch_size replies that pre-trained its discriminator
+    if method == "gad":
+        shutil.rmtree(model)
     logged = read_jsonl(run_dir / "metrics.jsonl")
     rows = [row for row in logged if "objective/scores" in row]  # the updates, not the evaluations
     keys = _curve_keys(cfg, _reward_names(stage.reward))
-    curve = [{"completions": row["step"] * cfg.batch_size, **{new: row[old] for old, new in keys.items() if old in row}}
-             for row in rows]
-    tokens = round(sum(float(row["completions/mean_length"]) * cfg.batch_size for row in rows))
-    return {"completions": len(rows) * cfg.batch_size, "tokens": tokens, "curve": curve, "evals": _evals(logged)}
+    curve = [{"completions": (row["step"] + warmup) * cfg.batch_size,
+              **{new: row[old] for old, new in keys.items() if old in row}} for row in rows]
+    warmup_rows = [row for row in logged if row["step"] == 0]  # gad: its D warm-up's replies
+    tokens = round(sum(float(row["completions/mean_length"]) * cfg.batch_size for row in rows)
+                   + sum(float(row["completions/mean_length"]) * cfg.batch_size * warmup for row in warmup_rows))
+    return {"completions": (len(rows) + warmup) * cfg.batch_size, "tokens": tokens, "curve": curve,
+            "evals": _evals(logged)}
 
 
 def _train_rows(cfg: CompareConfig) -> list[dict]:

@@ -143,7 +143,11 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise ``x`` to mean 0 and (unbiased) variance 1 over the real tokens of the whole batch.
 
@@ -153,13 +157,25 @@ def masked_whiten(
         shift_mean: if False the mean is added back, so only the scale changes (TRL/OpenAI
             lm-human-preferences whiten rewards this way, keeping their sign).
         eps: added to the variance before the square root.
+        reduce: None: this batch's statistics. Else a callable that returns the element-wise sum over all
+            processes of the float64 tensor ``[sum, sum_sq, count]`` it is given (e.g. an all-reduce), so the mean
+            and unbiased variance are those of the global batch (as OpenRLHF's and verl's distributed whitening).
 
     Returns:
         ``[B, T]``; masked positions are 0. A single real token has variance 0 (see :func:`masked_var`), so it
         becomes 0, or keeps its value with ``shift_mean=False``.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
+    else:
+        # float64 sums keep sum_sq - sum * mean from cancelling when the mean is large against the spread.
+        kept = torch.where(mask.bool(), x.double(), torch.zeros((), dtype=torch.float64, device=x.device))
+        sums = torch.stack([kept.sum(), (kept * kept).sum(), mask.bool().sum().to(torch.float64)])
+        total, total_sq, n = reduce(sums)
+        mean64 = total / n
+        var64 = ((total_sq - total * mean64) / (n - 1).clamp(min=1)).clamp(min=0)  # n = 1: 0; n = 0: nan
+        mean, var = mean64.to(x.dtype), var64.to(x.dtype)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -102,7 +102,8 @@ def shard_policy(policy, device: torch.device, compute_dtype: torch.dtype) -> No
     for model in (policy.base_model, policy.critic, policy.ref_model):
         if model is not None:
             _shard_model(model, mesh, mp)
-    fully_shard(policy.value_head, mesh=mesh)
+    if policy.value_head is not None:
+        fully_shard(policy.value_head, mesh=mesh)
     policy.sharded, policy.compute_dtype = True, compute_dtype if mixed else torch.float32
 
 

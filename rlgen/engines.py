@@ -124,17 +124,19 @@ class VLLMEngine:
         self.startup_s = time.perf_counter() - start
         self.dtype = dtype
 
-    def generate(self, prompt_ids: list[list[int]], settings, eos_ids: list[int]) -> tuple[list[list[int]], list[list[float]]]:
-        """Sample one completion per prompt (token ids without padding) -> (completion ids, their log-probs), each
-        completion up to and including its EOS. Pure sampling at `settings.temperature` (no top-k/p, penalties or
-        folder defaults), EOS blocked before `settings.min_new_tokens`. Each request gets a seed drawn from
-        torch's generator, so a resumed run samples what the uninterrupted one did."""
+    def generate(self, prompt_ids: list[list[int]], settings, eos_ids: list[int],
+                 n: int = 1) -> tuple[list[list[int]], list[list[float]]]:
+        """Sample `n` completions per prompt (token ids without padding; one request with vLLM's `n`, the prompt's
+        KV cache computed once) -> (completion ids, their log-probs), prompt by prompt, each completion up to and
+        including its EOS. Pure sampling at `settings.temperature` (no top-k/p, penalties or folder defaults), EOS
+        blocked before `settings.min_new_tokens`. Each request gets a seed drawn from torch's generator, so a
+        resumed run samples what the uninterrupted one did."""
         from vllm import SamplingParams
 
         from rlgen.checkpoint import preserved_rng
 
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()
-        params = [SamplingParams(n=1, temperature=settings.temperature, top_p=1.0, top_k=0, min_p=0.0,
+        params = [SamplingParams(n=n, temperature=settings.temperature, top_p=1.0, top_k=0, min_p=0.0,
                                  repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                                  max_tokens=settings.max_new_tokens, min_tokens=settings.min_new_tokens,
                                  stop_token_ids=list(eos_ids), logprobs=0, seed=seed, detokenize=False)
@@ -143,10 +145,10 @@ class VLLMEngine:
             outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         completions, logprobs = [], []
         for out in outputs:
-            sample = out.outputs[0]
-            ids = list(sample.token_ids)
-            completions.append(ids)
-            logprobs.append([step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)])
+            for sample in sorted(out.outputs, key=lambda o: o.index):
+                ids = list(sample.token_ids)
+                completions.append(ids)
+                logprobs.append([step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)])
         return completions, logprobs
 
     @torch.no_grad()

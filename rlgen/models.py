@@ -244,3 +244,49 @@ def load_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+MINILM = "minilm"  # the embedded all-MiniLM-L6-v2 (minilm_folder), a reward-model base
+
+
+def _tiny_reward_model(seed: int):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         num_labels=1, **TINY_SHAPE)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForSequenceClassification(config).float(), tokenizer
+
+
+def load_reward_base(name: str, seed: int = 0):
+    """`(model, tokenizer)`: a 1-label sequence classifier on `name` (minilm, default, tiny, folder, Hub id).
+
+    A causal LM gets a new score head on its last non-pad token; MiniLM's head sits on its pooled [CLS].
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if name == "tiny":
+        model, tokenizer = _tiny_reward_model(seed)
+    else:
+        path = str(minilm_folder()) if name == MINILM else resolve_model_path(name)
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load reward-model base '{name}': {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # A reward judges the completion: too-long texts lose the start of the prompt, here and in LearnedReward,
+    # which truncates on the saved tokenizer's side.
+    tokenizer.truncation_side = "left"
+    # TRL appends eos_token to raw-text pairs and fails without one (BERT-style tokenizers): keep the saved
+    # folder usable as a RewardTrainer base.
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -202,16 +202,18 @@ def merged_lora(model):
 class Policy(nn.Module):
     """Causal LM + value head (or critic) + reference. See the module docstring for the layout."""
 
-    def __init__(self, model, tokenizer, critic=None, reference: bool = True, ref_model=None):
+    def __init__(self, model, tokenizer, critic=None, reference: bool = True, ref_model=None, value_head: bool = True):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
         hidden = self.base_config.hidden_size
         self.critic = critic
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        # None for an estimator without a critic (rlgen.estimators.needs_critic): no parameters, none saved
+        self.value_head = nn.Linear(hidden, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
         self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
         # Set by rlgen.distributed.shard_policy: rollouts then gather the whole policy, computing in compute_dtype.
         self.sharded, self.compute_dtype = False, None
@@ -258,7 +260,7 @@ class Policy(nn.Module):
     def from_pretrained(cls, name: str, *, lora_r: int = 0, lora_alpha: int = 16, lora_dropout: float = 0.0,
                         lora_target_modules: str = "all-linear", separate_critic: bool = False,
                         reference: bool = True, ref_name: str | None = None, seed: int = 0,
-                        dtype: torch.dtype = torch.float32) -> Policy:
+                        dtype: torch.dtype = torch.float32, value_head: bool = True) -> Policy:
         """Load `default`, `tiny`, a folder (an rlgen policy folder restores its value head) or a Hub id.
 
         The reference is the model itself (adapter disabled under LoRA, else a frozen copy), or the model
@@ -283,9 +285,9 @@ class Policy(nn.Module):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_lora_config(lora_r, lora_alpha, lora_dropout, lora_target_modules))
-        policy = cls(model, tokenizer, critic=critic, reference=reference, ref_model=ref_model)
+        policy = cls(model, tokenizer, critic=critic, reference=reference, ref_model=ref_model, value_head=value_head)
         head = Path(name) / VALUE_HEAD_FILE
-        if head.is_file():
+        if head.is_file() and value_head:
             from safetensors.torch import load_file
 
             policy.value_head.load_state_dict(load_file(str(head)))
@@ -344,8 +346,9 @@ class Policy(nn.Module):
         distribution: logits / temperature, EOS blocked before `min_new_tokens` (as generate() samples).
 
         input_ids, attention_mask: [B, P + T] with T = n_completion.
-        Returns logprobs [B, T], values [B, T] or None, entropy [B, T] or None.
+        Returns logprobs [B, T], values [B, T] or None (also without a value head), entropy [B, T] or None.
         """
+        with_values = with_values and self.value_head is not None
         shared_values = with_values and self.critic is None
         out = self._lm_forward(self.model, input_ids, attention_mask, n_completion, hidden=shared_values)
         # position P-1+t predicts completion token t; core upcasts half-precision logits to fp32 row by row
@@ -435,8 +438,12 @@ class Policy(nn.Module):
         return {"cache_implementation": "static", "max_cache_len": s.max_prompt_length + s.max_new_tokens}
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True) -> Rollout:
-        """Sample one completion per prompt. Log-probs and shared-trunk values come from the generation pass
+    def sample(self, prompts: list[str], settings: SamplingConfig, with_values: bool = True,
+               group_size: int = 1) -> Rollout:
+        """Sample one completion per prompt; `group_size` > 1: `prompts` is made of groups of that many consecutive
+        copies of a prompt, which an inference engine samples as one request of n completions (generate() shares
+        the repeated prompts' prefill, `_shared_prompt_cache`). A policy without a value head gives values None.
+        Log-probs and shared-trunk values come from the generation pass
         (in float32 LoRA merged into the weights meanwhile; see `merged_lora`), in half precision or when an
         inference engine samples (`self.engine`) from one forward pass. A sharded policy generates on whole
         weights (`rlgen.distributed.gathered`), resharded afterwards."""
@@ -446,10 +453,11 @@ class Policy(nn.Module):
         # so that they are `forward`'s (the first PPO ratio 1, eval/kl unbiased), as generation's are in float32.
         # An engine's kernels differ from the trainer's in any precision: its log-probs are kept beside.
         reread = self.engine is not None or (self.compute_dtype or self.base_model.dtype) != torch.float32
+        with_values = with_values and self.value_head is not None
         shared_values = with_values and self.critic is None and not reread
         engine_logprobs = hidden = None
         if self.engine is not None:
-            completion_ids, engine_logprobs = self._engine_sample(prompt_ids, prompt_mask, settings)
+            completion_ids, engine_logprobs = self._engine_sample(prompt_ids, prompt_mask, settings, group_size)
         else:
             completion_ids, logprobs, hidden = self._generate(prompt_ids, prompt_mask, settings, shared_values, reread)
         mask, ended = completion_mask_from_ids(completion_ids, self.eos_token_ids)
@@ -521,11 +529,13 @@ class Policy(nn.Module):
         cache.batch_select_indices(copies)  # [U, ...] -> [B, ...]
         return {self._cache_arg: cache}
 
-    def _engine_sample(self, prompt_ids, prompt_mask, settings: SamplingConfig):
-        """The inference engine on the same prompt tokens -> completion ids [B, T] right-padded (EOS not yet
-        masked; T the longest completion) and the engine's log-probs [B, T] (0 on padding)."""
+    def _engine_sample(self, prompt_ids, prompt_mask, settings: SamplingConfig, group_size: int = 1):
+        """The inference engine on the same prompt tokens (a group's first row, n = `group_size` completions each)
+        -> completion ids [B, T] right-padded (EOS not yet masked; T the longest completion) and the engine's
+        log-probs [B, T] (0 on padding)."""
         prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]  # without left padding
-        completions, engine_lps = self.engine.generate(prompts, settings, self.eos_token_ids)
+        completions, engine_lps = self.engine.generate(prompts[::group_size], settings, self.eos_token_ids,
+                                                       n=group_size)
         T = max(1, max(len(c) for c in completions))
         completion_ids = torch.full((len(prompts), T), self.tokenizer.pad_token_id, dtype=torch.long)
         logprobs = torch.zeros(len(prompts), T)
@@ -561,7 +571,7 @@ class Policy(nn.Module):
         else:
             self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        if value_head:
+        if value_head and self.value_head is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
             save_file(state, str(folder / VALUE_HEAD_FILE))
         if self.critic is not None:

@@ -58,6 +58,12 @@ Metrics per update, reduced over processes:
   - engine| log-prob of the sampled tokens; the max per process, averaged over processes),
   rollout/truncated_fraction (share of tokens whose importance ratio exceeded `vllm_importance_sampling_cap`),
   time/weight_sync (pushing the updated weights into the engine)
+- with an adversarial reward (`adversarial(...)`, `rlgen.adversarial`): its discriminator trains after the policy's
+  update every `d_every` updates, on that batch's (real, policy) replies; those rows add loss/discriminator,
+  val/d_accuracy (on the fresh pairs, before training on them), val/d_accuracy_train, val/d_real_score,
+  val/d_fake_score, val/d_reward_std and time/d_update. `d_warmup` D updates on the starting policy's replies come
+  before the first update (a row at step 0: the last one's D metrics and completions/mean_length); D's state is in every checkpoint (discriminator.pt) and D is saved in
+  output_dir/discriminator/
 Every `eval_steps` updates, after the update's row, a row of the shared evaluator's eval/* metrics on the current
 policy (`rlgen.evaluation.Evaluator.along_training`, the random streams untouched) and completions/generated.
 """
@@ -75,7 +81,7 @@ from pathlib import Path
 
 import torch
 
-from rlgen import core, distributed, engines
+from rlgen import adversarial, core, distributed, engines, estimators
 from rlgen.checkpoint import (
     SHARDED_DIR,
     NonFiniteError,
@@ -169,6 +175,103 @@ def _write_samples(path: Path, prompts: list, before: list[str], after: list[str
     path.write_text("\n".join(lines))
 
 
+def _shaped_scores(cfg: PPOConfig, ro: Rollout, raw: torch.Tensor) -> torch.Tensor:
+    """[B] scores the advantages see: minus `missing_eos_penalty` for a completion without EOS (HUANG), plus DAPO's
+    soft overlong punishment (Yu et al. 2025, eq. 13; TRL's `get_soft_overlong_punishment`) times
+    `overlong_penalty` when `overlong_buffer` is set."""
+    scores = raw - cfg.missing_eos_penalty * (~ro.ended_with_eos).float()
+    if cfg.overlong_buffer:
+        from trl.rewards import get_soft_overlong_punishment
+
+        punish = get_soft_overlong_punishment(cfg.max_new_tokens, cfg.overlong_buffer)(ro.completion_id_lists)
+        scores = scores + cfg.overlong_penalty * torch.tensor(punish, dtype=scores.dtype, device=scores.device)
+    return scores
+
+
+def _equal_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B] scores -> [B / group_size] bool: the groups (consecutive rows) whose scores are all equal, which a group
+    baseline gives no signal (DAPO's dynamic sampling drops them); none for groups of one."""
+    groups = scores.view(-1, group_size)
+    if group_size == 1:
+        return torch.zeros(groups.shape[0], dtype=torch.bool, device=scores.device)
+    return groups.max(1).values == groups.min(1).values
+
+
+def _all_have(accelerator, count: int, needed: int) -> bool:
+    """Whether every process has at least `needed` (so that all sample another round, or none does)."""
+    short = torch.tensor(float(count < needed), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        short = accelerator.reduce(short, "sum")
+    return not short.item()
+
+
+def _rows(ro: Rollout, idx: list[int]) -> Rollout:
+    """The rollout's rows `idx`, in that order."""
+    take = torch.tensor(idx, dtype=torch.long, device=ro.completion_ids.device)
+
+    def pick(x):
+        return None if x is None else x[take]
+
+    return Rollout(pick(ro.prompt_ids), pick(ro.prompt_mask), pick(ro.completion_ids), pick(ro.completion_mask),
+                   pick(ro.logprobs), pick(ro.values), pick(ro.ended_with_eos), [ro.prompts[i] for i in idx],
+                   [ro.completions[i] for i in idx], pick(ro.engine_logprobs))
+
+
+def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of several rounds as one: prompts left-padded and completions right-padded to the longest."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.completion_ids.shape[1] for p in parts)
+
+    def cat(name: str, width: int, left: bool, value):
+        xs = [getattr(p, name) for p in parts]
+        if xs[0] is None:
+            return None
+        pad = [(width - x.shape[1], 0) if left else (0, width - x.shape[1]) for x in xs]
+        return torch.cat([torch.nn.functional.pad(x, w, value=value) for x, w in zip(xs, pad)])
+
+    return Rollout(cat("prompt_ids", P, True, pad_id), cat("prompt_mask", P, True, 0),
+                   cat("completion_ids", T, False, pad_id), cat("completion_mask", T, False, 0),
+                   cat("logprobs", T, False, 0.0), cat("values", T, False, 0.0),
+                   torch.cat([p.ended_with_eos for p in parts]), [x for p in parts for x in p.prompts],
+                   [x for p in parts for x in p.completions], cat("engine_logprobs", T, False, 0.0))
+
+
+def _select_groups(rounds: list, cfg: PPOConfig, needed: int, pad_id: int, world: int):
+    """The batch to train on from the rounds of (rollout, raw scores, scores, per-reward values): with dynamic
+    sampling the first `needed` groups whose scores differ, filled up with equal ones if the rounds ran out (DAPO,
+    Yu et al. 2025, sec. 3.2); else the one round as it is. Returns (rollout, raw scores, scores, per-reward values,
+    group metrics: policy/zero_std_groups over the sampled groups, policy/dropped_groups left out, as counts over
+    processes once the loop's mean over processes has reduced them)."""
+    n = cfg.num_generations
+    equal = [_equal_groups(scores, n) for _, _, scores, _ in rounds]
+    zero_std = sum(int(e.sum()) for e in equal)
+    if cfg.dynamic_sampling:
+        varied = [(r, g) for r, e in enumerate(equal) for g in range(len(e)) if not e[g]]
+        flat = [(r, g) for r, e in enumerate(equal) for g in range(len(e)) if e[g]]
+        chosen = (varied + flat)[:needed]
+        dropped = sum(1 for pick in flat if pick not in chosen)
+    else:
+        chosen, dropped = [(0, g) for g in range(needed)], 0
+    stats = {"policy/zero_std_groups": torch.tensor(float(zero_std * world)),
+             "policy/dropped_groups": torch.tensor(float(dropped * world))}
+    if len(rounds) == 1 and chosen == [(0, g) for g in range(needed)]:
+        ro, raw, scores, per_fn = rounds[0]
+        return ro, raw, scores, per_fn, stats
+    parts, raws, scored, per_fn = [], [], [], {}
+    for r, (ro, raw, scores, values) in enumerate(rounds):
+        idx = [g * n + i for rr, g in chosen if rr == r for i in range(n)]
+        if not idx:
+            continue
+        parts.append(_rows(ro, idx))
+        raws.append(raw[idx])
+        scored.append(scores[idx])
+        for name, vals in values.items():
+            per_fn.setdefault(name, []).extend(vals[i] for i in idx)
+    return _concat(parts, pad_id), torch.cat(raws), torch.cat(scored), per_fn, stats
+
+
 def _check_context(cfg: PPOConfig, policy: Policy) -> None:
     """Prompts are cut from the left to max_prompt_length; prompt + completion must fit the model's context."""
     context = getattr(policy.base_config, "max_position_embeddings", None)
@@ -205,7 +308,7 @@ def _stop_signal(accelerator, stop: StopSignals) -> int | None:
 
 
 def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy: Policy, optimizer, scheduler,
-                     state: dict) -> Path:
+                     state: dict, adv: adversarial.AdversarialReward | None = None) -> Path:
     """`out/checkpoint-<update>`, written atomically by the main process with every process's RNG state (sharded:
     every process first writes its shards to a staging folder, which the main process moves in)."""
     from accelerate.utils import gather_object
@@ -218,6 +321,8 @@ def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy
             save_sharded_training_state(tmp, staged, scheduler, state, rng_states)
         else:
             save_training_state(tmp, policy, optimizer, scheduler, state, rng_states)
+        if adv is not None:
+            adv.save_state(tmp)
         save_config(cfg, tmp)
 
     path = out / f"checkpoint-{update}"
@@ -256,16 +361,23 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     in_place = resume is not None and resume.resolve().parent == Path(cfg.output_dir).resolve()
     out = check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming=in_place)
     set_seed(cfg.seed + rank)
+    has_critic = estimators.needs_critic(cfg.advantage)  # gae: a value head (or critic) trains beside the policy
+    prompts_per_process = cfg.batch_size // cfg.num_generations  # groups of num_generations rows, never split
     reward_fns = [load_reward(spec) for spec in cfg.reward]
+    adv = adversarial.find_adversarial(reward_fns)  # a discriminator that trains alongside (rlgen.adversarial)
     weights = cfg.reward_weights or None  # one per reward: PPOConfig checked that
     with accelerator.main_process_first():  # the first process fills the demo-data and model caches alone
         rows = load_rows(cfg.dataset, "train")
         with preserved_rng():  # loading the evaluation's rewards (a reward model) must not move training's streams
             evaluator = Evaluator(cfg.eval_config()) if cfg.eval_steps else None
+        if evaluator is not None:  # it scores with the training discriminator as it is, not a fresh one
+            evaluator.reward_fns = adversarial.share_live(evaluator.reward_fns, adv)
         if policy is None:
             policy = Policy.from_pretrained(cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic,
                                             dtype=torch.float32 if cfg.fsdp else resolve_dtype(cfg.dtype),
-                                            reference=True, seed=cfg.seed)
+                                            reference=True, seed=cfg.seed, value_head=has_critic)
+    if not has_critic:  # no value head to train, store or shard (memory, time)
+        policy.value_head = None
     if policy.ref_model is None and not policy.is_peft:
         raise UserError("train_ppo needs a policy with a reference model (Policy(..., reference=True))")
     _check_context(cfg, policy)
@@ -300,6 +412,11 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.kl_coef))
     micro_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    # Statistics over the global batch (whitening, loss denominators): summed over processes (None in one).
+    all_sum = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
+    # accelerate divides each micro-batch's loss by the accumulation steps, DDP and FSDP average gradients over
+    # processes: scaled back, the gradient is the sum of the global mini-batch's loss terms
+    grad_scale = world * cfg.gradient_accumulation_steps
     if cfg.report_to:
         accelerator.init_trackers("rlgen-ppo", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                        for k, v in to_dict(cfg).items()})
@@ -320,6 +437,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                 raise UserError(f"checkpoint {resume} was written by {state['world_size']} processes; "
                                 f"resume it with the same number (this run has {world})")
         kl_ctl.load_state_dict(state["kl_ctl"])
+        if adv is not None:
+            adv.load_state(resume)
         done, consumed, history = state["update"], state["rows_consumed"], state["history"]
         shown = (state["shown"][0], state["shown"][1])
         if is_main:  # one row per update: drop rows a killed run logged after this checkpoint
@@ -330,74 +449,132 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         is_cap = 0.0 if engines.engine_dtype(policy) == torch.float32 else 2.0
     stream = _row_stream(rows, cfg.seed)
     collections.deque(itertools.islice(stream, consumed), maxlen=0)  # the data position: skip used prompts
+    if adv is not None and done == 0 and adv.d_warmup:  # GAD's warm-up: D first learns the starting policy's replies
+        lengths = []
+        for _ in range(adv.d_warmup):
+            batch = list(itertools.islice(stream, cfg.batch_size * world))[rank * cfg.batch_size:][:cfg.batch_size]
+            consumed += cfg.batch_size * world
+            ro = _truncate(policy.sample([prompt_of(r) for r in batch], sampling, with_values=False), stop_id, tokenizer)
+            d_row = adv.update(ro.prompts, ro.completions, reward_columns(batch))
+            lengths.append(ro.completion_mask.sum(1).float().mean().cpu())
+        # a row at step 0: the last warm-up update's D metrics and the warm-up replies' mean length
+        warm = {**d_row, "completions/mean_length": float(torch.stack(lengths).mean())}
+        reduced = accelerator.reduce(torch.tensor(list(warm.values()), device=accelerator.device), "mean")
+        row = dict(zip(warm, reduced.tolist()))
+        if is_main:
+            writer.log(row, step=0)
+            print(f"[rlgen] ppo: discriminator warm-up, {adv.d_warmup} updates; accuracy on the last fresh pairs "
+                  f"{row['val/d_accuracy']:.3f}", flush=True)
+        history.append(jsonable_row({"step": 0, **row}))
     start = time.perf_counter()
     progress = tqdm(range(done + 1, cfg.max_steps + 1), initial=done, total=cfg.max_steps, desc="ppo",
                     disable=not accelerator.is_local_main_process)
     with StopSignals() as stop:
         for update in progress:
-            # 1. rollout: this process's share of the next batch of prompts; log-probs/values from generation
-            t0 = time.perf_counter()
-            batch = list(itertools.islice(stream, cfg.batch_size * world))[rank * cfg.batch_size:][:cfg.batch_size]
-            consumed += cfg.batch_size * world
-            ro = policy.sample([prompt_of(r) for r in batch], sampling)
-            ro = _truncate(ro, stop_id, tokenizer)  # the reward sees the cut text
+            # 1. rollout and 2. score: this process's batch_size / num_generations prompts of the next batch, each
+            #    sampled num_generations times (a group: consecutive rows); log-probs/values from generation. Reward
+            #    functions get completion_ids and the dataset's other columns as keyword lists (TRL's convention); one
+            #    that raises or returns anything but one finite number per completion raises RewardError. Dynamic
+            #    sampling (DAPO) drops groups whose scores are all equal and samples more prompts, in rounds that
+            #    every process takes together, until every process has batch_size rows.
+            rounds, t_rollout, t_score = [], 0.0, 0.0
+            for _round in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+                t0 = time.perf_counter()
+                batch = list(itertools.islice(stream, prompts_per_process * world))[
+                    rank * prompts_per_process:][:prompts_per_process]
+                consumed += prompts_per_process * world
+                batch = [row for row in batch for _ in range(cfg.num_generations)]
+                part = _truncate(policy.sample([prompt_of(r) for r in batch], sampling, with_values=has_critic,
+                                               group_size=cfg.num_generations), stop_id, tokenizer)  # reward sees the cut
+                t_rollout += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                columns = {**reward_columns(batch), "completion_ids": part.completion_id_lists}
+                totals, per_fn = score_rewards(reward_fns, part.prompts, part.completions, weights, columns)
+                raw = torch.tensor(totals, dtype=torch.float32, device=part.completion_mask.device)  # [B]
+                rounds.append((part, raw, _shaped_scores(cfg, part, raw), per_fn))
+                t_score += time.perf_counter() - t0
+                if not cfg.dynamic_sampling or _all_have(accelerator, sum(
+                        int((~_equal_groups(r[2], cfg.num_generations)).sum()) for r in rounds), prompts_per_process):
+                    break
+            ro, raw_scores, scores, per_fn, group_stats = _select_groups(rounds, cfg, prompts_per_process,
+                                                                         tokenizer.pad_token_id, world)
             mask = ro.completion_mask  # [B, T]
             input_ids, attention_mask, T = ro.input_ids, ro.attention_mask, mask.shape[1]  # [B, P + T]
             if update == 1:
                 shown = (ro.prompts[:SAMPLES_SHOWN], ro.completions[:SAMPLES_SHOWN])
-            t_rollout = time.perf_counter() - t0
 
-            # 2. score: reward functions get completion_ids and the dataset's other columns as keyword lists (TRL's
-            #    convention); one that raises or returns anything but one finite number per completion raises RewardError
-            t0 = time.perf_counter()
-            columns = {**reward_columns(batch), "completion_ids": ro.completion_id_lists}
-            totals, per_fn = score_rewards(reward_fns, ro.prompts, ro.completions, weights, columns)
-            raw_scores = torch.tensor(totals, dtype=torch.float32, device=mask.device)  # [B]
-
-            # 3. shape: EOS penalty (HUANG), then per-token rewards = score at the last token - beta * KL.
+            # 3. shape: EOS penalty (HUANG) and overlong punishment (DAPO, in _shaped_scores), then per-token rewards
+            #    = score at the last token - beta * KL (kl_in reward; kl_in loss: the KL goes into the loss, phase 5).
             #    A non-finite score (e.g. beyond float32) or shaped reward stops the run, or skips this batch.
-            scores = raw_scores - cfg.missing_eos_penalty * (~ro.ended_with_eos).float()
+            t0 = time.perf_counter()
             ref_logprobs = policy.ref_logprobs(input_ids, attention_mask, T, cfg.temperature, cfg.min_new_tokens)
-            rewards, kl = core.shape_rewards(scores, ro.logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
+            reward_beta = kl_ctl.value if cfg.kl_in == "reward" else 0.0
+            rewards, kl = core.shape_rewards(scores, ro.logprobs, ref_logprobs, mask, reward_beta, cfg.kl_estimator)
             rlhf_reward = rewards.sum(1)  # [B], before any whitening
-            if cfg.whiten_rewards:
-                rewards = core.masked_whiten(rewards, mask, shift_mean=False)  # scale only, keeps the sign (TRL)
+            if cfg.whiten_rewards:  # scale only, keeps the sign (TRL); over all processes
+                rewards = core.masked_whiten(rewards, mask, shift_mean=False, reduce=all_sum)
             fault = _fault(accelerator, {"reward": not torch.isfinite(scores).all(),
                                          "KL-shaped reward": not torch.isfinite(rewards).all()})
             if fault and not cfg.skip_nonfinite:
                 raise _nonfinite_error(update, fault, last_checkpoint)
 
-            # 4. advantages: GAE over real tokens (gamma 1, lambda 0.95), whitened per batch (HUANG); an engine's
-            #    samples are weighted by truncated importance ratios trainer/engine (Yao et al. 2025)
-            advantages, returns = core.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)  # [B, T] each
-            if cfg.whiten_advantages:
-                advantages = core.masked_whiten(advantages, mask)
+            # 4. advantages: `advantage` (rlgen.estimators; gae: gamma 1, lambda 0.95, whitened over the global batch,
+            #    HUANG); an engine's samples are weighted by truncated importance ratios trainer/engine (Yao et al. 2025)
+            advantages, returns, _ = estimators.ADVANTAGES[cfg.advantage](
+                rewards, rewards.sum(1), ro.values, mask, group_size=cfg.num_generations, gamma=cfg.gamma,
+                lam=cfg.lam, reduce=all_sum)  # [B, T] each (returns None without a critic)
+            if cfg.advantage == "gae" and cfg.whiten_advantages:
+                advantages = core.masked_whiten(advantages, mask, reduce=all_sum)
             is_weights, is_stats = (core.truncated_importance_weights(ro.logprobs, ro.engine_logprobs, mask, is_cap)
                                     if ro.engine_logprobs is not None else (None, {}))
-            t_score = time.perf_counter() - t0
+            t_score += time.perf_counter() - t0
 
             # 5. update: ppo_epochs passes over shuffled mini-batches, each split into accumulation micro-batches.
-            #    A mini-batch with a non-finite loss or gradient norm stops the run, or is skipped (no step).
+            #    Losses are aggregated over the global mini-batch (`loss_agg`: its tokens or sequences on every
+            #    process, `estimators.loss_denominator`), scaled so that accelerate's division by the accumulation steps and DDP's or
+            #    FSDP's average over processes leave the sum over all of them: 2 processes x batch 4 train as
+            #    1 x batch 8. A mini-batch with a non-finite loss or gradient norm stops the run, or is skipped.
             t0 = time.perf_counter()
             if cfg.gradient_checkpointing:
                 policy.checkpoint_in_eval()
             lr = scheduler.get_last_lr()[0]
-            stats: dict[str, list[torch.Tensor]] = {"approxkl": [], "clipfrac": [], "ratio": [], "pg": [], "vf": []}
+            stats: dict[str, list[torch.Tensor]] = {key: [] for key in ("approxkl", "clipfrac", "ratio", "pg", "vf",
+                                                                        "kl_loss")}
             skipped = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size) if fault else 0
             for _epoch in range(0 if fault else cfg.ppo_epochs):
                 epoch_kl = []
                 for mini in torch.randperm(cfg.batch_size).split(cfg.mini_batch_size):
                     loss_finite = True
+                    # the global mini-batch's tokens or sequences (Dr.GRPO's constant: max_new_tokens per sequence)
+                    denominator = estimators.loss_denominator(mask[mini], cfg.loss_agg, cfg.max_new_tokens)
+                    denominator = all_sum(denominator) if all_sum else denominator
+                    tokens = mask[mini].sum().to(torch.float32)
+                    tokens = all_sum(tokens) if all_sum else tokens
+                    mini_stats: dict[str, torch.Tensor] = {}
                     for idx in mini.split(micro_size):
                         with accelerator.accumulate(model):
                             logprobs, values, _ = model(input_ids[idx], attention_mask[idx], T, cfg.temperature,
-                                                         min_new_tokens=cfg.min_new_tokens)
-                            pg_loss, pg_stats = core.ppo_policy_loss(
-                                logprobs, ro.logprobs[idx], advantages[idx], mask[idx], cfg.cliprange,
+                                                         with_values=has_critic, min_new_tokens=cfg.min_new_tokens)
+                            pg_loss, pg_stats = estimators.POLICY_LOSSES[cfg.policy_loss](
+                                logprobs, ro.logprobs[idx], advantages[idx], mask[idx], clip_low=cfg.clip_low,
+                                clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
+                                denominator=denominator,
                                 weights=is_weights[idx] if is_weights is not None else None)
-                            vf_loss, _ = core.ppo_value_loss(values, ro.values[idx], returns[idx], mask[idx],
-                                                             cfg.cliprange_value or None)
-                            loss = pg_loss + cfg.vf_coef * vf_loss
+                            # this micro-batch's share of the global mini-batch's tokens: weights its token means
+                            share = mask[idx].sum().to(torch.float32) / tokens
+                            loss, parts = pg_loss, {"pg": pg_loss.detach()}
+                            if has_critic:
+                                vf_loss, _ = core.ppo_value_loss(values, ro.values[idx], returns[idx], mask[idx],
+                                                                 cfg.cliprange_value or None)
+                                loss = loss + cfg.vf_coef * vf_loss * share
+                                parts["vf"] = vf_loss.detach() * share
+                            if cfg.kl_in == "loss" and cfg.kl_coef > 0:
+                                kl_loss, _ = estimators.kl_loss(logprobs, ref_logprobs[idx], mask[idx],
+                                                                cfg.kl_estimator, cfg.loss_agg, denominator)
+                                loss = loss + cfg.kl_coef * kl_loss
+                                parts["kl_loss"] = kl_loss.detach()
+                            if grad_scale != 1:
+                                loss = loss * grad_scale
                             loss_finite = loss_finite and bool(torch.isfinite(loss))
                             accelerator.backward(loss)
                             # step and zero only on the accumulation's last micro-batch (accelerate's optimiser
@@ -416,16 +593,22 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                             if accelerator.sync_gradients:
                                 optimizer.zero_grad()
                         if torch.isfinite(loss):
-                            for key, value in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
-                                               ("ratio", pg_stats["ratio_mean"]), ("pg", pg_loss.detach()),
-                                               ("vf", vf_loss.detach())):
-                                stats[key].append(value)
-                            epoch_kl.append(pg_stats["approxkl"])
+                            parts.update(approxkl=pg_stats["approxkl"] * share, clipfrac=pg_stats["clipfrac"] * share,
+                                         ratio=pg_stats["ratio_mean"] * share)
+                            for key, value in parts.items():  # summed over the micro-batches of this process
+                                mini_stats[key] = mini_stats[key] + value if key in mini_stats else value
+                    for key, value in mini_stats.items():  # x world: the mean over processes is then their sum
+                        stats[key].append(value * world if world > 1 else value)
+                    if "approxkl" in mini_stats:
+                        epoch_kl.append(mini_stats["approxkl"] * world if world > 1 else mini_stats["approxkl"])
                 # Early stop (CleanRL's target_kl), decided on the KL averaged over processes so all stop together.
                 if cfg.target_kl > 0 and accelerator.reduce(_mean(epoch_kl).to(accelerator.device), "mean") > cfg.target_kl:
                     break
             scheduler.step()
             t_update = time.perf_counter() - t0
+            # 5b. discriminator (an adversarial reward): trained on this batch's (real, policy) replies
+            d_row = (adv.update(ro.prompts, ro.completions)
+                     if adv is not None and update % adv.d_every == 0 else {})
             t_sync = policy.engine.sync(policy) if policy.engine is not None else None  # the next rollout's weights
 
             # 6. log: per-process means reduced over processes; reward values gathered exactly
@@ -437,17 +620,23 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                 "policy/approxkl": _mean(stats["approxkl"]),
                 "policy/clipfrac": _mean(stats["clipfrac"]),
                 "loss/policy": _mean(stats["pg"]),
-                "loss/value": _mean(stats["vf"]),
                 "val/ratio": _mean(stats["ratio"]),
-                "val/explained_variance": core.explained_variance(ro.values, returns, mask),
                 "completions/mean_length": mask.sum(1).float().mean(),
                 "completions/eos_fraction": ro.ended_with_eos.float().mean(),
                 "time/rollout": torch.tensor(t_rollout),
                 "time/score": torch.tensor(t_score),
                 "time/update": torch.tensor(t_update),
             }
+            if has_critic:
+                local["loss/value"] = _mean(stats["vf"])
+                local["val/explained_variance"] = core.explained_variance(ro.values, returns, mask)
+            if cfg.kl_in == "loss" and cfg.kl_coef > 0:
+                local["loss/kl"] = _mean(stats["kl_loss"])
+            if cfg.num_generations > 1:
+                local.update(group_stats)
             if cfg.skip_nonfinite:
                 local["policy/skipped_batches"] = torch.tensor(float(skipped))
+            local.update({k: torch.tensor(v) for k, v in d_row.items()})
             if is_stats:
                 local.update({f"rollout/{k}": v for k, v in is_stats.items()})
                 local["time/weight_sync"] = torch.tensor(t_sync)
@@ -479,7 +668,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             if (cfg.save_steps and update % cfg.save_steps == 0) or update == cfg.max_steps or signum:
                 state = {"update": update, "rows_consumed": consumed, "world_size": world,
                          "kl_ctl": kl_ctl.state_dict(), "history": history, "shown": list(shown)}
-                last_checkpoint = _save_checkpoint(accelerator, cfg, out, update, policy, adam, scheduler, state)
+                last_checkpoint = _save_checkpoint(accelerator, cfg, out, update, policy, adam, scheduler, state, adv)
             if signum and update < cfg.max_steps:
                 progress.close()
                 raise TrainingInterrupted(signum, update, last_checkpoint.resolve())
@@ -494,9 +683,12 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     with_engine = policy  # the sharded policy's engine outlives the gather below
     if cfg.fsdp:  # rank 0 gathers the weights into an ordinary policy for the final folder
         policy = distributed.unsharded_copy(policy, lambda: Policy.from_pretrained(
-            cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic, reference=False, seed=cfg.seed)) or policy
+            cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic, reference=False, seed=cfg.seed,
+            value_head=has_critic)) or policy
     if is_main:
         policy.save(out)
+        if adv is not None:
+            adv.save(out / "discriminator")
         _plot_curves(history, out / "ppo_curves.png")
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
         print(f"[rlgen] ppo: {cfg.max_steps - done} updates in {train_s:.0f}s, then {time.perf_counter() - start - train_s:.0f}s "

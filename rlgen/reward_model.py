@@ -53,7 +53,7 @@ from rlgen.data import file_splits, load_rows, read_rows
 from rlgen.distributed import refuse_unsharded_launch
 from rlgen.errors import UserError
 from rlgen.files import write_jsonl
-from rlgen.models import minilm_folder, mixed_precision_flags, resolve_model_path, set_threads
+from rlgen.models import load_reward_base, mixed_precision_flags, set_threads
 from rlgen.rewards import LearnedReward, load_reward, score_rewards
 from rlgen.rewards.learned import NORMALISATION_FILE, scored_text
 from rlgen.text import is_conversation, prompt_of
@@ -66,7 +66,6 @@ from rlgen.tracking import (
 )
 
 UPBEAT_DATASET = "chitchat-upbeat"
-MINILM = "minilm"
 SUMMARY_FILE = "reward_model_summary.json"
 CALIBRATION_FILE = "calibration.jsonl"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -227,52 +226,7 @@ def _texts_of_pairs(pairs: list[dict]) -> list[dict]:
     return [{"prompt": p["prompt"], "completion": p[side]} for p in pairs for side in ("chosen", "rejected")]
 
 
-# ---- model ------------------------------------------------------------------------------------------------
-
-
-def _tiny_reward_model(seed: int):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from rlgen.models import TINY_SHAPE, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         num_labels=1, **TINY_SHAPE)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return LlamaForSequenceClassification(config).float(), tokenizer
-
-
-def load_reward_base(name: str, seed: int = 0):
-    """`(model, tokenizer)`: a 1-label sequence classifier on `name` (minilm, default, tiny, folder, Hub id).
-
-    A causal LM gets a new score head on its last non-pad token; MiniLM's head sits on its pooled [CLS].
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if name == "tiny":
-        model, tokenizer = _tiny_reward_model(seed)
-    else:
-        path = str(minilm_folder()) if name == MINILM else resolve_model_path(name)
-        try:
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load reward-model base '{name}': {str(e).splitlines()[0]}") from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    # A reward judges the completion: too-long texts lose the start of the prompt, here and in LearnedReward,
-    # which truncates on the saved tokenizer's side.
-    tokenizer.truncation_side = "left"
-    # TRL appends eos_token to raw-text pairs and fails without one (BERT-style tokenizers): keep the saved
-    # folder usable as a RewardTrainer base.
-    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
-        tokenizer.eos_token = tokenizer.sep_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+# ---- model (the base: rlgen.models.load_reward_base) ------------------------------------------------------
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int):

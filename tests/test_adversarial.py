@@ -140,15 +140,21 @@ def test_dense_reward_matches_scratchgan_loop():
 
 
 @pytest.mark.parametrize("transform", adv.TRANSFORMS)
-def test_sequence_reward_reads_real_tokens_only(transform):
+@pytest.mark.parametrize("prompt_tokens", [0, 3])
+def test_sequence_reward_reads_the_reply_tokens_only(transform, prompt_tokens):
+    """Replies right-padded, after `prompt_tokens` masked prompt positions (as the discriminator scores them)."""
     torch.manual_seed(1)
-    token_scores, mask = torch.randn(5, 7, dtype=D), rand_mask(5, 7, seed=4)
+    reply = rand_mask(5, 7, seed=4)
+    mask = torch.cat([torch.zeros(5, prompt_tokens, dtype=D), reply], dim=1)
+    token_scores = torch.randn(5, 7 + prompt_tokens, dtype=D)
     got = adv.sequence_reward(transform, token_scores, mask, gamma=0.9)
     assert torch.equal(adv.sequence_reward(transform, garbage_at_padding(token_scores, mask), mask, gamma=0.9), got)
-    last = torch.tensor([token_scores[b, int(mask[b].sum()) - 1].item() for b in range(5)], dtype=D)
-    expected = {"prob": torch.sigmoid(last), "bt_score": last, "maligan": adv.maligan_reward(last),
-                "dense": adv.dense_reward(token_scores, mask, 0.9)[:, 0]}[transform]
-    assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+    real = [[token_scores[b, t].item() for t in range(7 + prompt_tokens) if mask[b, t]] for b in range(5)]
+    last = torch.tensor([r[-1] for r in real], dtype=D)
+    dense = [sum(0.9 ** s * (2 * sigmoid(x) - 1) for s, x in enumerate(r)) for r in real]
+    expected = {"prob": torch.sigmoid(last).tolist(), "bt_score": last.tolist(),
+                "maligan": adv.maligan_reward(last).tolist(), "dense": dense}[transform]
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def test_sequence_reward_names_an_unknown_transform():
@@ -156,3 +162,323 @@ def test_sequence_reward_names_an_unknown_transform():
         adv.sequence_reward("rank", torch.zeros(1, 2), torch.ones(1, 2))
     with pytest.raises(ValueError, match="no real token"):
         adv.last_token_scores(torch.zeros(2, 2), torch.tensor([[1, 0], [0, 0]]))
+
+
+# --- the discriminator (tiny causal LM with a score head) ---------------------------------------------------
+
+PROMPTS = ["how are you?", "what did you do today?", "do you like cats?", "where do you live?"]
+REAL = ["i am happy to talk with you.", "i went to the park with my dog.", "yes, cats are lovely.",
+        "i live in a small town by the sea."]
+FAKE = ["no no no no", "the the the", "cat cat", "what what what what what"]
+
+
+def tiny_d(**kw):
+    from rlgen.adversarial import AdversarialReward
+
+    return AdversarialReward(**{"model": "tiny", "learning_rate": 1e-3, "batch_size": 2, "device": "cpu", **kw})
+
+
+def test_discriminator_scores_each_reply_at_its_appended_eos():
+    d = tiny_d(transform="prob")
+    scores, mask = d.token_scores(PROMPTS[:2], ["", REAL[1]])
+    n_reply = len(d.tokenizer(REAL[1], add_special_tokens=False)["input_ids"])
+    assert mask.sum(1).tolist() == [1, n_reply + 1]  # the empty reply is its EOS alone
+    ids, attention, _ = d._encode(PROMPTS[:2], ["", REAL[1]])
+    last = attention.sum(1) - 1
+    assert ids[torch.arange(2), last].tolist() == [d.tokenizer.eos_token_id] * 2
+    rewards = d(PROMPTS, REAL)
+    assert len(rewards) == 4 and all(0 < r < 1 for r in rewards)
+    # chunked scoring (batch_size 2) pads each chunk alike: the same values as one batch of 4
+    assert rewards == pytest.approx(tiny_d(transform="prob", batch_size=4)(PROMPTS, REAL), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss,transform", [("bt", "bt_score"), ("bce", "prob"), ("bce", "dense"), ("bt", "maligan")])
+def test_discriminator_learns_to_tell_real_from_fake(loss, transform):
+    d = tiny_d(loss=loss, transform=transform)
+    columns = {"reference_completion": REAL}
+    first = d.update(PROMPTS, FAKE, columns)
+    for _ in range(15):
+        last = d.update(PROMPTS, FAKE, columns)
+    assert set(last) == {"loss/discriminator", "val/d_accuracy", "val/d_accuracy_train", "val/d_real_score",
+                         "val/d_fake_score", "val/d_reward_std", "time/d_update"}
+    assert last["loss/discriminator"] < first["loss/discriminator"]
+    assert last["val/d_accuracy"] == 1.0
+    assert last["val/d_real_score"] > last["val/d_fake_score"]
+    if transform == "maligan":  # normalised over the call: real and fake scored together
+        rewards = d(PROMPTS + PROMPTS, REAL + FAKE)
+        assert min(rewards[:4]) > 0 > max(rewards[4:])
+    else:
+        assert min(d(PROMPTS, REAL)) > max(d(PROMPTS, FAKE))
+    assert d.updates == 16
+
+
+def test_discriminator_state_resumes_bit_exactly():
+    import io
+
+    a = tiny_d(batch_size=3)
+    columns = {"reference_completion": REAL}
+    for _ in range(2):
+        a.update(PROMPTS, FAKE, columns)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    after = [a.update(PROMPTS, FAKE, columns) for _ in range(2)]
+
+    b = tiny_d(batch_size=3, seed=1)  # another start: everything must come from the state
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed = [b.update(PROMPTS, FAKE, columns) for _ in range(2)]
+    drop_time = [{k: v for k, v in m.items() if k != "time/d_update"} for m in (*after, *resumed)]
+    assert drop_time[:2] == drop_time[2:]
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert b.updates == 4 and torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert a(PROMPTS, FAKE) == b(PROMPTS, FAKE)
+
+
+def test_the_loop_finds_one_adversarial_reward_and_shares_it_with_its_evaluations():
+    from rlgen.errors import UserError
+
+    live, other, rule = tiny_d(), tiny_d(), (lambda prompts, completions, **kw: [0.0] * len(completions))
+    assert adv.find_adversarial([("rule", rule)]) is None
+    assert adv.find_adversarial([("rule", rule), ("adversarial", live)]) is live
+    with pytest.raises(UserError, match="at most one adversarial reward"):
+        adv.find_adversarial([("adversarial", live), ("adversarial_2", other)])
+    shared = adv.share_live([("rule", rule), ("adversarial", other)], live)
+    assert shared[0] == ("rule", rule) and shared[1][0] == "adversarial" and shared[1][1] is live
+    assert adv.share_live([("adversarial", other)], None) == [("adversarial", other)]
+
+
+def test_a_teacher_model_answers_each_prompt_once(tiny_folder):
+    """teacher_model: replies sampled on first sight of a prompt and kept (in the state too), so later updates on
+    the same prompts reuse them and a resumed run does not sample them again."""
+    d = tiny_d(teacher_model=str(tiny_folder), teacher_max_new_tokens=4)
+    torch.manual_seed(0)
+    first = d.real_replies(PROMPTS[:3], FAKE[:3])
+    assert len(d.teacher_replies) == 3
+    state = torch.get_rng_state()
+    assert d.real_replies(PROMPTS[2::-1], FAKE[2::-1]) == first[::-1]
+    assert torch.equal(torch.get_rng_state(), state)  # nothing sampled again
+    d.update(PROMPTS, FAKE)
+    assert len(d.teacher_replies) == 4 and len(d.state_dict()["teacher_replies"]) == 4
+
+
+def test_discriminator_refuses_bad_options_and_a_missing_teacher_column():
+    from rlgen.errors import UserError
+
+    with pytest.raises(UserError, match="unknown loss 'wgan'"):
+        tiny_d(loss="wgan")
+    with pytest.raises(UserError, match="unknown transform 'rank'"):
+        tiny_d(transform="rank")
+    with pytest.raises(UserError, match="d_every must be at least 1"):
+        tiny_d(d_every=0)
+    with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: reference_completion"):
+        tiny_d(teacher="teacher_reply").update(PROMPTS, FAKE, {"reference_completion": REAL, "completion_ids": []})
+    d = tiny_d(teacher="teacher_reply")
+    d(PROMPTS, FAKE, reference_completion=REAL)
+    with pytest.raises(UserError, match="no column 'teacher_reply'.*columns: reference_completion"):
+        d.update(PROMPTS, FAKE)
+
+
+def test_the_teacher_column_is_matched_to_each_scored_reply():
+    """Scored with the batch's columns, D later trains on any subset or order of those (prompt, reply) pairs
+    without them (as a loop with dynamic sampling selects rows after scoring), each with its own teacher reply."""
+    a, b = tiny_d(), tiny_d()
+    a(PROMPTS, FAKE, reference_completion=REAL, other=[0] * 4)
+    order = [2, 0, 3]
+    assert a.real_replies([PROMPTS[i] for i in order], [FAKE[i] for i in order]) == [REAL[i] for i in order]
+    got = a.update([PROMPTS[i] for i in order], [FAKE[i] for i in order])
+    given = b.update([PROMPTS[i] for i in order], [FAKE[i] for i in order], {"reference_completion": [REAL[i] for i in order]})
+    assert {k: v for k, v in got.items() if k not in ("time/d_update", "val/d_reward_std")} == \
+        {k: v for k, v in given.items() if k not in ("time/d_update", "val/d_reward_std")}
+    assert a.scored_with == {}
+
+
+# --- in the RL loop -----------------------------------------------------------------------------------------
+
+
+STOP_REWARD = '''
+import os
+import signal
+
+_calls = 0
+
+
+def stop_at(completions, **kwargs):
+    """0 for every reply; sends this process SIGINT at call $RLGEN_TEST_STOP_AT (one call per update)."""
+    global _calls
+    _calls += 1
+    if os.environ.get("RLGEN_TEST_STOP_AT") == str(_calls):
+        os.kill(os.getpid(), signal.SIGINT)
+    return [0.0] * len(completions)
+'''
+
+
+@pytest.fixture
+def teacher_data(tmp_path):
+    """Prompts whose teacher reply is always the same short sentence: a perfect, easy teacher signal."""
+    path = tmp_path / "teacher.jsonl"
+    path.write_text("".join(f'{{"prompt": "question {i}: how are you?", "teacher": "i am fine."}}\n'
+                            for i in range(64)))
+    return path
+
+
+def rl_config(tiny_folder, data, out, spec, **overrides):
+    from rlgen.config import PPOConfig
+
+    values = dict(model=str(tiny_folder), output_dir=str(out), dataset=str(data), max_steps=30, batch_size=16,
+                  mini_batch_size=8, ppo_epochs=4, max_new_tokens=4, learning_rate=1e-2, kl_coef=0.0,
+                  missing_eos_penalty=0.0, save_steps=0, reward=[spec])
+    return PPOConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("d_options, rl_options, gain", [
+    # GAD's discriminator under PPO (measured: +0.08) and under GRPO (measured: +0.085)
+    ("loss='bt', transform='bt_score', learning_rate=1e-4, d_warmup=3", {}, 0.04),
+    ("loss='bt', transform='bt_score', learning_rate=3e-4, d_warmup=2", dict(preset="grpo", kl_coef=0.0), 0.04),
+    # ScratchGAN's per-token discriminator and dense reward (measured: +0.7)
+    ("loss='bce', transform='dense', learning_rate=1e-3, d_warmup=10", {}, 0.3),
+], ids=["gad_ppo", "gad_grpo", "scratchgan"])
+def test_rl_on_a_warmed_up_discriminator_raises_its_reward(tiny_folder, teacher_data, tmp_path, d_options,
+                                                           rl_options, gain):
+    """D pre-trained on (teacher, starting policy) pairs (d_warmup), then held fixed (d_every beyond the run): RL
+    raises D's reward of the policy's replies (mean of the last 3 updates over the first 3). D's own metrics
+    appear only on updates where it trained."""
+    from rlgen.files import read_jsonl
+    from rlgen.ppo import train_ppo
+
+    spec = f"adversarial(teacher='teacher', {d_options}, d_every=100, batch_size=16, device='cpu')"
+    train_ppo(rl_config(tiny_folder, teacher_data, tmp_path / "run", spec, **rl_options))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "objective/scores" in r]
+    scores = [r["rewards/adversarial/mean"] for r in rows]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + gain, scores
+    assert not any("loss/discriminator" in r for r in rows)
+    assert (tmp_path / "run" / "discriminator" / "config.json").is_file()
+
+
+def test_the_discriminator_trains_every_d_every_updates_and_resumes_exactly(tiny_folder, teacher_data, tmp_path,
+                                                                          monkeypatch):
+    """6 updates in one go == SIGINT after update 3, resume from checkpoint-2, 4 more: metrics (D's included),
+    policy and D weights exactly equal."""
+    from rlgen.checkpoint import TrainingInterrupted
+    from rlgen.files import read_jsonl
+    from rlgen.ppo import train_ppo
+
+    stop = tmp_path / "stop.py"
+    stop.write_text(STOP_REWARD)
+    spec = ("adversarial(teacher='teacher', loss='bce', transform='prob', learning_rate=1e-3, d_every=2, "
+            "batch_size=4, device='cpu')")
+    common = dict(max_steps=6, save_steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=2, reward=[f"{stop}:stop_at", spec], reward_weights=[0.0, 1.0])
+    policy_a = train_ppo(rl_config(tiny_folder, teacher_data, tmp_path / "one_go", spec, **common))
+    split = tmp_path / "split"
+    monkeypatch.setenv("RLGEN_TEST_STOP_AT", "9")  # update 3 of the second run
+    with pytest.raises(TrainingInterrupted):
+        train_ppo(rl_config(tiny_folder, teacher_data, split, spec, **common))
+    monkeypatch.delenv("RLGEN_TEST_STOP_AT")
+    policy_b = train_ppo(rl_config(tiny_folder, teacher_data, split, spec, resume_from_checkpoint=str(split / "checkpoint-2"),
+                                   **common))
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(out / "metrics.jsonl")]
+
+    rows_a = rows(tmp_path / "one_go")
+    assert rows(split) == rows_a
+    assert [r["step"] for r in rows_a if "loss/discriminator" in r] == [2, 4, 6]
+    for (name, x), y in zip(policy_a.state_dict().items(), policy_b.state_dict().values()):
+        assert torch.equal(x, y), name
+    d_a = torch.load(tmp_path / "one_go" / "checkpoint-6" / "discriminator.pt", weights_only=False)
+    d_b = torch.load(split / "checkpoint-6" / "discriminator.pt", weights_only=False)
+    for name, x in d_a["model"].items():
+        assert torch.equal(x, d_b["model"][name]), name
+    assert d_a["updates"] == d_b["updates"] == 3
+
+
+def test_the_gad_preset_runs_grpo_on_a_discriminator_trained_every_update(tiny_folder, tmp_path):
+    """preset gad: GRPO groups, the adversarial reward from the run's own model, D warm-up and an update each step."""
+    from rlgen.config import PPOConfig
+    from rlgen.files import read_jsonl
+    from rlgen.ppo import train_ppo
+
+    cfg = PPOConfig(model=str(tiny_folder), output_dir=str(tmp_path / "run"), preset="gad", max_steps=2, batch_size=8,
+                    mini_batch_size=8, max_new_tokens=4, save_steps=0)
+    assert cfg.reward == [f"adversarial(model={str(tiny_folder)!r}, teacher='reference_completion', loss='bt', "
+                          "transform='bt_score', d_every=1, d_warmup=1)"]
+    assert (cfg.advantage, cfg.num_generations) == ("grpo", 4)
+    train_ppo(cfg)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "val/d_accuracy" in r] == [0, 1, 2]
+    assert all(0 <= r["val/d_accuracy"] <= 1 and math.isfinite(r["loss/discriminator"]) for r in rows)
+    assert (tmp_path / "run" / "discriminator" / "model.safetensors").is_file()
+
+
+def test_compare_method_gad_is_sft_then_grpo_on_the_discriminator_within_the_budget(tmp_path):
+    """compare --methods sft gad: gad's SFT warm-up equals the sft run's recipe, its RL stage (preset gad from the
+    warm-up model) has max_steps - d_warmup updates, and its completions stay within max_steps x batch_size."""
+    import csv
+    import json
+
+    import yaml
+
+    from rlgen.cli import main
+    from rlgen.config import CompareConfig
+    from rlgen.errors import UserError
+    from rlgen.files import read_jsonl
+
+    settings = {"model": "tiny", "output_dir": str(tmp_path / "cmp"), "methods": ["sft", "gad"], "seeds": [0],
+                "max_steps": 3, "batch_size": 4, "num_generations": 2, "max_new_tokens": 6,
+                "reward": ["target_length(target=3)"], "gold_reward": ["sentiment_positive"],
+                "evaluate": {"num_prompts": 4, "batch_size": 4},
+                "gad": {"discriminator": {"learning_rate": 1e-4, "device": "cpu"}}}
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["compare", "--config", str(config)]) == 0
+    run = tmp_path / "cmp" / "runs" / "gad" / "seed0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["completions"] == 3 * 4
+    lengths = [r["completions/mean_length"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert result["tokens"] == round(sum(lengths) * 4)  # the step-0 row: the D warm-up's replies
+    assert [row["completions"] for row in result["curve"]] == [8, 12]  # after the D warm-up round of 4
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss/discriminator" in r] == [0, 1, 2]
+    assert {"rewards/adversarial/mean", "rewards/target_length/mean", "rewards/sentiment_positive/mean"} <= set(rows[1])
+    ppo = yaml.safe_load((run / "config.yaml").read_text())
+    assert ppo["preset"] == "gad" and ppo["max_steps"] == 2 and ppo["model"].endswith("seed0_warmup_sft")
+    assert ppo["reward_weights"] == [0.0, 0.0, 1.0]
+    assert not (run.parent / "seed0_warmup_sft").exists() and (run / "discriminator" / "config.json").is_file()
+    with open(tmp_path / "cmp" / "comparison.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["start", "sft", "gad"]
+    with pytest.raises(UserError, match="d_warmup 3 must be an integer in \\[0, max_steps\\)"):
+        CompareConfig(**{**settings, "gad": {"discriminator": {"d_warmup": 3}}})
+    with pytest.raises(UserError, match="key 'num_generations' would change this method's budget"):
+        CompareConfig(**{**settings, "gad": {"num_generations": 4}})
+
+
+def _two_process_update(rank, port, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        d = tiny_d(batch_size=4)
+        fakes = FAKE if rank == 0 else list(reversed(REAL))  # each process its own batch
+        d.update(PROMPTS, fakes, {"reference_completion": REAL})
+        torch.save(d.model.state_dict(), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_discriminator_replicas_stay_equal_over_processes(tmp_path):
+    """Under torch.distributed each process trains its D replica on its own batch with averaged gradients: the
+    replicas stay equal, and differ from a D trained on one process's batch alone."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_update, args=(port, tmp_path), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    alone = tiny_d(batch_size=4)
+    alone.update(PROMPTS, FAKE, {"reference_completion": REAL})
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in alone.model.state_dict().items())

@@ -116,10 +116,13 @@ def test_builtin_table():
         "repetition_penalty",
         "toxicity_penalty",
         "ensemble",
+        "adversarial",
     }
     optional_missing = set() if importlib.util.find_spec("profanity_check") else {"toxicity_penalty"}
-    for name in BUILTIN_REWARDS:  # those that need arguments aside (ensemble: tests/test_rewards_ensemble.py)
-        if name not in ("regex_match", "keyword", "ensemble", *optional_missing):
+    # those that need arguments aside (ensemble: tests/test_rewards_ensemble.py), and the adversarial factory
+    # (tests/test_adversarial.py)
+    for name in BUILTIN_REWARDS:
+        if name not in ("regex_match", "keyword", "ensemble", "adversarial", *optional_missing):
             assert load_reward(name) == (name, BUILTIN_REWARDS[name])
 
 
@@ -572,3 +575,11 @@ def test_hub_reward_model_id_not_in_the_cache_fails_at_once_naming_the_id(tmp_pa
                                         r"Hugging Face cache: download it first \(hf download") as info:
         load_reward("nobody-xyz/made-up-rm")
     assert "\n" not in str(info.value)
+
+
+def test_reward_columns_pass_the_datasets_own_completion_as_reference_completion():
+    from rlgen.rewards import reward_columns
+
+    rows = [{"prompt": "p", "completion": "gold reply", "topic": "x"}]
+    assert reward_columns(rows) == {"topic": ["x"], "reference_completion": ["gold reply"]}
+    assert reward_columns([{"prompt": "p", "topic": "x"}]) == {"topic": ["x"]}

@@ -41,14 +41,14 @@ SWEEP_HELP = ("reward over-optimisation against proxy quality (Gao et al. 2022):
               "preference pairs (and ensembles of them), optimise each, report the gold's peak and fits")
 RUN_HELP = "the pipeline: evaluate the starting model, run each training stage, evaluate after each, report"
 # the methods that train, each with an options section of its own; bon trains nothing (see rlgen/bon.py)
-SECTION_METHODS = ("sft", "ppo", "seqgan", "grpo", "rloo", "dpo")
+SECTION_METHODS = ("sft", "ppo", "seqgan", "gad", "grpo", "rloo", "dpo")
 METHODS = (*SECTION_METHODS, "bon")
 TRL_METHODS = ("grpo", "rloo", "dpo")
 TRAINING_STAGES = ("sft", "ppo", "seqgan")
-STAGE_CONFIGS = {"sft": SFTConfig, "ppo": PPOConfig, "seqgan": SeqGANConfig}
+STAGE_CONFIGS = {"sft": SFTConfig, "ppo": PPOConfig, "seqgan": SeqGANConfig, "gad": PPOConfig}
 # Default learning rates (full fine-tuning, LoRA), overridable per method; LoRA adapters take ~10-30x larger steps.
 DEFAULT_LR = {"sft": (2e-5, 2e-4), "ppo": (1e-5, 3e-4), "seqgan": (1e-5, 1e-4), "grpo": (1e-5, 3e-4),
-              "rloo": (1e-5, 3e-4), "dpo": (5e-6, 1e-4)}
+              "rloo": (1e-5, 3e-4), "dpo": (5e-6, 1e-4), "gad": (1e-5, 3e-4)}
 # Keys of a method's own section that would change how many completions it generates (sft: how many replies it
 # trains on; dpo and sft: how many it takes per step), which the comparison sets from max_steps, batch_size and
 # num_generations for every method alike: refused in a section. How a method uses its completions stays its own
@@ -60,6 +60,7 @@ BUDGET_KEYS = {
     "grpo": ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
              "generation_batch_size", "steps_per_generation", "num_iterations"),
     "dpo": ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"),
+    "gad": ("max_steps", "batch_size", "num_generations"),
 }
 BUDGET_KEYS["rloo"] = BUDGET_KEYS["grpo"]
 # Settings that may change between invocations on the same output folder (they do not change any result).
@@ -109,6 +110,9 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
     grpo: dict = opt({}, "options passed to TRL's GRPOConfig")
     rloo: dict = opt({}, "options passed to TRL's RLOOConfig")
     dpo: dict = opt({}, "options passed to TRL's DPOConfig")
+    gad: dict = opt({}, "options of the gad runs (rlgen ppo --help; preset gad), and 'discriminator': arguments of "
+                        "its adversarial reward (rlgen.adversarial.AdversarialReward, e.g. teacher_model, "
+                        "learning_rate, d_warmup)")
 
     def check(self) -> None:
         """Every setting and every rlgen method's derived config; TRL's own options are checked by
@@ -134,10 +138,10 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
                 raise UserError(f"compare section '{method}': key '{budget}' would change this method's budget, which "
                                 "every method shares (at most max_steps x batch_size completions, see "
                                 "rlgen/compare.py): set max_steps, batch_size or num_generations at the top level")
-        if any(m in self.methods for m in ("grpo", "rloo")) and (
+        if any(m in self.methods for m in ("grpo", "rloo", "gad")) and (
                 self.num_generations < 2 or self.batch_size % self.num_generations):
             raise UserError(f"num_generations {self.num_generations} must be at least 2 and divide batch_size "
-                            f"{self.batch_size} (grpo/rloo)")
+                            f"{self.batch_size} (grpo/rloo/gad)")
         if "dpo" in self.methods and self.batch_size % 2:
             raise UserError(f"dpo pairs two samples per prompt: batch_size {self.batch_size} must be even")
         self.eval_config(self.model, Path(self.output_dir), 0)
@@ -182,10 +186,37 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
                 "baseline": "mean", "d_pretrain_rounds": 1, "d_pretrain_epochs": 1, "d_steps": 1, "d_epochs": 1,
                 "d_negatives": self.batch_size, "d_learning_rate": 2e-5, "d_max_length": 48, "d_dropout": 0.1,
                 "score_batch_size": 64, "max_grad_norm": 1.0, "eval_num_prompts": 0}
+        elif method == "gad":
+            return self.gad_config(model, output_dir, seed, common, sampling)
         else:
             raise ValueError(f"{method} is trained by TRL (rlgen.trl_methods), not by an rlgen stage config")
         return build_config(STAGE_CONFIGS[method], {**common, **values, **getattr(self, method)},
                             f"compare section '{method}'")
+
+    def gad_config(self, model: str, output_dir: Path, seed: int, common: dict, sampling: dict) -> PPOConfig:
+        """GAD's RL stage (after its SFT warm-up, `rlgen.compare`): preset gad from `model`, its discriminator
+        initialised from `model` too; the proxy and gold rewards ride along at weight 0. Budget: `d_warmup` rounds of
+        batch_size replies train D before the first update, so the RL stage has max_steps - d_warmup updates."""
+        section = dict(self.gad)
+        own = next((k for k in ("eval_steps", "evaluate") if k in section), None)
+        if own:
+            raise UserError(f"compare section 'gad': key '{own}' is the comparison's own (set it at the top level, "
+                            "so that every method is evaluated alike)")
+        d_args = {"model": model, "teacher": "reference_completion", "loss": "bt", "transform": "bt_score",
+                  "d_every": 1, "d_warmup": 1, "seed": seed, **section.pop("discriminator", {})}
+        if not isinstance(d_args["d_warmup"], int) or not 0 <= d_args["d_warmup"] < self.max_steps:
+            raise UserError(f"compare section 'gad': discriminator d_warmup {d_args['d_warmup']!r} must be an integer "
+                            f"in [0, max_steps) (max_steps {self.max_steps}): its rounds count in the budget")
+        spec = "adversarial(" + ", ".join(f"{k}={v!r}" for k, v in d_args.items()) + ")"
+        values = {
+            **sampling, **engine_kwargs(self), "preset": "gad", "max_steps": self.max_steps - d_args["d_warmup"],
+            "batch_size": self.batch_size, "mini_batch_size": self.batch_size, "num_generations": self.num_generations,
+            "learning_rate": self.learning_rate_of("gad"), "kl_coef": self.kl_coef, "missing_eos_penalty": 0.0,
+            "reward": self.reward + self.gold_reward + [spec],
+            "reward_weights": [0.0] * (len(self.reward) + len(self.gold_reward)) + [1.0],
+            "eval_steps": self.eval_steps,
+            "evaluate": self.eval_config(model, output_dir / "eval_steps", seed).own_options()}
+        return build_config(PPOConfig, {**common, **values, **section}, "compare section 'gad'")
 
     def eval_config(self, model: str, output_dir: Path, seed: int) -> EvalConfig:
         """The shared evaluator's config for one run (same prompts, rewards and sampling for every method)."""

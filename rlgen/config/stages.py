@@ -297,13 +297,83 @@ class SFTConfig(LoraConfigMixin, CommonConfig):
         check_schedule(self)
 
 
+# rlgen.estimators' names (tests/test_rl_estimators_loop.py checks them against it; this module imports no torch)
+ADVANTAGE_NAMES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # a baseline from the prompt's other samples
+POLICY_LOSS_NAMES = ("vanilla", "gspo", "cispo")
+LOSS_AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# Named settings of the RL stage, each from its paper (README, "Estimators"). A preset fills only the fields left at
+# their defaults (YAML and flags win), as SeqGANConfig's presets do; `ppo` is the defaults themselves.
+# ppo_epochs 1: the papers take one optimiser pass per batch (GRPO's mu = 1; RLOO and REINFORCE++ are on-policy).
+RL_PRESETS = {
+    # Huang et al. 2022 (the defaults of this config): GAE with a value head, KL in the reward
+    "ppo": dict(advantage="gae", policy_loss="vanilla", loss_agg="token-mean", kl_in="reward"),
+    # Shao et al. 2024 (DeepSeekMath), sec. 4.1: group mean/std advantages, k3 KL in the loss at beta 0.04,
+    # 1/G sum_i 1/|o_i| sum_t (TRL's loss_type "grpo")
+    "grpo": dict(advantage="grpo", num_generations=4, kl_in="loss", kl_estimator="k3", kl_coef=0.04,
+                 loss_agg="seq-mean-token-mean", ppo_epochs=1),
+    # Liu et al. 2025 (Understanding R1-Zero-like training): no std and no length division, beta 0
+    "dr_grpo": dict(advantage="dr_grpo", num_generations=4, kl_in="loss", kl_coef=0.0,
+                    loss_agg="seq-mean-token-sum-norm", ppo_epochs=1),
+    # Ahmadian et al. 2024 (Back to Basics): leave-one-out baseline, the k1 KL in the sequence reward, the whole
+    # completion one action (TRL's RLOOTrainer: beta 0.05, sum of log-probs per sequence, mean over sequences)
+    "rloo": dict(advantage="rloo", num_generations=4, kl_in="reward", kl_estimator="k1", kl_coef=0.05,
+                 loss_agg="seq-mean-token-sum", ppo_epochs=1),
+    # Hu 2025 (REINFORCE++): token returns with the k1 KL in the reward, whitened over the global batch, PPO clip
+    # 0.2; one sample per prompt (OpenRLHF's init_kl_coef 0.01)
+    "reinforce_pp": dict(advantage="reinforce_pp", kl_in="reward", kl_estimator="k1", kl_coef=0.01, ppo_epochs=1),
+    # Zheng et al. 2025 (GSPO): sequence-level ratio, clip 3e-4 / 4e-4, group advantages, no KL
+    "gspo": dict(advantage="grpo", policy_loss="gspo", num_generations=4, clip_low=3e-4, clip_high=4e-4,
+                 kl_coef=0.0, kl_in="loss", loss_agg="seq-mean-token-mean", ppo_epochs=1),
+    # MiniMax 2025 (MiniMax-M1, CISPO): clipped stop-gradient IS weight times the log-prob, no lower bound, token
+    # mean, group advantages, no KL
+    "cispo": dict(advantage="grpo", policy_loss="cispo", num_generations=4, clip_low=1.0, clip_high=0.28,
+                  kl_coef=0.0, kl_in="loss", loss_agg="token-mean", ppo_epochs=1),
+    # Yu et al. 2025 (DAPO): clip-higher 0.2 / 0.28, token mean, dynamic sampling, soft overlong punishment over
+    # the last fifth of max_new_tokens (their 4096 of 20480), no KL
+    "dapo": dict(advantage="grpo", num_generations=4, clip_low=0.2, clip_high=0.28, loss_agg="token-mean",
+                 kl_coef=0.0, kl_in="loss", dynamic_sampling=True, overlong_buffer=-1, ppo_epochs=1),
+    # Ye et al. 2025 (GAD, arXiv 2511.10643): GRPO on the score of a Bradley-Terry discriminator that prefers the
+    # teacher's reply (the dataset's `completion` column) to the student's, initialised from the student ({model}
+    # is this run's model) and trained on every batch after a warm-up round (rlgen.adversarial)
+    "gad": dict(advantage="grpo", num_generations=4, kl_in="loss", kl_estimator="k3", kl_coef=0.04,
+                loss_agg="seq-mean-token-mean", ppo_epochs=1,
+                reward=["adversarial(model={model}, teacher='reference_completion', loss='bt', transform='bt_score', "
+                        "d_every=1, d_warmup=1)"]),
+}
+
+
 @dataclass(frozen=True)
 class PPOConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraConfigMixin, CommonConfig):
-    """`rlgen ppo`: PPO on reward functions with a KL penalty to the starting model (full or LoRA)."""
+    """`rlgen ppo`: the RL stage: PPO (the default) or another estimator (`advantage`, `policy_loss`, `preset`) on
+    reward functions with a KL penalty to the starting model (full or LoRA)."""
 
+    preset: str = opt("", f"named settings from a paper ({', '.join(RL_PRESETS)}; README, 'Estimators'); it sets "
+                          "only the options left at their defaults; '' : none (the defaults are ppo's)")
+    advantage: str = opt("gae", f"advantage estimator: {', '.join(ADVANTAGE_NAMES)} (only gae trains a value "
+                                "head or critic; grpo, dr_grpo, rloo, reinforce_pp_baseline need num_generations "
+                                ">= 2)")
+    policy_loss: str = opt("vanilla", f"policy loss: {', '.join(POLICY_LOSS_NAMES)} (vanilla: PPO's clip)")
+    loss_agg: str = opt("token-mean", f"loss aggregation over the global mini-batch: {', '.join(LOSS_AGGS)}")
+    kl_in: str = opt("reward", "where the KL to the reference goes: reward (beta * KL per token in the shaped "
+                               "reward, PPO/RLOO) or loss (beta * KL estimate added to the policy loss, GRPO)")
+    num_generations: int = opt(1, "completions sampled per prompt (a group: consecutive rows, never split over "
+                                  "processes); batch_size must be a multiple")
+    clip_low: float | None = opt(None, "lower ratio clip epsilon (ratio >= 1 - clip_low; default: cliprange)")
+    clip_high: float | None = opt(None, "upper ratio clip epsilon (ratio <= 1 + clip_high; DAPO's clip-higher; "
+                                        "default: cliprange)")
+    dual_clip: float = opt(0.0, "dual-clip constant c > 1 bounding the loss of negative advantages (Ye et al. "
+                                "2020; 0: off)")
+    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal and sample more prompts to "
+                                        "refill the batch (policy/dropped_groups, policy/zero_std_groups)")
+    max_sampling_rounds: int = opt(3, "dynamic sampling: at most this many rollout rounds per update; short after "
+                                      "them, the batch is filled with dropped groups")
+    overlong_buffer: int = opt(0, "DAPO's soft overlong punishment: completions longer than max_new_tokens - N "
+                                  "tokens lose up to overlong_penalty linearly (0: off; -1: max_new_tokens // 5)")
+    overlong_penalty: float = opt(1.0, "soft overlong punishment at max_new_tokens tokens")
     max_steps: int = opt(20, "number of PPO updates (each: one rollout batch, then ppo_epochs of optimisation)")
-    batch_size: int = opt(16, "rollouts (prompts) per update and process")
-    mini_batch_size: int = opt(8, "rollouts per optimiser step; batch_size must be a multiple")
+    batch_size: int = opt(16, "completions per update and process (batch_size / num_generations prompts)")
+    mini_batch_size: int = opt(8, "completions per optimiser step; batch_size must be a multiple")
     gradient_accumulation_steps: int = opt(1, "split each mini-batch into this many forward/backward passes")
     ppo_epochs: int = opt(4, "optimisation passes over each rollout batch (lm-human-preferences: 4)")
     learning_rate: float = opt(1e-5, "peak learning rate (Adam, eps 1e-5 as lm-human-preferences and CleanRL)")
@@ -319,9 +389,12 @@ class PPOConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraConfi
     adaptive_kl: bool = opt(False, "adapt beta towards kl_target (Ziegler et al. 2019)")
     kl_target: float = opt(6.0, "adaptive KL: target KL per completion (nats)")
     kl_horizon: float = opt(10000.0, "adaptive KL: horizon in samples")
-    kl_estimator: str = opt("k1", "per-token KL estimate: k1 (log ratio, unbiased) or k3 (low variance, >= 0)")
-    whiten_rewards: bool = opt(False, f"scale the shaped rewards to unit variance per batch ({HUANG}: off)")
-    whiten_advantages: bool = opt(True, f"normalise advantages per batch ({HUANG}: on)")
+    kl_estimator: str = opt("k1", "per-token KL estimate: k1 (log ratio, unbiased) or k3 (low variance, >= 0); "
+                                  "kl_in loss also k2 (0.5 log ratio^2)")
+    whiten_rewards: bool = opt(False, f"scale the shaped rewards to unit variance over the global batch ({HUANG}: "
+                                      "off)")
+    whiten_advantages: bool = opt(True, f"gae: normalise the advantages over the global batch, all processes "
+                                        f"({HUANG}: on; the other estimators normalise as their papers do)")
     missing_eos_penalty: float = opt(1.0, f"subtracted from the score of completions without EOS (0: off; {HUANG})")
     stop_token: str = opt("", "truncate completions after the first occurrence of this one token, e.g. '.' "
                               "(lm-human-preferences' truncate_token; it counts as an ending); '' for off")
@@ -344,21 +417,63 @@ class PPOConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraConfi
     evaluate: dict = opt({}, "options of the evaluations along training (rlgen evaluate --help: split, num_prompts, "
                              "batch_size, gold_reward, ...); reward and sampling default to this run's")
 
+    def __post_init__(self):
+        if self.preset in RL_PRESETS:  # before the checks, which see the preset's values
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(PPOConfig)}
+            for key, value in RL_PRESETS[self.preset].items():
+                if key == "reward" and isinstance(self.model, str):
+                    value = [spec.replace("{model}", repr(self.model)) for spec in value]
+                if getattr(self, key) == defaults[key]:
+                    object.__setattr__(self, key, value)
+        if self.overlong_buffer == -1:
+            object.__setattr__(self, "overlong_buffer", max(1, self.max_new_tokens // 5))
+        for key in ("clip_low", "clip_high"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, self.cliprange)
+        super().__post_init__()
+
     def check(self) -> None:
         CommonConfig.check(self)
         SamplingConfig.check(self)
         check_rewards(self)
-        at_least(self, 1, "max_steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs")
-        at_least(self, 0, "save_total_limit", "kl_coef", "cliprange", "cliprange_value", "target_kl", "eval_steps")
+        at_least(self, 1, "max_steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                 "num_generations", "max_sampling_rounds")
+        at_least(self, 0, "save_total_limit", "kl_coef", "cliprange", "cliprange_value", "target_kl", "eval_steps",
+                 "clip_low", "clip_high", "overlong_buffer", "overlong_penalty")
         self.eval_config()
+        choices = {"preset": ("", *RL_PRESETS), "advantage": ADVANTAGE_NAMES, "policy_loss": POLICY_LOSS_NAMES,
+                   "loss_agg": LOSS_AGGS, "kl_in": ("reward", "loss")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                names = ", ".join(a or "''" for a in allowed)
+                raise UserError(f"{key} {getattr(self, key)!r} is not one of {names}")
+        if self.advantage in GROUP_ADVANTAGES and self.num_generations < 2:
+            raise UserError(f"advantage {self.advantage} compares the samples of a prompt: set num_generations >= 2 "
+                            f"(got {self.num_generations})")
+        if self.dynamic_sampling and self.num_generations < 2:
+            raise UserError("dynamic_sampling drops groups whose rewards are all equal: set num_generations >= 2")
+        if self.batch_size % self.num_generations:
+            raise UserError(f"batch_size {self.batch_size} is not a multiple of num_generations "
+                            f"{self.num_generations} (a group never straddles processes)")
         if self.batch_size % self.mini_batch_size:
             raise UserError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
                             f"{self.mini_batch_size}")
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise UserError(f"mini_batch_size {self.mini_batch_size} is not a multiple of "
                             f"gradient_accumulation_steps {self.gradient_accumulation_steps}")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise UserError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        allowed_kl = ("k1", "k3") if self.kl_in == "reward" else ("k1", "k2", "k3")
+        if self.kl_estimator not in allowed_kl:
+            raise UserError(f"kl_estimator must be {' or '.join(allowed_kl)} with kl_in {self.kl_in}, got "
+                            f"{self.kl_estimator!r}")
+        if self.clip_low > 1:
+            raise UserError(f"clip_low must be at most 1 (the ratio's lower bound 1 - clip_low), got {self.clip_low}")
+        if self.dual_clip and not self.dual_clip > 1:
+            raise UserError(f"dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise UserError(f"overlong_buffer {self.overlong_buffer} exceeds max_new_tokens {self.max_new_tokens}")
+        if self.separate_critic and self.advantage != "gae":
+            raise UserError(f"separate_critic: advantage {self.advantage} trains no critic (only gae does)")
         if self.fsdp not in ("", "full_shard"):
             raise UserError(f"fsdp {self.fsdp!r} is not supported for ppo: use full_shard (FSDP2, every process "
                             "holds 1/N of each weight) or '' (whole copies, DDP)")

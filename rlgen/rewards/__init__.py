@@ -21,6 +21,7 @@ import sys
 import weakref
 from pathlib import Path
 
+from rlgen.adversarial import AdversarialReward
 from rlgen.errors import RewardError, UserError
 from rlgen.rewards.ensemble import RewardEnsemble, ensemble
 from rlgen.rewards.learned import LearnedReward, folder_reward_name, is_hub_id
@@ -53,6 +54,9 @@ BUILTIN_REWARDS = {
     "repetition_penalty": repetition_penalty,
     "toxicity_penalty": toxicity_penalty,
     "ensemble": ensemble,  # a reward factory: ensemble(members=[spec, ...], combine=..., lam=...) -> RewardEnsemble
+    # a factory: adversarial(teacher='completion', loss='bt', transform='bt_score', ...), a discriminator that
+    # trains alongside the RL loop (rlgen.adversarial)
+    "adversarial": AdversarialReward,
 }
 
 _SPEC = re.compile(r"([^()]*?)\s*(?:\((.*)\))?", re.DOTALL)
@@ -442,9 +446,13 @@ def score_rewards(reward_fns, prompts, completions, weights=None, columns=None):
 
 def reward_columns(rows):
     """The dataset columns reward functions get, as keyword lists (TRL's convention): all but `prompt`,
-    `completion` and `completion_ids` (the sampled ones are passed instead)."""
+    `completion` and `completion_ids` (the sampled ones are passed instead); the dataset's own `completion` (a
+    reference reply, e.g. the teacher's for `adversarial`) comes as `reference_completion`."""
     keys = [k for k in (rows[0] if rows else {}) if k not in ("prompt", "completion", "completion_ids")]
-    return {k: [r.get(k) for r in rows] for k in keys}
+    columns = {k: [r.get(k) for r in rows] for k in keys}
+    if rows and "completion" in rows[0] and "reference_completion" not in columns:
+        columns["reference_completion"] = [r.get("completion") for r in rows]
+    return columns
 
 
 def reward_mean_metrics(per_fn):
