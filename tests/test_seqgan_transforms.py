@@ -104,3 +104,24 @@ def test_dense_run_interrupted_and_resumed_equals_one_go(tmp_path, monkeypatch):
 def test_bad_reward_transform_options_are_refused(kw, match):
     with pytest.raises(UserError, match=match):
         SeqGANConfig(task="oracle", model="lstm", **kw)
+
+
+@pytest.mark.parametrize("transform", ["maligan", "dense"])
+def test_text_task_and_compare_take_each_reward_transform(tmp_path, tiny_classifier, monkeypatch, transform):
+    """The text task: maligan reads D's logit of the replies (texts; no rollouts generated), dense the rollouts'
+    Q. A comparison's seqgan section takes the transform (its batch-mean baseline is seqgan's only)."""
+    from pathlib import Path
+
+    from rlgen.config import CompareConfig
+
+    seen = _advantages_seen(monkeypatch)
+    cfg = SeqGANConfig(task="text", model="tiny", discriminator=tiny_classifier, output_dir=str(tmp_path / "run"),
+                       max_new_tokens=4, batch_size=4, max_steps=1, rollout_num=2, d_pretrain_rounds=1,
+                       d_negatives=4, d_max_length=16, eval_num_prompts=0, reward_transform=transform)
+    s = train_seqgan(cfg).summary
+    assert len(seen) == 1 and seen[0].shape[0] == 4
+    assert (s["generated"]["rollouts"] == 0) == (transform == "maligan")
+    compare = CompareConfig(model="tiny", methods=["seqgan"], seeds=[0], max_steps=3,
+                            seqgan={"reward_transform": transform})
+    stage = compare.method_config("seqgan", "tiny", Path("o"), 0)
+    assert (stage.reward_transform, stage.baseline) == (transform, "none")

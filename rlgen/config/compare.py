@@ -183,7 +183,8 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
                 **sampling, "task": "text", "preset": "none", "max_steps": (self.max_steps - 1) // 2,
                 "batch_size": self.batch_size, "learning_rate": self.learning_rate_of("seqgan"),
                 "kl_coef": self.kl_coef, "g_steps": 1, "rollout_num": 2, "rollout_update_rate": 0.0,
-                "baseline": "mean", "d_pretrain_rounds": 1, "d_pretrain_epochs": 1, "d_steps": 1, "d_epochs": 1,
+                "baseline": "mean" if self.seqgan.get("reward_transform", "seqgan") == "seqgan" else "none",
+                "d_pretrain_rounds": 1, "d_pretrain_epochs": 1, "d_steps": 1, "d_epochs": 1,
                 "d_negatives": self.batch_size, "d_learning_rate": 2e-5, "d_max_length": 48, "d_dropout": 0.1,
                 "score_batch_size": 64, "max_grad_norm": 1.0, "eval_num_prompts": 0}
         elif method == "gad":
