@@ -190,10 +190,10 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
         initialised from `model` too; the proxy and gold rewards ride along at weight 0. Budget: `d_warmup` rounds of
         batch_size replies train D before the first update, so the RL stage has max_steps - d_warmup updates."""
         section = dict(self.gad)
-        own = next((k for k in ("eval_steps", "evaluate") if k in section), None)
+        own = next((k for k in ("eval_steps", "evaluate", "preset") if k in section), None)
         if own:
             raise UserError(f"compare section 'gad': key '{own}' is the comparison's own (set it at the top level, "
-                            "so that every method is evaluated alike)")
+                            "so that every method is evaluated alike; the preset is gad)")
         d_args = {"model": model, "teacher": "reference_completion", "loss": "bt", "transform": "bt_score",
                   "d_every": 1, "d_warmup": 1, "seed": seed, **section.pop("discriminator", {})}
         if not isinstance(d_args["d_warmup"], int) or not 0 <= d_args["d_warmup"] < self.max_steps:
