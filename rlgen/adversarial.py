@@ -155,13 +155,13 @@ class AdversarialReward:
     the prompt and the reply (the chat template for conversations, as `rlgen.text.render_prompt_completion`) with
     the tokenizer's EOS appended to the reply; the reply's sequence score is the score at that EOS.
 
-    - `reward(prompts, completions, **columns)` -> one float per reply: `transform` of D's scores, in eval mode,
-      without gradients (the RL loop's phase 2). The values' spread is kept for `metrics`.
+    - `d(prompts, completions, **columns)` -> one float per reply: `transform` of D's scores, in eval mode,
+      without gradients (the RL loop's phase 2); their spread goes into the next `update`'s metrics.
     - `update(prompts, fakes, columns=None)`: with the real replies for the same prompts (`real_replies`: the
       dataset column `teacher`, given or seen with each (prompt, reply) when scored, or the replies of
-      `teacher_model`, sampled once per prompt and kept), first D's accuracy on these fresh pairs (held out: it has not trained on them), then
-      `epochs` shuffled passes of minibatches with `loss`: `bt` (GAD) or `bce` (SeqGAN; per token with `dense`,
-      as ScratchGAN trains D). Under torch.distributed, gradients are averaged over the processes, so every
+      `teacher_model`, sampled once per prompt and kept), first D's accuracy on these fresh pairs (held out: it
+      has not trained on them), then `epochs` shuffled passes of minibatches with `loss`: `bt` (GAD) or `bce`
+      (SeqGAN; per token with `dense`, as ScratchGAN trains D). Under torch.distributed, gradients are averaged over the processes, so every
       replica stays the same. Returns the metrics below.
     - `state_dict()` / `load_state_dict()`: D's weights, its AdamW state, its shuffle generator, update count and
       the teacher model's replies so far, for exact resume (`save_state` / `load_state`: `STATE_FILE` in a folder).
@@ -193,7 +193,7 @@ class AdversarialReward:
             raise UserError(f"adversarial: d_warmup must be at least 0, got {d_warmup}")
         if not 0 < gamma <= 1 or not learning_rate > 0:
             raise UserError(f"adversarial: gamma must be in (0, 1] and learning_rate > 0, got {gamma}, {learning_rate}")
-        self.model_name, self.teacher, self.loss, self.transform, self.gamma = model, teacher, loss, transform, gamma
+        self.teacher, self.loss, self.transform, self.gamma = teacher, loss, transform, gamma
         self.batch_size, self.epochs, self.d_every, self.max_length = batch_size, epochs, d_every, max_length
         self.max_grad_norm, self.d_warmup = max_grad_norm, d_warmup
         self.__name__ = "adversarial"

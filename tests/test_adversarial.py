@@ -450,6 +450,8 @@ def test_compare_method_gad_is_sft_then_grpo_on_the_discriminator_within_the_bud
         CompareConfig(**{**settings, "gad": {"discriminator": {"d_warmup": 3}}})
     with pytest.raises(UserError, match="key 'num_generations' would change this method's budget"):
         CompareConfig(**{**settings, "gad": {"num_generations": 4}})
+    with pytest.raises(UserError, match="section 'gad': key 'preset' is the comparison's own"):
+        CompareConfig(**{**settings, "gad": {"preset": "grpo"}})
 
 
 def _two_process_update(rank, port, out):
