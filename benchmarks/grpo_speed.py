@@ -1,0 +1,83 @@
+"""rlgen's GRPO (or RLOO) against TRL 1.16's GRPOTrainer (RLOOTrainer) on the same work, side by side (issue 31).
+
+Each rep runs the peer (../shared/bench/peer_trl_grpo.py) and then rlgen (benchmarks/ppo_throughput.py --preset
+grpo|rloo, the same shape, seeds, prompts, rule reward, beta, epochs and num_generations), each in a fresh process,
+so that load on a shared machine hits both sides alike and peak RSS is per run. Prints one JSON object: each run's
+line, the medians per side of `s_per_update_steady` (median update time without the first), `s_per_update` (the
+whole training call over the updates), `cpu_s` per update and `peak_rss_mb`, and the ratios peer / rlgen for the
+times (above 1: rlgen is faster) and rlgen / peer for RSS (below 1: rlgen holds less), with the load average
+(`uptime`) before and after.
+
+    python benchmarks/grpo_speed.py --peer-dir ../shared/bench --model-size tiny --reps 5 --steps 6
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("s_per_update_steady", "s_per_update", "cpu_s_per_update", "peak_rss_mb")
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(cmd: list[str], log) -> dict:
+    """One side's run: its last stdout line, parsed (the scripts print one JSON line; their logs go to stderr)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise SystemExit(f"grpo_speed: {' '.join(cmd[:3])} ... failed (rc {done.returncode}); see its log")
+    row = json.loads(lines[-1])
+    row["cpu_s_per_update"] = round(row["cpu_s"] / row["steps"], 4)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer-dir", default=str(REPO.parent / "shared" / "bench"),
+                        help="folder with peer_common.py and peer_trl_grpo.py")
+    parser.add_argument("--peer-python", default=sys.executable,
+                        help="the Python with TRL 1.16 for the peer (default: this one)")
+    parser.add_argument("--algo", default="grpo", choices=["grpo", "rloo"])
+    parser.add_argument("--model-size", default="tiny")
+    parser.add_argument("--reps", type=int, default=3, help="peer-then-rlgen pairs")
+    parser.add_argument("--steps", type=int, default=6, help="updates per run")
+    parser.add_argument("--workdir", default="/tmp/peer/work")
+    parser.add_argument("--log", default=None, help="the runs' stderr (default: WORKDIR/grpo_speed.log)")
+    args, shared = parser.parse_known_args()  # the rest (--batch, --beta, --threads, ...) goes to both sides
+
+    common = ["--model-size", args.model_size, "--steps", str(args.steps), "--workdir", args.workdir, *shared]
+    peer = [args.peer_python, str(Path(args.peer_dir) / "peer_trl_grpo.py"), "--algo", args.algo, *common]
+    ours = [sys.executable, str(REPO / "benchmarks" / "ppo_throughput.py"), "--peer-dir", args.peer_dir,
+            "--preset", args.algo, "--reward", "rule", *common]
+    if "--num-generations" not in shared:  # the peer's default, explicit on rlgen's side
+        ours += ["--num-generations", "4"]
+    os.makedirs(args.workdir, exist_ok=True)
+    load_before, t0 = load_average(), time.perf_counter()
+    runs: dict[str, list[dict]] = {"peer": [], "rlgen": []}
+    with open(args.log or Path(args.workdir) / "grpo_speed.log", "a") as log:
+        for _ in range(args.reps):
+            runs["peer"].append(run(peer, log))
+            runs["rlgen"].append(run(ours, log))
+    median = {side: {k: round(statistics.median(r[k] for r in rows), 4) for k in KEYS} for side, rows in runs.items()}
+    ratio = {f"speedup_{k}": round(median["peer"][k] / median["rlgen"][k], 3) for k in KEYS[:3]}
+    ratio["rss_ratio"] = round(median["rlgen"]["peak_rss_mb"] / median["peer"]["peak_rss_mb"], 3)
+    # per-pair speedups: their spread says how much the load moved between the two sides of a pair
+    pairs = [round(p["s_per_update_steady"] / o["s_per_update_steady"], 3) for p, o in zip(runs["peer"], runs["rlgen"])]
+    print(json.dumps({"algo": args.algo, "model_size": args.model_size, "reps": args.reps, "steps": args.steps,
+                      "shared_flags": shared, "peer_impl": f"trl {runs['peer'][0].get('trl_version')}",
+                      "median": median, **ratio, "pair_speedups_steady": pairs,
+                      "load_before": load_before, "load_after": load_average(),
+                      "wall_s": round(time.perf_counter() - t0, 1), "runs": runs}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
