@@ -3,8 +3,8 @@
 Each rep runs the peer (../shared/bench/peer_trl_grpo.py) and then rlgen (benchmarks/ppo_throughput.py --preset
 grpo|rloo, the same shape, seeds, prompts, rule reward, beta, epochs and num_generations), each in a fresh process,
 so that load on a shared machine hits both sides alike and peak RSS is per run. Prints one JSON object: each run's
-line, the medians per side of `s_per_update_steady` (median update time without the first), `s_per_update` (the
-whole training call over the updates), `cpu_s` per update and `peak_rss_mb`, and the ratios peer / rlgen for the
+line, the medians per side (PAIRS: the steady update end to end, the whole training call over the updates,
+process CPU seconds per update, peak RSS), and the ratios peer / rlgen for the
 times (above 1: rlgen is faster) and rlgen / peer for RSS (below 1: rlgen holds less), with the load average
 (`uptime`) before and after.
 
@@ -14,24 +14,38 @@ times (above 1: rlgen is faster) and rlgen / peer for RSS (below 1: rlgen holds 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("s_per_update_steady", "s_per_update", "cpu_s_per_update", "peak_rss_mb")
+# (name, the peer's field, rlgen's field): the steady update end to end (the peer's callback, step end to step end;
+# rlgen from one reward call to the next), the whole training call over the updates, and process CPU seconds per
+# update (the peer's over its whole train(), warm-up included: its only CPU figure)
+PAIRS = (("s_per_update_steady", "s_per_update_steady", "s_per_update_cycle"),
+         ("s_per_update", "s_per_update", "s_per_update"),
+         ("cpu_s_per_update", "cpu_s_per_update", "cpu_s_per_update_cycle"),
+         ("peak_rss_mb", "peak_rss_mb", "peak_rss_mb"))
 
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def run(cmd: list[str], log) -> dict:
-    """One side's run: its last stdout line, parsed (the scripts print one JSON line; their logs go to stderr)."""
+def run(cmd: list[str], workdir: str, log) -> dict:
+    """One side's run in a fresh scratch folder under `workdir` (removed after: the saved models and checkpoints):
+    its last stdout line, parsed (the scripts print one JSON line; their logs go to stderr)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, check=False)
+    scratch = tempfile.mkdtemp(prefix="grpo-speed-", dir=workdir)
+    try:
+        done = subprocess.run([*cmd, "--workdir", scratch], stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                              check=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         raise SystemExit(f"grpo_speed: {' '.join(cmd[:3])} ... failed (rc {done.returncode}); see its log")
@@ -54,7 +68,7 @@ def main() -> None:
     parser.add_argument("--log", default=None, help="the runs' stderr (default: WORKDIR/grpo_speed.log)")
     args, shared = parser.parse_known_args()  # the rest (--batch, --beta, --threads, ...) goes to both sides
 
-    common = ["--model-size", args.model_size, "--steps", str(args.steps), "--workdir", args.workdir, *shared]
+    common = ["--model-size", args.model_size, "--steps", str(args.steps), *shared]
     peer = [args.peer_python, str(Path(args.peer_dir) / "peer_trl_grpo.py"), "--algo", args.algo, *common]
     ours = [sys.executable, str(REPO / "benchmarks" / "ppo_throughput.py"), "--peer-dir", args.peer_dir,
             "--preset", args.algo, "--reward", "rule", *common]
@@ -65,13 +79,14 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"peer": [], "rlgen": []}
     with open(args.log or Path(args.workdir) / "grpo_speed.log", "a") as log:
         for _ in range(args.reps):
-            runs["peer"].append(run(peer, log))
-            runs["rlgen"].append(run(ours, log))
-    median = {side: {k: round(statistics.median(r[k] for r in rows), 4) for k in KEYS} for side, rows in runs.items()}
-    ratio = {f"speedup_{k}": round(median["peer"][k] / median["rlgen"][k], 3) for k in KEYS[:3]}
+            runs["peer"].append(run(peer, args.workdir, log))
+            runs["rlgen"].append(run(ours, args.workdir, log))
+    median = {side: {name: round(statistics.median(r[field] for r in runs[side]), 4)
+                     for name, *fields in PAIRS for field in [fields[side == "rlgen"]]} for side in runs}
+    ratio = {f"speedup_{name}": round(median["peer"][name] / median["rlgen"][name], 3) for name, *_ in PAIRS[:3]}
     ratio["rss_ratio"] = round(median["rlgen"]["peak_rss_mb"] / median["peer"]["peak_rss_mb"], 3)
     # per-pair speedups: their spread says how much the load moved between the two sides of a pair
-    pairs = [round(p["s_per_update_steady"] / o["s_per_update_steady"], 3) for p, o in zip(runs["peer"], runs["rlgen"])]
+    pairs = [round(p["s_per_update_steady"] / o["s_per_update_cycle"], 3) for p, o in zip(runs["peer"], runs["rlgen"])]
     print(json.dumps({"algo": args.algo, "model_size": args.model_size, "reps": args.reps, "steps": args.steps,
                       "shared_flags": shared, "peer_impl": f"trl {runs['peer'][0].get('trl_version')}",
                       "median": median, **ratio, "pair_speedups_steady": pairs,

@@ -21,10 +21,13 @@ loss aggregation, where the KL goes) with the peer's shape flags winning (`--ppo
 the peer's rule reward (`peer_common.target_fraction` of the completion ids, as peer_trl_grpo.py) instead of its
 reward model, and the rule's default with a preset. benchmarks/grpo_speed.py times both side by side.
 
-Prints one JSON line like the peer's, with peak CUDA memory (`peak_cuda_mb`) beside peak RSS on a GPU. `s_per_update` is the whole `train_ppo` call (set-up, the updates, and
-at the end sampling the "after" completions, plotting the curves and saving the model, none of which the peer
-does) divided by the updates; `s_per_update_loop` counts only the update phases (the span of the peer's
-train()) and `s_per_update_steady` is their median without the first update. `split_s` sums the phases.
+Prints one JSON line like the peer's, with peak CUDA memory (`peak_cuda_mb`) beside peak RSS on a GPU.
+`s_per_update` is the whole `train_ppo` call (set-up, the updates, and at the end sampling the "after"
+completions, plotting the curves and saving the model, none of which the peer does) divided by the updates;
+`s_per_update_loop` counts only the update phases (the span of the peer's train()) and `s_per_update_steady` is
+their median without the first update; `s_per_update_cycle` and `cpu_s_per_update_cycle` time whole update cycles
+from one reward call to the next (as the peer's callback times its updates, step end to step end: logging and
+all), in wall and process CPU seconds. `split_s` sums the phases.
 Library imports happen before the timer, as the peer's happen before trainer.train(), except matplotlib's.
 """
 
@@ -56,11 +59,13 @@ class PeerRewardModel:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer, self.seconds = model.eval(), tokenizer, 0.0
+        self.calls: list[tuple[float, float]] = []  # (wall, process CPU) at each call: one a rollout
 
     def __call__(self, prompts, completions, **kwargs):
         import torch
 
         start = time.perf_counter()
+        self.calls.append((start, time.process_time()))
         texts = [f"{p} {c}" for p, c in zip(prompts, completions)]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         with torch.inference_mode():
@@ -76,12 +81,26 @@ class PeerRuleReward:
 
     def __init__(self, rule):
         self.rule, self.seconds = rule, 0.0
+        self.calls: list[tuple[float, float]] = []  # (wall, process CPU) at each call: one a rollout
 
     def __call__(self, prompts, completions, completion_ids, **kwargs):
         start = time.perf_counter()
+        self.calls.append((start, time.process_time()))
         scores = [self.rule(ids) for ids in completion_ids]
         self.seconds += time.perf_counter() - start
         return scores
+
+
+def cycles(calls: list[tuple[float, float]]) -> dict:
+    """Whole update cycles, timed as the peer's callback times its updates (end to end, logging and all): the
+    median wall and process CPU seconds between consecutive reward calls (one per rollout; DAPO's dynamic sampling
+    may call more often)."""
+    if len(calls) < 2:
+        return {"s_per_update_cycle": None, "cpu_s_per_update_cycle": None}
+    wall = [b[0] - a[0] for a, b in zip(calls, calls[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(calls, calls[1:])]
+    return {"s_per_update_cycle": round(statistics.median(wall), 4),
+            "cpu_s_per_update_cycle": round(statistics.median(cpu), 4)}
 
 
 def main() -> None:
@@ -192,6 +211,7 @@ def main() -> None:
         "s_per_update": round(wall / len(rows), 4),
         "s_per_update_loop": round(sum(per_update) / len(rows), 4),
         "s_per_update_steady": round(statistics.median(per_update[1:]), 4) if len(rows) > 1 else None,
+        **cycles(reward.calls),
         "gen_tokens": gen_tokens,
         "tokens_per_s": round(gen_tokens / wall, 2),
         "peak_rss_mb": pc.peak_rss_mb(),
