@@ -5,7 +5,8 @@
 The model: a random Llama with the peer's "base" trunk (peer_common.SIZES["base"], ~88M parameters when --peer-dir
 is given, else the tiny shape) over rlgen's tiny tokenizer, saved once as a folder. Each preset (`rlgen ppo
 --preset NAME`, the paper's settings) trains it for 3 updates at the base shape: 64 completions of 128 tokens (EOS
-blocked) per update, prompts of up to 32 tokens, mini-batches of 16, bfloat16 compute, a keyword reward. One JSON
+blocked, no missing-EOS penalty) per update, prompts of up to 32 tokens, mini-batches of 16, bfloat16 compute, a
+reward that varies within a group (the completion's length in characters against 100). One JSON
 line per preset as it finishes (so a timeout keeps what ran): s_per_update_steady (the median update without the
 first, which compiles the static-cache decoding step), first_update_s, peak CUDA memory (reset before each
 preset), whether a value head was trained (gae only), whether every logged number was finite, and the last update's
@@ -55,7 +56,8 @@ def run_preset(name: str, args) -> dict:
     cfg = PPOConfig(model=str(args.work / "model"), output_dir=str(out), overwrite_output_dir=True, preset=name,
                     dtype="float32" if QUICK else "bfloat16", max_steps=args.steps, batch_size=8 if QUICK else 64,
                     mini_batch_size=4 if QUICK else 16, max_new_tokens=tokens, min_new_tokens=tokens,
-                    max_prompt_length=32, reward=["keyword(include=['a'])"], threads=1 if QUICK else 4)
+                    max_prompt_length=32, reward=["target_length(target=100, unit='chars')"], missing_eos_penalty=0.0,
+                    threads=1 if QUICK else 4)
     t0 = time.perf_counter()
     policy = train_ppo(cfg)
     wall = time.perf_counter() - t0
