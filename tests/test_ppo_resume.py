@@ -85,7 +85,9 @@ def _without_time(rows):
     {}, dict(lora_r=4, separate_critic=True, gradient_accumulation_steps=2),
     # the evaluations use another reward: the vowels counter stops the run at a given update
     dict(eval_steps=2, evaluate={"num_prompts": 2, "batch_size": 2, "reward": ["keyword(include=['a'])"]}),
-], ids=["full", "lora_critic", "eval_steps"])
+    # group estimators without a critic: 2 prompts x 2 completions per update
+    dict(preset="grpo", num_generations=2), dict(preset="rloo", num_generations=2),
+], ids=["full", "lora_critic", "eval_steps", "grpo", "rloo"])
 def test_interrupt_and_resume_equals_one_go(tiny_folder, reward_file, tmp_path, monkeypatch, overrides):
     """6 updates in one go == 3 updates, SIGINT, resume from checkpoint-2 (dropping the killed run's row 3),
     4 more updates. Tolerance: exact. Both runs do the same float ops in the same order on one CPU thread,
