@@ -3,8 +3,8 @@
 Each rep runs the peer (../shared/bench/peer_trl_grpo.py) and then rlgen (benchmarks/ppo_throughput.py --preset
 grpo|rloo, the same shape, seeds, prompts, rule reward, beta, epochs and num_generations), each in a fresh process,
 so that load on a shared machine hits both sides alike and peak RSS is per run. Prints one JSON object: each run's
-line, the medians per side (PAIRS: the steady update end to end, the whole training call over the updates,
-process CPU seconds per update, peak RSS), and the ratios peer / rlgen for the
+line (the peer's with rlgen's update-cycle timing added: `grpo_speed.py peer ...`), the medians per side (PAIRS),
+and the ratios peer / rlgen for the
 times (above 1: rlgen is faster) and rlgen / peer for RSS (below 1: rlgen holds less), with the load average
 (`uptime`) before and after.
 
@@ -12,8 +12,11 @@ times (above 1: rlgen is faster) and rlgen / peer for RSS (below 1: rlgen holds 
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import runpy
 import shutil
 import statistics
 import subprocess
@@ -23,12 +26,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# (name, the peer's field, rlgen's field): the steady update end to end (the peer's callback, step end to step end;
-# rlgen from one reward call to the next), the whole training call over the updates, and process CPU seconds per
-# update (the peer's over its whole train(), warm-up included: its only CPU figure)
-PAIRS = (("s_per_update_steady", "s_per_update_steady", "s_per_update_cycle"),
+# (name, the peer's field, rlgen's field), medians over the reps. Both sides' rule rewards are timed alike: a steady
+# update cycle is from one rollout's reward call to the next's (the update, logging and the next rollout), in wall
+# and in process CPU seconds (CPU: less moved by other load on a shared machine). Beside them the peer's own
+# callback figure (step end to step end) and the whole training call over the updates (rlgen's also samples the
+# "after" completions, plots and saves a model: ppo_throughput.py).
+PAIRS = (("s_per_update_cycle", "s_per_update_cycle", "s_per_update_cycle"),
+         ("cpu_s_per_update_cycle", "cpu_s_per_update_cycle", "cpu_s_per_update_cycle"),
+         ("s_per_update_steady", "s_per_update_steady", "s_per_update_cycle"),
          ("s_per_update", "s_per_update", "s_per_update"),
-         ("cpu_s_per_update", "cpu_s_per_update", "cpu_s_per_update_cycle"),
          ("peak_rss_mb", "peak_rss_mb", "peak_rss_mb"))
 
 
@@ -54,7 +60,33 @@ def run(cmd: list[str], workdir: str, log) -> dict:
     return row
 
 
+def peer_wrapper(argv: list[str]) -> None:
+    """`grpo_speed.py peer SCRIPT ARGS...`: the peer script as it is, its rule reward timed as rlgen's
+    (ppo_throughput.cycles: reward call to reward call, wall and process CPU). The peer calls
+    `peer_common.target_fraction` once per completion, so every `--batch`-th call starts a rollout's scoring."""
+    sys.path[:0] = [str(Path(argv[0]).resolve().parent), str(REPO / "benchmarks")]
+    import peer_common
+    from ppo_throughput import cycles
+
+    rule, calls = peer_common.target_fraction, []
+
+    def timed(ids):
+        calls.append((time.perf_counter(), time.process_time()))
+        return rule(ids)
+
+    peer_common.target_fraction = timed
+    sys.argv = argv
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runpy.run_path(argv[0], run_name="__main__")
+    row = json.loads([line for line in out.getvalue().splitlines() if line.startswith("{")][-1])
+    print(json.dumps({**row, **cycles(calls[::row["batch"]])}), flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["peer"]:
+        peer_wrapper(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer-dir", default=str(REPO.parent / "shared" / "bench"),
                         help="folder with peer_common.py and peer_trl_grpo.py")
@@ -69,7 +101,8 @@ def main() -> None:
     args, shared = parser.parse_known_args()  # the rest (--batch, --beta, --threads, ...) goes to both sides
 
     common = ["--model-size", args.model_size, "--steps", str(args.steps), *shared]
-    peer = [args.peer_python, str(Path(args.peer_dir) / "peer_trl_grpo.py"), "--algo", args.algo, *common]
+    peer = [args.peer_python, __file__, "peer", str(Path(args.peer_dir) / "peer_trl_grpo.py"), "--algo", args.algo,
+            *common]
     ours = [sys.executable, str(REPO / "benchmarks" / "ppo_throughput.py"), "--peer-dir", args.peer_dir,
             "--preset", args.algo, "--reward", "rule", *common]
     if "--num-generations" not in shared:  # the peer's default, explicit on rlgen's side
@@ -83,13 +116,14 @@ def main() -> None:
             runs["rlgen"].append(run(ours, args.workdir, log))
     median = {side: {name: round(statistics.median(r[field] for r in runs[side]), 4)
                      for name, *fields in PAIRS for field in [fields[side == "rlgen"]]} for side in runs}
-    ratio = {f"speedup_{name}": round(median["peer"][name] / median["rlgen"][name], 3) for name, *_ in PAIRS[:3]}
+    ratio = {f"speedup_{name}": round(median["peer"][name] / median["rlgen"][name], 3) for name, *_ in PAIRS[:4]}
     ratio["rss_ratio"] = round(median["rlgen"]["peak_rss_mb"] / median["peer"]["peak_rss_mb"], 3)
     # per-pair speedups: their spread says how much the load moved between the two sides of a pair
-    pairs = [round(p["s_per_update_steady"] / o["s_per_update_cycle"], 3) for p, o in zip(runs["peer"], runs["rlgen"])]
+    pairs = {k: [round(p[k] / o[k], 3) for p, o in zip(runs["peer"], runs["rlgen"])]
+             for k in ("s_per_update_cycle", "cpu_s_per_update_cycle")}
     print(json.dumps({"algo": args.algo, "model_size": args.model_size, "reps": args.reps, "steps": args.steps,
                       "shared_flags": shared, "peer_impl": f"trl {runs['peer'][0].get('trl_version')}",
-                      "median": median, **ratio, "pair_speedups_steady": pairs,
+                      "median": median, **ratio, "pair_speedups": pairs,
                       "load_before": load_before, "load_after": load_average(),
                       "wall_s": round(time.perf_counter() - t0, 1), "runs": runs}), flush=True)
 
