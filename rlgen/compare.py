@@ -5,9 +5,13 @@ model on the same training prompts with the same sampling settings and the same 
 the result with the shared evaluator: the same held-out prompts, rewards and reference (the starting model).
 
 Budget, matched by generated completions: every run generates at most `max_steps * batch_size` completions.
-- ppo (rlgen.ppo): `max_steps` updates of `batch_size` rollouts, one optimiser step each (one PPO epoch, one
-  mini-batch), as TRL's GRPO/RLOO take one step per generation batch;
-- grpo, rloo (TRL): `max_steps` steps of `batch_size` completions (`num_generations` per prompt);
+- ppo, grpo, dr_grpo, rloo, reinforce_pp, gspo, cispo, dapo (rlgen's RL loop, rlgen.ppo, each its preset, README
+  "Estimators"): `max_steps` updates of `batch_size` completions (`num_generations` per prompt for the group
+  methods), one optimiser step each (one epoch, one mini-batch), as TRL's GRPO/RLOO take one step per generation
+  batch; dapo's dynamic sampling may sample up to `max_sampling_rounds` x as many (counted in the table);
+- trl_grpo, trl_rloo (TRL's GRPOTrainer/RLOOTrainer, the reference implementations): `max_steps` steps of
+  `batch_size` completions (`num_generations` per prompt). Until this version `grpo` and `rloo` named these; a
+  comparison naming grpo or rloo says so once;
 - dpo (TRL): 2 own samples for each of `max_steps * batch_size / 2` prompts, ranked by the proxy into
   preference pairs, then `max_steps` DPO steps;
 - seqgan (rlgen.seqgan; max_steps >= 3): one discriminator pre-training round on `batch_size` samples, then
@@ -21,7 +25,7 @@ The table reports the completions and tokens each run actually generated, and it
 
 Proxy and gold: the methods optimise `reward` (the proxy, e.g. a learned reward model); the evaluator also
 scores `gold_reward`, which no method optimises (Gao et al. 2022, "Scaling Laws for Reward Model
-Overoptimization"). The online methods (ppo, grpo, rloo) also score the gold on their training samples at
+Overoptimization"). The online methods (the loop's and TRL's) also score the gold on their training samples at
 weight 0 (never part of the objective), so the learning curves show where the proxy keeps rising and the gold
 does not; dpo ranks its pairs by the proxy alone.
 
@@ -47,6 +51,7 @@ from pathlib import Path
 from rlgen.checkpoint import TrainingInterrupted, remove_checkpoints
 from rlgen.config import (
     MAY_CHANGE,
+    RENAMED_NOTE,
     SECTION_METHODS,
     TRL_METHODS,
     CompareConfig,
@@ -76,7 +81,9 @@ def check_compare_config(cfg: CompareConfig) -> None:
             check_stage_data(method, stage)
     for method in cfg.methods:
         if method in TRL_METHODS:
-            check_options(method, getattr(cfg, method))
+            check_options(method.removeprefix("trl_"), getattr(cfg, method))
+    if any(m in cfg.methods for m in ("grpo", "rloo")):
+        print(f"[compare] note: {RENAMED_NOTE}", flush=True)
     for method in SECTION_METHODS:
         if getattr(cfg, method) and method not in cfg.methods:
             print(f"[compare] note: section '{method}' is ignored ({method} is not in methods)", flush=True)
@@ -171,7 +178,7 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
         weights = (cfg.reward_weights or [1.0] * len(cfg.reward)) + [0.0] * len(cfg.gold_reward)
         sampling = SamplingConfig.of(cfg)
         rows = _train_rows(cfg)
-        result = train_trl(method, model=start, output_dir=run_dir, prompts=[prompt_of(r) for r in rows],
+        result = train_trl(method.removeprefix("trl_"), model=start, output_dir=run_dir, prompts=[prompt_of(r) for r in rows],
                            columns=reward_columns(rows),
                            reward_fns=fns, weights=weights, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
                            num_generations=cfg.num_generations, learning_rate=cfg.learning_rate_of(method),
@@ -203,8 +210,10 @@ def _train(cfg: CompareConfig, method: str, start: str, run_dir: Path, seed: int
     keys = _curve_keys(cfg, _reward_names(stage.reward))
     curve = [{"completions": row["step"] * cfg.batch_size, **{new: row[old] for old, new in keys.items() if old in row}}
              for row in rows]
-    tokens = round(sum(float(row["completions/mean_length"]) * cfg.batch_size for row in rows))
-    return {"completions": len(rows) * cfg.batch_size, "tokens": tokens, "curve": curve, "evals": _evals(logged)}
+    # dynamic sampling (dapo) generates more than it trains on: completions/sampled counts them
+    sampled = [float(row.get("completions/sampled", cfg.batch_size)) for row in rows]
+    tokens = round(sum(float(row["completions/mean_length"]) * n for row, n in zip(rows, sampled)))
+    return {"completions": round(sum(sampled)), "tokens": tokens, "curve": curve, "evals": _evals(logged)}
 
 
 def _train_rows(cfg: CompareConfig) -> list[dict]:

@@ -1,10 +1,14 @@
-"""Stage 2, PPO: RL fine-tuning of the policy on reward functions, with a KL penalty to the reference model.
+"""Stage 2, the RL loop: PPO (the default) or any estimator of `rlgen.estimators` on reward functions, with a KL
+penalty to the reference model.
 
 One readable loop in the style of CleanRL's ppo.py. Each update runs seven numbered phases:
-1. rollout (sample completions; log-probs and values come from the generation pass), 2. score (reward
-functions), 3. shape (EOS penalty, KL penalty per token), 4. advantages (GAE), 5. update (PPO epochs over
-mini-batches), 6. log, 7. checkpoint. The maths lives in `rlgen.core`, the checkpoint format in
-`rlgen.checkpoint`; this file only wires them together.
+1. rollout (sample `num_generations` completions per prompt; log-probs and values come from the generation pass),
+2. score (reward functions; DAPO's dynamic sampling samples more rounds), 3. shape (EOS penalty, overlong
+punishment, KL penalty per token when the KL is in the reward), 4. advantages (`advantage`: GAE, GRPO, Dr.GRPO,
+RLOO, REINFORCE++), 5. update (`policy_loss` epochs over mini-batches, aggregated over the global mini-batch, plus
+the KL when it is in the loss), 6. log, 7. checkpoint. `preset` names a paper's settings (README, "Estimators").
+Only `gae` trains a value head (or critic); the others build none. The maths lives in `rlgen.core` and
+`rlgen.estimators`, the checkpoint format in `rlgen.checkpoint`; this file only wires them together.
 
 Defaults follow Huang et al. 2022, "The N Implementation Details of RLHF with PPO" (lm-human-preferences
 and TRL's PPOTrainer where they agree):
@@ -58,6 +62,10 @@ Metrics per update, reduced over processes:
   - engine| log-prob of the sampled tokens; the max per process, averaged over processes),
   rollout/truncated_fraction (share of tokens whose importance ratio exceeded `vllm_importance_sampling_cap`),
   time/weight_sync (pushing the updated weights into the engine)
+Without a critic (every advantage but gae) loss/value and val/explained_variance are not logged. With
+num_generations > 1: policy/zero_std_groups (groups sampled whose scores were all equal) and policy/dropped_groups
+(those left out by dynamic sampling), counts over processes; loss/kl with the KL in the loss; completions/sampled
+(rows sampled in all rounds and processes) with dynamic sampling.
 Every `eval_steps` updates, after the update's row, a row of the shared evaluator's eval/* metrics on the current
 policy (`rlgen.evaluation.Evaluator.along_training`, the random streams untouched) and completions/generated.
 """
@@ -437,7 +445,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     stream = _row_stream(rows, cfg.seed)
     collections.deque(itertools.islice(stream, consumed), maxlen=0)  # the data position: skip used prompts
     start = time.perf_counter()
-    progress = tqdm(range(done + 1, cfg.max_steps + 1), initial=done, total=cfg.max_steps, desc="ppo",
+    progress = tqdm(range(done + 1, cfg.max_steps + 1), initial=done, total=cfg.max_steps, desc=cfg.preset or "ppo",
                     disable=not accelerator.is_local_main_process)
     with StopSignals() as stop:
         for update in progress:
@@ -601,6 +609,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                 local["loss/kl"] = _mean(stats["kl_loss"])
             if cfg.num_generations > 1:
                 local.update(group_stats)
+            if cfg.dynamic_sampling:  # completions generated this update, all processes and rounds
+                local["completions/sampled"] = torch.tensor(float(len(rounds) * cfg.batch_size * world))
             if cfg.skip_nonfinite:
                 local["policy/skipped_batches"] = torch.tensor(float(skipped))
             if is_stats:

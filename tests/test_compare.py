@@ -156,7 +156,12 @@ def test_rerun_keeps_finished_runs_and_refuses_other_settings(compared, capsys):
     ({"ppo": {"batch_size": 32}}, "compare section 'ppo': key 'batch_size' would change this method's budget"),
     ({"ppo": {"max_steps": 4}}, "section 'ppo': key 'max_steps'"),
     ({"methods": ["seqgan"], "max_steps": 3, "seqgan": {"d_pretrain_rounds": 3}}, "key 'd_pretrain_rounds'"),
-    ({"grpo": {"gradient_accumulation_steps": 2}}, "section 'grpo': key 'gradient_accumulation_steps'"),
+    ({"methods": ["trl_grpo"], "trl_grpo": {"gradient_accumulation_steps": 2}},
+     "section 'trl_grpo': key 'gradient_accumulation_steps'"),
+    ({"grpo": {"num_generations": 8}}, "section 'grpo': key 'num_generations' would change this method's budget"),
+    ({"grpo": {"preset": "ppo"}}, "section 'grpo': key 'preset' is the comparison's own"),
+    # an old config's TRL options under grpo: the loop refuses them, naming where they go now
+    ({"grpo": {"beta": 0.1}}, "unknown key 'beta'.*TRL's GRPOConfig options go in section trl_grpo"),
     ({"methods": ["dpo"], "dpo": {"max_steps": 100}}, "section 'dpo': key 'max_steps'"),
     ({"methods": ["sft"], "sft": {"batch_size": 64}}, "section 'sft': key 'batch_size'"),
 ])
@@ -236,3 +241,27 @@ def test_an_interrupted_run_says_how_to_continue_the_comparison(tmp_path, monkey
     err = capsys.readouterr().err
     assert "SIGINT received during ppo seed 0" in err and "run the same command again" in err
     assert (tmp_path / "out" / "runs" / "start" / "result.json").is_file()  # what finished is kept
+
+
+def test_the_issue_command_reports_every_loop_method_and_trl(tmp_path, capsys):
+    """`rlgen compare --model tiny --methods ppo grpo rloo reinforce_pp trl_grpo --seeds 0 1 --max_steps 2`, made
+    smaller (batch, tokens, prompts): every method in the report, the loop's group methods at the comparison's
+    num_generations and their presets, and the note that grpo and rloo now name rlgen's loop."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", "tiny", "--methods", "ppo", "grpo", "rloo", "reinforce_pp", "trl_grpo", "--seeds",
+            "0", "1", "--max_steps", "2", "--batch_size", "4", "--num_generations", "2", "--max_new_tokens", "8",
+            "--reward", "target_length(target=3)", "--evaluate.num_prompts", "4", "--evaluate.batch_size", "4",
+            "--output_dir", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("note: methods grpo and rloo now train on rlgen's own RL loop") == 1
+    with open(out / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["start", "ppo", "grpo", "rloo", "reinforce_pp", "trl_grpo"]
+    assert all(r["n"] == "2" and float(r["completions_mean"]) == 8 for r in rows[1:])
+    settings = {m: yaml.safe_load((out / "runs" / m / "seed0" / "config.yaml").read_text())
+                for m in ("ppo", "grpo", "rloo", "reinforce_pp")}
+    assert [(s["preset"], s["advantage"], s["num_generations"]) for s in settings.values()] == [
+        ("ppo", "gae", 1), ("grpo", "grpo", 2), ("rloo", "rloo", 2), ("reinforce_pp", "reinforce_pp", 1)]
+    assert (settings["ppo"]["kl_coef"], settings["grpo"]["kl_coef"]) == (0.05, 0.04)  # the comparison's, the preset's
+    assert not (out / "runs" / "grpo" / "seed0" / "value_head.safetensors").exists()

@@ -5,9 +5,11 @@ of 2 ran and that each held a part of the weights (the shards add up to the whol
 single-process copies cannot pass. The runs are module-scoped and shared by the tests (one fixture: 4 torchrun
 launches of 2 processes, 1 single process, 2 in-process runs).
 
-Sampling is made greedy in these runs (torch.multinomial -> argmax): with EOS blocked until max_new_tokens, every
-completion then has the same tokens whether it is sampled in a batch of 8 (one process) or 4 (two), so the sharded
-and the single-process runs see the same data, and per-process means equal the global mean (equal lengths).
+Sampling is made greedy in these runs (torch.multinomial -> argmax, and EOS where the argmax is 1 modulo 7, so
+that completions end at unequal lengths): every completion then has the same tokens whether it is sampled in a
+batch of 8 (one process) or 4 (two), so the sharded and the single-process runs see the same data. With the
+defaults (advantage whitening on) and unequal lengths, only statistics and loss denominators over the global batch
+(all processes) make the two agree: per-process means would not.
 """
 
 import json
@@ -60,7 +62,15 @@ import sys
 
 import torch
 
-torch.multinomial = lambda probs, num_samples=1, **kwargs: probs.argmax(-1, keepdim=True)
+EOS = 2  # the tiny model's
+
+
+def greedy(probs, num_samples=1, **kwargs):
+    tokens = probs.argmax(-1, keepdim=True)
+    return torch.where(tokens % 7 == 1, torch.full_like(tokens, EOS), tokens)
+
+
+torch.multinomial = greedy
 
 from rlgen.cli import main
 
@@ -69,13 +79,17 @@ raise SystemExit(main(sys.argv[1:]))
 
 # One process: batch_size 8 = the sharded runs' 2 x 4; one mini-batch per epoch, split in 2 accumulation steps.
 COMMON = dict(max_steps=3, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=2, max_new_tokens=6,
-              min_new_tokens=6, learning_rate=3e-3, adaptive_kl=True, kl_target=0.1, whiten_advantages=False,
-              save_steps=1, save_total_limit=0)
-VARIANTS = {"full_critic": dict(separate_critic=True), "lora": dict(lora_r=4)}
+              learning_rate=3e-3, adaptive_kl=True, kl_target=0.1, save_steps=1, save_total_limit=0)
+# grpo: no critic, the KL in the loss, seq-mean-token-mean over the global mini-batch (greedy groups are all equal,
+# so the KL loss alone trains)
+VARIANTS = {"full_critic": dict(separate_critic=True), "lora": dict(lora_r=4),
+            "grpo": dict(preset="grpo", num_generations=2)}
 
 
 def _greedy(probs, num_samples=1, **kwargs):
-    return probs.argmax(-1, keepdim=True)
+    """The launched runs' `greedy` (GREEDY_CLI), for the in-process runs."""
+    tokens = probs.argmax(-1, keepdim=True)
+    return torch.where(tokens % 7 == 1, torch.full_like(tokens, 2), tokens)
 
 
 def _free_port() -> int:
@@ -149,21 +163,25 @@ def test_two_ranks_each_hold_a_shard(runs, name):
 @_marked
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_sharded_equals_one_process_at_the_same_global_batch(runs, name):
-    """3 updates (2 PPO epochs, 2 accumulation steps, adaptive KL) at world size 2 x batch 4 and 1 x batch 8: same
-    metrics and weights. Tolerance rel 1e-4 (weights also abs 1e-5; measured: at most 1.2e-6 apart): the runs
+    """3 updates (2 PPO epochs, 2 accumulation steps, adaptive KL, advantage whitening, completions of unequal
+    lengths) at world size 2 x batch 4 and 1 x batch 8: same metrics and weights. Tolerance rel 1e-4 (weights also abs 1e-5; measured: at most 1.2e-6 apart): the runs
     sum the same terms in another order (batches of 4 vs 8, gradients reduce-scattered over 2 processes), which
     float32 rounds differently."""
     tmp, out = runs
     rows, single = read_jsonl(tmp / name / "metrics.jsonl"), read_jsonl(tmp / f"one_{name}" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in single] == [1, 2, 3]
+    lengths = [r["completions/mean_length"] for r in single]
+    assert any(x != round(x) for x in lengths), lengths  # unequal completion lengths
     for row, ref in zip(rows, single):
-        for key in ("loss/policy", "loss/value", "objective/kl", "objective/kl_coef", "objective/scores",
-                    "policy/approxkl", "val/ratio"):
-            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)
+        for key in ("loss/policy", "loss/value", "loss/kl", "objective/kl", "objective/kl_coef", "objective/scores",
+                    "policy/approxkl", "val/ratio", "completions/mean_length"):
+            if key in ref or key in row:
+                assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)
     assert rows[-1]["objective/kl_coef"] != rows[0]["objective/kl_coef"]  # the adaptive controller moved
-    sharded = Policy.from_pretrained(str(tmp / name), separate_critic=name == "full_critic", reference=False)
+    sharded = Policy.from_pretrained(str(tmp / name), separate_critic=name == "full_critic", reference=False,
+                                     value_head=name != "grpo")
     one = out[f"one_{name}"]
-    one_params = dict(one.named_parameters()) if name == "full_critic" else {}
+    one_params = dict(one.named_parameters()) if name != "lora" else {}
     if name == "lora":  # the folder holds the merged model: compare with the single run's merged weights
         one.save(tmp / "one_lora_saved")
         one_params = dict(Policy.from_pretrained(str(tmp / "one_lora_saved"), reference=False).named_parameters())

@@ -193,3 +193,32 @@ def test_accumulation_steps_leave_the_update_unchanged(tiny_folder, reward_file,
     for name, value in params1.items():
         if not name.startswith("ref_model."):
             assert torch.allclose(value, params2[name], rtol=1e-5, atol=1e-6), name
+
+
+class _RecordingEngine:
+    """An inference engine stand-in: completion i of prompt p is [p's last token + i] then EOS 2; log-probs -i."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompt_ids, settings, eos_ids, n=1):
+        self.calls.append((prompt_ids, n))
+        ids = [[p[-1] + i, 2] for p in prompt_ids for i in range(n)]
+        return ids, [[-float(i), 0.0] for _ in prompt_ids for i in range(n)]
+
+
+def test_an_engine_samples_a_group_as_one_request_of_n(tiny_policy):
+    """group_size 2: the engine gets each group's prompt once with n = 2, and the rows come back in group order."""
+    from rlgen.config import SamplingConfig
+
+    engine = tiny_policy.engine = _RecordingEngine()
+    try:
+        ro = tiny_policy.sample(["hello", "hello", "good day", "good day"], SamplingConfig(max_new_tokens=4),
+                                with_values=False, group_size=2)
+    finally:
+        tiny_policy.engine = None
+    (prompts, n), = engine.calls
+    assert n == 2 and len(prompts) == 2 and prompts[0] != prompts[1]
+    last = [p[-1] for p in prompts]
+    assert ro.completion_ids[:, 0].tolist() == [last[0], last[0] + 1, last[1], last[1] + 1]
+    assert ro.engine_logprobs[:, 0].tolist() == [0.0, -1.0, 0.0, -1.0]

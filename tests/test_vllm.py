@@ -100,11 +100,13 @@ def _params(policy):
     return {k: v.detach().clone() for k, v in policy.named_parameters() if not k.startswith("ref_model.")}
 
 
-def test_ppo_with_vllm_logs_mismatch_and_resumes_exactly(tiny32_folder, tmp_path):
+@pytest.mark.parametrize("overrides", [{}, dict(preset="grpo", num_generations=2)], ids=["ppo", "grpo"])
+def test_ppo_with_vllm_logs_mismatch_and_resumes_exactly(tiny32_folder, tmp_path, overrides):
     """3 updates with the engine, weights synced after each; then a run resumed from checkpoint-1 (its engine
-    started from the restored weights) finishes identically: same metrics (time/* aside) and weights."""
+    started from the restored weights) finishes identically: same metrics (time/* aside) and weights. grpo: groups
+    of 2 sampled as one request with n = 2."""
     one_go = tmp_path / "one_go"
-    policy_a = train_ppo(_ppo(tiny32_folder, one_go, lora_r=4))
+    policy_a = train_ppo(_ppo(tiny32_folder, one_go, lora_r=4, **overrides))
     assert policy_a.engine is None  # closed at the end of training
     rows = read_jsonl(one_go / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -114,7 +116,7 @@ def test_ppo_with_vllm_logs_mismatch_and_resumes_exactly(tiny32_folder, tmp_path
         assert row["time/weight_sync"] > 0
 
     resumed = tmp_path / "resumed"
-    policy_b = train_ppo(_ppo(tiny32_folder, resumed, lora_r=4,
+    policy_b = train_ppo(_ppo(tiny32_folder, resumed, lora_r=4, **overrides,
                               resume_from_checkpoint=str(one_go / "checkpoint-1")))
     drop_time = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(resumed / "metrics.jsonl")]
     assert drop_time == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]

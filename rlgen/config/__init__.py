@@ -8,8 +8,10 @@ any section before anything trains.
 from rlgen.config.compare import (
     COMPARE_HELP,
     DEFAULT_LR,
+    LOOP_METHODS,
     MAY_CHANGE,
     METHODS,
+    RENAMED_NOTE,
     RUN_HELP,
     SECTION_METHODS,
     SWEEP_HELP,
@@ -52,7 +54,7 @@ from rlgen.config.stages import (
 )
 
 __all__ = [
-    "COMPARE_HELP", "SWEEP_HELP", "DEFAULT_LR", "ENGINES", "VLLM_INSTALL", "MAY_CHANGE", "METHODS", "PRESETS", "RUN_HELP", "SECTION_METHODS", "TRAINING_STAGES", "TRL_METHODS",
+    "COMPARE_HELP", "SWEEP_HELP", "DEFAULT_LR", "ENGINES", "VLLM_INSTALL", "LOOP_METHODS", "MAY_CHANGE", "METHODS", "RENAMED_NOTE", "PRESETS", "RUN_HELP", "SECTION_METHODS", "TRAINING_STAGES", "TRL_METHODS",
     "CommonConfig", "CompareConfig", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
     "RewardModelConfig", "RolloutEngineMixin", "RunConfig", "SweepConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
     "apply_preset", "build_config", "engine_kwargs", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",

@@ -16,6 +16,7 @@ from rlgen.config.loader import build_config, load_yaml
 from rlgen.config.stages import (
     DATASET_HELP,
     DTYPE_HELP,
+    RL_PRESETS,
     CommonConfig,
     EvalConfig,
     LoraConfigMixin,
@@ -41,27 +42,35 @@ SWEEP_HELP = ("reward over-optimisation against proxy quality (Gao et al. 2022):
               "preference pairs (and ensembles of them), optimise each, report the gold's peak and fits")
 RUN_HELP = "the pipeline: evaluate the starting model, run each training stage, evaluate after each, report"
 # the methods that train, each with an options section of its own; bon trains nothing (see rlgen/bon.py)
-SECTION_METHODS = ("sft", "ppo", "seqgan", "grpo", "rloo", "dpo")
+# the estimators on rlgen's RL loop (rlgen.ppo), each its preset (RL_PRESETS); TRL's trainers as references
+LOOP_METHODS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "gspo", "cispo", "dapo")
+TRL_METHODS = ("trl_grpo", "trl_rloo", "dpo")
+SECTION_METHODS = ("sft", *LOOP_METHODS, "seqgan", *TRL_METHODS)
 METHODS = (*SECTION_METHODS, "bon")
-TRL_METHODS = ("grpo", "rloo", "dpo")
+# methods that sample num_generations completions per prompt
+GROUP_METHODS = tuple(m for m in LOOP_METHODS if RL_PRESETS[m].get("num_generations", 1) > 1) + ("trl_grpo", "trl_rloo")
 TRAINING_STAGES = ("sft", "ppo", "seqgan")
-STAGE_CONFIGS = {"sft": SFTConfig, "ppo": PPOConfig, "seqgan": SeqGANConfig}
+STAGE_CONFIGS = {"sft": SFTConfig, "seqgan": SeqGANConfig, **{m: PPOConfig for m in LOOP_METHODS}}
+# Until rlgen 0.x grpo and rloo named TRL's trainers; a comparison naming them says so once.
+RENAMED_NOTE = ("methods grpo and rloo now train on rlgen's own RL loop (presets grpo, rloo: the same sampler, "
+                "sharding and engine as ppo); TRL's trainers are the methods trl_grpo and trl_rloo (sections of the "
+                "same names take TRL's options)")
 # Default learning rates (full fine-tuning, LoRA), overridable per method; LoRA adapters take ~10-30x larger steps.
-DEFAULT_LR = {"sft": (2e-5, 2e-4), "ppo": (1e-5, 3e-4), "seqgan": (1e-5, 1e-4), "grpo": (1e-5, 3e-4),
-              "rloo": (1e-5, 3e-4), "dpo": (5e-6, 1e-4)}
+DEFAULT_LR = {"sft": (2e-5, 2e-4), "seqgan": (1e-5, 1e-4), "trl_grpo": (1e-5, 3e-4), "trl_rloo": (1e-5, 3e-4),
+              "dpo": (5e-6, 1e-4), **{m: (1e-5, 3e-4) for m in LOOP_METHODS}}
 # Keys of a method's own section that would change how many completions it generates (sft: how many replies it
 # trains on; dpo and sft: how many it takes per step), which the comparison sets from max_steps, batch_size and
 # num_generations for every method alike: refused in a section. How a method uses its completions stays its own
 # (e.g. ppo_epochs, mini_batch_size).
 BUDGET_KEYS = {
     "sft": ("max_steps", "batch_size", "gradient_accumulation_steps"),
-    "ppo": ("max_steps", "batch_size"),
+    **{m: ("max_steps", "batch_size", "num_generations", "max_sampling_rounds") for m in LOOP_METHODS},
     "seqgan": ("max_steps", "batch_size", "g_steps", "d_steps", "d_pretrain_rounds", "d_negatives", "mle_steps"),
-    "grpo": ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
-             "generation_batch_size", "steps_per_generation", "num_iterations"),
+    "trl_grpo": ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+                 "generation_batch_size", "steps_per_generation", "num_iterations"),
     "dpo": ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"),
 }
-BUDGET_KEYS["rloo"] = BUDGET_KEYS["grpo"]
+BUDGET_KEYS["trl_rloo"] = BUDGET_KEYS["trl_grpo"]
 # Settings that may change between invocations on the same output folder (they do not change any result).
 MAY_CHANGE = ("methods", "seeds", "output_dir", "overwrite_output_dir", "threads")
 
@@ -80,8 +89,9 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
     max_steps: int = opt(8, "budget: each run generates at most max_steps x batch_size completions (see "
                             "rlgen/compare.py); a method's section cannot change its budget")
     batch_size: int = opt(8, "completions generated per policy update")
-    num_generations: int = opt(4, "grpo/rloo: completions per prompt (must divide batch_size)")
-    kl_coef: float = opt(0.05, "KL coefficient to the starting model for ppo, grpo, rloo and seqgan")
+    num_generations: int = opt(4, f"{', '.join(GROUP_METHODS)}: completions per prompt (must divide batch_size)")
+    kl_coef: float = opt(0.05, "KL coefficient to the starting model for ppo, trl_grpo, trl_rloo and seqgan (the "
+                               "other loop methods take their preset's, e.g. grpo 0.04, dapo 0)")
     dpo_beta: float = opt(0.1, "dpo: beta (strength of the implicit KL constraint)")
     bon_n: int = opt(16, "bon: samples per evaluation prompt; best-of-n' is reported at n' = 1, 2, 4, ..., "
                          "bon_n (bon_n x num_prompts completions)")
@@ -99,9 +109,16 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
     evaluate: dict = opt({}, "options of the evaluation (see rlgen evaluate --help), e.g. num_prompts")
     sft: dict = opt({}, "options of the sft runs (rlgen sft --help)")
     ppo: dict = opt({}, "options of the ppo runs (rlgen ppo --help)")
+    grpo: dict = opt({}, "options of the grpo runs on rlgen's loop (rlgen ppo --help; preset grpo)")
+    dr_grpo: dict = opt({}, "options of the dr_grpo runs (rlgen ppo --help; preset dr_grpo)")
+    rloo: dict = opt({}, "options of the rloo runs on rlgen's loop (rlgen ppo --help; preset rloo)")
+    reinforce_pp: dict = opt({}, "options of the reinforce_pp runs (rlgen ppo --help; preset reinforce_pp)")
+    gspo: dict = opt({}, "options of the gspo runs (rlgen ppo --help; preset gspo)")
+    cispo: dict = opt({}, "options of the cispo runs (rlgen ppo --help; preset cispo)")
+    dapo: dict = opt({}, "options of the dapo runs (rlgen ppo --help; preset dapo)")
     seqgan: dict = opt({}, "options of the seqgan runs (rlgen seqgan --help)")
-    grpo: dict = opt({}, "options passed to TRL's GRPOConfig")
-    rloo: dict = opt({}, "options passed to TRL's RLOOConfig")
+    trl_grpo: dict = opt({}, "options passed to TRL's GRPOConfig")
+    trl_rloo: dict = opt({}, "options passed to TRL's RLOOConfig")
     dpo: dict = opt({}, "options passed to TRL's DPOConfig")
 
     def check(self) -> None:
@@ -126,10 +143,10 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
                 raise UserError(f"compare section '{method}': key '{budget}' would change this method's budget, which "
                                 "every method shares (at most max_steps x batch_size completions, see "
                                 "rlgen/compare.py): set max_steps, batch_size or num_generations at the top level")
-        if any(m in self.methods for m in ("grpo", "rloo")) and (
-                self.num_generations < 2 or self.batch_size % self.num_generations):
+        group = [m for m in self.methods if m in GROUP_METHODS]
+        if group and (self.num_generations < 2 or self.batch_size % self.num_generations):
             raise UserError(f"num_generations {self.num_generations} must be at least 2 and divide batch_size "
-                            f"{self.batch_size} (grpo/rloo)")
+                            f"{self.batch_size} ({', '.join(group)})")
         if "dpo" in self.methods and self.batch_size % 2:
             raise UserError(f"dpo pairs two samples per prompt: batch_size {self.batch_size} must be even")
         self.eval_config(self.model, Path(self.output_dir), 0)
@@ -148,15 +165,18 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
         if method == "sft":
             values = {"max_steps": self.max_steps, "batch_size": self.batch_size,
                       "learning_rate": self.learning_rate_of("sft")}
-        elif method == "ppo":
-            own = next((k for k in ("eval_steps", "evaluate") if k in self.ppo), None)
+        elif method in LOOP_METHODS:
+            own = next((k for k in ("eval_steps", "evaluate", "preset") if k in getattr(self, method)), None)
             if own:
-                raise UserError(f"compare section 'ppo': key '{own}' is the comparison's own (set it at the top level, "
-                                "so that every method is evaluated alike)")
-            values = {
-                **sampling, **engine_kwargs(self), "max_steps": self.max_steps, "batch_size": self.batch_size,
-                "mini_batch_size": self.batch_size, "ppo_epochs": 1, "learning_rate": self.learning_rate_of("ppo"),
-                "kl_coef": self.kl_coef, "missing_eos_penalty": 0.0,
+                raise UserError(f"compare section '{method}': key '{own}' is the comparison's own (set it at the top "
+                                "level, so that every method is evaluated alike; the preset is the method's name)")
+            preset = RL_PRESETS[method]
+            values = {  # the preset fills the rest (its kl_coef, clips, aggregation, ...): left at their defaults
+                **sampling, **engine_kwargs(self), "preset": method, "max_steps": self.max_steps,
+                "batch_size": self.batch_size, "mini_batch_size": self.batch_size, "ppo_epochs": 1,
+                "num_generations": self.num_generations if preset.get("num_generations", 1) > 1 else 1,
+                "learning_rate": self.learning_rate_of(method), "missing_eos_penalty": 0.0,
+                **({"kl_coef": self.kl_coef} if "kl_coef" not in preset else {}),
                 # the gold rewards ride along at weight 0: logged per update, never optimised
                 "reward": self.reward + self.gold_reward,
                 "reward_weights": (self.reward_weights or [1.0] * len(self.reward)) + [0.0] * len(self.gold_reward),
@@ -176,8 +196,14 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
                 "score_batch_size": 64, "max_grad_norm": 1.0, "eval_num_prompts": 0}
         else:
             raise ValueError(f"{method} is trained by TRL (rlgen.trl_methods), not by an rlgen stage config")
-        return build_config(STAGE_CONFIGS[method], {**common, **values, **getattr(self, method)},
-                            f"compare section '{method}'")
+        try:
+            return build_config(STAGE_CONFIGS[method], {**common, **values, **getattr(self, method)},
+                                f"compare section '{method}'")
+        except UserError as e:
+            if method in ("grpo", "rloo") and "unknown key" in str(e):
+                raise UserError(f"{e}; TRL's {method.upper()}Config options go in section trl_{method} "
+                                f"(method trl_{method})") from None
+            raise
 
     def eval_config(self, model: str, output_dir: Path, seed: int) -> EvalConfig:
         """The shared evaluator's config for one run (same prompts, rewards and sampling for every method)."""
