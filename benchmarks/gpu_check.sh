@@ -31,6 +31,9 @@
 #                  benchmarks/engine_speed.py hf vs vllm rollouts in bf16 at the base shape and at ~0.5B (64 x 128
 #                  tokens, tokens/s, weight-sync time), then ppo_throughput.py at the base shape in bf16 with vllm
 #                  (s_per_update_steady against 2_ppo_throughput's hf figure and TRL 1.12's PPO)
+#   6_estimators   every estimator preset of the RL loop (ppo grpo dr_grpo rloo reinforce_pp gspo cispo dapo), 3 updates
+#                  each at the peer's base shape (88M-parameter Llama, 64 completions of 128 tokens, bf16) in one
+#                  process: s_per_update_steady, peak CUDA memory, value head only for gae, finite metrics (issue 31)
 #   3_seqgan_paper SeqGAN oracle, paper preset, until GPU_CHECK_PAPER_S (default 420 s) runs out (issue 15 item 3);
 #                  GPU_CHECK_PAPER_RESUME=1 continues the checkpoint a previous call left in the work folder
 # $OUT/summary.json: one JSON object per line per part (rc, seconds, limit, timed_out, last JSON line of the part).
@@ -234,6 +237,10 @@ NOTE="vllm vs hf rollouts, base shape" part 5_vllm 150 60 "$PY" benchmarks/engin
 NOTE="vllm vs hf rollouts, ~0.5B" part 5_vllm 150 60 "$PY" benchmarks/engine_speed.py "${VLLM_BIG[@]}"
 NOTE="ppo with vllm rollouts, base shape" part 5_vllm 150 60 "$PY" benchmarks/ppo_throughput.py \
   --peer-dir "$CARRY/bench" --workdir "$WORK/peer" "${VLLM_PPO[@]}" --rollout-engine vllm
+
+# issue 31: one short run per estimator preset, the first compiling generate's static-cache step (tens of s)
+NOTE="every estimator preset, base shape, bf16" part 6_estimators 300 60 "$PY" benchmarks/gpu_check/estimators.py \
+  --work "$WORK/estimators" --peer-dir "$CARRY/bench"
 
 # the paper's schedule as far as CAP_PAPER allows: `timeout` sends SIGTERM, the run finishes the epoch under way,
 # saves a checkpoint and exits 143; the log holds NLL-oracle after MLE and every 10 adversarial epochs. The

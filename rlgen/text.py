@@ -11,9 +11,11 @@ from rlgen.errors import UserError
 
 def is_conversation(value) -> bool:
     """True for a list of chat messages (`[{"role": ..., "content": ...}]`, TRL's conversational format)."""
+    if not (isinstance(value, list) and value):  # plain text: TRL (~115 MB, seconds to import) stays unloaded
+        return False
     from trl.data_utils import is_conversational
 
-    return isinstance(value, list) and bool(value) and is_conversational({"prompt": value})
+    return is_conversational({"prompt": value})
 
 
 def prompt_of(row: dict):

@@ -1,5 +1,7 @@
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -98,6 +100,15 @@ def test_conversational_prompts_render_with_the_chat_template_as_trl_does(tiny_t
 
     with pytest.raises(UserError, match="conversational data .* needs a tokenizer with a chat template"):
         text.render_prompt(NoTemplate(), chat)
+
+
+def test_plain_prompts_leave_trl_unimported():
+    # is_conversation imported trl.data_utils for every prompt: ~115 MB of RSS and ~3 s inside an RL loop's first
+    # update (benchmarks/grpo_speed.py); only a list of messages needs TRL's check
+    code = ("import sys; from rlgen import text; assert text.prompt_of({'prompt': 'hi'}) == 'hi'; "
+            "assert not text.is_conversation([]); print('trl' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_a_single_user_file_is_split_by_a_hash_of_the_prompt(tmp_path):
