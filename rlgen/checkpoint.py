@@ -11,9 +11,10 @@ A checkpoint is a folder `output_dir/checkpoint-<update>/` holding
 - `checkpoint_complete`: the completion marker, written last.
 
 A sharded run's checkpoint (`--fsdp full_shard`) holds the trainable weights and the optimiser state as
-`sharded/` (torch.distributed.checkpoint: one file per process plus metadata; loadable at any world size) instead
-of a model folder and `optimizer.pt`; every process writes its shards to `checkpoint-<update>.tmp-shards`, which
-the main process moves into the atomic folder.
+`sharded/` (torch.distributed.checkpoint: one file per process plus metadata, tensors only; the optimiser's
+param_groups as JSON; loadable at any world size) instead of a model folder and `optimizer.pt`; every process writes
+its shards to `checkpoint-<update>.tmp-shards`, which the main process moves into the atomic folder. Resuming checks
+every pickled file first: `.metadata` with a restricted unpickler, the rest with `torch.load(weights_only=True)`.
 
 It is written to `checkpoint-<update>.tmp-<pid>` and renamed into place, and only folders with the marker
 count, so a run killed mid-write never leaves a folder that resume would pick up.

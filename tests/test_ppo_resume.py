@@ -273,3 +273,95 @@ def test_planted_pickle_in_any_checkpoint_file_is_refused_with_one_line(tiny_fol
             "--resume_from_checkpoint", "latest"]  # the settings of `config` (resume refuses others)
     assert main(argv) == 2
     assert_refused_in_one_line(capsys.readouterr().err.strip(), planted, PPO_PICKLES[name], ran)
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tiny_folder, tmp_path_factory):
+    """A 1-process `--fsdp full_shard` run's checkpoint-1 (torch DCP shards, in-process over gloo)."""
+    out = tmp_path_factory.mktemp("sharded") / "run"
+    train_ppo(PPOConfig(model=str(tiny_folder), output_dir=str(out), max_steps=1, batch_size=2, mini_batch_size=2,
+                        ppo_epochs=1, max_new_tokens=4, reward=["keyword(include=['a'])"], fsdp="full_shard"))
+    return out / "checkpoint-1"
+
+
+def _plant_in_shards(ckpt, ran, non_tensor: bool) -> None:
+    """Append a planted pickle to the shard file and point the metadata at it: as the first tensor's data, or as a
+    non-tensor item (which DCP's default planner loads with torch.load(weights_only=False))."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    metadata_path = ckpt / "sharded" / ".metadata"
+    metadata = pickle.loads(metadata_path.read_bytes())  # the test's own file: trusted
+    key, info = next(iter((k, v) for k, v in metadata.storage_data.items() if not k.fqn.startswith("optimizer.p")))
+    shard = ckpt / "sharded" / info.relative_path
+    payload = io.BytesIO()
+    torch.save({"state": _Planted(ran)}, payload)
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(payload.getvalue())
+    planted = type(info)(relative_path=info.relative_path, offset=offset, length=len(payload.getvalue()))
+    if non_tensor:
+        key = MetadataIndex("optimizer.param_groups.0.lr")
+        metadata.state_dict_metadata[key.fqn] = BytesStorageMetadata()
+    metadata.storage_data[key] = planted
+    metadata_path.write_bytes(pickle.dumps(metadata))
+
+
+SHARDED_PICKLES = {"sharded/.metadata": "a sharded checkpoint's metadata", "sharded/__0_0.distcp": "a shard",
+                   "sharded/__0_0.distcp, non-tensor": "a sharded checkpoint's metadata",
+                   "scheduler.pt": "a scheduler state", "rng_state_0.pth": "an RNG state"}
+
+
+@pytest.mark.parametrize("name", SHARDED_PICKLES)
+def test_planted_pickle_in_any_file_of_a_sharded_checkpoint_is_refused_with_one_line(sharded_checkpoint, tiny_folder,
+                                                                                     tmp_path, capsys, name):
+    """Before the fix `.metadata` was unpickled with plain pickle and non-tensor items with weights_only=False (the
+    planted callable ran), and a shard that was not a tensor gave a traceback."""
+    import pickle
+    import shutil
+
+    from rlgen.cli import main
+
+    out, ran = tmp_path / "run", tmp_path / "planted_code_ran"
+    shutil.copytree(sharded_checkpoint.parent, out)
+    ckpt = out / "checkpoint-1"
+    assert pickled_files(ckpt) == {n for n in SHARDED_PICKLES if "," not in n}  # a new pickled file needs its case
+    if name == "sharded/.metadata":
+        (ckpt / name).write_bytes(pickle.dumps(_Planted(ran)))
+    elif name.startswith("sharded/__0_0.distcp"):
+        _plant_in_shards(ckpt, ran, non_tensor="non-tensor" in name)
+    else:
+        torch.save({"state": _Planted(ran)}, ckpt / name)
+    capsys.readouterr()
+    argv = ["ppo", "--model", str(tiny_folder), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "2",
+            "--mini_batch_size", "2", "--ppo_epochs", "1", "--max_new_tokens", "4", "--reward",
+            "keyword(include=['a'])", "--fsdp", "full_shard", "--resume_from_checkpoint", "latest"]
+    try:
+        code = main(argv)
+    finally:  # a refused in-process sharded run leaves its one-process group behind
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    culprit = ckpt / ("sharded/.metadata" if "non-tensor" in name else name.split(",")[0])
+    if "non-tensor" in name:  # refused from the metadata: never unpickled, so the callable's name is not known
+        assert "\n" not in err and "'optimizer.param_groups.0.lr' as a non-tensor item" in err and not ran.exists()
+        assert err.startswith(f"rlgen: error: resume_from_checkpoint: {culprit} is not {SHARDED_PICKLES[name]}")
+    else:
+        assert_refused_in_one_line(err, culprit, SHARDED_PICKLES[name], ran)
+
+
+def test_sharded_checkpoint_resumes_in_one_process(sharded_checkpoint, tiny_folder, tmp_path):
+    """The checked load (restricted metadata, JSON param groups) resumes the optimiser's hyperparameters."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(sharded_checkpoint.parent, out)
+    train_ppo(PPOConfig(model=str(tiny_folder), output_dir=str(out), max_steps=2, batch_size=2, mini_batch_size=2,
+                        ppo_epochs=1, max_new_tokens=4, reward=["keyword(include=['a'])"], fsdp="full_shard",
+                        resume_from_checkpoint="latest"))
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert json.loads((out / "checkpoint-2" / "sharded" / "optimizer_param_groups.json").read_text())[0]["betas"] == [
+        0.9, 0.999]
