@@ -365,3 +365,24 @@ def test_sharded_checkpoint_resumes_in_one_process(sharded_checkpoint, tiny_fold
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
     assert json.loads((out / "checkpoint-2" / "sharded" / "optimizer_param_groups.json").read_text())[0]["betas"] == [
         0.9, 0.999]
+
+
+@pytest.mark.parametrize("launcher", [True, False], ids=["torchrun", "alone"])
+def test_a_launchers_forwarded_ctrl_c_is_not_a_second_signal(monkeypatch, launcher):
+    """torchrun's agent forwards the Ctrl-C it got to processes that got it from the terminal too: that copy used
+    to count as the second signal (stop at once, no checkpoint). Alone, a second Ctrl-C still stops at once."""
+    from rlgen.checkpoint import StopSignals
+
+    if launcher:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    stopped_at_once = False
+    with StopSignals() as stop:
+        try:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs between bytecodes
+        except KeyboardInterrupt:
+            stopped_at_once = True
+    assert stop.signum == signal.SIGINT and stopped_at_once is not launcher
