@@ -386,3 +386,57 @@ def test_a_launchers_forwarded_ctrl_c_is_not_a_second_signal(monkeypatch, launch
         except KeyboardInterrupt:
             stopped_at_once = True
     assert stop.signum == signal.SIGINT and stopped_at_once is not launcher
+
+
+def test_the_bar_counts_the_interrupted_update_and_a_resume_says_where_it_resumed(tiny_folder, reward_file, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """The bar showed 1/4 while the message said update 2; a resume at the same world size printed nothing."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("RLGEN_TEST_STOP_AT", "2")
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_ppo(config(tiny_folder, reward_file, out, max_steps=4, save_steps=0))
+    assert stopped.value.update == 2
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert bar.startswith("ppo:") and " 2/4 " in bar, bar
+    monkeypatch.delenv("RLGEN_TEST_STOP_AT")
+    train_ppo(config(tiny_folder, reward_file, out, max_steps=4, save_steps=0, resume_from_checkpoint="latest"))
+    assert f"[rlgen] ppo: resumed from {out / 'checkpoint-2'} (update 2 of 4)\n" in capsys.readouterr().out
+
+
+def test_progress_numbers_that_round_to_zero_have_no_sign():
+    from rlgen.ppo import _short
+
+    assert [_short(x) for x in (-0.0004, -0.0006, 0.0, 1.23456)] == ["0.000", "-0.001", "0.000", "1.235"]
+
+
+class _FakeEngine:
+    """Stands in for VLLMEngine: fixed completions, counts rollouts and weight syncs."""
+
+    def __init__(self):
+        self.rollouts, self.syncs, self.closed = 0, 0, False
+
+    def generate(self, prompt_ids, settings, eos_ids):
+        self.rollouts += 1
+        return [[7] * settings.max_new_tokens for _ in prompt_ids], [[-1.0] * settings.max_new_tokens for _ in prompt_ids]
+
+    def sync(self, policy):
+        self.syncs += 1
+        return 0.0
+
+    def close(self):
+        self.closed = True
+
+
+def test_no_weight_sync_after_the_last_update(tiny_folder, reward_file, tmp_path, monkeypatch):
+    """One sync per update that a rollout follows; the final samples come from generate, after the engine is
+    closed. Before: a sync after the last update too, for the final samples only."""
+    from rlgen import engines
+
+    engine = _FakeEngine()
+
+    def start(policy, cfg):
+        policy.engine = engine
+
+    monkeypatch.setattr(engines, "start", start)
+    train_ppo(config(tiny_folder, reward_file, tmp_path / "run", max_steps=3, save_steps=0))
+    assert (engine.rollouts, engine.syncs, engine.closed) == (3, 2, True)
