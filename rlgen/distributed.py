@@ -281,7 +281,10 @@ def load_sharded(folder: Path, policy, optimizer) -> None:
         if refused:
             raise refused[0] from None
         raise
-    groups = json.loads(groups_file.read_text())
+    try:
+        groups = json.loads(groups_file.read_text())
+    except ValueError as e:
+        raise UserError(f"resume_from_checkpoint: {groups_file} is not JSON ({e})") from None
     for saved, group in zip(groups, optim_state["param_groups"]):  # JSON made the tuples (betas) lists
         saved.update({k: tuple(v) for k, v in saved.items() if isinstance(group.get(k), tuple)})
     # not strict: the frozen weights are not in the checkpoint (dcp.load already failed on any trainable one missing)

@@ -442,3 +442,20 @@ def test_no_weight_sync_after_the_last_update(tiny_folder, reward_file, tmp_path
     monkeypatch.setattr(engines, "start", start)
     train_ppo(config(tiny_folder, reward_file, tmp_path / "run", max_steps=3, save_steps=0))
     assert (engine.rollouts, engine.syncs, engine.closed) == (3, 2, True)
+
+
+def test_sharded_param_groups_that_are_not_json_are_one_line(sharded_checkpoint, tiny_folder, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(sharded_checkpoint.parent, out)
+    groups = out / "checkpoint-1" / "sharded" / "optimizer_param_groups.json"
+    groups.write_text("{not json")
+    with pytest.raises(UserError, match=rf"^resume_from_checkpoint: {groups} is not JSON \("):
+        try:
+            train_ppo(PPOConfig(model=str(tiny_folder), output_dir=str(out), max_steps=2, batch_size=2,
+                                mini_batch_size=2, ppo_epochs=1, max_new_tokens=4, reward=["keyword(include=['a'])"],
+                                fsdp="full_shard", resume_from_checkpoint="latest"))
+        finally:  # a refused in-process sharded run leaves its one-process group behind
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
