@@ -74,8 +74,8 @@ def check_mergeable(policy) -> None:
                             f"({type(module).__name__}) is not a plain LoRA Linear: use rollout_engine hf")
 
 
-# vLLM's attention kernels take head sizes from 32 up (CPU attention; FlashAttention's 32, 64, ..., 256); a smaller
-# one (the tiny model's 16) fails ~40 s into start-up with "Unsupported CPU attention configuration: head_dim=16".
+# vLLM's CPU attention takes head sizes from 32 up (the tiny model's 16 failed ~40 s into start-up with "Unsupported
+# CPU attention configuration: head_dim=16"), as does its Triton backend on GPUs (`supports_head_size`).
 MIN_HEAD_SIZE = 32
 
 
