@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"rlgen: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("rlgen: interrupted", file=sys.stderr)
+        _report("rlgen: interrupted")
         return 130
     return 0
 

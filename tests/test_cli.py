@@ -199,3 +199,17 @@ def test_under_a_launcher_the_first_process_prints_and_each_fills_the_launchers_
     recorded = json.loads(error_file.read_text())["message"]["message"]
     assert recorded.startswith("rlgen: error: ") and "max_steps" in recorded
     assert err == (f"{recorded}\n" if rank == "0" else "")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_stop_at_once_under_a_launcher_is_said_by_the_first_process(monkeypatch, capsys, rank):
+    import rlgen.cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlgen.cli, "_dispatch", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    assert main(["ppo"]) == 130
+    assert capsys.readouterr().err == ("rlgen: interrupted\n" if rank == "0" else "")
