@@ -11,9 +11,10 @@ A checkpoint is a folder `output_dir/checkpoint-<update>/` holding
 - `checkpoint_complete`: the completion marker, written last.
 
 A sharded run's checkpoint (`--fsdp full_shard`) holds the trainable weights and the optimiser state as
-`sharded/` (torch.distributed.checkpoint: one file per process plus metadata; loadable at any world size) instead
-of a model folder and `optimizer.pt`; every process writes its shards to `checkpoint-<update>.tmp-shards`, which
-the main process moves into the atomic folder.
+`sharded/` (torch.distributed.checkpoint: one file per process plus metadata, tensors only; the optimiser's
+param_groups as JSON; loadable at any world size) instead of a model folder and `optimizer.pt`; every process writes
+its shards to `checkpoint-<update>.tmp-shards`, which the main process moves into the atomic folder. Resuming checks
+every pickled file first: `.metadata` with a restricted unpickler, the rest with `torch.load(weights_only=True)`.
 
 It is written to `checkpoint-<update>.tmp-<pid>` and renamed into place, and only folders with the marker
 count, so a run killed mid-write never leaves a folder that resume would pick up.
@@ -28,6 +29,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,23 +72,32 @@ class StopSignals:
     """Context manager: the first SIGINT/SIGTERM only sets `signum` (the loop checks it between updates) and,
     given a `notice` (what the run does now), says so on stderr at once; a second one stops at once
     (KeyboardInterrupt / the default SIGTERM action). Previous handlers come back on exit. Outside the main
-    thread it does nothing (signal handlers can only be set there)."""
+    thread it does nothing (signal handlers can only be set there).
+
+    Under a launcher (torchrun, `accelerate launch`: TORCHELASTIC_RUN_ID is set) a Ctrl-C reaches each process
+    twice, from the terminal and forwarded by the launcher's agent: the same signal again within `FORWARD_S`
+    seconds is that copy, not a second Ctrl-C."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    FORWARD_S = 2.0
 
     def __init__(self, notice: str = ""):
         self.signum: int | None = None
         self.notice = notice
         self._previous: dict = {}
+        self._at = 0.0
 
     def _handle(self, signum, frame):
+        if (self.signum == signum and "TORCHELASTIC_RUN_ID" in os.environ
+                and time.monotonic() - self._at < self.FORWARD_S):
+            return
         if self.signum is not None:  # second signal: give up on the graceful stop
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
+        self.signum, self._at = signum, time.monotonic()
         if self.notice:  # os.write: print() may be inside a write to the same stream that this handler interrupts
             os.write(2, f"\n[rlgen] {signal.Signals(signum).name} received: {self.notice}; send it again to stop at "
                         "once\n".encode())

@@ -141,6 +141,22 @@ def _dispatch(argv: list[str]) -> None:
     _run_function(target)(cfg)
 
 
+def _report(line: str) -> None:
+    """`line` on stderr from the first process of a launch only (torchrun and `accelerate launch` set RANK): every
+    process usually hits the same refusal or signal. Each process also leaves its line in the launcher's error
+    file (TORCHELASTIC_ERROR_FILE), so the launcher's failure summary names every process's own error."""
+    import json
+    import time
+
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -149,15 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"rlgen: error: {e}", file=sys.stderr)
+        _report(f"rlgen: error: {e}")
         return 2
     except TrainingInterrupted as e:  # SIGINT/SIGTERM: the update finished and a checkpoint was written
         if debug:
             raise
-        print(f"rlgen: {e}", file=sys.stderr)
+        _report(f"rlgen: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("rlgen: interrupted", file=sys.stderr)
+        _report("rlgen: interrupted")
         return 130
     return 0
 

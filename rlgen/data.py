@@ -16,6 +16,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -99,9 +100,10 @@ _NOTED: set[str] = set()
 
 
 def file_splits(path: str | Path, rows: list[dict]) -> dict[str, list[dict]]:
-    """The splits of a single file (`split_file`); the row-rank fallback is said in one line, once per file."""
+    """The splits of a single file (`split_file`); the row-rank fallback is said in one line, once per file, by the
+    first process of a launch only (torchrun and accelerate set RANK)."""
     splits, by_rank = split_file(rows)
-    if by_rank and str(path) not in _NOTED:
+    if by_rank and str(path) not in _NOTED and os.environ.get("RANK", "0") == "0":
         _NOTED.add(str(path))
         counts = ", ".join(f"{len(splits[s])} {s}" for s in SPLITS)
         print(f"[rlgen] dataset {path}: too few prompts to split by their hash; split by row rank instead ({counts}; "

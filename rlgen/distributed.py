@@ -13,7 +13,8 @@ process keeps 1/world of each weight, gradient and Adam moment; a layer's whole 
 - Precision: on CUDA with dtype bf16/fp16, `MixedPrecisionPolicy` computes in that dtype with float32 master
   weights and float32 gradient reductions; on the CPU everything is float32.
 - Checkpoints: model and optimiser through `torch.distributed.checkpoint` (one file per process plus metadata),
-  so a checkpoint written by N processes loads into M (DCP reshards on load).
+  so a checkpoint written by N processes loads into M (DCP reshards on load). Only tensors go through DCP (it
+  unpickles anything else with weights_only=False), and `.metadata` is unpickled with only DCP's classes allowed.
 - The final model: the full state dict gathered on rank 0 and loaded into an ordinary `Policy` there.
 
 accelerate's FSDP plugin does not engage on CPU processes (they run unsharded; TRL's trainers even as
@@ -23,6 +24,7 @@ independent single-process copies), which `refuse_unsharded_launch` turns into a
 from __future__ import annotations
 
 import os
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -168,25 +170,127 @@ def _options(**kw):
     return StateDictOptions(ignore_frozen_params=True, **kw)  # what trains: not the reference, not LoRA's base
 
 
+# The optimiser's param_groups (hyperparameters and parameter names) go to a JSON file beside the shards: DCP
+# stores non-tensor items as pickles and its default planner loads them with torch.load(weights_only=False).
+PARAM_GROUPS_FILE = "optimizer_param_groups.json"
+METADATA_FILE = ".metadata"
+
+
 def save_sharded(folder: Path, policy, optimizer) -> None:
-    """Every process writes its shards of the trainable weights and the optimiser state to `folder` (DCP)."""
+    """Every process writes its shards of the trainable weights and the optimiser state to `folder` (DCP, tensors
+    only); the main process adds the optimiser's param_groups as JSON."""
+    import json
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(policy, optimizer, options=_options())
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder)
+    dcp.save({"model": model_state, "optimizer": {"state": optim_state["state"]}}, checkpoint_id=folder)
+    if dist.get_rank() == 0:
+        (Path(folder) / PARAM_GROUPS_FILE).write_text(json.dumps(optim_state["param_groups"]))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` allowing only DCP's metadata classes, torch.Size, dtypes, layouts and paths (what
+    `dcp.save` writes); any other global (a planted `os.system`) is refused before anything is called."""
+
+    ALLOWED = {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, not one of DCP's metadata classes")
+
+
+def _refuse(path: Path, what: str, reason: str) -> UserError:
+    return UserError(f"resume_from_checkpoint: {path} is not {what} rlgen wrote, refusing to load it ({reason})")
+
+
+def check_sharded(folder: Path):
+    """The checked metadata of `save_sharded`'s `folder`: `.metadata` unpickled with `_MetadataUnpickler`, listing
+    only tensors stored in files of `folder` itself; UserError naming the file otherwise."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise UserError(f"resume_from_checkpoint: {folder} has no {METADATA_FILE}")
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+        raise _refuse(path, "a sharded checkpoint's metadata", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if not isinstance(metadata, Metadata):
+        raise _refuse(path, "a sharded checkpoint's metadata", f"it holds a {type(metadata).__name__}")
+    for key, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):  # DCP would torch.load it with weights_only=False
+            raise _refuse(path, "a sharded checkpoint's metadata", f"it lists {key!r} as a non-tensor item")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise _refuse(path, "a sharded checkpoint's metadata", f"it points outside {folder}: {name!r}")
+    return metadata
+
+
+def _checked_reader(folder: Path, metadata):
+    """A DCP reader that serves the checked `metadata` (never unpickling `.metadata` again) and turns a shard that
+    is not a tensor (weights_only refuses it) into a UserError naming the file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            return metadata
+
+        def _slice_file(self, file, sinfo):
+            self.reading = sinfo.relative_path
+            return super()._slice_file(file, sinfo)
+
+        def read_data(self, plan, planner):
+            try:
+                return super().read_data(plan, planner)
+            except pickle.UnpicklingError as e:
+                found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+                raise _refuse(Path(folder) / self.reading, "a shard",
+                              found[0].rstrip(".") if found else "not a tensor") from None
+
+    return CheckedReader(folder)
 
 
 def load_sharded(folder: Path, policy, optimizer) -> None:
-    """Load `save_sharded`'s files into this run's shards, whatever the world size that wrote them."""
+    """Load `save_sharded`'s files into this run's shards, whatever the world size that wrote them. Every pickled
+    file is checked first (`check_sharded`; the shards load with weights_only=True): a planted one is refused."""
+    import json
+
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    folder = Path(folder)
+    metadata = check_sharded(folder)
+    groups_file = folder / PARAM_GROUPS_FILE
+    if not groups_file.is_file():
+        raise UserError(f"resume_from_checkpoint: {folder} has no {PARAM_GROUPS_FILE} (written by an older rlgen?)")
     model_state, optim_state = get_state_dict(policy, optimizer, options=_options())
-    state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=folder)
+    state = {"model": model_state, "optimizer": {"state": optim_state["state"]}}
+    try:
+        dcp.load(state, storage_reader=_checked_reader(folder, metadata))
+    except CheckpointException as e:
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UserError)]
+        if refused:
+            raise refused[0] from None
+        raise
+    try:
+        groups = json.loads(groups_file.read_text())
+    except ValueError as e:
+        raise UserError(f"resume_from_checkpoint: {groups_file} is not JSON ({e})") from None
+    for saved, group in zip(groups, optim_state["param_groups"]):  # JSON made the tuples (betas) lists
+        saved.update({k: tuple(v) for k, v in saved.items() if isinstance(group.get(k), tuple)})
     # not strict: the frozen weights are not in the checkpoint (dcp.load already failed on any trainable one missing)
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+    set_state_dict(policy, optimizer, model_state_dict=state["model"],
+                   optim_state_dict={"state": state["optimizer"]["state"], "param_groups": groups},
                    options=_options(strict=False))
 
 

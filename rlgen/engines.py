@@ -74,6 +74,19 @@ def check_mergeable(policy) -> None:
                             f"({type(module).__name__}) is not a plain LoRA Linear: use rollout_engine hf")
 
 
+# vLLM's CPU attention takes head sizes from 32 up (the tiny model's 16 failed ~40 s into start-up with "Unsupported
+# CPU attention configuration: head_dim=16"), as does its Triton backend on GPUs (`supports_head_size`).
+MIN_HEAD_SIZE = 32
+
+
+def check_head_size(config, model: str) -> None:
+    """UserError for a model config whose attention heads are smaller than vLLM's kernels take."""
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head < MIN_HEAD_SIZE:
+        raise UserError(f"rollout_engine vllm: model {model} has attention heads of size {head}, and vLLM's attention "
+                        f"kernels take sizes from {MIN_HEAD_SIZE} up: use rollout_engine hf with it")
+
+
 def _reload(worker, weights) -> None:
     """Runs on the (in-process) vLLM worker: load checkpoint-format weights in place."""
     worker.reload_weights(weights_iterator=weights)
@@ -91,6 +104,7 @@ class VLLMEngine:
 
     def __init__(self, policy, *, max_model_len: int, gpu_memory_utilization: float = 0.3,
                  kv_cache_gb: float = 1.0, dtype: torch.dtype = torch.float32, seed: int = 0):
+        check_head_size(policy.base_config, policy.base_config.name_or_path or "in memory")
         require_vllm()  # also here: a policy given in Python skips the config's check
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process (colocate)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings repeat every sync

@@ -333,11 +333,21 @@ class Policy(nn.Module):
     # ---- forwards -----------------------------------------------------------------------------------------
 
     def _lm_forward(self, model, input_ids, attention_mask, n_completion: int, hidden: bool):
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden,
-                      logits_to_keep=n_completion + 1)
+        """The model's output and, with `hidden`, the final hidden states of the kept positions (as the logits): the
+        LM head's input, read by a hook. Not `output_hidden_states`: its first entry is, under FSDP2, the view that
+        FSDP makes of the first decoder layer's input, and a sharded root returning a view warns on every forward
+        with grad ("returned a view tensor ... wrong gradients")."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n_completion + 1)
         if self._takes_position_ids:
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-        return model(**kwargs)
+        if not hidden:
+            return model(**kwargs), None
+        seen = []
+        handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            return model(**kwargs), seen[-1]
+        finally:
+            handle.remove()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                 temperature: float = 1.0, with_values: bool = True, with_entropy: bool = False,
@@ -350,7 +360,7 @@ class Policy(nn.Module):
         """
         with_values = with_values and self.value_head is not None
         shared_values = with_values and self.critic is None
-        out = self._lm_forward(self.model, input_ids, attention_mask, n_completion, hidden=shared_values)
+        out, last_hidden = self._lm_forward(self.model, input_ids, attention_mask, n_completion, hidden=shared_values)
         # position P-1+t predicts completion token t; core upcasts half-precision logits to fp32 row by row
         logits = core.block_tokens(out.logits[:, -(n_completion + 1):-1], self.eos_token_ids, min_new_tokens)
         targets = input_ids[:, -n_completion:]
@@ -358,7 +368,7 @@ class Policy(nn.Module):
         entropy = core.entropy_from_logits(logits, temperature) if with_entropy else None
         values = None
         if shared_values:
-            values = self.value_head(out.hidden_states[-1][:, -(n_completion + 1):-1].float()).squeeze(-1)
+            values = self.value_head(last_hidden[:, -(n_completion + 1):-1].float()).squeeze(-1)
         elif with_values:
             values = self.critic_values(input_ids, attention_mask, n_completion)
         return logprobs, values, entropy
@@ -383,7 +393,7 @@ class Policy(nn.Module):
         else:
             raise RuntimeError("this Policy was built with reference=False")
         with context:
-            out = self._lm_forward(model, input_ids, attention_mask, n_completion, hidden=False)
+            out, _ = self._lm_forward(model, input_ids, attention_mask, n_completion, hidden=False)
         logits = core.block_tokens(out.logits[:, -(n_completion + 1):-1], self.eos_token_ids, min_new_tokens)
         return core.logprobs_from_logits(logits, input_ids[:, -n_completion:], temperature)
 

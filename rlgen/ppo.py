@@ -21,7 +21,8 @@ and TRL's PPOTrainer where they agree):
 
 `rollout_engine vllm` samples with vLLM colocated in each process (`rlgen.engines`): the trainer's forward then
 gives the log-probs and values, the engine's log-probs weight each token by a truncated importance ratio
-(`vllm_importance_sampling_cap`), and the updated weights go into the engine after every update.
+(`vllm_importance_sampling_cap`), and the updated weights go into the engine after every update but the last
+(the final samples come from `generate`).
 
 Runs in one process or in several under `accelerate launch` (DDP; gloo on CPU): each process samples its own
 prompts with its own seed (seed + rank), gradients are averaged, metrics are reduced over processes, and only
@@ -315,6 +316,11 @@ def _stop_signal(accelerator, stop: StopSignals) -> int | None:
     return int(signum.item()) or None
 
 
+def _short(x: float) -> str:
+    """`x` to 3 decimals for the progress bar, without the sign of a value that rounds to 0 (`-0.000`)."""
+    return f"{x if round(x, 3) else 0.0:.3f}"
+
+
 def _save_checkpoint(accelerator, cfg: PPOConfig, out: Path, update: int, policy: Policy, optimizer, scheduler,
                      state: dict, adv: adversarial.AdversarialReward | None = None) -> Path:
     """`out/checkpoint-<update>`, written atomically by the main process with every process's RNG state (sharded:
@@ -451,6 +457,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         shown = (state["shown"][0], state["shown"][1])
         if is_main:  # one row per update: drop rows a killed run logged after this checkpoint
             write_jsonl(out / "metrics.jsonl", history)
+            print(f"[rlgen] ppo: resumed from {resume} (update {done} of {cfg.max_steps})", flush=True)
     engines.start(policy, cfg)  # after resuming: the engine starts from the restored weights
     is_cap = cfg.vllm_importance_sampling_cap
     if is_cap == -1:  # auto: engine and trainer agree to ~5e-5 in float32 (README, "Rollout engines")
@@ -617,7 +624,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             # 5b. discriminator (an adversarial reward): trained on this batch's (real, policy) replies
             d_row = (adv.update(ro.prompts, ro.completions)
                      if adv is not None and update % adv.d_every == 0 else {})
-            t_sync = policy.engine.sync(policy) if policy.engine is not None else None  # the next rollout's weights
+            # the next rollout's weights; none follows the last update (the final samples come from generate)
+            t_sync = policy.engine.sync(policy) if policy.engine is not None and update < cfg.max_steps else None
 
             # 6. log: per-process means reduced over processes; reward values gathered exactly
             local = {
@@ -649,7 +657,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             local.update({k: torch.tensor(v) for k, v in d_row.items()})
             if is_stats:
                 local.update({f"rollout/{k}": v for k, v in is_stats.items()})
-                local["time/weight_sync"] = torch.tensor(t_sync)
+                if t_sync is not None:
+                    local["time/weight_sync"] = torch.tensor(t_sync)
             reduced = accelerator.reduce(torch.stack([v.float().to(accelerator.device) for v in local.values()]),
                                          "mean")
             row = dict(zip(local, reduced.tolist()))
@@ -666,7 +675,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                 writer.log(row, step=update)
             history.append(jsonable_row({"step": update, **row}))
             accelerator.log(row, step=update)
-            progress.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
+            progress.set_postfix(score=_short(row["objective/scores"]), kl=_short(row["objective/kl"]))
             if is_main and evaluator and update % cfg.eval_steps == 0:  # before the checkpoint, which keeps its row
                 row = evaluator.along_training(policy, update, update * cfg.batch_size * world)
                 writer.log(row, step=update)
@@ -680,6 +689,7 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                          "kl_ctl": kl_ctl.state_dict(), "history": history, "shown": list(shown)}
                 last_checkpoint = _save_checkpoint(accelerator, cfg, out, update, policy, adam, scheduler, state, adv)
             if signum and update < cfg.max_steps:
+                progress.update()  # this update is done: the bar counts it, as the message does
                 progress.close()
                 raise TrainingInterrupted(signum, update, last_checkpoint.resolve())
 
@@ -688,9 +698,9 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     # trainable weights) are freed first, so this end-of-run work does not raise the peak memory.
     adam.state.clear()
     accelerator.wait_for_everyone()
+    engines.stop(policy)  # not synced after the last update: the final samples come from generate
     if is_main or cfg.fsdp:  # sharded, every process takes part (generation gathers the weights)
         after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
-    with_engine = policy  # the sharded policy's engine outlives the gather below
     if cfg.fsdp:  # rank 0 gathers the weights into an ordinary policy for the final folder
         policy = distributed.unsharded_copy(policy, lambda: Policy.from_pretrained(
             cfg.model, **lora_kwargs(cfg), separate_critic=cfg.separate_critic, reference=False, seed=cfg.seed,
@@ -703,7 +713,6 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
         print(f"[rlgen] ppo: {cfg.max_steps - done} updates in {train_s:.0f}s, then {time.perf_counter() - start - train_s:.0f}s "
               f"saving and sampling; model saved to {out}")
-    engines.stop(with_engine)
     # Drop the DDP wrapper while the process group is still registered, and give gloo's worker thread a moment
     # to release its last work (it needs the GIL): destroying the group as the last reference to it goes
     # away can otherwise deadlock a process at exit (seen with 2 CPU processes, torch 2.13).

@@ -54,6 +54,9 @@ def _cases(d, tiny):
         ("negative eval_steps", [*ok, "--eval_steps", "-1"], "eval_steps must be at least 0, got -1"),
         ("unknown evaluation option (YAML)", ["--config", str(d / "eval_key.yaml")],
          "ppo option 'evaluate': unknown key 'num_prompt'"),
+        ("tiny model with vLLM (heads of 16)", [*ok, "--model", "tiny", "--rollout_engine", "vllm"],
+         "rollout_engine vllm: model tiny has attention heads of size 16, and vLLM's attention kernels take sizes "
+         "from 32 up: use rollout_engine hf with it"),
         ("unknown rollout engine", [*ok, "--rollout_engine", "sglang"], "rollout_engine must be one of hf, vllm"),
         ("importance cap below 1", [*ok, "--vllm_importance_sampling_cap", "0.5"],
          "vllm_importance_sampling_cap must be -1 (auto), 0 (off) or > 1, got 0.5"),

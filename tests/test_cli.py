@@ -182,3 +182,34 @@ def test_stage_sections_take_dotted_flags(monkeypatch, capsys, tmp_path):
     # the help lists the dotted form, not a flag that cannot work
     out = subprocess.run([sys.executable, "-m", "rlgen.cli", "ppo", "--help"], capture_output=True, text=True).stdout
     assert "--evaluate.<key> VALUE" in out and "--evaluate EVALUATE" not in out
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_a_launcher_the_first_process_prints_and_each_fills_the_launchers_error_file(tmp_path, capsys,
+                                                                                          monkeypatch, rank):
+    """Every process of a launch hit the same refusal and printed it (twice with 2 processes); now rank 0 prints
+    it and each process writes it to TORCHELASTIC_ERROR_FILE, which torchrun's failure summary shows per rank."""
+    import json
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert main(["ppo", "--max_steps", "-3"]) == 2
+    err = capsys.readouterr().err
+    recorded = json.loads(error_file.read_text())["message"]["message"]
+    assert recorded.startswith("rlgen: error: ") and "max_steps" in recorded
+    assert err == (f"{recorded}\n" if rank == "0" else "")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_stop_at_once_under_a_launcher_is_said_by_the_first_process(monkeypatch, capsys, rank):
+    import rlgen.cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlgen.cli, "_dispatch", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    assert main(["ppo"]) == 130
+    assert capsys.readouterr().err == ("rlgen: interrupted\n" if rank == "0" else "")

@@ -47,3 +47,13 @@ def test_adapters_that_cannot_be_merged_are_refused(tiny_tokenizer):
     check_mergeable(_lora_policy(tiny_tokenizer))
     with pytest.raises(UserError, match="is not a plain LoRA Linear: use rollout_engine hf"):
         check_mergeable(_lora_policy(tiny_tokenizer, use_dora=True))
+
+
+def test_heads_smaller_than_vllm_takes_are_refused_before_it_starts(tiny_folder):
+    """A model folder given as a policy (no config check): refused before vLLM is imported or started (it failed
+    ~40 s into start-up with ~60 lines ending "Unsupported CPU attention configuration: head_dim=16")."""
+    from rlgen.engines import VLLMEngine
+
+    policy = Policy.from_pretrained(str(tiny_folder), reference=False)
+    with pytest.raises(UserError, match=rf"^rollout_engine vllm: model {tiny_folder} has attention heads of size 16,"):
+        VLLMEngine(policy, max_model_len=64)

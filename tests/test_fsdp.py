@@ -273,7 +273,8 @@ def test_accelerate_sharding_config_on_cpu_processes_is_refused(tiny_folder, tmp
 @_marked
 def test_accelerate_launch_with_the_fsdp_config_on_cpu_processes_is_refused(tiny_folder, tmp_path):
     """The real launch: experiments/accelerate/fsdp.yaml, 2 processes, no GPU. Each process stops with the
-    one-line error (exit 2) before training, so nothing runs as 2 independent copies."""
+    one-line error (exit 2) before training, so nothing runs as 2 independent copies; rank 0 prints it (both
+    did), and the launcher's failure summary shows each process's line from its error file."""
     from pathlib import Path
 
     config = Path(__file__).parents[1] / "experiments" / "accelerate" / "fsdp.yaml"
@@ -284,7 +285,8 @@ def test_accelerate_launch_with_the_fsdp_config_on_cpu_processes_is_refused(tiny
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert result.returncode != 0
     refusals = [line for line in result.stderr.splitlines() if "does not shard on CPU processes" in line]
-    assert len(refusals) == 2, result.stderr[-3000:]  # one line from each process
+    assert len([line for line in refusals if line.startswith("rlgen: error: ")]) == 1, result.stderr[-3000:]
+    assert len([line for line in refusals if line.strip().startswith("traceback : rlgen: error: ")]) == 2
     assert not (tmp_path / "out").exists()
 
 
@@ -309,3 +311,40 @@ def test_memory_benchmark_shards_params_grads_and_adam_to_about_half(tmp_path):
     for r in report["ranks"]:  # generation holds the whole policy (the size of its frozen copy), resharded after
         assert r["rollout"]["policy_gathered_while_generating"] == r["reference_whole"]
         assert r["rollout"]["policy_shards"] < r["reference_whole"]
+
+
+def test_sharded_forward_returns_no_view_and_the_values_of_the_plain_policy(tiny_folder, recwarn):
+    """FSDP2 warned "returned a view tensor ... wrong gradients" on every forward with grad: the root returned
+    `output_hidden_states`, whose first entry is FSDP's own view of the first decoder layer's input. The policy
+    now reads the last hidden states with a hook on the LM head; log-probs and values are the plain policy's."""
+    from rlgen import distributed
+
+    plain = Policy.from_pretrained(str(tiny_folder), reference=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    mask = torch.ones_like(ids)
+    expected = [t.detach() for t in plain(ids, mask, 3)[:2]]
+    own = distributed.ensure_process_group(torch.device("cpu"))
+    try:
+        sharded = Policy.from_pretrained(str(tiny_folder), reference=False)
+        distributed.shard_policy(sharded, torch.device("cpu"), torch.float32)
+        logprobs, values, _ = sharded(ids, mask, 3)
+        (logprobs.sum() + values.sum()).backward()
+    finally:
+        if own:
+            torch.distributed.destroy_process_group()
+    assert not [w for w in recwarn if "view tensor" in str(w.message)]
+    torch.testing.assert_close(logprobs.detach(), expected[0])
+    torch.testing.assert_close(values.detach(), expected[1])
+
+
+def test_the_row_rank_note_is_printed_by_the_first_process_only(tmp_path, capsys, monkeypatch):
+    """Every process of a launch loads the data; the note came once per process."""
+    from rlgen.data import file_splits
+
+    rows = [{"prompt": f"p{i}"} for i in range(12)]
+    monkeypatch.setenv("RANK", "1")
+    file_splits(tmp_path / "a.jsonl", rows)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    file_splits(tmp_path / "b.jsonl", rows)
+    assert capsys.readouterr().out.count("split by row rank instead") == 1

@@ -275,3 +275,189 @@ def test_planted_pickle_in_any_checkpoint_file_is_refused_with_one_line(tiny_fol
             "--resume_from_checkpoint", "latest"]  # the settings of `config` (resume refuses others)
     assert main(argv) == 2
     assert_refused_in_one_line(capsys.readouterr().err.strip(), planted, PPO_PICKLES[name], ran)
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tiny_folder, tmp_path_factory):
+    """A 1-process `--fsdp full_shard` run's checkpoint-1 (torch DCP shards, in-process over gloo)."""
+    out = tmp_path_factory.mktemp("sharded") / "run"
+    train_ppo(PPOConfig(model=str(tiny_folder), output_dir=str(out), max_steps=1, batch_size=2, mini_batch_size=2,
+                        ppo_epochs=1, max_new_tokens=4, reward=["keyword(include=['a'])"], fsdp="full_shard"))
+    return out / "checkpoint-1"
+
+
+def _plant_in_shards(ckpt, ran, non_tensor: bool) -> None:
+    """Append a planted pickle to the shard file and point the metadata at it: as the first tensor's data, or as a
+    non-tensor item (which DCP's default planner loads with torch.load(weights_only=False))."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    metadata_path = ckpt / "sharded" / ".metadata"
+    metadata = pickle.loads(metadata_path.read_bytes())  # the test's own file: trusted
+    key, info = next(iter((k, v) for k, v in metadata.storage_data.items() if not k.fqn.startswith("optimizer.p")))
+    shard = ckpt / "sharded" / info.relative_path
+    payload = io.BytesIO()
+    torch.save({"state": _Planted(ran)}, payload)
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(payload.getvalue())
+    planted = type(info)(relative_path=info.relative_path, offset=offset, length=len(payload.getvalue()))
+    if non_tensor:
+        key = MetadataIndex("optimizer.param_groups.0.lr")
+        metadata.state_dict_metadata[key.fqn] = BytesStorageMetadata()
+    metadata.storage_data[key] = planted
+    metadata_path.write_bytes(pickle.dumps(metadata))
+
+
+SHARDED_PICKLES = {"sharded/.metadata": "a sharded checkpoint's metadata", "sharded/__0_0.distcp": "a shard",
+                   "sharded/__0_0.distcp, non-tensor": "a sharded checkpoint's metadata",
+                   "scheduler.pt": "a scheduler state", "rng_state_0.pth": "an RNG state"}
+
+
+@pytest.mark.parametrize("name", SHARDED_PICKLES)
+def test_planted_pickle_in_any_file_of_a_sharded_checkpoint_is_refused_with_one_line(sharded_checkpoint, tiny_folder,
+                                                                                     tmp_path, capsys, name):
+    """Before the fix `.metadata` was unpickled with plain pickle and non-tensor items with weights_only=False (the
+    planted callable ran), and a shard that was not a tensor gave a traceback."""
+    import pickle
+    import shutil
+
+    from rlgen.cli import main
+
+    out, ran = tmp_path / "run", tmp_path / "planted_code_ran"
+    shutil.copytree(sharded_checkpoint.parent, out)
+    ckpt = out / "checkpoint-1"
+    assert pickled_files(ckpt) == {n for n in SHARDED_PICKLES if "," not in n}  # a new pickled file needs its case
+    if name == "sharded/.metadata":
+        (ckpt / name).write_bytes(pickle.dumps(_Planted(ran)))
+    elif name.startswith("sharded/__0_0.distcp"):
+        _plant_in_shards(ckpt, ran, non_tensor="non-tensor" in name)
+    else:
+        torch.save({"state": _Planted(ran)}, ckpt / name)
+    capsys.readouterr()
+    argv = ["ppo", "--model", str(tiny_folder), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "2",
+            "--mini_batch_size", "2", "--ppo_epochs", "1", "--max_new_tokens", "4", "--reward",
+            "keyword(include=['a'])", "--fsdp", "full_shard", "--resume_from_checkpoint", "latest"]
+    try:
+        code = main(argv)
+    finally:  # a refused in-process sharded run leaves its one-process group behind
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    culprit = ckpt / ("sharded/.metadata" if "non-tensor" in name else name.split(",")[0])
+    if "non-tensor" in name:  # refused from the metadata: never unpickled, so the callable's name is not known
+        assert "\n" not in err and "'optimizer.param_groups.0.lr' as a non-tensor item" in err and not ran.exists()
+        assert err.startswith(f"rlgen: error: resume_from_checkpoint: {culprit} is not {SHARDED_PICKLES[name]}")
+    else:
+        assert_refused_in_one_line(err, culprit, SHARDED_PICKLES[name], ran)
+
+
+def test_sharded_checkpoint_resumes_in_one_process(sharded_checkpoint, tiny_folder, tmp_path):
+    """The checked load (restricted metadata, JSON param groups) resumes the optimiser's hyperparameters."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(sharded_checkpoint.parent, out)
+    train_ppo(PPOConfig(model=str(tiny_folder), output_dir=str(out), max_steps=2, batch_size=2, mini_batch_size=2,
+                        ppo_epochs=1, max_new_tokens=4, reward=["keyword(include=['a'])"], fsdp="full_shard",
+                        resume_from_checkpoint="latest"))
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert json.loads((out / "checkpoint-2" / "sharded" / "optimizer_param_groups.json").read_text())[0]["betas"] == [
+        0.9, 0.999]
+
+
+@pytest.mark.parametrize("launcher", [True, False], ids=["torchrun", "alone"])
+def test_a_launchers_forwarded_ctrl_c_is_not_a_second_signal(monkeypatch, launcher):
+    """torchrun's agent forwards the Ctrl-C it got to processes that got it from the terminal too: that copy used
+    to count as the second signal (stop at once, no checkpoint). Alone, a second Ctrl-C still stops at once."""
+    from rlgen.checkpoint import StopSignals
+
+    if launcher:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    stopped_at_once = False
+    with StopSignals() as stop:
+        try:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs between bytecodes
+        except KeyboardInterrupt:
+            stopped_at_once = True
+    assert stop.signum == signal.SIGINT and stopped_at_once is not launcher
+
+
+def test_the_bar_counts_the_interrupted_update_and_a_resume_says_where_it_resumed(tiny_folder, reward_file, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """The bar showed 1/4 while the message said update 2; a resume at the same world size printed nothing."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("RLGEN_TEST_STOP_AT", "2")
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_ppo(config(tiny_folder, reward_file, out, max_steps=4, save_steps=0))
+    assert stopped.value.update == 2
+    err = capsys.readouterr().err
+    bars = [line for line in err.replace("\n", "\r").split("\r") if line.startswith("ppo:")]
+    assert " 2/4 " in bars[-1], err[-2000:]  # its last state
+    monkeypatch.delenv("RLGEN_TEST_STOP_AT")
+    train_ppo(config(tiny_folder, reward_file, out, max_steps=4, save_steps=0, resume_from_checkpoint="latest"))
+    printed = capsys.readouterr().out
+    assert f"[rlgen] ppo: resumed from {out / 'checkpoint-2'} (update 2 of 4)\n" in printed, printed[-2000:]
+
+
+def test_progress_numbers_that_round_to_zero_have_no_sign():
+    from rlgen.ppo import _short
+
+    assert [_short(x) for x in (-0.0004, -0.0006, 0.0, 1.23456)] == ["0.000", "-0.001", "0.000", "1.235"]
+
+
+class _FakeEngine:
+    """Stands in for VLLMEngine: fixed completions, counts rollouts and weight syncs."""
+
+    def __init__(self):
+        self.rollouts, self.syncs, self.closed = 0, 0, False
+
+    def generate(self, prompt_ids, settings, eos_ids):
+        self.rollouts += 1
+        return [[7] * settings.max_new_tokens for _ in prompt_ids], [[-1.0] * settings.max_new_tokens for _ in prompt_ids]
+
+    def sync(self, policy):
+        self.syncs += 1
+        return 0.0
+
+    def close(self):
+        self.closed = True
+
+
+def test_no_weight_sync_after_the_last_update(tiny_folder, reward_file, tmp_path, monkeypatch):
+    """One sync per update that a rollout follows; the final samples come from generate, after the engine is
+    closed. Before: a sync after the last update too, for the final samples only."""
+    from rlgen import engines
+
+    engine = _FakeEngine()
+
+    def start(policy, cfg):
+        policy.engine = engine
+
+    monkeypatch.setattr(engines, "start", start)
+    train_ppo(config(tiny_folder, reward_file, tmp_path / "run", max_steps=3, save_steps=0))
+    assert (engine.rollouts, engine.syncs, engine.closed) == (3, 2, True)
+
+
+def test_sharded_param_groups_that_are_not_json_are_one_line(sharded_checkpoint, tiny_folder, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(sharded_checkpoint.parent, out)
+    groups = out / "checkpoint-1" / "sharded" / "optimizer_param_groups.json"
+    groups.write_text("{not json")
+    with pytest.raises(UserError, match=rf"^resume_from_checkpoint: {groups} is not JSON \("):
+        try:
+            train_ppo(PPOConfig(model=str(tiny_folder), output_dir=str(out), max_steps=2, batch_size=2,
+                                mini_batch_size=2, ppo_epochs=1, max_new_tokens=4, reward=["keyword(include=['a'])"],
+                                fsdp="full_shard", resume_from_checkpoint="latest"))
+        finally:  # a refused in-process sharded run leaves its one-process group behind
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()

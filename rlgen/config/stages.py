@@ -208,9 +208,17 @@ def require_vllm() -> None:
 
 
 def check_engine_options(cfg) -> None:
-    """UserError for an unknown engine, `vllm` without vLLM installed, or engine options out of range."""
+    """UserError for an unknown engine, `vllm` without vLLM installed or with the tiny model (heads too small),
+    or engine options out of range."""
     if cfg.rollout_engine not in ENGINES:
         raise UserError(f"rollout_engine must be one of {', '.join(ENGINES)}, got {cfg.rollout_engine!r}")
+    if cfg.rollout_engine == "vllm" and getattr(cfg, "model", None) == "tiny":  # before anything loads
+        from types import SimpleNamespace
+
+        from rlgen.engines import check_head_size
+        from rlgen.models import TINY_SHAPE
+
+        check_head_size(SimpleNamespace(**TINY_SHAPE), "tiny")
     if cfg.rollout_engine == "vllm":
         require_vllm()
     if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
