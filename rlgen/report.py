@@ -57,7 +57,21 @@ CAPTIONS = {
                   "points: the method's mean over seeds at each evaluation step, with standard-error bars (over "
                   "seeds; over prompts for a single run); star: the starting model. Lines: Gao et al. 2022 fits "
                   "through the starting model, R(d) = d(α − β log d) for trained methods and d(α − β d) for "
-                  "best-of-n; ×: the gold fit's peak (d*, KL* = d*²) when it has one.",
+                  "best-of-n (none for a method marked †, whose policy barely moved); ×: the gold fit's peak "
+                  "(d*, KL* = d*²) when it has one.",
+}
+NO_GOLD_CAPTIONS = {  # the same plots without a gold reward: the proxy stands in for it
+    "frontier": "Proxy reward (no gold reward was set) against KL to the starting model. Small points: single runs; "
+                "large points: the method's mean over seeds with standard-error bars in both directions; star: the "
+                "starting model.",
+    "gold_vs_kl": "Proxy reward (no gold reward was set) against d = √KL to the starting model at every evaluation "
+                  "of every run (best-of-n: at each n, KL = log n − (n−1)/n). Small points: single runs; large "
+                  "points: the method's mean over seeds at each evaluation step, with standard-error bars (over "
+                  "seeds; over prompts for a single run); star: the starting model. Lines: Gao et al. 2022 fits "
+                  "through the starting model, R(d) = d(α − β log d) for trained methods and d(α − β d) for "
+                  "best-of-n (none for a method marked †, whose policy barely moved).",
+    "learning_curves": CAPTIONS["learning_curves"],
+    "proxy_vs_gold": "No gold reward was set: there is nothing to plot the proxy against.",
 }
 LABELS = {"proxy_reward": "proxy reward", "kl": "KL", "perplexity": "perplexity (ref)", "distinct_2": "distinct-2",
           "self_bleu": "self-BLEU", "mean_length": "length", "train_s": "train s"}
@@ -128,7 +142,7 @@ def summarize(records: list[dict], proxy_names: list[str], gold_names: list[str]
     evaluation prompts of its first run), barely_moved (not for "start": `_barely_moved`), and per column
     `<column>_mean`, `<column>_se` and `<column>_n` (runs with a finite value). The SE is over seeds; for a
     single run (the start, or a method with one seed) it is the run's own SE over the evaluation prompts where
-    the evaluator gives one (`se_key`), else NaN."""
+    the evaluator gives one (`se_key`), else NaN. The start's KL is 0 (it is its own reference)."""
     rows = []
     for method, runs in _by_method(records).items():
         prompts = runs[0].get("metrics", {}).get("eval/num_samples")
@@ -138,6 +152,8 @@ def summarize(records: list[dict], proxy_names: list[str], gold_names: list[str]
             row[f"{name}_mean"], row[f"{name}_se"], row[f"{name}_n"] = _mean_se(_value(r, key) for r in runs)
             if len(runs) == 1 and key.startswith("eval/"):
                 row[f"{name}_se"] = _value(runs[0], se_key(key))
+        if method == "start":  # its own reference: KL 0 by definition (the estimate is rounding, e.g. -2e-07)
+            row["kl_mean"], row["kl_se"] = 0.0, math.nan
         rows.append(row)
     return rows
 
@@ -434,7 +450,8 @@ def _points(record: dict, key: str) -> list[tuple[object, float, float, float]]:
 def fit_curves(records: list[dict], key: str) -> dict[str, GaoFit | None]:
     """Per method but "start": the Gao et al. 2022 fit (best-of-n form for bon, RL form otherwise) of `key`
     minus the starting model's against d = sqrt(KL), over every evaluation of every run; None without the
-    starting model's value or points at two distinct d > 0."""
+    starting model's value, points at two distinct d > 0, or for a method whose policy barely moved
+    (`_barely_moved`: a curve through sampling noise)."""
     groups = _by_method(records)
     base = _value(groups["start"][0], key) if "start" in groups else math.nan
     fits: dict[str, GaoFit | None] = {}
@@ -443,7 +460,7 @@ def fit_curves(records: list[dict], key: str) -> dict[str, GaoFit | None]:
             continue
         points = [(d, v - base) for run in runs for _, d, v, _ in _points(run, key)
                   if math.isfinite(d) and math.isfinite(v - base)]
-        enough = len({d for d, _ in points if d > 0}) >= 2
+        enough = len({d for d, _ in points if d > 0}) >= 2 and not _barely_moved(runs)
         fits[method] = fit_gao(*zip(*points), form="bon" if method == "bon" else "rl") if enough else None
     return fits
 
@@ -540,10 +557,12 @@ def fit_table(records: list[dict], gold_names: list[str]) -> list[dict]:
 
 
 def _why_no_fit(runs: list[dict], key: str, base: float) -> str:
-    """Why `fit_curves` has no fit for these runs: no starting value, or fewer than two distinct KL > 0 (a
-    negative KL estimate counts as KL 0)."""
+    """Why `fit_curves` has no fit for these runs: no starting value, a policy that barely moved, or fewer than
+    two distinct KL > 0 (a negative KL estimate counts as KL 0)."""
     if not math.isfinite(base):
         return "no starting-model value"
+    if _barely_moved(runs):
+        return f"the policy barely moved ({STILL_MARK.strip()}): no curve to fit"
     kls = [_metric(m, "eval/kl") for run in runs for _, m in trajectory(run)
            if math.isfinite(_metric(m, key)) and math.isfinite(_metric(m, "eval/kl"))]
     distinct, negative = len({kl for kl in kls if kl > 0}), sum(kl < 0 for kl in kls)
@@ -661,10 +680,11 @@ def write_html(folder: Path, rows: list[dict], plots: dict[str, Path], samples: 
                   + "".join(f"<th>{e(h)}</th>" for h in FIT_HEADINGS) + f"</tr>\n{fit_rows}</table></div>",
                   f'<p class="note">{e(_fit_note(gold_names))}</p>']
     parts.append("<h2>Plots</h2>")
+    captions = CAPTIONS if gold_names else NO_GOLD_CAPTIONS
     for name, path in plots.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(name)}">'
-                     f"<figcaption>{e(CAPTIONS.get(name, name))}</figcaption></figure>")
+                     f"<figcaption>{e(captions.get(name, name))}</figcaption></figure>")
     parts.append(f'<h2>Samples</h2><p class="note">{SAMPLES_NOTE}</p>')
     for i, item in enumerate(samples, 1):
         rows_html = "".join(f'<tr><td>{e(_who(r))}</td><td class="text">{e(r["completion"])}</td>'
@@ -767,8 +787,11 @@ def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, flo
     columns = reward_columns + [c for c in RUN_REPORT_COLUMNS if any(c in m for m in rows.values())]
     lines = ["# rlgen run report", "", "| model | " + " | ".join(c.removeprefix("eval/") for c in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
-    for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(float(m.get(c, math.nan)), float(m.get(se_key(c), math.nan))) for c in columns) + " |")
+    for i, (name, m) in enumerate(rows.items()):
+        # the first model is the reference of every row: its KL is 0 by definition (the estimate is rounding)
+        cells = ["0" if i == 0 and c == "eval/kl" else _fmt(float(m.get(c, math.nan)), float(m.get(se_key(c), math.nan)))
+                 for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Mean ± standard error over the evaluation prompts where a metric is a per-sample mean. KL and "
               "perplexity are measured against the starting model; reference_nll is the model's own NLL per token "
               "of the held-out reference replies.", "", *([prompts_note, ""] if prompts_note else [])]

@@ -17,6 +17,7 @@ from rlgen.report import (
     summarize,
     trajectory,
     write_comparison_report,
+    write_run_report,
 )
 from rlgen.scaling import bon_kl, gao_reward
 
@@ -354,3 +355,35 @@ def test_a_missing_fit_says_why(tmp_path):
     md = write_comparison_report(tmp_path, records, PROXY, GOLD, {})["comparison_md"].read_text()
     assert ("| grpo | rl | n/a (1 distinct KL > 0 among 3 evaluations; 2 needed; 2 negative KL estimates, counted "
             "as 0) |") in md
+
+
+def test_no_fit_is_drawn_through_a_method_that_barely_moved(tmp_path):
+    """Its evaluations are the starting model's again: a Gao curve through them would fit sampling noise."""
+    records = _curve_records()[:2] + [_on_curve("grpo", 0, [0.001, 0.004, 0.008], 0.3, -0.1, "rl")]
+    _, gold_ax = plot_gold_vs_kl(records, PROXY, GOLD, tmp_path / "g.png").axes
+    assert [line.get_label().split(" fit")[0] for line in gold_ax.lines if " fit" in line.get_label()] == ["ppo"]
+    grpo = next(row for row in fit_table(records, GOLD) if row["method"] == "grpo")
+    assert grpo["alpha"] is None and "barely moved" in grpo["why_no_fit"]
+
+
+def test_captions_name_a_gold_reward_only_when_one_was_set(tmp_path):
+    page = write_comparison_report(tmp_path, _records(gold=False), PROXY, [], {})["html"].read_text()
+    captions = " ".join(part.split("</figcaption>")[0] for part in page.split("<figcaption>")[1:])
+    assert "Gold reward against" not in captions and "and gold (right)" not in captions
+    assert "no gold reward was set" in captions
+    page = write_comparison_report(tmp_path / "g", _records(), PROXY, GOLD, {})["html"].read_text()
+    assert "Gold reward against KL" in page and "no gold reward was set" not in page
+
+
+def test_the_start_rows_kl_is_zero(tmp_path):
+    """The starting model is its own reference: a k1 estimate like -2.2e-07 ± 2e-07 is rounding, shown as 0."""
+    records = _records()
+    records[0]["metrics"].update({"eval/kl": -2.2e-07, "eval/kl_se": 2e-07})
+    rows = {row["method"]: row for row in summarize(records, PROXY, GOLD)}
+    assert rows["start"]["kl_mean"] == 0.0 and math.isnan(rows["start"]["kl_se"])
+    md = write_comparison_report(tmp_path, records, PROXY, GOLD, {})["comparison_md"].read_text()
+    assert "e-07" not in md
+    run = write_run_report(tmp_path, {"start": {"eval/reward/mean": 0.1, "eval/kl": -2.2e-07, "eval/kl_se": 2e-07},
+                                      "ppo": {"eval/reward/mean": 0.2, "eval/kl": 1.5, "eval/kl_se": 0.1}}, {})
+    table = run.read_text()
+    assert "| start | 0.100 | 0 |" in table and "| ppo | 0.200 | 1.50 ± 0.10 |" in table
