@@ -7,7 +7,8 @@ The split is by conversation: sha1(conversation id) mod 100 < 90 is train, < 95 
 It is built on first use and cached as JSONL under the rlgen cache folder.
 
 A single user file is split the same way by each row's prompt (`row_key`); when that leaves a split empty (a file
-of few prompts), by row rank instead (`split_file`), so that any file with rows enough to train on can be used.
+of few prompts), by prompt rank or, with too few prompts for that, by row rank instead (`split_file`), so that any
+file with rows enough to train on can be used.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rlgen.errors import UserError
 from rlgen.files import cache_dir, read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation", "test")
+ALL = "all"  # the split of every row (`load_rows`): to evaluate on all of a small file of one's own
 CHITCHAT_VERSION = "v1"
 MAX_TURN_WORDS = 40  # keep replies short enough for CPU sampling
 
@@ -66,26 +68,34 @@ def row_key(row: dict) -> str:
     return json.dumps(row, sort_keys=True)
 
 
-def split_file(rows: list[dict]) -> tuple[dict[str, list[dict]], bool]:
-    """The rows of a single file by split, and whether the row-rank fallback made them.
+def split_file(rows: list[dict]) -> tuple[dict[str, list[dict]], str | None]:
+    """The rows of a single file by split, and which fallback made them: None, "prompt rank" or "row rank".
 
     By `split_of(row_key(row))`, so a prompt stays on one side. When that leaves a split empty (a file of few
-    prompts), by row rank instead: rows ordered by sha1 of their row number and key; the first max(1, n // 20)
-    are test, the next as many validation (from 3 rows; 2 rows: one train, one test), the rest train. Rows
-    sharing a prompt may then fall on both sides.
+    prompts), each held-out split takes max(1, n // 20) rows (validation from 3 rows; 2 rows: one train, one
+    test), the rest train: whole prompts in the order of sha1 of the prompt, so that a prompt still stays on one
+    side ("prompt rank"), where the prompts are enough for that with at least half the rows left to train; else
+    rows ordered by sha1 of their row number and key ("row rank"), and rows sharing a prompt may then fall on
+    both sides.
 
-    >>> splits, by_rank = split_file([{"prompt": "p"}] * 40)
-    >>> by_rank, [len(splits[s]) for s in SPLITS]
-    (True, [36, 2, 2])
+    >>> splits, how = split_file([{"prompt": "p"}] * 40)
+    >>> how, [len(splits[s]) for s in SPLITS]
+    ('row rank', [36, 2, 2])
+    >>> splits, how = split_file([{"prompt": f"p{i % 16}"} for i in range(40)])
+    >>> how, [len(splits[s]) for s in SPLITS]
+    ('prompt rank', [35, 3, 2])
     """
     by_hash: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for row in rows:
         by_hash[split_of(row_key(row))].append(row)
     if all(by_hash.values()):
-        return by_hash, False
+        return by_hash, None
     n = len(rows)
     held = max(1, n // 20)
     n_test, n_validation = (held if n >= 2 else 0), (held if n >= 3 else 0)
+    by_prompt = _split_by_prompt(rows, n_test, n_validation)
+    if by_prompt is not None:
+        return by_prompt, "prompt rank"
 
     def rank(item):
         i, row = item
@@ -93,21 +103,40 @@ def split_file(rows: list[dict]) -> tuple[dict[str, list[dict]], bool]:
 
     ordered = [row for _, row in sorted(enumerate(rows), key=rank)]
     return {"test": ordered[:n_test], "validation": ordered[n_test:n_test + n_validation],
-            "train": ordered[n_test + n_validation:]}, True
+            "train": ordered[n_test + n_validation:]}, "row rank"
+
+
+def _split_by_prompt(rows: list[dict], n_test: int, n_validation: int) -> dict[str, list[dict]] | None:
+    """Whole prompts (in sha1 order of `row_key`) to test until it has `n_test` rows, then to validation until
+    `n_validation`, the rest to train; None when train would keep less than half the rows or none."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row_key(row), []).append(row)
+    order = sorted(groups, key=lambda k: hashlib.sha1(k.encode()).hexdigest())
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for key in order:
+        split = ("test" if len(splits["test"]) < n_test else
+                 "validation" if len(splits["validation"]) < n_validation else "train")
+        splits[split].extend(groups[key])
+    if not splits["train"] or 2 * len(splits["train"]) < len(rows):
+        return None
+    return splits
 
 
 _NOTED: set[str] = set()
 
 
 def file_splits(path: str | Path, rows: list[dict]) -> dict[str, list[dict]]:
-    """The splits of a single file (`split_file`); the row-rank fallback is said in one line, once per file, by the
+    """The splits of a single file (`split_file`); the fallback split is said in one line, once per file, by the
     first process of a launch only (torchrun and accelerate set RANK)."""
-    splits, by_rank = split_file(rows)
-    if by_rank and str(path) not in _NOTED and os.environ.get("RANK", "0") == "0":
+    splits, how = split_file(rows)
+    if how and str(path) not in _NOTED and os.environ.get("RANK", "0") == "0":
         _NOTED.add(str(path))
         counts = ", ".join(f"{len(splits[s])} {s}" for s in SPLITS)
-        print(f"[rlgen] dataset {path}: too few prompts to split by their hash; split by row rank instead ({counts}; "
-              "rows sharing a prompt may fall on both sides)", flush=True)
+        why = ("each prompt on one side" if how == "prompt rank" else
+               "too few prompts to keep each on one side: rows sharing a prompt may fall on both sides")
+        print(f"[rlgen] dataset {path}: too few prompts to split by their hash; split by {how} instead ({counts}; "
+              f"{why})", flush=True)
     return splits
 
 
@@ -227,8 +256,20 @@ def load_rows(dataset, split: str = "train", columns: tuple[str, ...] = ("prompt
     by `split_of(row_key(row))` as the demo data is by conversation, so evaluation never scores training prompts.
     From Python, a DatasetDict (or a dict of splits) holds its splits, and a Dataset or a list of dicts is split as
     a single file is. Raises UserError naming the file for a missing file, an empty dataset or split, or a missing
-    column.
+    column. `split` "all" (ALL) gives every row: all of a file's rows, or every split of a folder or the demo data.
     """
+    if split == ALL:
+        if isinstance(dataset, Mapping):
+            rows = [dict(r) for name in dataset for r in _given_rows(dataset, name)]
+        elif not isinstance(dataset, str) or Path(dataset).expanduser().is_file():
+            rows = read_rows(dataset, columns)
+        else:
+            folder = Path(dataset).expanduser()
+            present = [s for s in SPLITS if dataset in ("chitchat", "default") or any(
+                (folder / f"{s}{ext}").is_file() for ext in (".jsonl", ".csv"))]
+            rows = [r for s in present or SPLITS for r in load_rows(dataset, s, columns)]
+        _check_columns(rows_name(dataset) if not isinstance(dataset, str) else dataset, rows, columns)
+        return rows
     if not isinstance(dataset, str):
         path = rows_name(dataset)
         rows = _given_rows(dataset, split)
@@ -278,13 +319,15 @@ def held_out_note(dataset, split: str, n: int) -> str:
         how = "split by a hash of the conversation id"
     elif given or Path(dataset).expanduser().is_file():  # split as `load_rows` splits it (`split_file`)
         what = "rows given in Python" if given else "a single file"
-        by_rank = split_file(read_rows(dataset))[1]
-        how = f"{what}, split by row rank (too few prompts to split by their hash)" if by_rank else \
+        fallback = split_file(read_rows(dataset))[1]
+        how = f"{what}, split by {fallback} (too few prompts to split by their hash)" if fallback else \
             f"{what}, split by a hash of each prompt"
     else:
         how = "the folder's own split"
     if given:
         dataset = rows_name(dataset)
+    if split == ALL:
+        return f"the first {n} prompts of every row of {dataset} (split all: training prompts included, not held out)"
     held = "held out from training" if split != "train" else "the TRAINING prompts (not held out)"
     return f"the first {n} prompts of the {split} split of {dataset} ({how}; {held})"
 

@@ -57,7 +57,8 @@ CAPTIONS = {
                   "points: the method's mean over seeds at each evaluation step, with standard-error bars (over "
                   "seeds; over prompts for a single run); star: the starting model. Lines: Gao et al. 2022 fits "
                   "through the starting model, R(d) = d(α − β log d) for trained methods and d(α − β d) for "
-                  "best-of-n; ×: the gold fit's peak (d*, KL* = d*²) when it has one.",
+                  "best-of-n (none for a method marked †, whose policy barely moved); ×: the gold fit's peak "
+                  "(d*, KL* = d*²) when it has one.",
     "quality_diversity": "Quality against diversity (Caccia et al. 2020): the starting model's NLL per token of "
                          "each evaluation sample (lower: better quality) against the sampling distribution's own NLL "
                          "per token, its entropy (left), and self-BLEU (right). Lines: the temperature sweeps of the "
@@ -65,6 +66,20 @@ CAPTIONS = {
                          "method's mean at the comparison's temperature ± SE (over seeds; over samples for one seed), "
                          "filled where it lies beyond the starting model's curve by more than the SEs. "
                          "quality_diversity.md lists the claims.",
+}
+NO_GOLD_CAPTIONS = {  # the same plots without a gold reward: the proxy stands in for it
+    "frontier": "Proxy reward (no gold reward was set) against KL to the starting model. Small points: single runs; "
+                "large points: the method's mean over seeds with standard-error bars in both directions; star: the "
+                "starting model.",
+    "gold_vs_kl": "Proxy reward (no gold reward was set) against d = √KL to the starting model at every evaluation "
+                  "of every run (best-of-n: at each n, KL = log n − (n−1)/n). Small points: single runs; large "
+                  "points: the method's mean over seeds at each evaluation step, with standard-error bars (over "
+                  "seeds; over prompts for a single run); star: the starting model. Lines: Gao et al. 2022 fits "
+                  "through the starting model, R(d) = d(α − β log d) for trained methods and d(α − β d) for "
+                  "best-of-n (none for a method marked †, whose policy barely moved).",
+    "learning_curves": CAPTIONS["learning_curves"],
+    "proxy_vs_gold": "No gold reward was set: there is nothing to plot the proxy against.",
+    "quality_diversity": CAPTIONS["quality_diversity"],
 }
 LABELS = {"proxy_reward": "proxy reward", "kl": "KL", "perplexity": "perplexity (ref)", "distinct_2": "distinct-2",
           "self_bleu": "self-BLEU", "mean_length": "length", "train_s": "train s"}
@@ -135,7 +150,7 @@ def summarize(records: list[dict], proxy_names: list[str], gold_names: list[str]
     evaluation prompts of its first run), barely_moved (not for "start": `_barely_moved`), and per column
     `<column>_mean`, `<column>_se` and `<column>_n` (runs with a finite value). The SE is over seeds; for a
     single run (the start, or a method with one seed) it is the run's own SE over the evaluation prompts where
-    the evaluator gives one (`se_key`), else NaN."""
+    the evaluator gives one (`se_key`), else NaN. The start's KL is 0 (it is its own reference)."""
     rows = []
     for method, runs in _by_method(records).items():
         prompts = runs[0].get("metrics", {}).get("eval/num_samples")
@@ -145,6 +160,8 @@ def summarize(records: list[dict], proxy_names: list[str], gold_names: list[str]
             row[f"{name}_mean"], row[f"{name}_se"], row[f"{name}_n"] = _mean_se(_value(r, key) for r in runs)
             if len(runs) == 1 and key.startswith("eval/"):
                 row[f"{name}_se"] = _value(runs[0], se_key(key))
+        if method == "start":  # its own reference: KL 0 by definition (the estimate is rounding, e.g. -2e-07)
+            row["kl_mean"], row["kl_se"] = 0.0, math.nan
         rows.append(row)
     return rows
 
@@ -438,10 +455,21 @@ def _points(record: dict, key: str) -> list[tuple[object, float, float, float]]:
     return [(step, _sqrt_kl(m), _metric(m, key), _metric(m, se_key(key))) for step, m in trajectory(record)]
 
 
+# A Gao fit through means over fewer evaluation prompts than this fits the prompts' noise, not the method.
+MIN_FIT_PROMPTS = 8
+
+
+def _fewest_prompts(runs: list[dict]) -> int | None:
+    """The fewest evaluation prompts (`eval/num_samples`) behind any evaluation of these runs; None when unknown."""
+    counts = [m["eval/num_samples"] for run in runs for _, m in trajectory(run) if m.get("eval/num_samples")]
+    return min(counts) if counts else None
+
+
 def fit_curves(records: list[dict], key: str) -> dict[str, GaoFit | None]:
     """Per method but "start": the Gao et al. 2022 fit (best-of-n form for bon, RL form otherwise) of `key`
     minus the starting model's against d = sqrt(KL), over every evaluation of every run; None without the
-    starting model's value or points at two distinct d > 0."""
+    starting model's value, points at two distinct d > 0, for a method whose policy barely moved
+    (`_barely_moved`: a curve through sampling noise), or evaluated on fewer than MIN_FIT_PROMPTS prompts."""
     groups = _by_method(records)
     base = _value(groups["start"][0], key) if "start" in groups else math.nan
     fits: dict[str, GaoFit | None] = {}
@@ -450,7 +478,9 @@ def fit_curves(records: list[dict], key: str) -> dict[str, GaoFit | None]:
             continue
         points = [(d, v - base) for run in runs for _, d, v, _ in _points(run, key)
                   if math.isfinite(d) and math.isfinite(v - base)]
-        enough = len({d for d, _ in points if d > 0}) >= 2
+        prompts = _fewest_prompts(runs)
+        enough = (len({d for d, _ in points if d > 0}) >= 2 and not _barely_moved(runs)
+                  and (prompts is None or prompts >= MIN_FIT_PROMPTS))
         fits[method] = fit_gao(*zip(*points), form="bon" if method == "bon" else "rl") if enough else None
     return fits
 
@@ -547,10 +577,15 @@ def fit_table(records: list[dict], gold_names: list[str]) -> list[dict]:
 
 
 def _why_no_fit(runs: list[dict], key: str, base: float) -> str:
-    """Why `fit_curves` has no fit for these runs: no starting value, or fewer than two distinct KL > 0 (a
-    negative KL estimate counts as KL 0)."""
+    """Why `fit_curves` has no fit for these runs: no starting value, a policy that barely moved, too few
+    evaluation prompts, or fewer than two distinct KL > 0 (a negative KL estimate counts as KL 0)."""
     if not math.isfinite(base):
         return "no starting-model value"
+    if _barely_moved(runs):
+        return f"the policy barely moved ({STILL_MARK.strip()}): no curve to fit"
+    prompts = _fewest_prompts(runs)
+    if prompts is not None and prompts < MIN_FIT_PROMPTS:
+        return f"{prompts} evaluation prompt{'s' * (prompts != 1)}; {MIN_FIT_PROMPTS} needed"
     kls = [_metric(m, "eval/kl") for run in runs for _, m in trajectory(run)
            if math.isfinite(_metric(m, key)) and math.isfinite(_metric(m, "eval/kl"))]
     distinct, negative = len({kl for kl in kls if kl > 0}), sum(kl < 0 for kl in kls)
@@ -668,10 +703,11 @@ def write_html(folder: Path, rows: list[dict], plots: dict[str, Path], samples: 
                   + "".join(f"<th>{e(h)}</th>" for h in FIT_HEADINGS) + f"</tr>\n{fit_rows}</table></div>",
                   f'<p class="note">{e(_fit_note(gold_names))}</p>']
     parts.append("<h2>Plots</h2>")
+    captions = CAPTIONS if gold_names else NO_GOLD_CAPTIONS
     for name, path in plots.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(name)}">'
-                     f"<figcaption>{e(CAPTIONS.get(name, name))}</figcaption></figure>")
+                     f"<figcaption>{e(captions.get(name, name))}</figcaption></figure>")
     parts.append(f'<h2>Samples</h2><p class="note">{SAMPLES_NOTE}</p>')
     for i, item in enumerate(samples, 1):
         rows_html = "".join(f'<tr><td>{e(_who(r))}</td><td class="text">{e(r["completion"])}</td>'
@@ -723,6 +759,20 @@ RUN_REPORT_CHANGES = [("eval/reward/mean", "reward", "reward"),
                       ("eval/reference_nll", "NLL of the reference replies", "reference_nll")]
 
 
+def _change(a: dict, b: dict, sa: list[dict], sb: list[dict], key: str, sample_key: str) -> tuple[float, float]:
+    """(change, its standard error) of `key` from model a to model b: paired over prompts when both models'
+    samples (`sa`, `sb`) hold `sample_key` on the same prompts, else from the two independent SEs."""
+    if sa and [s["prompt"] for s in sa] == [s["prompt"] for s in sb] and all(sample_key in s for s in sa + sb):
+        return paired_difference([s[sample_key] for s in sa], [s[sample_key] for s in sb])
+    delta = float(b[key]) - float(a[key])
+    return delta, math.hypot(float(a.get(se_key(key), math.nan)), float(b.get(se_key(key), math.nan)))
+
+
+def _change_text(delta: float, se: float) -> str:
+    """`+0.400 ± 0.050 (8.0 SE)`; no ratio when the SE is 0 or undefined."""
+    return f"{delta:+.3f} ± {se:.3f}" + (f" ({delta / se:.1f} SE)" if se > 0 else "")
+
+
 def stage_changes(rows: dict[str, dict], samples: dict[str, list[dict]] | None = None) -> list[str]:
     """One line per stage: each RUN_REPORT_CHANGES metric's change from the previous model with its standard
     error, the change in standard errors, and the stage's KL to the starting model.
@@ -740,21 +790,39 @@ def stage_changes(rows: dict[str, dict], samples: dict[str, list[dict]] | None =
     lines = []
     for before, after in zip(names, names[1:]):
         a, b = rows[before], rows[after]
-        sa, sb = samples.get(before, []), samples.get(after, [])
-        paired = bool(sa) and [s["prompt"] for s in sa] == [s["prompt"] for s in sb]
         parts = []
         for key, label, sample_key in RUN_REPORT_CHANGES:
             if key not in a or key not in b:
                 continue
-            if paired and all(sample_key in s for s in sa + sb):
-                delta, se = paired_difference([s[sample_key] for s in sa], [s[sample_key] for s in sb])
-            else:
-                delta = float(b[key]) - float(a[key])
-                se = math.hypot(float(a.get(se_key(key), math.nan)), float(b.get(se_key(key), math.nan)))
-            ratio = f" ({delta / se:.1f} SE)" if se > 0 else ""
-            parts.append(f"{label} {float(a[key]):.3f} -> {float(b[key]):.3f}, change {delta:+.3f} ± {se:.3f}{ratio}")
+            delta, se = _change(a, b, samples.get(before, []), samples.get(after, []), key, sample_key)
+            parts.append(f"{label} {float(a[key]):.3f} -> {float(b[key]):.3f}, change {_change_text(delta, se)}")
         kl = f"KL to the start {_fmt(float(b.get('eval/kl', math.nan)), float(b.get('eval/kl_se', math.nan)))} nats"
         lines.append(f"- {after} (from {before}): " + "; ".join([*parts, kl]))
+    return lines
+
+
+def summary_table(rows: dict[str, dict], samples: dict[str, list[dict]] | None = None,
+                  reward_name: str = "reward") -> list[str]:
+    """The report's first table (the README's Quick start shows it): per model the reward and the NLL of the
+    reference replies (mean ± SE over prompts), each with its change from the model before it (paired SE, as
+    `stage_changes`), and the KL to the starting model (0 for the start: its own reference)."""
+    samples = samples or {}
+    names = list(rows)
+    lines = [f"| stage | {reward_name} | change, paired SE | NLL of the reference replies | change, paired SE | KL to "
+             "the start (nats) |", "|---|---|---|---|---|---|"]
+    for i, name in enumerate(names):
+        m = rows[name]
+        cells = [name]
+        for key, _, sample_key in RUN_REPORT_CHANGES:
+            cells.append(_fmt(float(m.get(key, math.nan)), float(m.get(se_key(key), math.nan))))
+            before = rows[names[i - 1]] if i else None
+            if before is None or key not in m or key not in before:
+                cells.append("")
+            else:
+                cells.append(_change_text(*_change(before, m, samples.get(names[i - 1], []), samples.get(name, []),
+                                                   key, sample_key)))
+        cells.append("0" if i == 0 else _fmt(float(m.get("eval/kl", math.nan)), float(m.get("eval/kl_se", math.nan))))
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -768,23 +836,37 @@ def se_key(key: str) -> str:
 
 
 def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, float], prompts_note: str = "",
-                     samples: dict[str, list[dict]] | None = None) -> Path:
-    """report.md and report.json: one row per evaluated model; `prompts_note` says which prompts were used;
-    `samples`: each model's evaluation samples, for paired standard errors of the changes (`stage_changes`)."""
+                     samples: dict[str, list[dict]] | None = None, peak_gb: dict[str, float] | None = None) -> Path:
+    """report.md and report.json: the summary table (`summary_table`), then one row per evaluated model with every
+    metric (the first model, the starting one, is every row's reference); `prompts_note` says which prompts were
+    used; `samples`: each model's evaluation samples, for paired standard errors of the changes (`stage_changes`);
+    `peak_gb`: peak resident memory per stage (GB)."""
     reward_columns = sorted({k for m in rows.values() for k in m
                              if k.startswith(("eval/rewards/", "eval/gold/")) and k.endswith("/mean")})
     columns = reward_columns + [c for c in RUN_REPORT_COLUMNS if any(c in m for m in rows.values())]
-    lines = ["# rlgen run report", "", "| model | " + " | ".join(c.removeprefix("eval/") for c in columns) + " |",
+    proxies = sorted({k.split("/")[2] for k in reward_columns if k.startswith("eval/rewards/")})
+    reward_name = f"reward ({' + '.join(proxies)})" if proxies else "reward"
+    lines = ["# rlgen run report", "", *summary_table(rows, samples, reward_name), "",
+             "Every metric, mean ± standard error over the evaluation prompts:", "",
+             "| model | " + " | ".join(c.removeprefix("eval/") for c in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
-    for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(float(m.get(c, math.nan)), float(m.get(se_key(c), math.nan))) for c in columns) + " |")
+    for i, (name, m) in enumerate(rows.items()):
+        # the first model is the reference of every row: its KL is 0 by definition (the estimate is rounding)
+        cells = ["0" if i == 0 and c == "eval/kl" else _fmt(float(m.get(c, math.nan)), float(m.get(se_key(c), math.nan)))
+                 for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Mean ± standard error over the evaluation prompts where a metric is a per-sample mean. KL and "
               "perplexity are measured against the starting model; reference_nll is the model's own NLL per token "
               "of the held-out reference replies.", "", *([prompts_note, ""] if prompts_note else [])]
     if len(rows) > 1:
         lines += ["What each stage changed:", "", *stage_changes(rows, samples), ""]
     lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+    if peak_gb:
+        lines += ["Peak resident memory per stage (GB; eval_start includes converting the default model when its cache is "
+                  "empty): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in peak_gb.items()), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
-    (folder / "report.json").write_text(json.dumps({"models": rows, "seconds": seconds}, indent=2))
+    (folder / "report.json").write_text(json.dumps({"models": rows, "seconds": seconds, "peak_rss_gb": peak_gb or {}},
+                                                   indent=2))
     return path

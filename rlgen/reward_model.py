@@ -7,7 +7,8 @@ Data (`dataset`):
   with the chat template, as `LearnedReward` renders conversations. A folder's `train` split trains and its `validation` (else `test`) split is held out; a single file holds out
   its validation and test splits (`rlgen.data.split_file`): the pairs whose prompt (or, when the prompt is
   empty, chosen text) hashes into 10 of 100 buckets, so pairs sharing a prompt stay together, or for a file of
-  few prompts one pair in ten by row rank. Over-long texts are cut from the left: the prompt goes before the reply.
+  few prompts one pair in ten by prompt rank (whole prompts, still together), by row rank only when the prompts
+  are too few for that. Over-long texts are cut from the left: the prompt goes before the reply.
 - `chitchat-upbeat`: pairs built from the chit-chat corpus (rlgen.data) labelled by `gold_reward` (VADER by
   default). Replies are grouped by their context's first two words ("how are", "do you", "hello"), a cheap
   notion of "same or similar context" that also groups exact repeats; within a group, replies are matched
@@ -268,6 +269,19 @@ def pairwise_accuracy(chosen: list[float], rejected: list[float]) -> float:
     return float(np.mean((c > r) + 0.5 * (c == r)))
 
 
+def accuracy_text(accuracy: float, pairs: int) -> str:
+    """An accuracy with its binomial standard error and the number of pairs behind it.
+
+    >>> accuracy_text(0.9, 100), accuracy_text(1.0, 4)
+    ('0.900 ± 0.030 on 100 pairs', '1.000 on 4 pairs (SE undefined at 0 or 1; 4 pairs are few)')
+    """
+    se = math.sqrt(accuracy * (1 - accuracy) / pairs) if pairs else math.nan
+    if se > 0:
+        return f"{accuracy:.3f} ± {se:.3f} on {pairs} pair{'s' * (pairs != 1)}"
+    few = f"; {pairs} pair{'s are' if pairs != 1 else ' is'} few" if pairs < 100 else ""
+    return f"{accuracy:.3f} on {pairs} pair{'s' * (pairs != 1)} (SE undefined at 0 or 1{few})"
+
+
 def average_ranks(values) -> np.ndarray:
     """1-based ranks with ties given their average rank.
 
@@ -414,6 +428,9 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     resume = cfg.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     train_s = time.perf_counter() - train_start
+    checkpoints = Path(args.output_dir)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # the Trainer makes it even when it saves nothing
+        checkpoints.rmdir()
 
     # 5. save a plain Hugging Face folder (model + tokenizer)
     if not trainer.is_world_process_zero():
@@ -454,7 +471,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     acc, rho = metrics["eval/pairwise_accuracy"], metrics.get("eval/gold_spearman")
-    print(f"[rlgen] reward model: held-out pairwise accuracy {acc:.3f}"
+    print(f"[rlgen] reward model: held-out pairwise accuracy {accuracy_text(acc, len(eval_pairs))}"
           + (f", gold spearman {rho:.3f}" if rho is not None else "")
           + f"; {metrics['time/total']:.0f}s; saved to {out}", flush=True)
     return summary

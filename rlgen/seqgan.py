@@ -134,6 +134,32 @@ class _Progress:
         ("d_pretrain", "adv", "rollout", "score", "update", "d_step", "eval"), 0.0))
 
 
+# What the oracle task never reads besides the options marked for the other task: it makes its own data and trains
+# the paper's LSTM in full with fixed-length sequences.
+ORACLE_UNUSED = ("dataset", "max_new_tokens", "min_new_tokens", "max_prompt_length", "lora_r", "lora_alpha",
+                 "lora_dropout", "lora_target_modules")
+
+
+def applicable_settings(cfg: SeqGANConfig) -> dict:
+    """The run's options its task reads (as config.yaml records them): the other task's options (their help says
+    "oracle task:", or "text task:"/"text D:"/"cnn:") and, for the oracle, ORACLE_UNUSED are left out."""
+    other = ("text task:", "text D:", *ORACLE_UNUSED) if cfg.task == "oracle" else ("oracle task:", "cnn:")
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cfg)}
+    return {k: v for k, v in to_dict(cfg).items()
+            if k != "report_to" and k not in other and not helps[k].startswith(other)}
+
+
+def result_line(summary: dict) -> str:
+    """The run's result in words: the oracle's NLL-oracle after MLE and after SeqGAN, and the change (lower is
+    better); the text task's discriminator accuracy on held-out replies; "" when neither was measured."""
+    mle, adv = summary.get("mle", {}).get("eval/nll_oracle"), summary.get("adv", {}).get("eval/nll_oracle")
+    if mle is not None and adv is not None:
+        return (f"NLL-oracle after MLE {mle:.3f} -> after SeqGAN {adv:.3f} (change {adv - mle:+.3f}; lower is "
+                "better)")
+    accuracy = summary.get("adv", {}).get("eval/d_accuracy")
+    return f"discriminator accuracy on held-out replies {accuracy:.3f}" if accuracy is not None else ""
+
+
 def _timer():
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
@@ -230,7 +256,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     save_config(cfg, out)
     writer = MetricsWriter(out)
     total = _timer()
-    summary: dict = {"settings": {k: v for k, v in to_dict(cfg).items() if k not in ("report_to",)}}
+    summary: dict = {"settings": applicable_settings(cfg)}
 
     # 1. data and models (the text task leaves an unset generator to the SFT stage of phase 2, unless resuming)
     task = TASKS[cfg.task](cfg, out, writer, device, g, g_sample)
@@ -399,5 +425,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     d.save(out / "discriminator")
     summary["s_total"] = total()
     (out / "seqgan_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"[seqgan] done in {summary['s_total'] / 60:.1f} min; summary in {out / 'seqgan_summary.json'}", flush=True)
+    result = result_line(summary)
+    print(f"[seqgan] {result + '; ' if result else ''}done in {summary['s_total'] / 60:.1f} min; summary in "
+          f"{out / 'seqgan_summary.json'}", flush=True)
     return SeqGANResult(policy, d, summary)

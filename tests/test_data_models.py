@@ -132,23 +132,28 @@ def test_a_single_user_file_is_split_by_a_hash_of_the_prompt(tmp_path):
     assert not {str(r["prompt"]) for r in splits["train"]} & {str(r["prompt"]) for r in splits["test"]}
 
 
-@pytest.mark.parametrize("prompts", [4, 16])
-def test_a_small_file_falls_back_to_a_row_rank_split(tmp_path, capsys, prompts):
-    """40 rows over 4 prompts, or 16 prompts, hash into too few splits: every split gets rows by row rank instead
-    (the same rows on every call), said in one line."""
+@pytest.mark.parametrize("prompts, counts, how", [(4, [20, 10, 10], "prompt rank"), (16, [35, 3, 2], "prompt rank"),
+                                                   (1, [36, 2, 2], "row rank")])
+def test_a_small_file_falls_back_to_a_prompt_or_row_rank_split(tmp_path, capsys, prompts, counts, how):
+    """40 rows over 4 prompts, or 16 prompts, hash into too few splits: every split gets whole prompts by prompt
+    rank instead, so no prompt is on both sides; one prompt can only be split by row rank. The same rows on every
+    call, said in one line."""
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"question {i % prompts}", "row": i}) + "\n" for i in range(40)))
     assert not all(any(data.split_of(f"question {i}") == s for i in range(prompts)) for s in data.SPLITS)
     splits = {s: data.load_rows(str(path), s) for s in data.SPLITS}
-    assert [len(splits[s]) for s in data.SPLITS] == [36, 2, 2]
+    assert [len(splits[s]) for s in data.SPLITS] == counts
     assert sorted(r["row"] for rows in splits.values() for r in rows) == list(range(40))
+    if how == "prompt rank":
+        sides = [{r["prompt"] for r in splits[s]} for s in data.SPLITS]
+        assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
     assert data.load_rows(str(path), "test") == splits["test"]
     note = capsys.readouterr().out.strip()
-    assert len(note.splitlines()) == 1 and "split by row rank instead (36 train, 2 validation, 2 test" in note
-    assert "split by row rank" in data.held_out_note(str(path), "test", 2)
+    assert len(note.splitlines()) == 1 and f"split by {how} instead ({counts[0]} train, {counts[1]} validation" in note
+    assert f"split by {how}" in data.held_out_note(str(path), "test", 2)
     rows = [json.loads(line) for line in path.read_text().splitlines()]  # the same rows given in Python
     assert [r["row"] for r in data.load_rows(rows, "test")] == [r["row"] for r in splits["test"]]
-    assert "rows given in Python, split by row rank" in data.held_out_note(rows, "test", 2)
+    assert f"rows given in Python, split by {how}" in data.held_out_note(rows, "test", 2)
 
 
 def test_a_file_of_one_row_trains_and_holds_nothing_out(tmp_path):

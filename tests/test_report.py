@@ -1,6 +1,7 @@
 """The comparison report on hand-made records: statistics, table files, plots and the self-contained HTML page."""
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from rlgen.report import (
     summarize,
     trajectory,
     write_comparison_report,
+    write_run_report,
 )
 from rlgen.scaling import bon_kl, gao_reward
 
@@ -354,3 +356,70 @@ def test_a_missing_fit_says_why(tmp_path):
     md = write_comparison_report(tmp_path, records, PROXY, GOLD, {})["comparison_md"].read_text()
     assert ("| grpo | rl | n/a (1 distinct KL > 0 among 3 evaluations; 2 needed; 2 negative KL estimates, counted "
             "as 0) |") in md
+
+
+def test_no_fit_is_drawn_through_a_method_that_barely_moved(tmp_path):
+    """Its evaluations are the starting model's again: a Gao curve through them would fit sampling noise."""
+    records = _curve_records()[:2] + [_on_curve("grpo", 0, [0.001, 0.004, 0.008], 0.3, -0.1, "rl")]
+    _, gold_ax = plot_gold_vs_kl(records, PROXY, GOLD, tmp_path / "g.png").axes
+    assert [line.get_label().split(" fit")[0] for line in gold_ax.lines if " fit" in line.get_label()] == ["ppo"]
+    grpo = next(row for row in fit_table(records, GOLD) if row["method"] == "grpo")
+    assert grpo["alpha"] is None and "barely moved" in grpo["why_no_fit"]
+
+
+def test_captions_name_a_gold_reward_only_when_one_was_set(tmp_path):
+    page = write_comparison_report(tmp_path, _records(gold=False), PROXY, [], {})["html"].read_text()
+    captions = " ".join(part.split("</figcaption>")[0] for part in page.split("<figcaption>")[1:])
+    assert "Gold reward against" not in captions and "and gold (right)" not in captions
+    assert "no gold reward was set" in captions
+    page = write_comparison_report(tmp_path / "g", _records(), PROXY, GOLD, {})["html"].read_text()
+    assert "Gold reward against KL" in page and "no gold reward was set" not in page
+
+
+def test_the_start_rows_kl_is_zero(tmp_path):
+    """The starting model is its own reference: a k1 estimate like -2.2e-07 ± 2e-07 is rounding, shown as 0."""
+    records = _records()
+    records[0]["metrics"].update({"eval/kl": -2.2e-07, "eval/kl_se": 2e-07})
+    rows = {row["method"]: row for row in summarize(records, PROXY, GOLD)}
+    assert rows["start"]["kl_mean"] == 0.0 and math.isnan(rows["start"]["kl_se"])
+    md = write_comparison_report(tmp_path, records, PROXY, GOLD, {})["comparison_md"].read_text()
+    assert "e-07" not in md
+    run = write_run_report(tmp_path, {"start": {"eval/reward/mean": 0.1, "eval/kl": -2.2e-07, "eval/kl_se": 2e-07},
+                                      "ppo": {"eval/reward/mean": 0.2, "eval/kl": 1.5, "eval/kl_se": 0.1}}, {})
+    table = run.read_text()
+    assert "| start | 0.100 | 0 |" in table and "| ppo | 0.200 | 1.50 ± 0.10 |" in table
+
+
+def test_no_fit_from_too_few_evaluation_prompts(tmp_path):
+    """Means over one prompt (a 16-row file's test split) are that prompt's noise: no fit, and the table says why."""
+    records = _curve_records()[:3]
+    for record in records:
+        for row in [record["metrics"], *record.get("evals", [])]:
+            row["eval/num_samples"] = 1
+    assert all(row["alpha"] is None and row["why_no_fit"] == "1 evaluation prompt; 8 needed"
+               for row in fit_table(records, GOLD))
+    for row in [r for record in records for r in [record["metrics"], *record.get("evals", [])]]:
+        row["eval/num_samples"] = 8
+    assert all(row["alpha"] is not None for row in fit_table(records, GOLD))
+
+
+def test_the_run_report_opens_with_the_quick_start_table_and_peak_memory(tmp_path):
+    """The README's Quick start table is the report's first table: reward and reference NLL with the paired
+    change from the model before, and the KL to the start (0 for the start); peak memory per stage follows."""
+    prompts = ["a", "b", "c"]
+    samples = {"start": [{"prompt": p, "reward": r, "reference_nll": n} for p, r, n in zip(prompts, [0.1, 0.2, 0.3],
+                                                                                            [5.0, 5.2, 5.4])],
+               "ppo": [{"prompt": p, "reward": r, "reference_nll": n} for p, r, n in zip(prompts, [0.5, 0.7, 0.6],
+                                                                                          [5.1, 5.1, 5.5])]}
+    rows = {"start": {"eval/rewards/vader/mean": 0.2, "eval/reward/mean": 0.2, "eval/reward/se": 0.0577,
+                      "eval/reference_nll": 5.2, "eval/reference_nll_se": 0.115, "eval/kl": 3e-7},
+            "ppo": {"eval/rewards/vader/mean": 0.6, "eval/reward/mean": 0.6, "eval/reward/se": 0.0577,
+                    "eval/reference_nll": 5.233, "eval/reference_nll_se": 0.133, "eval/kl": 2.5, "eval/kl_se": 0.2}}
+    text = write_run_report(tmp_path, rows, {"ppo": 10.0}, "", samples, {"eval_start": 1.234, "ppo": 2.5}).read_text()
+    lines = text.splitlines()
+    assert lines[2] == ("| stage | reward (vader) | change, paired SE | NLL of the reference replies | change, paired SE "
+                        "| KL to the start (nats) |")
+    assert lines[4] == "| start | 0.200 ± 0.058 |  | 5.20 ± 0.12 |  | 0 |"
+    assert lines[5] == "| ppo | 0.600 ± 0.058 | +0.400 ± 0.058 (6.9 SE) | 5.23 ± 0.13 | +0.033 ± 0.067 (0.5 SE) | 2.50 ± 0.20 |"
+    assert "Peak resident memory per stage (GB" in text and "eval_start 1.23, ppo 2.50" in text
+    assert json.loads((tmp_path / "report.json").read_text())["peak_rss_gb"] == {"eval_start": 1.234, "ppo": 2.5}

@@ -169,8 +169,9 @@ def test_conversational_pairs_are_scored_as_learned_reward_scores_conversations(
 # ---------------------------------------------------------------- training end to end
 
 
-def test_reward_trainer_end_to_end(tmp_path):
-    """A handful of pairs from a folder (train + validation), calibrated on tiny-policy samples."""
+def test_reward_trainer_end_to_end(tmp_path, capsys):
+    """A handful of pairs from a folder (train + validation), calibrated on tiny-policy samples; the accuracy is
+    printed with its number of pairs, and no empty checkpoints/ folder is left."""
     data = tmp_path / "prefs"
     _write_jsonl(data / "train.jsonl", _pairs(8))
     _write_jsonl(data / "validation.jsonl", _pairs(4, seed=1, offset=100))
@@ -187,6 +188,9 @@ def test_reward_trainer_end_to_end(tmp_path):
     rejected = scorer(prompts, [p["rejected"] for p in heldout])
     right = sum((c > r) + 0.5 * (c == r) for c, r in zip(chosen, rejected))
     assert summary["metrics"]["eval/pairwise_accuracy"] == right / 4, (chosen, rejected)
+    printed = capsys.readouterr().out
+    assert f"held-out pairwise accuracy {right / 4:.3f}" in printed and "on 4 pairs" in printed
+    assert not (out / "checkpoints").exists()
     assert json.loads((out / "reward_model_summary.json").read_text())["counts"] == summary["counts"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     names = set().union(*rows)
@@ -222,15 +226,19 @@ def test_normalisation_on_calibration_set(toy_model):
     assert scores.std() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_a_small_preference_file_is_split_by_row_rank(tmp_path):
-    """40 pairs over 4 prompts that all hash into the train split: the row-rank fallback holds 4 pairs out."""
+@pytest.mark.parametrize("prompts, sizes", [(4, (20, 20)), (16, (35, 5)), (1, (36, 4))])
+def test_a_small_preference_file_is_split_by_prompt_where_it_can(tmp_path, prompts, sizes):
+    """40 pairs over 4 or 16 prompts that hash into too few splits: whole prompts are held out (prompt rank), so no
+    prompt's pairs are on both sides; one prompt can only be split by row rank."""
     from rlgen.reward_model import load_preference_pairs
 
     data = tmp_path / "prefs.jsonl"
-    _write_jsonl(data, [{**pair, "prompt": f"How was your day {i % 4}? "} for i, pair in enumerate(_pairs(40))])
+    _write_jsonl(data, [{**pair, "prompt": f"How was your day {i % prompts}? "} for i, pair in enumerate(_pairs(40))])
     train, heldout = load_preference_pairs(str(data))
-    assert (len(train), len(heldout)) == (36, 4)
+    assert (len(train), len(heldout)) == sizes
     assert sorted(map(json.dumps, train + heldout)) == sorted(json.dumps(r) for r in read_jsonl(data))
+    if prompts > 1:
+        assert not {p["prompt"] for p in train} & {p["prompt"] for p in heldout}
 
 
 # ---------------------------------------------------------------- bad input
