@@ -31,6 +31,7 @@ import torch
 
 from rlgen.config import require_vllm
 from rlgen.errors import UserError
+from rlgen.models import check_head_size
 
 
 def checkpoint_weights(policy) -> Iterator[tuple[str, torch.Tensor]]:
@@ -72,19 +73,6 @@ def check_mergeable(policy) -> None:
         if isinstance(module, ModulesToSaveWrapper) or (isinstance(module, LoraLayer) and not plain):
             raise UserError(f"rollout_engine vllm merges LoRA adapters into the engine's weights; {name} "
                             f"({type(module).__name__}) is not a plain LoRA Linear: use rollout_engine hf")
-
-
-# vLLM's CPU attention takes head sizes from 32 up (the tiny model's 16 failed ~40 s into start-up with "Unsupported
-# CPU attention configuration: head_dim=16"), as does its Triton backend on GPUs (`supports_head_size`).
-MIN_HEAD_SIZE = 32
-
-
-def check_head_size(config, model: str) -> None:
-    """UserError for a model config whose attention heads are smaller than vLLM's kernels take."""
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head < MIN_HEAD_SIZE:
-        raise UserError(f"rollout_engine vllm: model {model} has attention heads of size {head}, and vLLM's attention "
-                        f"kernels take sizes from {MIN_HEAD_SIZE} up: use rollout_engine hf with it")
 
 
 def _reload(worker, weights) -> None:

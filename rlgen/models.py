@@ -290,3 +290,16 @@ def load_reward_base(name: str, seed: int = 0):
         tokenizer.eos_token = tokenizer.sep_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+# vLLM's CPU attention takes head sizes from 32 up (the tiny model's 16 failed ~40 s into start-up with "Unsupported
+# CPU attention configuration: head_dim=16"), as does its Triton backend on GPUs (`supports_head_size`).
+MIN_HEAD_SIZE = 32
+
+
+def check_head_size(config, model: str) -> None:
+    """UserError for a model config whose attention heads are smaller than vLLM's kernels take."""
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head < MIN_HEAD_SIZE:
+        raise UserError(f"rollout_engine vllm: model {model} has attention heads of size {head}, and vLLM's attention "
+                        f"kernels take sizes from {MIN_HEAD_SIZE} up: use rollout_engine hf with it")

@@ -215,8 +215,7 @@ def check_engine_options(cfg) -> None:
     if cfg.rollout_engine == "vllm" and getattr(cfg, "model", None) == "tiny":  # before anything loads
         from types import SimpleNamespace
 
-        from rlgen.engines import check_head_size
-        from rlgen.models import TINY_SHAPE
+        from rlgen.models import TINY_SHAPE, check_head_size
 
         check_head_size(SimpleNamespace(**TINY_SHAPE), "tiny")
     if cfg.rollout_engine == "vllm":
