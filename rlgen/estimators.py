@@ -354,13 +354,14 @@ def vanilla_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low, c
 
 
 def gspo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip=0.0,
-                     loss_agg="seq-mean-token-mean", denominator=None, weights=None, max_len=None):
+                     loss_agg="token-mean", denominator=None, weights=None, max_len=None):
     """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): one clipped ratio per sequence,
     ``s_i = exp(mean_t log(pi / pi_old))``, the geometric mean of the token ratios.
 
     Written as GSPO-token, ``s_i,t = sg[s_i] * pi_t / sg[pi_t]`` (verl ``compute_policy_loss_gspo``): the same value
     per token, and with advantages constant over a sequence and ``seq-mean-token-mean`` the same gradient as TRL's
-    ``importance_sampling_level="sequence"``. The paper uses ``seq-mean-token-mean`` and tiny clips (3e-4 / 4e-4).
+    ``importance_sampling_level="sequence"``. The paper averages over sequences (pass ``seq-mean-token-mean``, which
+    verl forces) with tiny clips (3e-4 / 4e-4).
     ``dual_clip`` is ignored. No clamp on the log-ratio (verl clamps at 10).
 
     Returns ``(loss, stats)`` as :func:`vanilla_policy_loss` (``ratio_*`` of the sequence ratios, per token).

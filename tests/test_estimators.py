@@ -383,7 +383,8 @@ def _gspo_sequence_level(lp, old, adv, mask, low, high):
 
 def test_policy_loss_gspo_matches_the_sequence_level_objective_and_gradient():
     logprobs, old, advantages, mask = _policy_batch(spread=0.3)
-    loss, stats = _loss("gspo", logprobs, old, advantages, mask, clip_low=0.05, clip_high=0.08)
+    loss, stats = _loss("gspo", logprobs, old, advantages, mask, clip_low=0.05, clip_high=0.08,
+                        loss_agg="seq-mean-token-mean")
     (grad,) = torch.autograd.grad(loss, logprobs)
     want = _gspo_sequence_level(logprobs, old, advantages, mask, 0.05, 0.08)
     (want_grad,) = torch.autograd.grad(want, logprobs)
