@@ -52,7 +52,8 @@ def _outcome(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` -> ``[B]`` sum of the per-token rewards over real tokens, in at least float32.
 
     With the KL in the loss that is the score; with the KL in the reward it is ``score - beta * sum KL`` (verl's
-    ``token_level_rewards.sum(-1)``; TRL's RLOOTrainer subtracts the summed k1 KL the same way).
+    ``token_level_rewards.sum(-1)``; TRL's RLOOTrainer subtracts the summed k1 KL the same way). OpenRLHF differs
+    there: it takes the group baseline off the scores alone and adds the KL as per-token reward-to-go afterwards.
     """
     return core.masked_sum(token_rewards.to(core._float_dtype(token_rewards)), mask, dim=-1)
 
@@ -70,17 +71,6 @@ def _zero_std_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (g == g[:, :1]).all(dim=1).sum().to(torch.float32)
 
 
-def _global_mean_var(x: torch.Tensor, reduce: Reduce = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased variance of the 1-D ``x`` over all processes (float64 sums ``[sum, sum_sq, count]``)."""
-    xd = x.double()
-    sums = torch.stack([xd.sum(), (xd * xd).sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
-                                                                device=x.device)])
-    total, total_sq, n = reduce(sums) if reduce is not None else sums
-    mean = total / n
-    var = ((total_sq - total * mean) / (n - 1).clamp(min=1)).clamp(min=0)
-    return mean, var
-
-
 def group_normalized_advantages(
     outcomes: torch.Tensor, group_size: int, scale: str = "group", eps: float = GRPO_EPS, reduce: Reduce = None
 ) -> torch.Tensor:
@@ -90,8 +80,8 @@ def group_normalized_advantages(
         outcomes: ``[B]`` per-row returns R, grouped consecutively by ``group_size``.
         scale: TRL's ``scale_rewards``: ``"group"``: std of the row's group (the original GRPO, verl's ``grpo``);
             ``"batch"``: std of every row of the global batch (over processes with ``reduce``), mean still per
-            group (Hu et al. 2025, REINFORCE++'s argument; TRL ``scale_rewards="batch"``); ``"none"``: no
-            division (Dr.GRPO, Liu et al. 2025). Stds are unbiased (``torch.std``, TRL's ``nanstd``).
+            group (Liu et al. 2025, "Tricks or Traps?", their Lite PPO; TRL ``scale_rewards="batch"``);
+            ``"none"``: no division (Dr.GRPO, Liu et al. 2025). Stds are unbiased (``torch.std``, TRL's ``nanstd``).
         eps: added to the std, TRL's 1e-4 by default.
 
     Returns:
@@ -103,8 +93,10 @@ def group_normalized_advantages(
     if scale == "group":
         advantages = advantages / (g.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        _, var = _global_mean_var(g.reshape(-1), reduce)
-        advantages = advantages / (var.sqrt().to(advantages.dtype) + eps)
+        flat = g.reshape(-1)
+        var = (core.reduced_mean_var(flat, torch.ones_like(flat, dtype=torch.bool), reduce)[1] if reduce is not None
+               else flat.var())
+        advantages = advantages / (var.sqrt() + eps)
     elif scale != "none":
         raise ValueError(f"unknown scale {scale!r}; expected 'group', 'batch' or 'none'")
     return advantages.reshape(-1)
