@@ -273,6 +273,8 @@ def aggregate(
 
     Rows without real tokens contribute nothing and are not counted (verl; TRL's ``grpo`` counts them).
     """
+    if mode not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGGS}")
     real = mask.bool()
     if mode == "token-mean" and denominator is None:
         return core.masked_mean(loss_mat, mask)

@@ -287,8 +287,9 @@ def test_loss_agg_hand_computed():
     assert E.aggregate(x, mask, "seq-mean-token-sum").item() == pytest.approx(10 / 2)
     assert E.aggregate(x, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
     assert E.aggregate(x, mask, "seq-mean-token-sum-norm", max_len=5).item() == pytest.approx(10 / (2 * 5))
-    with pytest.raises(ValueError, match="loss aggregation"):
-        E.aggregate(x, mask, "token-sum")
+    for den in (None, 4.0):
+        with pytest.raises(ValueError, match="loss aggregation"):
+            E.aggregate(x, mask, "token-sum", denominator=den)
 
 
 @pytest.mark.parametrize("mode", E.LOSS_AGGS)
