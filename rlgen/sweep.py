@@ -314,6 +314,25 @@ def _fmt(x, digits=3) -> str:
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
+# A turn (fall > 2 bootstrap SE) from fewer seeds or prompts than these is marked: a bootstrap over one seed
+# resamples prompts only (seed-to-seed variation unseen), and one over a few prompts understates the SE.
+SMALL_SAMPLE_SEEDS, SMALL_SAMPLE_PROMPTS = 2, 32
+
+
+def small_sample(row: dict) -> bool:
+    """Whether a row's seeds or prompts are too few for its bootstrap SE (and so its `turned`) to be trusted."""
+    return row["seeds"] < SMALL_SAMPLE_SEEDS or row["prompts"] < SMALL_SAMPLE_PROMPTS
+
+
+def _turned_cell(row: dict) -> str:
+    return ("yes" if row["turned"] else "no") + ("*" if row["turned"] and small_sample(row) else "")
+
+
+def _plural(n: int, word: str) -> str:
+    """`1 process`, `2 processes`."""
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+
 def write_sweep_report(cfg: SweepConfig, proxies: list[Proxy], seconds: dict) -> dict[str, Path]:
     """sweep.md, sweep.csv, sweep.json, gold_vs_kl.png and peak_vs_quality.png in `cfg.output_dir`."""
     import csv
@@ -338,17 +357,23 @@ def write_sweep_report(cfg: SweepConfig, proxies: list[Proxy], seconds: dict) ->
             f"| {name} | {r['pairs']} | {r['accuracy']:.3f} ± {r['accuracy_se']:.3f} | {r['method']} | "
             f"{r['max_kl']:.2f} | {r['start_gold']:.3f} → {r['peak_gold']:.3f} ± {r['peak_gold_se']:.3f} "
             f"({r['peak_at_kl']:.2f}) | "
-            f"{r['fall']:.3f} ± {r['fall_se']:.3f} | {'yes' if r['turned'] else 'no'} | "
+            f"{r['fall']:.3f} ± {r['fall_se']:.3f} | {_turned_cell(r)} | "
             f"{_fmt(r['alpha'])}, {_fmt(r['beta'])} | {_fmt(r['peak_kl'])} [{_fmt(r['peak_kl_lo'])}, "
             f"{_fmt(r['peak_kl_hi'])}] |")
-    lines += ["", f"{rows[0]['seeds']} seeds x {rows[0]['prompts']} evaluation prompts per proxy and method. "
+    caveat = (f" *: turned, but from fewer than {SMALL_SAMPLE_SEEDS} seeds or {SMALL_SAMPLE_PROMPTS} prompts, too "
+              "few for the bootstrap SE to be trusted (one seed resamples prompts only): rerun with more seeds and "
+              "evaluation prompts before reading it as a turn." if any(r["turned"] and small_sample(r) for r in rows)
+              else "")
+    lines += ["", f"{_plural(rows[0]['seeds'], 'seed')} x {_plural(rows[0]['prompts'], 'evaluation prompt')} per "
+              "proxy and method." + caveat + " "
               "Standard errors and intervals: bootstrap over seeds and prompts "
               f"({cfg.bootstrap} replicates); an interval's upper end ∞ means the data do not bound a peak. "
               "Ensemble accuracy: the mean of its members'. Fit: Gao et al. 2022, RL R(d) = d(α − β log d), "
               "best-of-n R(d) = d(α − β d), d = √KL, R the gold gained over the start.", "",
               f"Wall time of the call that wrote this report (work kept from earlier calls not counted): "
-              f"{seconds['work'] / 60:.1f} min for the proxies and optimisation ({cfg.workers} processes side by "
-              f"side, proxies and comparisons overlapping), {seconds['reports'] / 60:.1f} min for the reports. "
+              f"{seconds['work'] / 60:.1f} min for the proxies and optimisation ("
+              + (f"{cfg.workers} processes side by side, proxies and comparisons overlapping" if cfg.workers > 1
+                 else "1 process") + f"), {seconds['reports'] / 60:.1f} min for the reports. "
               "Process time by part (the jobs' own records, model loading left out): " + ", ".join(
                   f"{part} {m:.1f} min" for part, m in part_minutes(cfg, proxies).items()) + ".", "", "![gold against sqrt(KL)](gold_vs_kl.png)", "",
               "![peak against proxy quality](peak_vs_quality.png)", ""]

@@ -165,9 +165,10 @@ def test_stage_sections_take_dotted_flags(monkeypatch, capsys, tmp_path):
     sweep.write_text("compare:\n  gold_reward: [sentiment_positive]\n  evaluate: {num_prompts: 5, batch_size: 2}\n")
     assert main(["sweep", "--config", str(sweep), "--compare.evaluate.num_prompts", "3",
                  "--compare.evaluate.split", "validation", "--compare.ppo.learning_rate", "1e-3"]) == 0
-    compare = ran[-1].compare_config("bon", ["sentiment_positive"], ["bon"], [0])
+    compare = ran[-1].compare_config("pairs", ["sentiment_positive"], ["ppo"], [0])
     assert compare.evaluate == {"num_prompts": "3", "batch_size": 2, "split": "validation"}
     assert compare.ppo == {"learning_rate": "1e-3"}
+    assert ran[-1].compare_config("bon", ["sentiment_positive"], ["bon"], [0]).ppo == {}  # not best-of-n's
     assert compare.eval_config("tiny", "out", 0).num_prompts == 3
     assert main(["sweep", "--config", str(sweep), "--compare.evaluate", "3", "--compare.evaluate.split", "x"]) == 2
     assert "'evaluate' was given a value earlier, so it takes no keys" in capsys.readouterr().err

@@ -149,7 +149,22 @@ def test_rerun_trains_nothing(swept, capsys, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("result.json")}
     assert main(["sweep", "--config", str(config), "--workers", "1"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("result.json")} == before
-    assert "trained earlier, kept" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trained earlier, kept" in out
+    assert "is ignored" not in out  # best-of-n's comparison had been handed the ppo section
+    report = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "(1 process)" in report and "2 seeds x 3 evaluation prompts per proxy and method" in report
+
+
+def test_a_turn_from_a_small_sample_is_marked():
+    """A fall > 2 bootstrap SE from one seed or a few prompts is flagged, not claimed plainly."""
+    from rlgen.sweep import _turned_cell
+
+    row = {"turned": True, "seeds": 1, "prompts": 8}
+    assert _turned_cell(row) == "yes*"
+    assert _turned_cell({**row, "seeds": 3, "prompts": 64}) == "yes"
+    assert _turned_cell({**row, "seeds": 3, "prompts": 8}) == "yes*"
+    assert _turned_cell({**row, "turned": False}) == "no"
 
 
 def test_a_proxy_trained_with_other_settings_is_refused(swept, capsys):

@@ -305,8 +305,11 @@ class SweepConfig:
         return out
 
     def compare_config(self, name: str, rewards: list[str], methods: list[str], seeds: list[int]) -> CompareConfig:
-        """The comparison `name` of `methods` against `rewards` (the first optimised, any others at weight 0)."""
-        values = {**self.compare, "output_dir": str(Path(self.output_dir) / "runs" / name), "methods": methods,
+        """The comparison `name` of `methods` against `rewards` (the first optimised, any others at weight 0).
+        The sections of the sweep's other methods are left out (best-of-n's comparison has no use for `ppo`'s
+        and would note it as ignored); a section of a method the sweep does not run stays, to be noted."""
+        others = set(self.methods) - set(methods)
+        values = {**{k: v for k, v in self.compare.items() if k not in others}, "output_dir": str(Path(self.output_dir) / "runs" / name), "methods": methods,
                   "seeds": seeds, "reward": rewards, "reward_weights": [1.0] + [0.0] * (len(rewards) - 1),
                   "threads": self.threads}
         return build_config(CompareConfig, values, f"sweep comparison {name}")
