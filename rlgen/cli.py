@@ -132,6 +132,10 @@ def _dispatch(argv: list[str]) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     overrides = parse_section_overrides(extra, section_names(cls))  # e.g. ppo's --evaluate.num_prompts 8
     cfg = parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_"))
+    if name == "evaluate":  # a run folder's rewards, data and sampling in place of the defaults
+        from rlgen.evaluation import run_defaults
+
+        cfg = parse_stage_config(cls, args, args.config, section="evaluate", base=run_defaults(cfg.model))
     cfg = with_section_overrides(cfg, overrides)
     # reward-model train reads its pairs first thing; a sweep's comparisons check their own data
     if name not in ("reward-model train", "sweep"):

@@ -25,6 +25,7 @@ from rlgen.errors import UserError
 from rlgen.files import cache_dir, read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation", "test")
+ALL = "all"  # the split of every row (`load_rows`): to evaluate on all of a small file of one's own
 CHITCHAT_VERSION = "v1"
 MAX_TURN_WORDS = 40  # keep replies short enough for CPU sampling
 
@@ -253,8 +254,20 @@ def load_rows(dataset, split: str = "train", columns: tuple[str, ...] = ("prompt
     by `split_of(row_key(row))` as the demo data is by conversation, so evaluation never scores training prompts.
     From Python, a DatasetDict (or a dict of splits) holds its splits, and a Dataset or a list of dicts is split as
     a single file is. Raises UserError naming the file for a missing file, an empty dataset or split, or a missing
-    column.
+    column. `split` "all" (ALL) gives every row: all of a file's rows, or every split of a folder or the demo data.
     """
+    if split == ALL:
+        if isinstance(dataset, Mapping):
+            rows = [dict(r) for name in dataset for r in _given_rows(dataset, name)]
+        elif not isinstance(dataset, str) or Path(dataset).expanduser().is_file():
+            rows = read_rows(dataset, columns)
+        else:
+            folder = Path(dataset).expanduser()
+            present = [s for s in SPLITS if dataset in ("chitchat", "default") or any(
+                (folder / f"{s}{ext}").is_file() for ext in (".jsonl", ".csv"))]
+            rows = [r for s in present or SPLITS for r in load_rows(dataset, s, columns)]
+        _check_columns(rows_name(dataset) if not isinstance(dataset, str) else dataset, rows, columns)
+        return rows
     if not isinstance(dataset, str):
         path = rows_name(dataset)
         rows = _given_rows(dataset, split)
@@ -311,6 +324,8 @@ def held_out_note(dataset, split: str, n: int) -> str:
         how = "the folder's own split"
     if given:
         dataset = rows_name(dataset)
+    if split == ALL:
+        return f"the first {n} prompts of every row of {dataset} (split all: training prompts included, not held out)"
     held = "held out from training" if split != "train" else "the TRAINING prompts (not held out)"
     return f"the first {n} prompts of the {split} split of {dataset} ({how}; {held})"
 

@@ -31,7 +31,9 @@ import torch
 from rlgen import engines, metrics
 from rlgen.checkpoint import preserved_rng
 from rlgen.config import EvalConfig, SamplingConfig, load_yaml, save_config
-from rlgen.data import held_out_note, load_rows
+from rlgen.config.fields import recorded
+from rlgen.data import ALL, held_out_note, load_rows
+from rlgen.errors import UserError
 from rlgen.files import write_jsonl
 from rlgen.models import default_device, resolve_dtype, set_threads
 from rlgen.policy import Policy
@@ -136,6 +138,24 @@ def reference_replies(rows: list[dict]) -> list[str] | None:
             for c in (r["completion"] for r in rows)]
 
 
+# Below this many evaluation prompts a standard error over prompts is rough (undefined below 2): warned about.
+MIN_EVAL_PROMPTS = 16
+_WARNED: set = set()
+
+
+def few_prompts_warning(dataset, split: str, n: int) -> str:
+    """A warning line for an evaluation on fewer than MIN_EVAL_PROMPTS prompts, saying how to evaluate on more;
+    "" from MIN_EVAL_PROMPTS on."""
+    if n >= MIN_EVAL_PROMPTS:
+        return ""
+    se = "undefined (nan)" if n < 2 else "rough"
+    more = ("" if split == ALL else f"--split {ALL} (every row of the dataset, training prompts included), another "
+            "split, or ")
+    return (f"[rlgen] warning: only {n} evaluation prompt{'s' * (n != 1)} in the {split} split; standard errors are "
+            f"{se} below {MIN_EVAL_PROMPTS} prompts (and compare fits no Gao curve below 8): evaluate on more with "
+            f"{more}--dataset <a file or folder of your own>")
+
+
 class Evaluator:
     """The evaluation an EvalConfig describes, its prompts and rewards loaded once, for any policy: `rlgen evaluate`
     runs it once, a training run with `eval_steps` every N steps on the live policy (`along_training`)."""
@@ -145,6 +165,12 @@ class Evaluator:
         self.reward_fns = [load_reward(spec) for spec in cfg.reward]
         self.gold_fns = [load_reward(spec) for spec in cfg.gold_reward]
         self.rows = load_rows(cfg.dataset, cfg.split)[:cfg.num_prompts]
+        # the data, not num_prompts, left too few (a small file's test split)
+        warning = few_prompts_warning(cfg.dataset, cfg.split, len(self.rows)) if len(self.rows) < cfg.num_prompts else ""
+        key = (str(cfg.dataset), cfg.split, len(self.rows))
+        if warning and key not in _WARNED:  # once per data: a run evaluates every stage on the same prompts
+            _WARNED.add(key)
+            print(warning, flush=True)
 
     def __call__(self, policy: Policy, output_dir: str | Path | None, repeat: int = 1,
                  own_reference: bool = False) -> dict[str, float]:
@@ -196,6 +222,51 @@ def reference_of(cfg: EvalConfig) -> tuple[str, str]:
     return cfg.model, "the model itself: no run folder config.yaml names a starting model; --reference to change"
 
 
+# What `rlgen evaluate --model <run folder>` takes from the run's config.yaml unless given (`run_defaults`): the
+# rewards the run optimised, its data and its sampling.
+RUN_DEFAULTS = ("reward", "reward_weights", "gold_reward", "dataset", "max_new_tokens", "min_new_tokens",
+                "temperature", "max_prompt_length")
+
+
+def run_defaults(model: str) -> dict:
+    """The RUN_DEFAULTS options of the run folder `model` (its config.yaml: an rlgen training run saves its options
+    there), for `rlgen evaluate` to take in place of its own defaults (flags and --config win); {} when `model` is
+    no such folder. Rewards or data the run was given in Python (recorded by name) cannot be loaded again, and
+    are left out."""
+    saved = Path(model).expanduser() / "config.yaml"
+    if not saved.is_file():
+        return {}
+    run = load_yaml(str(saved))
+    taken = {k: run[k] for k in RUN_DEFAULTS if run.get(k) is not None}
+    for keys in (("reward", "reward_weights"), ("gold_reward",)):
+        try:
+            [load_reward(spec) for spec in taken.get(keys[0], [])]
+        except UserError:  # a callable given in Python, recorded by its name
+            for k in keys:
+                taken.pop(k, None)
+    dataset = taken.get("dataset")
+    if dataset is not None and not (isinstance(dataset, str) and (dataset in ("chitchat", "default")
+                                                                  or Path(dataset).expanduser().exists())):
+        taken.pop("dataset")
+    return taken
+
+
+def from_run_note(cfg: EvalConfig) -> str:
+    """A line naming the RUN_DEFAULTS options whose values are the run folder's own (other than EvalConfig's
+    defaults), or "" when there are none."""
+    run = run_defaults(cfg.model)
+    defaults = EvalConfig.__dataclass_fields__
+    same = [k for k, v in run.items() if getattr(cfg, k) == v and v != _default(defaults[k])]
+    if not same:
+        return ""
+    used = ", ".join(f"{k} {getattr(cfg, k)}" for k in same)
+    return f"[rlgen] as the run {Path(cfg.model) / 'config.yaml'} had them (give them to change): {used}"
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 @leaves_output_dir_as_found()
 def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int = 0) -> dict[str, float]:
     """`rlgen evaluate`: score `cfg.model` on the first `num_prompts` prompts of `cfg.split`, against `ref_name`
@@ -207,6 +278,12 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     evaluator = Evaluator(cfg)  # rewards and prompts before anything is written
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     save_config(cfg, out)
+    taken = "" if ref_name else from_run_note(cfg)
+    if taken:
+        print(taken, flush=True)
+    weights = f" (weights {cfg.reward_weights})" if cfg.reward_weights else ""
+    print(f"[rlgen] reward: {', '.join(map(str, recorded(cfg.reward)))}{weights}; max_new_tokens {cfg.max_new_tokens}, temperature "
+          f"{cfg.temperature}", flush=True)
     print(f"[rlgen] evaluation prompts: {held_out_note(cfg.dataset, cfg.split, len(evaluator.rows))}", flush=True)
     print(f"[rlgen] reference model (eval/kl, eval/perplexity_ref): {reference} ({why})", flush=True)
     policy = evaluator.load_policy(reference)

@@ -447,11 +447,21 @@ def _points(record: dict, key: str) -> list[tuple[object, float, float, float]]:
     return [(step, _sqrt_kl(m), _metric(m, key), _metric(m, se_key(key))) for step, m in trajectory(record)]
 
 
+# A Gao fit through means over fewer evaluation prompts than this fits the prompts' noise, not the method.
+MIN_FIT_PROMPTS = 8
+
+
+def _fewest_prompts(runs: list[dict]) -> int | None:
+    """The fewest evaluation prompts (`eval/num_samples`) behind any evaluation of these runs; None when unknown."""
+    counts = [m["eval/num_samples"] for run in runs for _, m in trajectory(run) if m.get("eval/num_samples")]
+    return min(counts) if counts else None
+
+
 def fit_curves(records: list[dict], key: str) -> dict[str, GaoFit | None]:
     """Per method but "start": the Gao et al. 2022 fit (best-of-n form for bon, RL form otherwise) of `key`
     minus the starting model's against d = sqrt(KL), over every evaluation of every run; None without the
-    starting model's value, points at two distinct d > 0, or for a method whose policy barely moved
-    (`_barely_moved`: a curve through sampling noise)."""
+    starting model's value, points at two distinct d > 0, for a method whose policy barely moved
+    (`_barely_moved`: a curve through sampling noise), or evaluated on fewer than MIN_FIT_PROMPTS prompts."""
     groups = _by_method(records)
     base = _value(groups["start"][0], key) if "start" in groups else math.nan
     fits: dict[str, GaoFit | None] = {}
@@ -460,7 +470,9 @@ def fit_curves(records: list[dict], key: str) -> dict[str, GaoFit | None]:
             continue
         points = [(d, v - base) for run in runs for _, d, v, _ in _points(run, key)
                   if math.isfinite(d) and math.isfinite(v - base)]
-        enough = len({d for d, _ in points if d > 0}) >= 2 and not _barely_moved(runs)
+        prompts = _fewest_prompts(runs)
+        enough = (len({d for d, _ in points if d > 0}) >= 2 and not _barely_moved(runs)
+                  and (prompts is None or prompts >= MIN_FIT_PROMPTS))
         fits[method] = fit_gao(*zip(*points), form="bon" if method == "bon" else "rl") if enough else None
     return fits
 
@@ -557,12 +569,15 @@ def fit_table(records: list[dict], gold_names: list[str]) -> list[dict]:
 
 
 def _why_no_fit(runs: list[dict], key: str, base: float) -> str:
-    """Why `fit_curves` has no fit for these runs: no starting value, a policy that barely moved, or fewer than
-    two distinct KL > 0 (a negative KL estimate counts as KL 0)."""
+    """Why `fit_curves` has no fit for these runs: no starting value, a policy that barely moved, too few
+    evaluation prompts, or fewer than two distinct KL > 0 (a negative KL estimate counts as KL 0)."""
     if not math.isfinite(base):
         return "no starting-model value"
     if _barely_moved(runs):
         return f"the policy barely moved ({STILL_MARK.strip()}): no curve to fit"
+    prompts = _fewest_prompts(runs)
+    if prompts is not None and prompts < MIN_FIT_PROMPTS:
+        return f"{prompts} evaluation prompt{'s' * (prompts != 1)}; {MIN_FIT_PROMPTS} needed"
     kls = [_metric(m, "eval/kl") for run in runs for _, m in trajectory(run)
            if math.isfinite(_metric(m, key)) and math.isfinite(_metric(m, "eval/kl"))]
     distinct, negative = len({kl for kl in kls if kl > 0}), sum(kl < 0 for kl in kls)

@@ -387,3 +387,16 @@ def test_the_start_rows_kl_is_zero(tmp_path):
                                       "ppo": {"eval/reward/mean": 0.2, "eval/kl": 1.5, "eval/kl_se": 0.1}}, {})
     table = run.read_text()
     assert "| start | 0.100 | 0 |" in table and "| ppo | 0.200 | 1.50 ± 0.10 |" in table
+
+
+def test_no_fit_from_too_few_evaluation_prompts(tmp_path):
+    """Means over one prompt (a 16-row file's test split) are that prompt's noise: no fit, and the table says why."""
+    records = _curve_records()[:3]
+    for record in records:
+        for row in [record["metrics"], *record.get("evals", [])]:
+            row["eval/num_samples"] = 1
+    assert all(row["alpha"] is None and row["why_no_fit"] == "1 evaluation prompt; 8 needed"
+               for row in fit_table(records, GOLD))
+    for row in [r for record in records for r in [record["metrics"], *record.get("evals", [])]]:
+        row["eval/num_samples"] = 8
+    assert all(row["alpha"] is not None for row in fit_table(records, GOLD))

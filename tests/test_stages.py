@@ -120,6 +120,57 @@ def test_evaluate_takes_the_reference_a_run_folder_started_from(tmp_path, tiny_f
     assert kl["default"] == kl["given"] and kl["default"] > 0.1 and abs(kl["itself"]) < 1e-4
 
 
+def test_evaluate_takes_a_run_folders_rewards_data_and_sampling(tmp_path, tiny_folder, tiny_tokenizer, capsys):
+    """Before, `rlgen evaluate --model <run folder>` took only the reference from its config.yaml and scored other
+    rewards on other data with other sampling: now the options left at their defaults come from the run, and the
+    evaluation prints what it used. Options given keep their values."""
+    import yaml
+
+    from rlgen.models import build_tiny_model
+    from rlgen.policy import Policy
+
+    (tmp_path / "prompts").mkdir()
+    data = _write_jsonl(tmp_path / "prompts" / "test.jsonl", [{"prompt": p["prompt"]} for p in PAIRS]).parent
+    run = tmp_path / "run"
+    Policy(build_tiny_model(tiny_tokenizer, seed=1), tiny_tokenizer).save(run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_folder), "reward": ["target_length(target=3)"],
+                                                     "dataset": str(data), "max_new_tokens": 5}))
+    assert main(["evaluate", "--model", str(run), "--num_prompts", "2", "--output_dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    used = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert (used["reward"], used["dataset"], used["max_new_tokens"]) == (["target_length(target=3)"], str(data), 5)
+    assert f"as the run {run / 'config.yaml'} had them" in out and "max_new_tokens 5" in out
+    assert "[rlgen] reward: target_length(target=3); max_new_tokens 5" in out
+    assert "eval/rewards/target_length/mean" in json.loads((tmp_path / "a" / "eval_summary.json").read_text())
+    assert main(["evaluate", "--model", str(run), "--num_prompts", "2", "--max_new_tokens", "4", "--reward",
+                 "sentiment_positive", "--output_dir", str(tmp_path / "b")]) == 0
+    used = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert (used["reward"], used["dataset"], used["max_new_tokens"]) == (["sentiment_positive"], str(data), 4)
+
+
+def test_evaluate_help_lists_only_what_applies(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "--num_prompts" in out and "--reference" in out and "--dataset" in out
+    assert not any(f"--{k} " in out for k in ("max_steps", "save_steps", "resume_from_checkpoint", "report_to"))
+
+
+def test_a_small_file_warns_and_can_be_evaluated_on_every_row(tmp_path, capsys):
+    """16 prompts leave one test prompt (its SE nan): the evaluation warns and says how to use more, and
+    `--split all` scores every row."""
+    data = _write_jsonl(tmp_path / "mine.jsonl", [{"prompt": f"tell me about thing {i}"} for i in range(16)])
+    common = ["evaluate", "--model", "tiny", "--dataset", str(data), "--max_new_tokens", "3"]
+    assert main([*common, "--output_dir", str(tmp_path / "test")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: only 1 evaluation prompt in the test split; standard errors are undefined (nan)" in out
+    assert "--split all" in out
+    assert main([*common, "--split", "all", "--output_dir", str(tmp_path / "all")]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and "every row of" in out
+    assert json.loads((tmp_path / "all" / "eval_summary.json").read_text())["eval/num_samples"] == 16
+
+
 def test_run_pipeline_end_to_end(tmp_path, capsys):
     data = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
     cfg = tmp_path / "run.yaml"

@@ -43,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     A section (a mapping) is listed as `--<section>.<key> VALUE`: its keys arrive as unknown arguments, for
     `parse_section_overrides`."""
     hints = typing.get_type_hints(cls)
+    unused = getattr(cls, "UNUSED_OPTIONS", ())  # inherited options the command never reads: not listed
     for name, f in fields_of(cls).items():
         tp = hints[name]
-        help_text = f"{f.metadata.get('help', '')} (default: {_default(f)!r})"
+        help_text = argparse.SUPPRESS if name in unused else f"{f.metadata.get('help', '')} (default: {_default(f)!r})"
         if tp is dict:
             parser.add_argument(f"--{name}.<key>", default=argparse.SUPPRESS, metavar="VALUE", dest=name,
                                 help=f"{help_text}; each key is a flag of its own")
@@ -62,14 +63,15 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def parse_stage_config(cls, args: argparse.Namespace, config_path: str | None, section: str | None = None):
-    """defaults < YAML < flags given on the command line.
+def parse_stage_config(cls, args: argparse.Namespace, config_path: str | None, section: str | None = None,
+                       base: dict | None = None):
+    """defaults < `base` (e.g. `rlgen evaluate`'s run folder settings) < YAML < flags given on the command line.
 
     The YAML file is either the stage's own (every key is an option of `cls`) or a `rlgen run` file (it has
     `stages`): then its common top-level keys and its `section` apply, so one experiment file serves both
     `rlgen run --config F` and `rlgen <stage> --config F`.
     """
-    values: dict = {}
+    values: dict = dict(base or {})
     source = "command line"
     if config_path:
         data = load_yaml(config_path)

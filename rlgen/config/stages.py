@@ -236,9 +236,12 @@ def check_rewards(cfg) -> None:
 class EvalConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, CommonConfig):
     """`rlgen evaluate`: sample completions for held-out prompts and report eval/* metrics."""
 
+    UNUSED_OPTIONS = ("max_steps", "save_steps", "resume_from_checkpoint", "report_to")  # training's: not in --help
+
     gold_reward: list[str] = opt([], "gold reward(s) reported as eval/gold/<fn>/* but never optimised "
                                      "(e.g. the scorer that labelled a learned proxy reward)", python=callable)
-    split: str = opt("test", "dataset split whose prompts are used")
+    split: str = opt("test", "dataset split whose prompts are used; all: every row of the dataset (e.g. a small "
+                             "file of your own kept for evaluation; training prompts included)")
     num_prompts: int = opt(64, "number of prompts (the first N of the split)")
     batch_size: int = opt(16, "prompts per generation batch")
     self_bleu_max_texts: int = opt(200, "self-BLEU uses at most this many completions (quadratic cost)")
