@@ -24,6 +24,34 @@ from rlgen.config import (
 from rlgen.tracking import leaves_output_dir_as_found, never, prepare_output_dir
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: writing 5 to /proc/self/clear_refs resets VmHWM);
+    elsewhere the peak stays the process's so far."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size in GB (10^9 bytes) since the last `reset_peak_rss` (Linux VmHWM),
+    else since it started (getrusage); NaN where neither is available."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+    except (ImportError, OSError):
+        return float("nan")
+
+
 def training_function(stage: str):
     """The training function of a stage of `rlgen run` (imported only when the stage runs)."""
     if stage == "sft":
@@ -63,13 +91,16 @@ def run_pipeline(run: RunConfig) -> Path:
     eval_template = run.stage_config("evaluate", out, run.model)
     rows: dict[str, dict] = {}
     seconds: dict[str, float] = {}
+    peak_gb: dict[str, float] = {}
 
     def evaluate(name: str, model: str) -> None:
         t = time.perf_counter()
+        reset_peak_rss()
         cfg = dataclasses.replace(eval_template, model=model, output_dir=str(out / f"eval_{name}"))
         print(f"[rlgen] evaluating {name} on {cfg.num_prompts} {cfg.split} prompts", flush=True)
         rows[name] = run_evaluation(cfg, ref_name=run.model)
         seconds[f"eval_{name}"] = time.perf_counter() - t
+        peak_gb[f"eval_{name}"] = peak_rss_gb()
 
     evaluate("start", run.model)
     model = run.model
@@ -77,8 +108,10 @@ def run_pipeline(run: RunConfig) -> Path:
         cfg = run.stage_config(stage, out / stage, model)
         print(f"[rlgen] stage {stage}: {cfg.max_steps} steps from {model}", flush=True)
         t = time.perf_counter()
+        reset_peak_rss()
         training_function(stage)(cfg)
         seconds[stage] = time.perf_counter() - t
+        peak_gb[stage] = peak_rss_gb()
         model = str(out / stage)
         evaluate(stage, model)
     from rlgen.data import held_out_note
@@ -87,7 +120,7 @@ def run_pipeline(run: RunConfig) -> Path:
     from rlgen.files import read_jsonl
 
     samples = {name: read_jsonl(out / f"eval_{name}" / "eval_samples.jsonl") for name in rows}
-    report = write_run_report(out, rows, seconds, f"Every model was evaluated on {prompts}.", samples)
+    report = write_run_report(out, rows, seconds, f"Every model was evaluated on {prompts}.", samples, peak_gb)
     print(report.read_text())
     print(f"[rlgen] report: {report}")
     if run.compare:

@@ -749,6 +749,20 @@ RUN_REPORT_CHANGES = [("eval/reward/mean", "reward", "reward"),
                       ("eval/reference_nll", "NLL of the reference replies", "reference_nll")]
 
 
+def _change(a: dict, b: dict, sa: list[dict], sb: list[dict], key: str, sample_key: str) -> tuple[float, float]:
+    """(change, its standard error) of `key` from model a to model b: paired over prompts when both models'
+    samples (`sa`, `sb`) hold `sample_key` on the same prompts, else from the two independent SEs."""
+    if sa and [s["prompt"] for s in sa] == [s["prompt"] for s in sb] and all(sample_key in s for s in sa + sb):
+        return paired_difference([s[sample_key] for s in sa], [s[sample_key] for s in sb])
+    delta = float(b[key]) - float(a[key])
+    return delta, math.hypot(float(a.get(se_key(key), math.nan)), float(b.get(se_key(key), math.nan)))
+
+
+def _change_text(delta: float, se: float) -> str:
+    """`+0.400 ± 0.050 (8.0 SE)`; no ratio when the SE is 0 or undefined."""
+    return f"{delta:+.3f} ± {se:.3f}" + (f" ({delta / se:.1f} SE)" if se > 0 else "")
+
+
 def stage_changes(rows: dict[str, dict], samples: dict[str, list[dict]] | None = None) -> list[str]:
     """One line per stage: each RUN_REPORT_CHANGES metric's change from the previous model with its standard
     error, the change in standard errors, and the stage's KL to the starting model.
@@ -766,21 +780,39 @@ def stage_changes(rows: dict[str, dict], samples: dict[str, list[dict]] | None =
     lines = []
     for before, after in zip(names, names[1:]):
         a, b = rows[before], rows[after]
-        sa, sb = samples.get(before, []), samples.get(after, [])
-        paired = bool(sa) and [s["prompt"] for s in sa] == [s["prompt"] for s in sb]
         parts = []
         for key, label, sample_key in RUN_REPORT_CHANGES:
             if key not in a or key not in b:
                 continue
-            if paired and all(sample_key in s for s in sa + sb):
-                delta, se = paired_difference([s[sample_key] for s in sa], [s[sample_key] for s in sb])
-            else:
-                delta = float(b[key]) - float(a[key])
-                se = math.hypot(float(a.get(se_key(key), math.nan)), float(b.get(se_key(key), math.nan)))
-            ratio = f" ({delta / se:.1f} SE)" if se > 0 else ""
-            parts.append(f"{label} {float(a[key]):.3f} -> {float(b[key]):.3f}, change {delta:+.3f} ± {se:.3f}{ratio}")
+            delta, se = _change(a, b, samples.get(before, []), samples.get(after, []), key, sample_key)
+            parts.append(f"{label} {float(a[key]):.3f} -> {float(b[key]):.3f}, change {_change_text(delta, se)}")
         kl = f"KL to the start {_fmt(float(b.get('eval/kl', math.nan)), float(b.get('eval/kl_se', math.nan)))} nats"
         lines.append(f"- {after} (from {before}): " + "; ".join([*parts, kl]))
+    return lines
+
+
+def summary_table(rows: dict[str, dict], samples: dict[str, list[dict]] | None = None,
+                  reward_name: str = "reward") -> list[str]:
+    """The report's first table (the README's Quick start shows it): per model the reward and the NLL of the
+    reference replies (mean ± SE over prompts), each with its change from the model before it (paired SE, as
+    `stage_changes`), and the KL to the starting model (0 for the start: its own reference)."""
+    samples = samples or {}
+    names = list(rows)
+    lines = [f"| stage | {reward_name} | change, paired SE | NLL of the reference replies | change, paired SE | KL to "
+             "the start (nats) |", "|---|---|---|---|---|---|"]
+    for i, name in enumerate(names):
+        m = rows[name]
+        cells = [name]
+        for key, _, sample_key in RUN_REPORT_CHANGES:
+            cells.append(_fmt(float(m.get(key, math.nan)), float(m.get(se_key(key), math.nan))))
+            before = rows[names[i - 1]] if i else None
+            if before is None or key not in m or key not in before:
+                cells.append("")
+            else:
+                cells.append(_change_text(*_change(before, m, samples.get(names[i - 1], []), samples.get(name, []),
+                                                   key, sample_key)))
+        cells.append("0" if i == 0 else _fmt(float(m.get("eval/kl", math.nan)), float(m.get("eval/kl_se", math.nan))))
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -794,13 +826,19 @@ def se_key(key: str) -> str:
 
 
 def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, float], prompts_note: str = "",
-                     samples: dict[str, list[dict]] | None = None) -> Path:
-    """report.md and report.json: one row per evaluated model; `prompts_note` says which prompts were used;
-    `samples`: each model's evaluation samples, for paired standard errors of the changes (`stage_changes`)."""
+                     samples: dict[str, list[dict]] | None = None, peak_gb: dict[str, float] | None = None) -> Path:
+    """report.md and report.json: the summary table (`summary_table`), then one row per evaluated model with every
+    metric (the first model, the starting one, is every row's reference); `prompts_note` says which prompts were
+    used; `samples`: each model's evaluation samples, for paired standard errors of the changes (`stage_changes`);
+    `peak_gb`: peak resident memory per stage (GB)."""
     reward_columns = sorted({k for m in rows.values() for k in m
                              if k.startswith(("eval/rewards/", "eval/gold/")) and k.endswith("/mean")})
     columns = reward_columns + [c for c in RUN_REPORT_COLUMNS if any(c in m for m in rows.values())]
-    lines = ["# rlgen run report", "", "| model | " + " | ".join(c.removeprefix("eval/") for c in columns) + " |",
+    proxies = sorted({k.split("/")[2] for k in reward_columns if k.startswith("eval/rewards/")})
+    reward_name = f"reward ({' + '.join(proxies)})" if proxies else "reward"
+    lines = ["# rlgen run report", "", *summary_table(rows, samples, reward_name), "",
+             "Every metric, mean ± standard error over the evaluation prompts:", "",
+             "| model | " + " | ".join(c.removeprefix("eval/") for c in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for i, (name, m) in enumerate(rows.items()):
         # the first model is the reference of every row: its KL is 0 by definition (the estimate is rounding)
@@ -813,7 +851,12 @@ def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, flo
     if len(rows) > 1:
         lines += ["What each stage changed:", "", *stage_changes(rows, samples), ""]
     lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+    if peak_gb:
+        lines += ["Peak resident memory per stage (GB; eval_start includes converting the default model when its cache is "
+                  "empty): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in peak_gb.items()), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
-    (folder / "report.json").write_text(json.dumps({"models": rows, "seconds": seconds}, indent=2))
+    (folder / "report.json").write_text(json.dumps({"models": rows, "seconds": seconds, "peak_rss_gb": peak_gb or {}},
+                                                   indent=2))
     return path

@@ -1,6 +1,7 @@
 """The comparison report on hand-made records: statistics, table files, plots and the self-contained HTML page."""
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -400,3 +401,25 @@ def test_no_fit_from_too_few_evaluation_prompts(tmp_path):
     for row in [r for record in records for r in [record["metrics"], *record.get("evals", [])]]:
         row["eval/num_samples"] = 8
     assert all(row["alpha"] is not None for row in fit_table(records, GOLD))
+
+
+def test_the_run_report_opens_with_the_quick_start_table_and_peak_memory(tmp_path):
+    """The README's Quick start table is the report's first table: reward and reference NLL with the paired
+    change from the model before, and the KL to the start (0 for the start); peak memory per stage follows."""
+    prompts = ["a", "b", "c"]
+    samples = {"start": [{"prompt": p, "reward": r, "reference_nll": n} for p, r, n in zip(prompts, [0.1, 0.2, 0.3],
+                                                                                            [5.0, 5.2, 5.4])],
+               "ppo": [{"prompt": p, "reward": r, "reference_nll": n} for p, r, n in zip(prompts, [0.5, 0.7, 0.6],
+                                                                                          [5.1, 5.1, 5.5])]}
+    rows = {"start": {"eval/rewards/vader/mean": 0.2, "eval/reward/mean": 0.2, "eval/reward/se": 0.0577,
+                      "eval/reference_nll": 5.2, "eval/reference_nll_se": 0.115, "eval/kl": 3e-7},
+            "ppo": {"eval/rewards/vader/mean": 0.6, "eval/reward/mean": 0.6, "eval/reward/se": 0.0577,
+                    "eval/reference_nll": 5.233, "eval/reference_nll_se": 0.133, "eval/kl": 2.5, "eval/kl_se": 0.2}}
+    text = write_run_report(tmp_path, rows, {"ppo": 10.0}, "", samples, {"eval_start": 1.234, "ppo": 2.5}).read_text()
+    lines = text.splitlines()
+    assert lines[2] == ("| stage | reward (vader) | change, paired SE | NLL of the reference replies | change, paired SE "
+                        "| KL to the start (nats) |")
+    assert lines[4] == "| start | 0.200 ± 0.058 |  | 5.20 ± 0.12 |  | 0 |"
+    assert lines[5] == "| ppo | 0.600 ± 0.058 | +0.400 ± 0.058 (6.9 SE) | 5.23 ± 0.13 | +0.033 ± 0.067 (0.5 SE) | 2.50 ± 0.20 |"
+    assert "Peak resident memory per stage (GB" in text and "eval_start 1.23, ppo 2.50" in text
+    assert json.loads((tmp_path / "report.json").read_text())["peak_rss_gb"] == {"eval_start": 1.234, "ppo": 2.5}
