@@ -185,11 +185,15 @@ class Evaluator:
                                own_reference=own_reference)
 
     def load_policy(self, ref_name: str | None = None, reference: bool = True) -> Policy:
-        """cfg.model with its reference (`ref_name`, else the model itself; none without `reference`) on the
-        default device, its rollout engine started (`rlgen.engines.stop` ends it), then seeded."""
+        """cfg.model with its reference (`ref_name`, else the model itself, shared rather than copied; none without
+        `reference`) on the default device, its rollout engine started (`rlgen.engines.stop` ends it), then
+        seeded."""
         cfg = self.cfg
-        policy = Policy.from_pretrained(cfg.model, reference=reference, ref_name=ref_name, seed=cfg.seed,
+        itself = reference and ref_name in (None, cfg.model)
+        policy = Policy.from_pretrained(cfg.model, reference=reference and not itself, ref_name=ref_name, seed=cfg.seed,
                                         dtype=resolve_dtype(cfg.dtype)).to(default_device())
+        if itself:  # nothing trains here: the model is its own reference, not a second copy in memory
+            policy.ref_model = policy.model.eval()
         engines.start(policy, cfg)
         torch.manual_seed(cfg.seed)  # after loading: building a model (or converting the GGUF) draws random numbers
         return policy

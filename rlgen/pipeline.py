@@ -9,7 +9,11 @@ its RunConfig was built, so a bad option in a late stage stops the run before th
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import gc
+import math
+import threading
 import time
 from pathlib import Path
 
@@ -24,32 +28,66 @@ from rlgen.config import (
 from rlgen.tracking import leaves_output_dir_as_found, never, prepare_output_dir
 
 
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window for this process (Linux: writing 5 to /proc/self/clear_refs resets VmHWM);
-    elsewhere the peak stays the process's so far."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident set size in GB (10^9 bytes) since the last `reset_peak_rss` (Linux VmHWM),
-    else since it started (getrusage); NaN where neither is available."""
+def _status_gb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in GB (10^9 bytes); NaN where there is none (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024 / 1e9
     except OSError:
         pass
-    try:
-        import resource
-        import sys
+    return math.nan
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
-    except (ImportError, OSError):
-        return float("nan")
+
+class PeakRSS:
+    """The peak resident memory of this process during a `with` block, in GB (`.gb`; NaN off Linux): the process's
+    high-water mark (VmHWM) where the block raised it (exact), else the largest RSS a thread sampled every
+    `interval` seconds. The high-water mark itself is not reset, so GNU time still reports the whole run's."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.gb = interval, math.nan
+
+    def __enter__(self) -> PeakRSS:
+        self._hwm, self._sampled, self._stop = _status_gb("VmHWM"), _status_gb("VmRSS"), threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self._sampled = max(self._sampled, _status_gb("VmRSS"))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        hwm = _status_gb("VmHWM")
+        self.gb = hwm if hwm > self._hwm else max(self._sampled, _status_gb("VmRSS"))
+
+
+# glibc serves allocations below its mmap threshold from the heap, which a freed tensor leaves fragmented and
+# resident; the threshold adapts upwards (to 32 MiB) as large tensors are freed, so a layer's activations all land
+# there. A fixed 1 MiB threshold maps them instead, and freeing returns them (mallopt M_MMAP_THRESHOLD = -3).
+MMAP_THRESHOLD = 1 << 20
+
+
+def map_large_allocations() -> None:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_memory() -> None:
+    """Return what the last stage freed to the system: collect Python's garbage (a trainer and its optimiser
+    states can sit in reference cycles), then glibc's malloc_trim, without which the freed heap stays in
+    this process's resident memory and adds to every later stage's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def training_function(stage: str):
@@ -86,6 +124,7 @@ def run_pipeline(run: RunConfig) -> Path:
     from rlgen.evaluation import run_evaluation
     from rlgen.report import write_run_report
 
+    map_large_allocations()
     out = prepare_output_dir(run.output_dir, run.overwrite_output_dir)
     save_config(run, out)
     eval_template = run.stage_config("evaluate", out, run.model)
@@ -95,12 +134,13 @@ def run_pipeline(run: RunConfig) -> Path:
 
     def evaluate(name: str, model: str) -> None:
         t = time.perf_counter()
-        reset_peak_rss()
         cfg = dataclasses.replace(eval_template, model=model, output_dir=str(out / f"eval_{name}"))
         print(f"[rlgen] evaluating {name} on {cfg.num_prompts} {cfg.split} prompts", flush=True)
-        rows[name] = run_evaluation(cfg, ref_name=run.model)
+        with PeakRSS() as peak:
+            rows[name] = run_evaluation(cfg, ref_name=run.model)
+        release_memory()
         seconds[f"eval_{name}"] = time.perf_counter() - t
-        peak_gb[f"eval_{name}"] = peak_rss_gb()
+        peak_gb[f"eval_{name}"] = peak.gb
 
     evaluate("start", run.model)
     model = run.model
@@ -108,10 +148,11 @@ def run_pipeline(run: RunConfig) -> Path:
         cfg = run.stage_config(stage, out / stage, model)
         print(f"[rlgen] stage {stage}: {cfg.max_steps} steps from {model}", flush=True)
         t = time.perf_counter()
-        reset_peak_rss()
-        training_function(stage)(cfg)
+        with PeakRSS() as peak:
+            training_function(stage)(cfg)
+        release_memory()
         seconds[stage] = time.perf_counter() - t
-        peak_gb[stage] = peak_rss_gb()
+        peak_gb[stage] = peak.gb
         model = str(out / stage)
         evaluate(stage, model)
     from rlgen.data import held_out_note

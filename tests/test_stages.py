@@ -249,3 +249,27 @@ def test_sft_trains_on_conversational_rows(tmp_path, tiny_tokenizer):
     data = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in chats])
     train_sft(SFTConfig(model="tiny", output_dir=str(tmp_path / "sft"), dataset=str(data), max_steps=2, batch_size=4))
     assert [r["loss/sft"] > 0 for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "loss/sft" in r] == [True] * 2
+
+
+def test_an_evaluation_against_the_model_itself_holds_no_second_copy(tiny_folder, tmp_path):
+    """Before, the starting model's evaluation deep-copied it as its own reference: two copies in memory."""
+    from rlgen.config import EvalConfig
+    from rlgen.evaluation import Evaluator
+
+    evaluator = Evaluator(EvalConfig(model=str(tiny_folder), output_dir=str(tmp_path / "e"), num_prompts=2))
+    assert evaluator.load_policy().ref_model is not None
+    itself = evaluator.load_policy(str(tiny_folder))
+    assert itself.ref_model is itself.model
+    other = evaluator.load_policy("tiny")
+    assert other.ref_model is not other.model
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_peak_rss_sees_a_blocks_allocation():
+    from rlgen.pipeline import PeakRSS, _status_gb
+
+    before = _status_gb("VmRSS")
+    with PeakRSS() as peak:
+        block = b"x" * 300_000_000  # written: resident
+        del block
+    assert peak.gb >= before + 0.25
