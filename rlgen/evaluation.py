@@ -146,14 +146,17 @@ _WARNED: set = set()
 def few_prompts_warning(dataset, split: str, n: int) -> str:
     """A warning line for an evaluation on fewer than MIN_EVAL_PROMPTS prompts, saying how to evaluate on more;
     "" from MIN_EVAL_PROMPTS on."""
+    from rlgen.report import MIN_FIT_PROMPTS
+
     if n >= MIN_EVAL_PROMPTS:
         return ""
-    se = "undefined (nan)" if n < 2 else "rough"
+    se = ("standard errors are undefined (nan) with one prompt" if n < 2 else
+          f"standard errors over fewer than {MIN_EVAL_PROMPTS} prompts are rough")
     more = ("" if split == ALL else f"--split {ALL} (every row of the dataset, training prompts included), another "
             "split, or ")
-    return (f"[rlgen] warning: only {n} evaluation prompt{'s' * (n != 1)} in the {split} split; standard errors are "
-            f"{se} below {MIN_EVAL_PROMPTS} prompts (and compare fits no Gao curve below 8): evaluate on more with "
-            f"{more}--dataset <a file or folder of your own>")
+    return (f"[rlgen] warning: only {n} evaluation prompt{'s' * (n != 1)} in the {split} split: {se}, and compare "
+            f"fits no Gao curve below {MIN_FIT_PROMPTS}; evaluate on more with {more}--dataset <a file or folder of "
+            "your own>")
 
 
 class Evaluator:

@@ -163,7 +163,7 @@ def test_a_small_file_warns_and_can_be_evaluated_on_every_row(tmp_path, capsys):
     common = ["evaluate", "--model", "tiny", "--dataset", str(data), "--max_new_tokens", "3"]
     assert main([*common, "--output_dir", str(tmp_path / "test")]) == 0
     out = capsys.readouterr().out
-    assert "warning: only 1 evaluation prompt in the test split; standard errors are undefined (nan)" in out
+    assert "warning: only 1 evaluation prompt in the test split: standard errors are undefined (nan)" in out
     assert "--split all" in out
     assert main([*common, "--split", "all", "--output_dir", str(tmp_path / "all")]) == 0
     out = capsys.readouterr().out
