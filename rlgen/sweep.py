@@ -316,7 +316,7 @@ def _fmt(x, digits=3) -> str:
 
 # A turn (fall > 2 bootstrap SE) from fewer seeds or prompts than these is marked: a bootstrap over one seed
 # resamples prompts only (seed-to-seed variation unseen), and one over a few prompts understates the SE.
-SMALL_SAMPLE_SEEDS, SMALL_SAMPLE_PROMPTS = 2, 32
+SMALL_SAMPLE_SEEDS, SMALL_SAMPLE_PROMPTS = 2, 16
 
 
 def small_sample(row: dict) -> bool:
