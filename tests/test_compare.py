@@ -201,19 +201,19 @@ def test_best_of_n_is_a_method_that_trains_nothing(tmp_path):
     from rlgen.scaling import bon_kl
 
     config = tmp_path / "bon.yaml"
-    config.write_text(yaml.safe_dump(_settings(tmp_path, methods=["bon"], seeds=[0], evaluate={"num_prompts": 3})))
+    config.write_text(yaml.safe_dump(_settings(tmp_path, methods=["bon"], seeds=[0], evaluate={"num_prompts": 8})))
     assert main(["compare", "--config", str(config), "--bon_n", "4"]) == 0
     out = tmp_path / "cmp"
     result = json.loads((out / "runs" / "bon" / "seed0" / "result.json").read_text())
-    assert [(row["step"], row["completions"]) for row in result["evals"]] == [(1, 3), (2, 6), (4, 12)]
+    assert [(row["step"], row["completions"]) for row in result["evals"]] == [(1, 8), (2, 16), (4, 32)]
     assert result["metrics"]["eval/kl"] == bon_kl(4) and result["metrics"]["eval/kl_se"] == 0.0
-    assert result["completions"] == 12 and result["tokens"] > 0 and result["curve"] == []
+    assert result["completions"] == 32 and result["tokens"] > 0 and result["curve"] == []
     assert "eval/gold/sentiment_positive/mean" in result["metrics"]
-    assert len(read_jsonl(out / "runs" / "bon" / "seed0" / "eval" / "eval_samples.jsonl")) == 3
+    assert len(read_jsonl(out / "runs" / "bon" / "seed0" / "eval" / "eval_samples.jsonl")) == 8
     assert not (out / "runs" / "bon" / "seed0" / "config.json").is_file()  # no model: nothing trained
     with open(out / "comparison.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert list(rows) == ["start", "bon"] and rows["bon"]["completions_mean"] == "12"
+    assert list(rows) == ["start", "bon"] and rows["bon"]["completions_mean"] == "32"
     assert rows["bon"]["gold_fit_form"] == "bon" and rows["bon"]["gold_fit_alpha"] != ""  # fitted on n' = 2, 4
     assert rows["bon"]["perplexity_mean"] == ""
     assert (out / "gold_vs_kl.png").read_bytes().startswith(PNG) and "**bon, seed 0**" in (out / "samples.md").read_text()
