@@ -21,6 +21,7 @@ from rlgen.config import (
     save_config,
     with_section_overrides,
 )
+from rlgen.config.fields import fields_of
 from rlgen.tracking import leaves_output_dir_as_found, never, prepare_output_dir
 
 
@@ -38,7 +39,7 @@ def training_function(stage: str):
 def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     """RunConfig from `--config`, flags, and `--<section>.<key> VALUE` overrides of its sections; building it
     checks every section, and every stage's data and a comparison's rewards and TRL options are checked here too."""
-    overrides = parse_section_overrides(extra, ("evaluate", "compare", *TRAINING_STAGES))
+    overrides = parse_section_overrides(extra, ("evaluate", "compare", *TRAINING_STAGES), fields_of(RunConfig))
     run = parse_stage_config(RunConfig, args, args.config)
     run = with_section_overrides(run, overrides)
     from rlgen.data import check_stage_data

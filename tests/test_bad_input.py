@@ -26,6 +26,7 @@ def files(tmp_path):
     (tmp_path / "unknown_key.yaml").write_text("max_stepz: 3\n")
     (tmp_path / "wrong_type.yaml").write_text("learning_rate: fast\n")
     (tmp_path / "eval_key.yaml").write_text("eval_steps: 2\nevaluate: {num_prompt: 4}\n")
+    (tmp_path / "run_section.yaml").write_text("ppo:\n  max_steps: 2\n")
     (tmp_path / "rewards.py").write_text(REWARDS)
     return tmp_path
 
@@ -55,6 +56,17 @@ def _cases(d, tiny):
         ("unknown evaluation option (YAML)", ["--config", str(d / "eval_key.yaml")],
          "ppo option 'evaluate': unknown key 'num_prompt'"),
         ("unknown rollout engine", [*ok, "--rollout_engine", "sglang"], "rollout_engine must be one of hf, vllm"),
+        # issue 30, items 9 and 19: a negative learning rate in scientific notation is a value (argparse took -1e-4
+        # for an option and printed 38 lines), refused with 0 before anything loads (was a torch traceback)
+        ("negative learning rate (=)", [*ok, "--learning_rate=-1e-4"], "learning_rate must be > 0, got -0.0001"),
+        ("negative learning rate (space)", [*ok, "--learning_rate", "-1e-4"], "learning_rate must be > 0, got -0.0001"),
+        ("zero learning rate", [*ok, "--learning_rate", "0"], "learning_rate must be > 0, got 0.0"),
+        ("zero max_steps", [*ok, "--max_steps", "0"], "max_steps must be at least 1, got 0"),
+        ("negative max_steps", [*ok, "--max_steps=-3"], "max_steps must be at least 1, got -3"),
+        ("misspelt flag", [*ok, "--lerning_rate", "1e-4"], "--lerning_rate (did you mean '--learning_rate'?)"),
+        ("misspelt key (YAML)", ["--config", str(d / "unknown_key.yaml")], "'max_stepz' (did you mean 'max_steps'?)"),
+        ("a run file's section without stages", ["--config", str(d / "run_section.yaml")],
+         "unknown key 'ppo': a section, which only a `rlgen run` file has (one with `stages:`, e.g. `stages: [ppo]`)"),
         ("importance cap below 1", [*ok, "--vllm_importance_sampling_cap", "0.5"],
          "vllm_importance_sampling_cap must be -1 (auto), 0 (off) or > 1, got 0.5"),
     ] + ([] if importlib.util.find_spec("vllm") else [

@@ -226,3 +226,25 @@ def test_trainer_stages_get_mixed_precision_flags(monkeypatch):
     assert rlgen.models.mixed_precision_flags("bfloat16") == {"bf16": True, "fp16": False}
     assert rlgen.models.mixed_precision_flags("float16") == {"bf16": False, "fp16": True}
     assert rlgen.models.mixed_precision_flags("float32") == {"bf16": False, "fp16": False}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--learning_rate", "-2e-5"], "learning_rate must be > 0, got -2e-05"),
+    (["seqgan", "--d_learning_rate", "0"], "d_learning_rate must be > 0, got 0.0"),
+    (["reward-model", "train", "--learning_rate", "-1E-3"], "learning_rate must be > 0, got -0.001"),
+    (["compare", "--learning_rate", "-.5"], "learning_rate must be > 0, got -0.5"),
+    (["run", "--stages", "pop"], "stages: unknown stage 'pop' (did you mean 'ppo'?)"),
+    (["run", "--ppo.max_steps", "2"], "section 'ppo' is set but stages ['sft'] does not list it"),
+    (["run", "--stages", "ppo", "--evaluat.num_prompts", "2"], "unknown section 'evaluat' (did you mean 'evaluate'?)"),
+    (["evaluate", "--num_promts", "2"], "unrecognized arguments: --num_promts 2 (did you mean '--num_prompts'?)"),
+], ids=["sft", "seqgan", "reward-model", "compare", "stage", "unused-section", "section", "flag"])
+def test_bad_options_are_one_line_before_anything_loads(tmp_path, capsys, argv, message):
+    """Issue 30 (items 9, 19): learning rates must be > 0 (negative scientific notation is a value, not a flag); a
+    misspelt name suggests the near miss; a run's section for a stage it does not run is refused (it was ignored
+    and the default stage trained)."""
+    from rlgen.cli import main
+
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlgen: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

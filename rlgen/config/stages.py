@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rlgen.config.fields import build_config, is_rows, opt
 from rlgen.errors import UserError
@@ -88,6 +89,15 @@ def at_least(cfg, minimum: float, *names: str) -> None:
             raise UserError(f"{name} must be at least {minimum}, got {getattr(cfg, name)}")
 
 
+def positive(cfg, *names: str) -> None:
+    """UserError naming the first of `names` whose value is not > 0 (a learning rate of 0 trains nothing, a negative
+    one ascends the loss)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise UserError(f"{name} must be > 0, got {value}")
+
+
 def check_schedule(cfg) -> None:
     at_least(cfg, 0, "warmup_ratio")
     if not cfg.warmup_ratio < 1:
@@ -114,13 +124,15 @@ class CommonConfig:
     report_to: list[str] = opt([], "trackers besides metrics.jsonl (their package installed): tensorboard, wandb, "
                                    "mlflow, comet_ml, clearml, dvclive, trackio, swanlab")
     dtype: str = opt("auto", DTYPE_HELP)
+    MIN_STEPS: ClassVar[int] = 0  # the least max_steps; one minimum per stage, so 0 and -3 get the same message
 
     def __post_init__(self):
         self.check()
 
     def check(self) -> None:
         """UserError naming the first bad option (subclasses extend it)."""
-        at_least(self, 0, "max_steps", "save_steps", "threads")
+        at_least(self, self.MIN_STEPS, "max_steps")
+        at_least(self, 0, "save_steps", "threads")
         check_dataset(self)
         check_trackers(self)
         check_hub_model(self)
@@ -288,6 +300,7 @@ class SFTConfig(LoraConfigMixin, CommonConfig):
     def check(self) -> None:
         CommonConfig.check(self)
         at_least(self, 1, "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps")
+        positive(self, "learning_rate")
         check_schedule(self)
 
 
@@ -337,12 +350,14 @@ class PPOConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraConfi
                              "output_dir/eval_steps/step<N>/ (0: off)")
     evaluate: dict = opt({}, "options of the evaluations along training (rlgen evaluate --help: split, num_prompts, "
                              "batch_size, gold_reward, ...); reward and sampling default to this run's")
+    MIN_STEPS: ClassVar[int] = 1
 
     def check(self) -> None:
         CommonConfig.check(self)
         SamplingConfig.check(self)
         check_rewards(self)
-        at_least(self, 1, "max_steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs")
+        at_least(self, 1, "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs")
+        positive(self, "learning_rate")
         at_least(self, 0, "save_total_limit", "kl_coef", "cliprange", "cliprange_value", "target_kl", "eval_steps")
         self.eval_config()
         if self.batch_size % self.mini_batch_size:
@@ -409,11 +424,13 @@ class RewardModelConfig(SamplingConfig, CommonConfig):
     calibration_model: str = opt("none", "policy whose samples on held-out prompts set the normalisation "
                                          "(default, tiny, a folder); none: use held-out texts")
     calibration_samples: int = opt(256, "texts used to measure the raw reward's mean and std")
+    MIN_STEPS: ClassVar[int] = 1
 
     def check(self) -> None:
         CommonConfig.check(self)
         SamplingConfig.check(self)
-        at_least(self, 1, "max_steps", "batch_size", "max_length", "logging_steps")
+        at_least(self, 1, "batch_size", "max_length", "logging_steps")
+        positive(self, "learning_rate")
         at_least(self, 0, "num_pairs", "eval_pairs", "eval_texts", "margin", "center_rewards_coefficient")
         at_least(self, 2, "calibration_samples")
         check_schedule(self)
@@ -531,6 +548,7 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
             raise UserError("model lstm is for task oracle; for text give default, tiny, a folder or a Hub id")
         if self.baseline not in ("none", "mean"):
             raise UserError(f"baseline must be none or mean, got {self.baseline!r}")
+        positive(self, "learning_rate", "mle_learning_rate", "d_learning_rate")
         if not 0.0 <= self.rollout_update_rate < 1.0:
             raise UserError(f"rollout_update_rate must be in [0, 1), got {self.rollout_update_rate}")
         at_least(self, 1, "batch_size", "rollout_num", "seq_len", "num_train", "num_test", "eval_samples",
