@@ -135,3 +135,19 @@ def test_a_bad_input_in_a_real_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("rlgen: error: unknown reward 'nope'")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("split, dataset, splits", [
+    ("all", "chitchat", "train, validation, test"),
+    ("foo", "ok.jsonl", "train, validation, test"),
+    ("test", "folder", "eval, train"),
+])
+def test_an_unknown_split_is_one_line_naming_the_splits(files, capsys, split, dataset, splits):
+    """Issue 30, item 10: was a KeyError (a file) or a FileNotFoundError (the demo data, a folder) traceback."""
+    (files / "folder").mkdir()
+    for name in ("train", "eval"):
+        (files / "folder" / f"{name}.jsonl").write_text('{"prompt": "hi"}\n')
+    data = dataset if dataset == "chitchat" else str(files / dataset)
+    assert main(["evaluate", "--model", "tiny", "--dataset", data, "--split", split, "--output_dir",
+                 str(files / "out")]) == 2
+    assert capsys.readouterr().err == f"rlgen: error: unknown split '{split}': dataset {data} has the splits {splits}\n"
