@@ -22,7 +22,6 @@ Metrics (all under `eval/`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from rlgen import engines, metrics
 from rlgen.checkpoint import preserved_rng
 from rlgen.config import EvalConfig, SamplingConfig, load_yaml, save_config
 from rlgen.data import held_out_note, load_rows
-from rlgen.files import write_jsonl
+from rlgen.files import write_json, write_jsonl
 from rlgen.models import default_device, resolve_dtype, set_threads
 from rlgen.policy import Policy
 from rlgen.rewards import load_reward, reward_columns, score_rewards
@@ -100,7 +99,7 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         folder = Path(output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "eval_samples.jsonl", samples)
-        (folder / "eval_summary.json").write_text(json.dumps(out, indent=2))
+        write_json(folder / "eval_summary.json", out)
     return out
 
 

@@ -39,6 +39,7 @@ import yaml
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+from rlgen.files import write_json
 from rlgen.metrics import paired_difference
 from rlgen.scaling import GaoFit, fit_gao, gao_reward
 
@@ -777,5 +778,5 @@ def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, flo
     lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
-    (folder / "report.json").write_text(json.dumps({"models": rows, "seconds": seconds}, indent=2))
+    write_json(folder / "report.json", {"models": rows, "seconds": seconds})
     return path

@@ -151,3 +151,28 @@ def test_an_unknown_split_is_one_line_naming_the_splits(files, capsys, split, da
     assert main(["evaluate", "--model", "tiny", "--dataset", data, "--split", split, "--output_dir",
                  str(files / "out")]) == 2
     assert capsys.readouterr().err == f"rlgen: error: unknown split '{split}': dataset {data} has the splits {splits}\n"
+
+
+def _strict(text: str):
+    """json.loads refusing NaN and Infinity, as jq and JavaScript do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_summaries_are_valid_json_with_null_for_undefined_numbers(tiny_folder, tmp_path):
+    """Issue 30, item 18: one prompt has no standard error; eval_summary.json held a bare NaN."""
+    import math
+
+    from rlgen.files import read_metrics, write_json
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_folder), "--num_prompts", "1", "--max_new_tokens", "3",
+                 "--output_dir", str(out)]) == 0
+    summary = _strict((out / "eval_summary.json").read_text())
+    undefined = [k for k, v in summary.items() if v is None]
+    assert undefined and all(k.endswith(("_se", "/se")) for k in undefined), summary
+    assert math.isnan(read_metrics(out / "eval_summary.json")[undefined[0]])
+    write_json(tmp_path / "x.json", {"a": [float("inf"), torch.tensor(float("nan")), 1.5], "b": None})
+    assert _strict((tmp_path / "x.json").read_text()) == {"a": [None, None, 1.5], "b": None}
