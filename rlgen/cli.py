@@ -28,6 +28,7 @@ from rlgen.config import (
     SFTConfig,
     SweepConfig,
     add_arguments,
+    check_device_dtype,
     parse_section_overrides,
     parse_stage_config,
     section_names,
@@ -76,6 +77,7 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> None:
 
     overrides = parse_section_overrides(extra, ("evaluate", *SECTION_METHODS), fields_of(CompareConfig))
     cfg = with_section_overrides(parse_stage_config(CompareConfig, args, args.config, section="compare"), overrides)
+    check_device_dtype(cfg.dtype)
     paths = run_compare(cfg)
     print(paths["comparison_md"].read_text())
     print(f"[rlgen] comparison report: {paths['html']}")
@@ -145,6 +147,10 @@ def _dispatch(argv: list[str]) -> None:
     overrides = parse_section_overrides(extra, section_names(cls), fields_of(cls))  # e.g. ppo's --evaluate.num_prompts 8
     cfg = parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_"))
     cfg = with_section_overrides(cfg, overrides)
+    dtypes = ([cfg.compare.get("dtype", "auto"), *(p.dtype for p in cfg.proxy_configs().values())]
+              if name == "sweep" else [cfg.dtype])
+    for dtype in dtypes:
+        check_device_dtype(dtype)
     # reward-model train reads its pairs first thing; a sweep's comparisons check their own data
     if name not in ("reward-model train", "sweep"):
         from rlgen.data import check_stage_data

@@ -19,6 +19,7 @@ import yaml
 from rlgen.config import (
     TRAINING_STAGES,
     RunConfig,
+    check_device_dtype,
     parse_section_overrides,
     parse_stage_config,
     save_config,
@@ -51,10 +52,13 @@ def parse_run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     from rlgen.data import check_stage_data
 
     for section in ("evaluate", *run.stages):
-        check_stage_data(section, run.stage_config(section, Path(run.output_dir), run.model))
+        cfg = run.stage_config(section, Path(run.output_dir), run.model)
+        check_device_dtype(cfg.dtype)
+        check_stage_data(section, cfg)
     if run.compare:
         from rlgen.compare import check_compare_config
 
+        check_device_dtype(run.compare_config().dtype)
         check_compare_config(run.compare_config())
     return run
 

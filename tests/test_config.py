@@ -201,22 +201,39 @@ def test_run_and_compare_pass_their_dtype_to_every_stage():
     assert compare.eval_config("tiny", Path("o"), 0).dtype == "float32"
 
 
-def test_a_dtype_the_device_cannot_run_is_refused_in_one_line(monkeypatch):
+def test_a_dtype_the_device_cannot_run_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    """When the command starts, before anything loads; a config naming it builds on any host (issue 30, item 5:
+    on a CPU without bfloat16 kernels the GPU sweep config did not build, so the suite failed there)."""
     import torch
 
     import rlgen.models
 
     assert rlgen.models.resolve_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(rlgen.models, "_cpu_runs", lambda dtype: False)
+    monkeypatch.setattr(rlgen.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     for name in ("bfloat16", "float16"):
-        with pytest.raises(UserError) as e:
-            build_config(PPOConfig, {"dtype": name}, "x.yaml")
-        assert f"dtype {name}: this CPU has no {name} kernels" in str(e.value) and "\n" not in str(e.value)
+        assert build_config(PPOConfig, {"dtype": name}, "x.yaml").dtype == name
+        for argv in (["ppo", "--model", "tiny"], ["run", "--model", "tiny", "--stages", "ppo"],
+                     ["compare", "--model", "tiny", "--methods", "ppo"], ["evaluate", "--model", "tiny"]):
+            assert main([*argv, "--dtype", name, "--output_dir", str(tmp_path / "out")]) == 2
+            err = capsys.readouterr().err
+            assert err == f"rlgen: error: dtype {name}: this CPU has no {name} kernels (it would be emulated, slower " \
+                          "than float32); use float32 or auto\n", err
+            assert not (tmp_path / "out").exists()
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
     with pytest.raises(UserError, match="^dtype bfloat16: Tesla V100 does not support it; use float16 or float32$"):
         rlgen.models.resolve_dtype("bfloat16", "cuda")
     assert rlgen.models.resolve_dtype("auto", "cuda") == torch.float32
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_builds_on_a_cpu_without_half_precision(path, tmp_path, monkeypatch):
+    """Issue 30, item 5: the suite on a host without bfloat16/float16 kernels (simulated)."""
+    import rlgen.models
+
+    monkeypatch.setattr(rlgen.models, "_cpu_runs", lambda dtype: False)
+    test_every_shipped_config_builds(path, tmp_path)
 
 
 def test_trainer_stages_get_mixed_precision_flags(monkeypatch):

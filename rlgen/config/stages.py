@@ -41,11 +41,22 @@ def check_dataset(cfg) -> None:
                         f"dicts; got {type(cfg.dataset).__name__}")
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 def check_dtype(cfg) -> None:
-    """UserError for a dtype name, or one this machine's device cannot run (imports torch, only here)."""
+    """UserError for a dtype name rlgen does not know. Whether the device runs it is checked when a command starts
+    (`rlgen.models.resolve_dtype`, on the machine that runs it), so that a GPU config builds on any host."""
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"dtype must be auto, bfloat16, float16 or float32, got {cfg.dtype!r}")
+
+
+def check_device_dtype(dtype: str) -> None:
+    """UserError when this machine's device cannot run `dtype`: checked when a command starts, on the machine that
+    runs it (a config names a dtype for any machine), before anything loads or is written."""
     from rlgen.models import resolve_dtype
 
-    resolve_dtype(cfg.dtype)
+    resolve_dtype(dtype)
 
 
 # report_to name -> the packages that provide it (any one will do): the trackers both transformers' Trainer (sft,
@@ -136,7 +147,7 @@ class CommonConfig:
         check_dataset(self)
         check_trackers(self)
         check_hub_model(self)
-        check_dtype(self)  # imports torch: last
+        check_dtype(self)
 
 
 @dataclass(frozen=True)
