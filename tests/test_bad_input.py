@@ -176,3 +176,19 @@ def test_summaries_are_valid_json_with_null_for_undefined_numbers(tiny_folder, t
     assert math.isnan(read_metrics(out / "eval_summary.json")[undefined[0]])
     write_json(tmp_path / "x.json", {"a": [float("inf"), torch.tensor(float("nan")), 1.5], "b": None})
     assert _strict((tmp_path / "x.json").read_text()) == {"a": [None, None, 1.5], "b": None}
+
+
+def test_a_reference_with_another_tokenizer_is_refused_in_one_line(tiny_folder, tmp_path, capsys, monkeypatch):
+    """Issue 30, item 8: `evaluate --model <tiny run> --reference default` gave KL 29.5 and a reference perplexity of
+    42,290, exit 0. The check runs before any model loads; the same tokenizer passes."""
+    import rlgen.models
+    from rlgen.evaluation import check_same_tokenizer
+
+    monkeypatch.setattr(rlgen.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    out, other = tmp_path / "eval", str(rlgen.models.minilm_folder())  # a BERT WordPiece vocabulary
+    assert main(["evaluate", "--model", str(tiny_folder), "--reference", other, "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlgen: error: reference {other}: its tokenizer (") \
+        and f"is not that of model {tiny_folder} (" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    check_same_tokenizer(str(tiny_folder), "tiny")
