@@ -489,8 +489,9 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
     batch_size: int = opt(64, "sequences per generator step, MLE step and D step (task text: 16)")
     max_new_tokens: int = opt(48, "tokens to generate per completion (task text: 16)")
     # oracle task
-    oracle_params: str | None = opt(None, "oracle task: .npz of the oracle LSTM (e.g. the authors' arrays); "
-                                          "default: N(0, 1) parameters from oracle_seed")
+    oracle_params: str | None = opt(None, "oracle task: .npz of the oracle LSTM's arrays (e.g. the authors', "
+                                          "converted: README, SeqGAN); none (default): N(0, 1) parameters drawn "
+                                          "from oracle_seed")
     oracle_seed: int = opt(0, "oracle task: seed of the N(0, 1) oracle")
     vocab_size: int = opt(5000, "oracle task: vocabulary")
     seq_len: int = opt(20, "oracle task: sequence length T")
@@ -571,6 +572,9 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
             raise UserError(f"num_train {self.num_train} is smaller than batch_size {self.batch_size}")
         if any(not t > 0 for t in self.eval_temperatures):
             raise UserError(f"eval_temperatures must be > 0, got {self.eval_temperatures}")
+        if self.oracle_params == "":
+            raise UserError("oracle_params is empty: give an .npz file of the oracle's arrays, or none (the default) "
+                            "for an N(0, 1) oracle drawn from oracle_seed")
         if self.oracle_params is not None and not Path(self.oracle_params).is_file():
             raise UserError(f"oracle_params {self.oracle_params} does not exist")
 
