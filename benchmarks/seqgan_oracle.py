@@ -1,6 +1,9 @@
 """SeqGAN on the paper's synthetic oracle (Yu et al. 2017, Table 1): one JSON line of results and timings.
 
-    python benchmarks/seqgan_oracle.py --preset cpu --oracle-params ../shared/seqgan/oracle_lstm_params.npz
+    python benchmarks/seqgan_oracle.py --preset cpu --oracle-params ORACLE.npz
+
+(ORACLE.npz: the authors' oracle, converted as README "SeqGAN" says; without it, an N(0, 1) oracle from
+--oracle-seed.)
 
 Presets (rlgen.config.PRESETS): paper (the authors' schedule), cpu (the reduced schedule the reference ran
 in 88 min on 2 cores), smoke (a few minutes). Flags override single settings. The JSON line holds NLL-oracle

@@ -10,7 +10,6 @@ bon_kl(n) = log n - (n - 1) / n (rlgen.scaling). Gold reward against sqrt(KL) is
 
 from __future__ import annotations
 
-import json
 import math
 
 from rlgen.config import EvalConfig
@@ -135,7 +134,7 @@ def best_of_n(cfg: EvalConfig, n: int) -> dict:
     from rlgen.config import save_config
     from rlgen.data import held_out_note
     from rlgen.evaluation import Evaluator, reference_replies
-    from rlgen.files import read_jsonl, write_jsonl
+    from rlgen.files import read_jsonl, write_json, write_jsonl
     from rlgen.metrics import sample_metrics
     from rlgen.models import set_threads
     from rlgen.tracking import MetricsWriter, prepare_output_dir
@@ -167,6 +166,6 @@ def best_of_n(cfg: EvalConfig, n: int) -> dict:
         writer.log(metrics, step=k)
         evals.append({"step": k, "completions": k * p, **metrics})
     write_jsonl(out / "eval_samples.jsonl", chosen)
-    (out / "eval_summary.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "eval_summary.json", metrics)
     return {"metrics": metrics, "evals": evals, "samples": chosen, "completions": n * p,
             "tokens": sum(s["length"] for s in drawn)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -27,11 +28,13 @@ from rlgen.config import (
     SFTConfig,
     SweepConfig,
     add_arguments,
+    check_device_dtype,
     parse_section_overrides,
     parse_stage_config,
     section_names,
     with_section_overrides,
 )
+from rlgen.config.fields import fields_of, near_miss
 from rlgen.errors import UserError
 
 # TRL 1.16 passes transformers' renamed `gradient_checkpointing` options itself: a warning users cannot act on.
@@ -72,11 +75,21 @@ def _evaluate(cfg: EvalConfig) -> None:
 def _compare(args: argparse.Namespace, extra: list[str]) -> None:
     from rlgen.compare import run_compare
 
-    overrides = parse_section_overrides(extra, ("evaluate", *SECTION_METHODS))
+    overrides = parse_section_overrides(extra, ("evaluate", *SECTION_METHODS), fields_of(CompareConfig))
     cfg = with_section_overrides(parse_stage_config(CompareConfig, args, args.config, section="compare"), overrides)
+    check_device_dtype(cfg.dtype)
     paths = run_compare(cfg)
     print(paths["comparison_md"].read_text())
     print(f"[rlgen] comparison report: {paths['html']}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with negative numbers in scientific notation taken as values (`--learning_rate -1e-4`): argparse
+    3.11 knows only -1 and -1.5 and reads -1e-4 as an unknown option, then prints its usage (38 lines)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _add_stage(sub, name: str, cls, help_text: str) -> None:
@@ -87,7 +100,7 @@ def _add_stage(sub, name: str, cls, help_text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rlgen", description="Fine-tune pretrained causal LMs with SFT, PPO and SeqGAN; compare them on equal terms.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -129,14 +142,19 @@ def _dispatch(argv: list[str]) -> None:
     name = f"{args.command} {args.action}" if args.command == "reward-model" else args.command
     cls, _, target = STAGES[name]
     if extra and not section_names(cls):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    overrides = parse_section_overrides(extra, section_names(cls))  # e.g. ppo's --evaluate.num_prompts 8
+        flag = extra[0].split("=")[0]
+        raise UserError(f"unrecognized arguments: {' '.join(extra)}{near_miss(flag.lstrip('-'), fields_of(cls), '--')}")
+    overrides = parse_section_overrides(extra, section_names(cls), fields_of(cls))  # e.g. ppo's --evaluate.num_prompts 8
     cfg = parse_stage_config(cls, args, args.config, section=name.split()[0].replace("-", "_"))
     if name == "evaluate":  # a run folder's rewards, data and sampling in place of the defaults
         from rlgen.evaluation import run_defaults
 
         cfg = parse_stage_config(cls, args, args.config, section="evaluate", base=run_defaults(cfg.model))
     cfg = with_section_overrides(cfg, overrides)
+    dtypes = ([cfg.compare.get("dtype", "auto"), *(p.dtype for p in cfg.proxy_configs().values())]
+              if name == "sweep" else [cfg.dtype])
+    for dtype in dtypes:
+        check_device_dtype(dtype)
     # reward-model train reads its pairs first thing; a sweep's comparisons check their own data
     if name not in ("reward-model train", "sweep"):
         from rlgen.data import check_stage_data

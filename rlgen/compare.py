@@ -67,7 +67,7 @@ from rlgen.config import (
     to_dict,
 )
 from rlgen.errors import UserError
-from rlgen.files import read_jsonl
+from rlgen.files import read_jsonl, read_metrics
 from rlgen.tracking import leaves_output_dir_as_found
 
 
@@ -256,7 +256,7 @@ def _final_evaluation(cfg: CompareConfig, model: str, start: str, run_dir: Path,
     if not (last / "eval_summary.json").is_file():
         return _evaluate(cfg, model, start, run_dir / "eval", seed)
     shutil.copytree(last, run_dir / "eval")
-    metrics = json.loads((last / "eval_summary.json").read_text())
+    metrics = read_metrics(last / "eval_summary.json")
     return metrics, read_jsonl(last / "eval_samples.jsonl"), 0.0
 
 

@@ -201,6 +201,7 @@ def _given_rows(dataset, split: str | None) -> list[dict]:
     if not rows:
         raise UserError(f"dataset {name} is empty")
     if split is not None:
+        _check_split(name, split, SPLITS)
         every = len(rows)
         rows = file_splits(name, rows)[split]  # as a single file's, the row-rank fallback included
         if not rows:
@@ -249,6 +250,20 @@ def _read_folder(path: Path, split: str) -> list[dict]:
     return ds.to_list()
 
 
+def _check_split(dataset, split: str, known) -> None:
+    """UserError naming the splits of `dataset` when `split` is not one of them (was a KeyError or a missing file)."""
+    if split not in known:
+        raise UserError(f"unknown split {split!r}: dataset {dataset} has the splits {', '.join(known)}")
+
+
+def _folder_splits(path: Path) -> list[str]:
+    """The splits of a folder: its `<split>.jsonl/.csv` files, else a saved DatasetDict's (dataset_dict.json)."""
+    files = sorted({p.stem for ext in ("jsonl", "csv") for p in path.glob(f"*.{ext}")})
+    if files or not (path / "dataset_dict.json").is_file():
+        return files
+    return json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+
+
 def load_rows(dataset, split: str = "train", columns: tuple[str, ...] = ("prompt",)) -> list[dict]:
     """Rows of `dataset` (`chitchat`, a .jsonl/.csv file, a folder, or rows given in Python) that must have `columns`.
 
@@ -274,6 +289,7 @@ def load_rows(dataset, split: str = "train", columns: tuple[str, ...] = ("prompt
         path = rows_name(dataset)
         rows = _given_rows(dataset, split)
     elif dataset in ("chitchat", "default"):
+        _check_split(dataset, split, SPLITS)
         path = chitchat_folder()
         rows = read_jsonl(path / f"{split}.jsonl")
     else:
@@ -281,8 +297,12 @@ def load_rows(dataset, split: str = "train", columns: tuple[str, ...] = ("prompt
         if not path.exists():
             raise UserError(f"dataset {dataset} does not exist")
         if path.is_dir():
+            found = _folder_splits(path)
+            if found:
+                _check_split(path, split, found)
             rows = _read_folder(path, split)
         else:
+            _check_split(path, split, SPLITS)
             every = read_rows(path, columns)
             rows = file_splits(path, every)[split]
             if not rows:

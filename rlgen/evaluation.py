@@ -22,7 +22,6 @@ Metrics (all under `eval/`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from rlgen.config import EvalConfig, SamplingConfig, load_yaml, save_config
 from rlgen.config.fields import recorded
 from rlgen.data import ALL, held_out_note, load_rows
 from rlgen.errors import UserError
-from rlgen.files import write_jsonl
-from rlgen.models import default_device, resolve_dtype, set_threads
+from rlgen.files import write_json, write_jsonl
+from rlgen.models import default_device, load_tokenizer, resolve_dtype, set_threads
 from rlgen.policy import Policy
 from rlgen.rewards import load_reward, reward_columns, score_rewards
 from rlgen.text import prompt_of
@@ -102,7 +101,7 @@ def evaluate_policy(policy: Policy, prompts: list[str], reward_fns: list,
         folder = Path(output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "eval_samples.jsonl", samples)
-        (folder / "eval_summary.json").write_text(json.dumps(out, indent=2))
+        write_json(folder / "eval_summary.json", out)
     return out
 
 
@@ -216,6 +215,18 @@ class Evaluator:
         return {"completions/generated": completions, **metrics}
 
 
+def check_same_tokenizer(model: str, reference: str) -> None:
+    """UserError when `reference` tokenizes differently from `model`: eval/kl and eval/perplexity_ref compare the
+    two token by token, so another vocabulary gives numbers without meaning (issue 30: KL 29.5, perplexity 42,290)."""
+    if reference == model:
+        return
+    ours, theirs = load_tokenizer(model).get_vocab(), load_tokenizer(reference).get_vocab()
+    if ours != theirs:
+        raise UserError(f"reference {reference}: its tokenizer ({len(theirs)} tokens) is not that of model {model} "
+                        f"({len(ours)} tokens), and eval/kl compares the two token by token: give a reference with "
+                        "the model's tokenizer, e.g. the model it was trained from")
+
+
 def reference_of(cfg: EvalConfig) -> tuple[str, str]:
     """The reference model of an evaluation and where it comes from: `cfg.reference`, else the model a run folder's
     config.yaml started from (an rlgen training run saves its options there), else the model itself."""
@@ -281,6 +292,7 @@ def run_evaluation(cfg: EvalConfig, ref_name: str | None = None, log_step: int =
     set_threads(cfg.threads)
     reference, why = (ref_name, "the starting model") if ref_name else reference_of(cfg)
     cfg = dataclasses.replace(cfg, reference=reference)  # config.yaml records the reference used
+    check_same_tokenizer(cfg.model, reference)
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     evaluator = Evaluator(cfg)  # rewards and prompts before anything is written
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)

@@ -4,6 +4,7 @@ CLI import it)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -44,6 +45,31 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     tmp.replace(path)
+
+
+def finite_or_none(value):
+    """`value` with every NaN or infinite float (numpy and 0-d torch scalars too) replaced by None, through lists and
+    mappings: JSON has no NaN (json.dumps writes a bare `NaN` that strict readers such as jq and JavaScript reject),
+    so an undefined number, e.g. the standard error of one prompt, is written as null."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    """Write `obj` as strictly valid JSON: non-finite numbers as null (`finite_or_none`), other objects by str."""
+    Path(path).write_text(json.dumps(finite_or_none(obj), indent=indent, allow_nan=False, default=str) + "\n")
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A flat {name: value} file `write_json` wrote, with null read back as NaN (a metric that was not defined)."""
+    return {k: float("nan") if v is None else v for k, v in json.loads(Path(path).read_text()).items()}
 
 
 def is_hub_id(name: str | Path) -> bool:

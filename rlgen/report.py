@@ -39,6 +39,7 @@ import yaml
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+from rlgen.files import write_json
 from rlgen.metrics import paired_difference
 from rlgen.scaling import GaoFit, fit_gao, gao_reward
 
@@ -867,6 +868,5 @@ def write_run_report(folder: Path, rows: dict[str, dict], seconds: dict[str, flo
                   + ", ".join(f"{k} {v:.2f}" for k, v in peak_gb.items()), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
-    (folder / "report.json").write_text(json.dumps({"models": rows, "seconds": seconds, "peak_rss_gb": peak_gb or {}},
-                                                   indent=2))
+    write_json(folder / "report.json", {"models": rows, "seconds": seconds, "peak_rss_gb": peak_gb or {}})
     return path

@@ -53,8 +53,12 @@ from rlgen.config.fields import recorded, rows_name
 from rlgen.data import file_splits, load_rows, read_rows
 from rlgen.distributed import refuse_unsharded_launch
 from rlgen.errors import UserError
-from rlgen.files import write_jsonl
-from rlgen.models import load_reward_base, mixed_precision_flags, set_threads
+from rlgen.files import write_json, write_jsonl
+from rlgen.models import (
+    load_reward_base,
+    mixed_precision_flags,
+    set_threads,
+)
 from rlgen.rewards import LearnedReward, load_reward, score_rewards
 from rlgen.rewards.learned import NORMALISATION_FILE, scored_text
 from rlgen.text import is_conversation, prompt_of
@@ -447,7 +451,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     gain, bias = normalisation(raw)
     norm = {"gain": gain, "bias": bias, "raw_mean": float(np.mean(raw)), "raw_std": float(np.std(raw)),
             "calibration_model": cfg.calibration_model, "calibration_samples": len(calibration)}
-    (out / NORMALISATION_FILE).write_text(json.dumps(norm, indent=2) + "\n")
+    write_json(out / NORMALISATION_FILE, norm)
     write_jsonl(out / CALIBRATION_FILE, [{**t, "raw_reward": r} for t, r in zip(calibration, raw)])
     calibration_s = time.perf_counter() - calibration_start
 
@@ -469,7 +473,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
                    "total": metrics["time/total"]},
         "steps": trainer.state.global_step, "batch_size": cfg.batch_size, "threads": cfg.threads,
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / SUMMARY_FILE, summary)
     acc, rho = metrics["eval/pairwise_accuracy"], metrics.get("eval/gold_spearman")
     print(f"[rlgen] reward model: held-out pairwise accuracy {accuracy_text(acc, len(eval_pairs))}"
           + (f", gold spearman {rho:.3f}" if rho is not None else "")

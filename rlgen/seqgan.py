@@ -68,7 +68,7 @@ from rlgen.checkpoint import (
 from rlgen.config import SeqGANConfig, apply_preset, save_config, to_dict
 from rlgen.discriminator import discriminator, load_discriminator, real_logit, train_discriminator
 from rlgen.errors import UserError
-from rlgen.files import read_jsonl, write_jsonl
+from rlgen.files import read_jsonl, write_json, write_jsonl
 from rlgen.models import default_device, set_threads
 from rlgen.policy import Policy
 from rlgen.seqgan_tasks import TASKS
@@ -424,7 +424,7 @@ def train_seqgan(cfg: SeqGANConfig, policy: Policy | None = None) -> SeqGANResul
     policy.save(out, value_head=False)  # the policy gradient trains no value head
     d.save(out / "discriminator")
     summary["s_total"] = total()
-    (out / "seqgan_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out / "seqgan_summary.json", summary)
     result = result_line(summary)
     print(f"[seqgan] {result + '; ' if result else ''}done in {summary['s_total'] / 60:.1f} min; summary in "
           f"{out / 'seqgan_summary.json'}", flush=True)

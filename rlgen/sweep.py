@@ -33,7 +33,7 @@ import numpy as np
 
 from rlgen.config import CompareConfig, RewardModelConfig, SweepConfig, load_yaml, save_config, to_dict
 from rlgen.errors import UserError
-from rlgen.files import read_jsonl
+from rlgen.files import read_jsonl, write_json
 
 BON = "bon"
 
@@ -346,7 +346,7 @@ def write_sweep_report(cfg: SweepConfig, proxies: list[Proxy], seconds: dict) ->
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "sweep.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1, default=str))
+    write_json(out / "sweep.json", {"rows": rows, "seconds": seconds}, indent=1)
     lines = [f"# Over-optimisation sweep: gold `{data['gold']}` against proxy quality", "",
              "| proxy | pairs | held-out accuracy | method | KL reached | gold: start → peak ± SE (at KL) | fall from peak "
              "by the end | turned (fall > 2 SE) | fit α, β | fitted peak KL [95% CI] |",

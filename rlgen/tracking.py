@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import math
@@ -38,8 +39,22 @@ def has_checkpoint(folder: Path) -> bool:
     return bool(complete_checkpoints(folder)) or any((folder / "checkpoints").glob("checkpoint-*"))
 
 
-def never(folder: Path) -> bool:
-    return False
+# What rlgen writes at the top of an output folder (fnmatch patterns): a failed run removes only new entries so
+# named, never a file someone else made there meanwhile (issue 30: it removed every entry that appeared). The model
+# files are those of transformers' save_pretrained, PEFT's and TRL's Trainer (checkpoints, model card).
+OWN_ENTRIES = (
+    "config.yaml", "compare_config.yaml", "run_state.json", "metrics.jsonl", "*.tmp*", "checkpoint-*", "checkpoints",
+    "eval", "eval_*", "sft", "ppo", "seqgan", "runs", "proxies", "start_model", "all_samples", "discriminator",
+    "critic", "adapter", "report.*", "comparison.*", "samples.md", "*.png", "sweep.*", "result.json",
+    "*_summary.json", "calibration.jsonl", "rlgen_reward.json", "preference_pairs.jsonl", "config.json",
+    "generation_config.json", "*.safetensors", "*.safetensors.index.json", "adapter_*", "tokenizer*",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
+    "training_args.bin", "README.md", "optimizer*.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
+)
+
+
+def is_own_entry(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OWN_ENTRIES)
 
 
 def leaves_output_dir_as_found(resumable: Callable[[Path], bool] = has_checkpoint):
@@ -71,7 +86,15 @@ def leaves_output_dir_as_found(resumable: Callable[[Path], bool] = has_checkpoin
 
 
 def _remove_new(folder: Path, before: set[Path], made: list[Path]) -> None:
-    for path in set(folder.iterdir()) - before:
+    """Remove the entries this run made (new since it started, named as rlgen names its outputs), then the folders
+    it made that are empty now; anything else stays, said in one line."""
+    new = set(folder.iterdir()) - before
+    others = sorted(p.name for p in new if not is_own_entry(p.name))
+    if others:
+        print(f"[rlgen] kept {', '.join(others)} in {folder}: not written by this run", flush=True)
+    for path in new:
+        if not is_own_entry(path.name):
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:

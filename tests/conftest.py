@@ -92,17 +92,10 @@ def tiny_reward_models(tmp_path_factory):
 
 
 def load_shipped_yaml(path, tmp_path) -> dict:
-    """An experiment/recipe YAML's values; an `oracle_params` file missing here (../shared is not beside every
-    clone) is replaced by an empty one in `tmp_path`, since only the values' validity is under test."""
-    from pathlib import Path
-
+    """An experiment/recipe YAML's values, as a clone has them (every file they name is in the repository)."""
     from rlgen.config import load_yaml
 
-    data = load_yaml(str(path))
-    if data.get("oracle_params") and not Path(data["oracle_params"]).is_file():
-        (tmp_path / "oracle.npz").touch()
-        data["oracle_params"] = str(tmp_path / "oracle.npz")
-    return data
+    return load_yaml(str(path))
 
 
 def opinionated_copy(folder, tmp_path):

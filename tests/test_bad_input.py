@@ -26,6 +26,7 @@ def files(tmp_path):
     (tmp_path / "unknown_key.yaml").write_text("max_stepz: 3\n")
     (tmp_path / "wrong_type.yaml").write_text("learning_rate: fast\n")
     (tmp_path / "eval_key.yaml").write_text("eval_steps: 2\nevaluate: {num_prompt: 4}\n")
+    (tmp_path / "run_section.yaml").write_text("ppo:\n  max_steps: 2\n")
     (tmp_path / "rewards.py").write_text(REWARDS)
     return tmp_path
 
@@ -58,6 +59,17 @@ def _cases(d, tiny):
          "rollout_engine vllm: model tiny has attention heads of size 16, and vLLM's attention kernels take sizes "
          "from 32 up: use rollout_engine hf with it"),
         ("unknown rollout engine", [*ok, "--rollout_engine", "sglang"], "rollout_engine must be one of hf, vllm"),
+        # issue 30, items 9 and 19: a negative learning rate in scientific notation is a value (argparse took -1e-4
+        # for an option and printed 38 lines), refused with 0 before anything loads (was a torch traceback)
+        ("negative learning rate (=)", [*ok, "--learning_rate=-1e-4"], "learning_rate must be > 0, got -0.0001"),
+        ("negative learning rate (space)", [*ok, "--learning_rate", "-1e-4"], "learning_rate must be > 0, got -0.0001"),
+        ("zero learning rate", [*ok, "--learning_rate", "0"], "learning_rate must be > 0, got 0.0"),
+        ("zero max_steps", [*ok, "--max_steps", "0"], "max_steps must be at least 1, got 0"),
+        ("negative max_steps", [*ok, "--max_steps=-3"], "max_steps must be at least 1, got -3"),
+        ("misspelt flag", [*ok, "--lerning_rate", "1e-4"], "--lerning_rate (did you mean '--learning_rate'?)"),
+        ("misspelt key (YAML)", ["--config", str(d / "unknown_key.yaml")], "'max_stepz' (did you mean 'max_steps'?)"),
+        ("a run file's section without stages", ["--config", str(d / "run_section.yaml")],
+         "unknown key 'ppo': a section, which only a `rlgen run` file has (one with `stages:`, e.g. `stages: [ppo]`)"),
         ("importance cap below 1", [*ok, "--vllm_importance_sampling_cap", "0.5"],
          "vllm_importance_sampling_cap must be -1 (auto), 0 (off) or > 1, got 0.5"),
     ] + ([] if importlib.util.find_spec("vllm") else [
@@ -126,3 +138,60 @@ def test_a_bad_input_in_a_real_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("rlgen: error: unknown reward 'nope'")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("split, dataset, splits", [
+    ("all", "chitchat", "train, validation, test"),
+    ("foo", "ok.jsonl", "train, validation, test"),
+    ("test", "folder", "eval, train"),
+])
+def test_an_unknown_split_is_one_line_naming_the_splits(files, capsys, split, dataset, splits):
+    """Issue 30, item 10: was a KeyError (a file) or a FileNotFoundError (the demo data, a folder) traceback."""
+    (files / "folder").mkdir()
+    for name in ("train", "eval"):
+        (files / "folder" / f"{name}.jsonl").write_text('{"prompt": "hi"}\n')
+    data = dataset if dataset == "chitchat" else str(files / dataset)
+    assert main(["evaluate", "--model", "tiny", "--dataset", data, "--split", split, "--output_dir",
+                 str(files / "out")]) == 2
+    assert capsys.readouterr().err == f"rlgen: error: unknown split '{split}': dataset {data} has the splits {splits}\n"
+
+
+def _strict(text: str):
+    """json.loads refusing NaN and Infinity, as jq and JavaScript do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_summaries_are_valid_json_with_null_for_undefined_numbers(tiny_folder, tmp_path):
+    """Issue 30, item 18: one prompt has no standard error; eval_summary.json held a bare NaN."""
+    import math
+
+    from rlgen.files import read_metrics, write_json
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_folder), "--num_prompts", "1", "--max_new_tokens", "3",
+                 "--output_dir", str(out)]) == 0
+    summary = _strict((out / "eval_summary.json").read_text())
+    undefined = [k for k, v in summary.items() if v is None]
+    assert undefined and all(k.endswith(("_se", "/se")) for k in undefined), summary
+    assert math.isnan(read_metrics(out / "eval_summary.json")[undefined[0]])
+    write_json(tmp_path / "x.json", {"a": [float("inf"), torch.tensor(float("nan")), 1.5], "b": None})
+    assert _strict((tmp_path / "x.json").read_text()) == {"a": [None, None, 1.5], "b": None}
+
+
+def test_a_reference_with_another_tokenizer_is_refused_in_one_line(tiny_folder, tmp_path, capsys, monkeypatch):
+    """Issue 30, item 8: `evaluate --model <tiny run> --reference default` gave KL 29.5 and a reference perplexity of
+    42,290, exit 0. The check runs before any model loads; the same tokenizer passes."""
+    import rlgen.models
+    from rlgen.evaluation import check_same_tokenizer
+
+    monkeypatch.setattr(rlgen.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    out, other = tmp_path / "eval", str(rlgen.models.minilm_folder())  # a BERT WordPiece vocabulary
+    assert main(["evaluate", "--model", str(tiny_folder), "--reference", other, "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlgen: error: reference {other}: its tokenizer (") \
+        and f"is not that of model {tiny_folder} (" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    check_same_tokenizer(str(tiny_folder), "tiny")

@@ -201,22 +201,39 @@ def test_run_and_compare_pass_their_dtype_to_every_stage():
     assert compare.eval_config("tiny", Path("o"), 0).dtype == "float32"
 
 
-def test_a_dtype_the_device_cannot_run_is_refused_in_one_line(monkeypatch):
+def test_a_dtype_the_device_cannot_run_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    """When the command starts, before anything loads; a config naming it builds on any host (issue 30, item 5:
+    on a CPU without bfloat16 kernels the GPU sweep config did not build, so the suite failed there)."""
     import torch
 
     import rlgen.models
 
     assert rlgen.models.resolve_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(rlgen.models, "_cpu_runs", lambda dtype: False)
+    monkeypatch.setattr(rlgen.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     for name in ("bfloat16", "float16"):
-        with pytest.raises(UserError) as e:
-            build_config(PPOConfig, {"dtype": name}, "x.yaml")
-        assert f"dtype {name}: this CPU has no {name} kernels" in str(e.value) and "\n" not in str(e.value)
+        assert build_config(PPOConfig, {"dtype": name}, "x.yaml").dtype == name
+        for argv in (["ppo", "--model", "tiny"], ["run", "--model", "tiny", "--stages", "ppo"],
+                     ["compare", "--model", "tiny", "--methods", "ppo"], ["evaluate", "--model", "tiny"]):
+            assert main([*argv, "--dtype", name, "--output_dir", str(tmp_path / "out")]) == 2
+            err = capsys.readouterr().err
+            assert err == f"rlgen: error: dtype {name}: this CPU has no {name} kernels (it would be emulated, slower " \
+                          "than float32); use float32 or auto\n", err
+            assert not (tmp_path / "out").exists()
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
     with pytest.raises(UserError, match="^dtype bfloat16: Tesla V100 does not support it; use float16 or float32$"):
         rlgen.models.resolve_dtype("bfloat16", "cuda")
     assert rlgen.models.resolve_dtype("auto", "cuda") == torch.float32
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_builds_on_a_cpu_without_half_precision(path, tmp_path, monkeypatch):
+    """Issue 30, item 5: the suite on a host without bfloat16/float16 kernels (simulated)."""
+    import rlgen.models
+
+    monkeypatch.setattr(rlgen.models, "_cpu_runs", lambda dtype: False)
+    test_every_shipped_config_builds(path, tmp_path)
 
 
 def test_trainer_stages_get_mixed_precision_flags(monkeypatch):
@@ -226,3 +243,25 @@ def test_trainer_stages_get_mixed_precision_flags(monkeypatch):
     assert rlgen.models.mixed_precision_flags("bfloat16") == {"bf16": True, "fp16": False}
     assert rlgen.models.mixed_precision_flags("float16") == {"bf16": False, "fp16": True}
     assert rlgen.models.mixed_precision_flags("float32") == {"bf16": False, "fp16": False}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--learning_rate", "-2e-5"], "learning_rate must be > 0, got -2e-05"),
+    (["seqgan", "--d_learning_rate", "0"], "d_learning_rate must be > 0, got 0.0"),
+    (["reward-model", "train", "--learning_rate", "-1E-3"], "learning_rate must be > 0, got -0.001"),
+    (["compare", "--learning_rate", "-.5"], "learning_rate must be > 0, got -0.5"),
+    (["run", "--stages", "pop"], "stages: unknown stage 'pop' (did you mean 'ppo'?)"),
+    (["run", "--ppo.max_steps", "2"], "section 'ppo' is set but stages ['sft'] does not list it"),
+    (["run", "--stages", "ppo", "--evaluat.num_prompts", "2"], "unknown section 'evaluat' (did you mean 'evaluate'?)"),
+    (["evaluate", "--num_promts", "2"], "unrecognized arguments: --num_promts 2 (did you mean '--num_prompts'?)"),
+], ids=["sft", "seqgan", "reward-model", "compare", "stage", "unused-section", "section", "flag"])
+def test_bad_options_are_one_line_before_anything_loads(tmp_path, capsys, argv, message):
+    """Issue 30 (items 9, 19): learning rates must be > 0 (negative scientific notation is a value, not a flag); a
+    misspelt name suggests the near miss; a run's section for a stage it does not run is refused (it was ignored
+    and the default stage trained)."""
+    from rlgen.cli import main
+
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlgen: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,8 @@ import torch
 
 from rlgen.checkpoint import MARKER, TrainingInterrupted
 from rlgen.cli import main
-from rlgen.tracking import leaves_output_dir_as_found, never
+from rlgen.files import read_jsonl
+from rlgen.tracking import leaves_output_dir_as_found
 
 torch.set_num_threads(1)
 
@@ -35,7 +36,7 @@ def _failing(write, exc=None, resumable=None):
 def test_a_failed_run_removes_its_folder_and_the_parents_it_made(tmp_path):
     out = tmp_path / "runs" / "a" / "out"
     with pytest.raises(RuntimeError, match="boom"):
-        _failing(lambda f: (f / "sub").mkdir())(SimpleNamespace(output_dir=str(out)))
+        _failing(lambda f: (f / "eval_steps").mkdir())(SimpleNamespace(output_dir=str(out)))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -59,10 +60,22 @@ def test_a_run_with_a_checkpoint_is_kept_for_resume(tmp_path, checkpoint):
     with pytest.raises(RuntimeError):
         _failing(write_checkpoint)(SimpleNamespace(output_dir=str(tmp_path / "out")))
     assert (tmp_path / "out" / "config.yaml").is_file() and (tmp_path / "out" / checkpoint / MARKER).is_file()
-    # rlgen run has no resume: its folder goes whatever it holds
+
+
+def test_a_failed_run_removes_only_what_it_wrote(tmp_path, capsys):
+    """Issue 30, item 4: a file someone else made in the folder while the run ran stays (it was removed)."""
+    out = tmp_path / "runs" / "out"
+
+    def write(folder):
+        (folder / "metrics.jsonl").write_text("{}\n")
+        (folder / "checkpoint-1.tmp-7").mkdir()
+        (folder / "notes.txt").write_text("mine")  # the user's, or another job's
+        (folder / "other_job").mkdir()
+
     with pytest.raises(RuntimeError):
-        _failing(write_checkpoint, resumable=never)(SimpleNamespace(output_dir=str(tmp_path / "run")))
-    assert not (tmp_path / "run").exists()
+        _failing(write)(SimpleNamespace(output_dir=str(out)))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "other_job"]
+    assert capsys.readouterr().out == f"[rlgen] kept notes.txt, other_job in {out}: not written by this run\n"
 
 
 def test_an_interrupted_run_keeps_its_checkpoint(tmp_path):
@@ -154,3 +167,38 @@ def test_a_stage_command_reads_its_data_before_its_training_module_loads(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith(f"rlgen: error: dataset {data} ") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_keeps_its_finished_steps_and_checkpoints_and_the_same_command_continues(
+        tiny_folder, tmp_path, capsys):
+    """Issue 30, item 3: the reward fails on the second PPO update, after checkpoint-1; the run folder went whole
+    (the start's evaluation, the checkpoint). Now it stays, and the same command skips the start's evaluation and
+    resumes PPO from checkpoint-1."""
+    calls, broken = tmp_path / "calls", tmp_path / "broken"
+    broken.touch()
+    (tmp_path / "late.py").write_text(
+        "import os\n\n\ndef late(completions, **kwargs):\n"
+        f"    with open({str(calls)!r}, 'a') as f:\n        f.write('x')\n"
+        f"    if os.path.exists({str(broken)!r}) and os.path.getsize({str(calls)!r}) >= 3:\n"
+        "        raise RuntimeError('reward server down')\n"
+        "    return [0.5] * len(completions)\n")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say something {i}"}) + "\n" for i in range(16)))
+    out = tmp_path / "run"
+    argv = [*_argv("run", tiny_folder, data, f"{tmp_path / 'late.py'}:late", str(out)), "--ppo.max_steps", "2",
+            "--ppo.save_steps", "1"]
+    assert main(argv) == 2  # calls: the start's evaluation, update 1 (checkpoint-1), update 2 raises
+    captured = capsys.readouterr()
+    assert "reward server down" in captured.err.strip().splitlines()[-1]
+    assert f"[rlgen] kept {out} with what this run finished and its checkpoints" in captured.out
+    assert (out / "eval_start" / "eval_summary.json").is_file() and (out / "ppo" / "checkpoint-1" / MARKER).is_file()
+    broken.unlink()
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "[rlgen] continuing the run in" in printed and "evaluating start" not in printed
+    assert "stage ppo: 2 steps from" in printed and "(resuming from its latest checkpoint)" in printed
+    assert [row["step"] for row in read_jsonl(out / "ppo" / "metrics.jsonl")] == [1, 2]
+    assert (out / "report.md").is_file() and (out / "eval_ppo" / "eval_summary.json").is_file()
+    # other settings in that folder: one line, nothing touched
+    assert main([*argv, "--ppo.learning_rate", "3e-5"]) == 2
+    assert "holds a run with other settings (ppo:" in capsys.readouterr().err

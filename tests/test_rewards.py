@@ -382,7 +382,8 @@ def test_score_rewards_bad_weights():
 
 def test_reward_mean_metrics():
     metrics = reward_mean_metrics({"a": [1.0, None, 2.0], "b": [None, None], "c": [-1.0]})
-    assert metrics == {"rewards/a/mean": 1.5, "rewards/c/mean": -1.0}
+    assert metrics == {"rewards/a/mean": 1.5, "rewards/a/none_fraction": 1 / 3, "rewards/b/none_fraction": 1.0,
+                       "rewards/c/mean": -1.0}
 
 
 # ---------------------------------------------------------------- LearnedReward
@@ -583,3 +584,23 @@ def test_reward_columns_pass_the_datasets_own_completion_as_reference_completion
     rows = [{"prompt": "p", "completion": "gold reply", "topic": "x"}]
     assert reward_columns(rows) == {"topic": ["x"], "reference_completion": ["gold reply"]}
     assert reward_columns([{"prompt": "p", "topic": "x"}]) == {"topic": ["x"]}
+
+
+def test_a_reward_of_none_is_warned_once_and_its_share_logged(tiny_folder, tmp_path, capsys):
+    """Issue 30, item 13: a reward returning None for every sample trained silently at score 0."""
+    import json
+
+    from rlgen.cli import main
+    from rlgen.files import read_jsonl
+    (tmp_path / "absent.py").write_text("def absent(completions, **kwargs):\n    return [None] * len(completions)\n")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say something {i}"}) + "\n" for i in range(16)))
+    out = tmp_path / "out"
+    assert main(["ppo", "--model", str(tiny_folder), "--dataset", str(data), "--reward", f"{tmp_path}/absent.py:absent",
+                 "--max_steps", "2", "--batch_size", "2", "--mini_batch_size", "2", "--ppo_epochs", "1",
+                 "--max_new_tokens", "3", "--output_dir", str(out)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "returned None" in line]
+    assert warned == ["[rlgen] warning: reward 'absent' returned None for all 2 completions of a batch, so it adds "
+                      "nothing to their score (None means 'does not apply'); rewards/absent/none_fraction logs the "
+                      "share"]
+    assert [row.get("rewards/absent/none_fraction") for row in read_jsonl(out / "metrics.jsonl")] == [1.0, 1.0]

@@ -113,7 +113,11 @@ def test_score_rewards_reports_every_member_under_the_ensembles_name(members):
     assert reward_mean_metrics(per_fn) == {
         "rewards/ensemble/mean": 1.0, "rewards/ensemble/a/mean": 1.0, "rewards/ensemble/b/mean": 2.5,
         "rewards/ensemble/a_2/mean": 1.0, "rewards/keyword/mean": 0.25, "rewards/ensemble_2/mean": 8 / 3,
-        "rewards/ensemble_2/c/mean": 8 / 3}
+        "rewards/ensemble_2/c/mean": 8 / 3,
+        # the share of None (issue 30, item 13): sample 3 has no member's value, sample 2 none of b's
+        **{f"rewards/{k}/none_fraction": v for k, v in {
+            "ensemble": 0.25, "ensemble/a": 0.25, "ensemble/b": 0.5, "ensemble/a_2": 0.25, "ensemble_2": 0.25,
+            "ensemble_2/c": 0.25}.items()}}
 
 
 def test_an_ensemble_inside_an_ensemble_reports_its_members_too(members):

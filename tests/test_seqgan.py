@@ -341,6 +341,21 @@ def test_experiment_files_are_valid_configs(name, tmp_path):
     assert cfg.task in ("oracle", "text")
     if cfg.task == "oracle":
         assert (cfg.mle_epochs, cfg.d_pretrain_rounds, cfg.max_steps, cfg.rollout_num) == (50, 5, 33, 16)
+        assert cfg.oracle_params is None  # issue 30, item 7: it named ../shared, outside the repository
+
+
+def test_oracle_params_empty_or_none(capsys):
+    """Issue 30, item 7: `--oracle_params ""` said "oracle_params  does not exist"; `none` is the seeded oracle."""
+    from rlgen.cli import main
+
+    assert main(["seqgan", "--task", "oracle", "--model", "lstm", "--oracle_params", ""]) == 2
+    assert capsys.readouterr().err == ("rlgen: error: command line and flags: oracle_params is empty: give an .npz file "
+                                       "of the oracle's arrays, or none (the default) for an N(0, 1) oracle drawn from "
+                                       "oracle_seed\n")
+    from rlgen.config import build_config
+
+    cfg = build_config(SeqGANConfig, {"task": "oracle", "model": "lstm", "oracle_params": "none"}, "x.yaml")
+    assert cfg.oracle_params is None
 
 
 def test_compare_refuses_a_seqgan_budget_below_three_steps():

@@ -48,6 +48,7 @@ from rlgen.config.stages import (
     SeqGANConfig,
     SFTConfig,
     apply_preset,
+    check_device_dtype,
     engine_kwargs,
     lora_kwargs,
     require_vllm,
@@ -57,6 +58,6 @@ __all__ = [
     "COMPARE_HELP", "SWEEP_HELP", "DEFAULT_LR", "ENGINES", "VLLM_INSTALL", "LOOP_METHODS", "MAY_CHANGE", "METHODS", "RENAMED_NOTE", "PRESETS", "RUN_HELP", "SECTION_METHODS", "TRAINING_STAGES", "TRL_METHODS",
     "CommonConfig", "CompareConfig", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
     "RewardModelConfig", "RolloutEngineMixin", "RunConfig", "SweepConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
-    "apply_preset", "build_config", "engine_kwargs", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",
+    "apply_preset", "check_device_dtype", "build_config", "engine_kwargs", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",
     "parse_stage_config", "require_vllm", "save_config", "section_names", "to_dict", "with_section_overrides",
 ]

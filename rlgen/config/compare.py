@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlgen.config.fields import is_rows, opt
+from rlgen.config.fields import is_rows, near_miss, opt
 from rlgen.config.loader import build_config, load_yaml
 from rlgen.config.stages import (
     DATASET_HELP,
@@ -34,6 +34,7 @@ from rlgen.config.stages import (
     check_rewards,
     engine_kwargs,
     lora_kwargs,
+    positive,
 )
 from rlgen.errors import UserError
 
@@ -148,6 +149,7 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
         at_least(self, 0, "threads", "samples_shown", "eval_steps")
         if any(not t > 0 for t in self.qd_temperatures):
             raise UserError(f"qd_temperatures must be > 0, got {self.qd_temperatures}")
+        positive(self, "learning_rate")
         check_dataset(self)
         check_dtype(self)
         for method in SECTION_METHODS:
@@ -275,7 +277,12 @@ class RunConfig(CommonConfig):
         CommonConfig.check(self)
         bad = [s for s in self.stages if s not in TRAINING_STAGES]
         if bad:
-            raise UserError(f"stages: unknown stage '{bad[0]}' (known: {', '.join(TRAINING_STAGES)})")
+            raise UserError(f"stages: unknown stage '{bad[0]}'{near_miss(bad[0], TRAINING_STAGES)} (known: "
+                            f"{', '.join(TRAINING_STAGES)})")
+        unused = next((s for s in TRAINING_STAGES if getattr(self, s) and s not in self.stages), None)
+        if unused:  # its options would be ignored, and the default stage trained instead
+            raise UserError(f"section '{unused}' is set but stages {self.stages} does not list it: add it to stages "
+                            f"(e.g. `stages: [{unused}]`) or remove the section")
         self.stage_config("evaluate", Path(self.output_dir), self.model)
         for stage in self.stages:
             self.stage_config(stage, Path(self.output_dir), self.model)

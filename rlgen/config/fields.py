@@ -7,6 +7,7 @@ Import-light and free of the config classes, so that a config can build another 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
@@ -150,6 +151,16 @@ REFUSED_KEYS = {
 }
 
 
+def near_miss(name: str, known, prefix: str = "") -> str:
+    """" (did you mean 'x'?)" for the known name closest to a misspelt `name` (difflib), else ""."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+# The sections of a `rlgen run` file (rlgen.config.compare.RunConfig), named here to explain one met elsewhere.
+RUN_SECTIONS = ("sft", "ppo", "seqgan", "evaluate", "compare")
+
+
 def build_config(cls, values: dict, source: str):
     """Instantiate `cls` from a mapping, rejecting unknown keys, wrong types and values the config's own
     check refuses; every error names `source` and the key."""
@@ -159,8 +170,14 @@ def build_config(cls, values: dict, source: str):
         if k in REFUSED_KEYS and k not in known:
             raise UserError(f"{source}: key '{k}' is not supported: {REFUSED_KEYS[k]}")
     unknown = [k for k in values if k not in known]
+    if unknown and unknown[0] in RUN_SECTIONS and isinstance(values[unknown[0]], Mapping):
+        k = unknown[0]
+        stages = f"stages: [{k}]" if k in RUN_SECTIONS[:3] else "stages: [sft]"
+        raise UserError(f"{source}: unknown key '{k}': a section, which only a `rlgen run` file has (one with "
+                        f"`stages:`, e.g. `{stages}`); or put the section's keys at the top level")
     if unknown:
-        raise UserError(f"{source}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(known))})")
+        raise UserError(f"{source}: unknown key '{unknown[0]}'{near_miss(unknown[0], known)} (known keys: "
+                        f"{', '.join(sorted(known))})")
     converted = {k: _convert_field(known[k], v, hints[k], f"{source}: key '{k}'") for k, v in values.items()}
     try:
         return cls(**converted)

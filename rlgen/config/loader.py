@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from rlgen.config.fields import build_config, convert, fields_of, recorded
+from rlgen.config.fields import build_config, convert, fields_of, near_miss, recorded
 from rlgen.config.stages import CommonConfig
 from rlgen.errors import UserError
 
@@ -91,19 +91,21 @@ def parse_stage_config(cls, args: argparse.Namespace, config_path: str | None, s
     return build_config(cls, {**values, **flags}, source)
 
 
-def parse_section_overrides(extra: list[str], sections: tuple[str, ...]) -> dict[str, dict]:
+def parse_section_overrides(extra: list[str], sections: tuple[str, ...], options=()) -> dict[str, dict]:
     """`--<section>.<key> VALUE` arguments (options of a run's stages or a comparison's methods) as
     {section: {key: VALUE}}; a section inside a section takes more dots (`rlgen sweep --compare.evaluate.num_prompts
     8`: {"compare": {"evaluate": {"num_prompts": "8"}}}). The values are checked later, with the section's config
-    class."""
+    class. A misspelt flag is suggested its nearest of `options` (the command's own) or `sections`."""
     overrides: dict[str, dict] = {}
     it = iter(extra)
     for token in it:
         if not token.startswith("--") or "." not in token:
-            raise UserError(f"unrecognized argument {token} (section options are given as --<section>.<key> VALUE)")
+            hint = near_miss(token.lstrip("-"), options, "--") or " (section options are given as --<section>.<key> VALUE)"
+            raise UserError(f"unrecognized argument {token}{hint}")
         section, key = token[2:].split(".", 1)
         if section not in sections:
-            raise UserError(f"{token}: unknown section '{section}' (sections: {', '.join(sections)})")
+            raise UserError(f"{token}: unknown section '{section}'{near_miss(section, sections)} (sections: "
+                            f"{', '.join(sections)})")
         value = next(it, None)
         if value is None:
             raise UserError(f"{token} needs a value")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rlgen.config.fields import build_config, is_rows, opt
 from rlgen.errors import UserError
@@ -40,11 +41,22 @@ def check_dataset(cfg) -> None:
                         f"dicts; got {type(cfg.dataset).__name__}")
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 def check_dtype(cfg) -> None:
-    """UserError for a dtype name, or one this machine's device cannot run (imports torch, only here)."""
+    """UserError for a dtype name rlgen does not know. Whether the device runs it is checked when a command starts
+    (`rlgen.models.resolve_dtype`, on the machine that runs it), so that a GPU config builds on any host."""
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"dtype must be auto, bfloat16, float16 or float32, got {cfg.dtype!r}")
+
+
+def check_device_dtype(dtype: str) -> None:
+    """UserError when this machine's device cannot run `dtype`: checked when a command starts, on the machine that
+    runs it (a config names a dtype for any machine), before anything loads or is written."""
     from rlgen.models import resolve_dtype
 
-    resolve_dtype(cfg.dtype)
+    resolve_dtype(dtype)
 
 
 # report_to name -> the packages that provide it (any one will do): the trackers both transformers' Trainer (sft,
@@ -88,6 +100,15 @@ def at_least(cfg, minimum: float, *names: str) -> None:
             raise UserError(f"{name} must be at least {minimum}, got {getattr(cfg, name)}")
 
 
+def positive(cfg, *names: str) -> None:
+    """UserError naming the first of `names` whose value is not > 0 (a learning rate of 0 trains nothing, a negative
+    one ascends the loss)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise UserError(f"{name} must be > 0, got {value}")
+
+
 def check_schedule(cfg) -> None:
     at_least(cfg, 0, "warmup_ratio")
     if not cfg.warmup_ratio < 1:
@@ -114,17 +135,19 @@ class CommonConfig:
     report_to: list[str] = opt([], "trackers besides metrics.jsonl (their package installed): tensorboard, wandb, "
                                    "mlflow, comet_ml, clearml, dvclive, trackio, swanlab")
     dtype: str = opt("auto", DTYPE_HELP)
+    MIN_STEPS: ClassVar[int] = 0  # the least max_steps; one minimum per stage, so 0 and -3 get the same message
 
     def __post_init__(self):
         self.check()
 
     def check(self) -> None:
         """UserError naming the first bad option (subclasses extend it)."""
-        at_least(self, 0, "max_steps", "save_steps", "threads")
+        at_least(self, self.MIN_STEPS, "max_steps")
+        at_least(self, 0, "save_steps", "threads")
         check_dataset(self)
         check_trackers(self)
         check_hub_model(self)
-        check_dtype(self)  # imports torch: last
+        check_dtype(self)
 
 
 @dataclass(frozen=True)
@@ -304,6 +327,7 @@ class SFTConfig(LoraConfigMixin, CommonConfig):
     def check(self) -> None:
         CommonConfig.check(self)
         at_least(self, 1, "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps")
+        positive(self, "learning_rate")
         check_schedule(self)
 
 
@@ -426,6 +450,7 @@ class PPOConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraConfi
                              "output_dir/eval_steps/step<N>/ (0: off)")
     evaluate: dict = opt({}, "options of the evaluations along training (rlgen evaluate --help: split, num_prompts, "
                              "batch_size, gold_reward, ...); reward and sampling default to this run's")
+    MIN_STEPS: ClassVar[int] = 1
 
     def __post_init__(self):
         if self.preset in RL_PRESETS:  # before the checks, which see the preset's values
@@ -447,8 +472,9 @@ class PPOConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraConfi
         CommonConfig.check(self)
         SamplingConfig.check(self)
         check_rewards(self)
-        at_least(self, 1, "max_steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+        at_least(self, 1, "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
                  "num_generations", "max_sampling_rounds")
+        positive(self, "learning_rate")
         at_least(self, 0, "save_total_limit", "kl_coef", "cliprange", "cliprange_value", "target_kl", "eval_steps",
                  "clip_low", "clip_high", "overlong_buffer", "overlong_penalty")
         self.eval_config()
@@ -540,11 +566,13 @@ class RewardModelConfig(SamplingConfig, CommonConfig):
     calibration_model: str = opt("none", "policy whose samples on held-out prompts set the normalisation "
                                          "(default, tiny, a folder); none: use held-out texts")
     calibration_samples: int = opt(256, "texts used to measure the raw reward's mean and std")
+    MIN_STEPS: ClassVar[int] = 1
 
     def check(self) -> None:
         CommonConfig.check(self)
         SamplingConfig.check(self)
-        at_least(self, 1, "max_steps", "batch_size", "max_length", "logging_steps")
+        at_least(self, 1, "batch_size", "max_length", "logging_steps")
+        positive(self, "learning_rate")
         at_least(self, 0, "num_pairs", "eval_pairs", "eval_texts", "margin", "center_rewards_coefficient")
         at_least(self, 2, "calibration_samples")
         check_schedule(self)
@@ -595,8 +623,9 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
     batch_size: int = opt(64, "sequences per generator step, MLE step and D step (task text: 16)")
     max_new_tokens: int = opt(48, "tokens to generate per completion (task text: 16)")
     # oracle task
-    oracle_params: str | None = opt(None, "oracle task: .npz of the oracle LSTM (e.g. the authors' arrays); "
-                                          "default: N(0, 1) parameters from oracle_seed")
+    oracle_params: str | None = opt(None, "oracle task: .npz of the oracle LSTM's arrays (e.g. the authors', "
+                                          "converted: README, SeqGAN); none (default): N(0, 1) parameters drawn "
+                                          "from oracle_seed")
     oracle_seed: int = opt(0, "oracle task: seed of the N(0, 1) oracle")
     vocab_size: int = opt(5000, "oracle task: vocabulary")
     seq_len: int = opt(20, "oracle task: sequence length T")
@@ -675,6 +704,7 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
             raise UserError("model lstm is for task oracle; for text give default, tiny, a folder or a Hub id")
         if self.baseline not in ("none", "mean"):
             raise UserError(f"baseline must be none or mean, got {self.baseline!r}")
+        positive(self, "learning_rate", "mle_learning_rate", "d_learning_rate")
         if self.reward_transform not in REWARD_TRANSFORMS:
             raise UserError(f"reward_transform must be one of {', '.join(REWARD_TRANSFORMS)}, got "
                             f"{self.reward_transform!r}")
@@ -695,6 +725,9 @@ class SeqGANConfig(SamplingConfig, LoraConfigMixin, CommonConfig):
             raise UserError(f"num_train {self.num_train} is smaller than batch_size {self.batch_size}")
         if any(not t > 0 for t in self.eval_temperatures):
             raise UserError(f"eval_temperatures must be > 0, got {self.eval_temperatures}")
+        if self.oracle_params == "":
+            raise UserError("oracle_params is empty: give an .npz file of the oracle's arrays, or none (the default) "
+                            "for an N(0, 1) oracle drawn from oracle_seed")
         if self.oracle_params is not None and not Path(self.oracle_params).is_file():
             raise UserError(f"oracle_params {self.oracle_params} does not exist")
 

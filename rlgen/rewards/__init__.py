@@ -404,6 +404,21 @@ def _call_ensemble(name, fn, prompts, completions, kwargs):
     return [_as_float(name, i, v) for i, v in enumerate(fn.combine_values(members))], members
 
 
+_WARNED_ALL_NONE: set[str] = set()
+
+
+def _warn_if_all_none(name, values):
+    """One line (once per reward name and process) when a reward returned None for every completion of a batch:
+    it adds nothing to the score, so a run would otherwise train silently at reward 0."""
+    if values and all(v is None for v in values) and name not in _WARNED_ALL_NONE:
+        from tqdm import tqdm  # write() keeps the line off a running progress bar
+
+        _WARNED_ALL_NONE.add(name)
+        tqdm.write(f"[rlgen] warning: reward {name!r} returned None for all {len(values)} completions of a batch, so it adds "
+              f"nothing to their score (None means 'does not apply'); rewards/{name}/none_fraction logs the share",
+              file=sys.stderr)
+
+
 def score_rewards(reward_fns, prompts, completions, weights=None, columns=None):
     """Call each ``(name, fn)`` and return ``(totals, per_fn)``.
 
@@ -436,6 +451,7 @@ def score_rewards(reward_fns, prompts, completions, weights=None, columns=None):
         else:
             values, members = _call_reward(name, fn, prompts, completions, kwargs), {}
         per_fn[key] = values
+        _warn_if_all_none(key, values)
         for member, member_values in members.items():
             per_fn[unique_name(f"{key}/{member}", per_fn)] = member_values
         for i, value in enumerate(values):
@@ -456,11 +472,14 @@ def reward_columns(rows):
 
 
 def reward_mean_metrics(per_fn):
-    """``{"rewards/<name>/mean": mean of the non-None values}``; a function with only None values is skipped.
-    An ensemble's members (``<name>/<member>`` in ``per_fn``) give ``rewards/<name>/<member>/mean``."""
+    """``{"rewards/<name>/mean": mean of the non-None values}`` (none for a function with only None values), and
+    ``rewards/<name>/none_fraction``, the share of None, for a function that returned any None. An ensemble's
+    members (``<name>/<member>`` in ``per_fn``) give ``rewards/<name>/<member>/mean``."""
     metrics = {}
     for name, values in per_fn.items():
         present = [v for v in values if v is not None]
         if present:
             metrics[f"rewards/{name}/mean"] = sum(present) / len(present)
+        if len(present) < len(values):
+            metrics[f"rewards/{name}/none_fraction"] = (len(values) - len(present)) / len(values)
     return metrics
