@@ -361,12 +361,13 @@ class AdversarialReward:
         torch.save(self.state_dict(), Path(folder) / STATE_FILE)
 
     def load_state(self, folder: Path) -> None:
+        from rlgen.checkpoint import load_tensors  # weights_only: a planted pickle is refused, never run
         from rlgen.errors import UserError
 
         path = Path(folder) / STATE_FILE
         if not path.is_file():
             raise UserError(f"checkpoint {folder} has no {STATE_FILE}: it was written without an adversarial reward")
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        self.load_state_dict(load_tensors(path, "a discriminator state"))
 
     def save(self, folder: Path) -> Path:
         """D as a Hugging Face folder (model and tokenizer)."""

@@ -225,7 +225,7 @@ def test_discriminator_state_resumes_bit_exactly():
 
     b = tiny_d(batch_size=3, seed=1)  # another start: everything must come from the state
     buffer.seek(0)
-    b.load_state_dict(torch.load(buffer, weights_only=False))
+    b.load_state_dict(torch.load(buffer, weights_only=True))  # tensors and plain containers only
     resumed = [b.update(PROMPTS, FAKE, columns) for _ in range(2)]
     drop_time = [{k: v for k, v in m.items() if k != "time/d_update"} for m in (*after, *resumed)]
     assert drop_time[:2] == drop_time[2:]
@@ -233,6 +233,24 @@ def test_discriminator_state_resumes_bit_exactly():
         assert torch.equal(x, y), name
     assert b.updates == 4 and torch.equal(a.generator.get_state(), b.generator.get_state())
     assert a(PROMPTS, FAKE) == b(PROMPTS, FAKE)
+
+
+def test_a_planted_pickle_in_the_discriminator_state_is_refused_not_run(tmp_path):
+    """discriminator.pt is a checkpoint file: it was read with torch.load(weights_only=False), which ran a planted
+    pickle's callable (issue 30, item 1)."""
+    import os
+
+    from rlgen.errors import UserError
+
+    class Planted:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    d = tiny_d(batch_size=3)
+    torch.save({"model": Planted()}, tmp_path / "discriminator.pt")
+    with pytest.raises(UserError, match="is not a discriminator state rlgen wrote"):
+        d.load_state(tmp_path)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_the_loop_finds_one_adversarial_reward_and_shares_it_with_its_evaluations():
@@ -385,8 +403,8 @@ def test_the_discriminator_trains_every_d_every_updates_and_resumes_exactly(tiny
     assert [r["step"] for r in rows_a if "loss/discriminator" in r] == [2, 4, 6]
     for (name, x), y in zip(policy_a.state_dict().items(), policy_b.state_dict().values()):
         assert torch.equal(x, y), name
-    d_a = torch.load(tmp_path / "one_go" / "checkpoint-6" / "discriminator.pt", weights_only=False)
-    d_b = torch.load(split / "checkpoint-6" / "discriminator.pt", weights_only=False)
+    d_a = torch.load(tmp_path / "one_go" / "checkpoint-6" / "discriminator.pt", weights_only=True)
+    d_b = torch.load(split / "checkpoint-6" / "discriminator.pt", weights_only=True)
     for name, x in d_a["model"].items():
         assert torch.equal(x, d_b["model"][name]), name
     assert d_a["updates"] == d_b["updates"] == 3
