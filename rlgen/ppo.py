@@ -510,9 +510,10 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
 
             # 5. update: ppo_epochs passes over shuffled mini-batches, each split into accumulation micro-batches.
             #    Losses are aggregated over the global mini-batch (`loss_agg`: its tokens or sequences on every
-            #    process, `estimators.loss_denominator`), scaled so that accelerate's division by the accumulation steps and DDP's or
-            #    FSDP's average over processes leave the sum over all of them: 2 processes x batch 4 train as
-            #    1 x batch 8. A mini-batch with a non-finite loss or gradient norm stops the run, or is skipped.
+            #    process, `estimators.loss_denominator`), scaled so that accelerate's division by the accumulation
+            #    steps and DDP's or FSDP's average over processes leave the sum over all of them: 2 processes x
+            #    batch 4 train as 1 x batch 8. A mini-batch with a non-finite loss or gradient norm stops the run,
+            #    or is skipped.
             t0 = time.perf_counter()
             if cfg.gradient_checkpointing:
                 policy.checkpoint_in_eval()
