@@ -500,8 +500,9 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                     rank * prompts_per_process:][:prompts_per_process]
                 consumed += prompts_per_process * world
                 batch = [row for row in batch for _ in range(cfg.num_generations)]
-                part = _truncate(policy.sample([prompt_of(r) for r in batch], sampling, with_values=has_critic,
-                                               group_size=cfg.num_generations), stop_id, tokenizer)  # reward sees the cut
+                part = policy.sample([prompt_of(r) for r in batch], sampling, with_values=has_critic,
+                                     group_size=cfg.num_generations)
+                part = _truncate(part, stop_id, tokenizer)  # the reward sees the cut text
                 t_rollout += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 columns = {**reward_columns(batch), "completion_ids": part.completion_id_lists}
@@ -534,8 +535,9 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
             if fault and not cfg.skip_nonfinite:
                 raise _nonfinite_error(update, fault, last_checkpoint)
 
-            # 4. advantages: `advantage` (rlgen.estimators; gae: gamma 1, lambda 0.95, whitened over the global batch,
-            #    HUANG); an engine's samples are weighted by truncated importance ratios trainer/engine (Yao et al. 2025)
+            # 4. advantages: `advantage` (rlgen.estimators; gae: gamma 1, lambda 0.95, whitened over the global
+            #    batch, HUANG); an engine's samples are weighted by truncated importance ratios trainer/engine
+            #    (Yao et al. 2025)
             advantages, returns, _ = estimators.ADVANTAGES[cfg.advantage](
                 rewards, rewards.sum(1), ro.values, mask, group_size=cfg.num_generations, gamma=cfg.gamma,
                 lam=cfg.lam, reduce=all_sum)  # [B, T] each (returns None without a critic)
@@ -547,9 +549,10 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
 
             # 5. update: ppo_epochs passes over shuffled mini-batches, each split into accumulation micro-batches.
             #    Losses are aggregated over the global mini-batch (`loss_agg`: its tokens or sequences on every
-            #    process, `estimators.loss_denominator`), scaled so that accelerate's division by the accumulation steps and DDP's or
-            #    FSDP's average over processes leave the sum over all of them: 2 processes x batch 4 train as
-            #    1 x batch 8. A mini-batch with a non-finite loss or gradient norm stops the run, or is skipped.
+            #    process, `estimators.loss_denominator`), scaled so that accelerate's division by the accumulation
+            #    steps and DDP's or FSDP's average over processes leave the sum over all of them: 2 processes x
+            #    batch 4 train as 1 x batch 8. A mini-batch with a non-finite loss or gradient norm stops the run,
+            #    or is skipped.
             t0 = time.perf_counter()
             if cfg.gradient_checkpointing:
                 policy.checkpoint_in_eval()

@@ -370,3 +370,39 @@ def test_the_summary_time_spans_the_updates_as_the_progress_bar_does(tiny_folder
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[rlgen] ppo:")]
     updates_s, after_s = (float(x.split("s")[0]) for x in (line.split(" in ")[1], line.split(", then ")[1]))
     assert line.startswith("[rlgen] ppo: 2 updates in ") and updates_s < 1000 <= after_s, line
+
+
+def test_two_ddp_processes_train_as_one_at_the_same_global_batch(tiny_folder, reward_file, tmp_path):
+    """DDP (accelerate launch, 2 CPU processes x batch 4) and one process x batch 8 (one mini-batch each) with the defaults (advantage
+    whitening on) and completions of unequal lengths (greedy sampling, EOS where the argmax is 1 modulo 7, as in
+    tests/test_fsdp.py): the same metrics and weights, since whitening and loss denominators cover the global batch
+    and 2 accumulation steps. Tolerance rel 1e-4: the sums are split differently over processes."""
+    from tests.test_fsdp import GREEDY_CLI, _args, _greedy
+
+    if importlib.util.find_spec("accelerate") is None:
+        pytest.skip("accelerate is not installed")
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is unavailable")
+    script = tmp_path / "greedy_cli.py"
+    script.write_text(GREEDY_CLI)
+    common = dict(model=str(tiny_folder), reward=[f"{reward_file}:vowel_share"], max_steps=2, mini_batch_size=4,
+                  gradient_accumulation_steps=2, ppo_epochs=2, max_new_tokens=6, learning_rate=3e-3)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), str(script), "ppo", *_args({**common, "batch_size": 4, "output_dir": tmp_path / "ddp"})]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "multinomial", _greedy)
+        one = train_ppo(PPOConfig(**{**common, "mini_batch_size": 8}, batch_size=8, output_dir=str(tmp_path / "one")))
+    rows, single = read_jsonl(tmp_path / "ddp" / "metrics.jsonl"), read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    assert any(r["completions/mean_length"] != round(r["completions/mean_length"]) for r in single)
+    for row, ref in zip(rows, single, strict=True):
+        for key in ("loss/policy", "loss/value", "objective/kl", "objective/scores", "policy/approxkl",
+                    "completions/mean_length"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)
+    ddp = Policy.from_pretrained(str(tmp_path / "ddp"), reference=False)
+    one_params = dict(one.named_parameters())
+    for key, value in ddp.named_parameters():
+        assert torch.allclose(value, one_params[key], rtol=1e-4, atol=1e-5), key

@@ -172,7 +172,8 @@ def _eos_now_and_then(tokenizer):
 @pytest.mark.parametrize("preset", ["ppo", "grpo"])
 def test_accumulation_steps_leave_the_update_unchanged(tiny_folder, reward_file, tmp_path, monkeypatch, preset):
     """One mini-batch of 4 completions of unequal lengths in 1 or 2 accumulation steps, 2 epochs (the second's ratios
-    move the loss off 0): the same losses and weights (the loss is aggregated over the mini-batch's tokens, not averaged over micro-batch means; whitening on). Tolerance
+    move the loss off 0): the same losses and weights (the loss is aggregated over the mini-batch's tokens, not
+    averaged over micro-batch means; whitening on). Tolerance
     1e-5: the sums are split differently."""
     from rlgen.models import load_model
 
