@@ -64,6 +64,7 @@ from rlgen.config import (
     SamplingConfig,
     build_config,
     lora_kwargs,
+    sweeps_quality_diversity,
     to_dict,
 )
 from rlgen.errors import UserError
@@ -337,7 +338,7 @@ def run_compare(cfg: CompareConfig, report: bool = True) -> dict[str, Path] | No
         records.append(json.loads((run_dir / "result.json").read_text()))
     if not report:
         return None
-    if cfg.quality_diversity:
+    if sweeps_quality_diversity(cfg):
         from rlgen.quality_diversity import compare_quality_diversity
 
         compare_quality_diversity(cfg, out, start, cfg.methods, cfg.seeds)

@@ -161,3 +161,17 @@ def test_compare_with_quality_diversity_plots_every_method_against_the_start_cur
     assert "| ppo | 1 |" in (out / "quality_diversity.md").read_text()
     assert "Quality against diversity" in (out / "report.html").read_text()
     assert (out / "runs" / "ppo" / "seed0" / "qd" / "quality_diversity.json").is_file()
+
+
+def test_compare_sweeps_temperatures_by_default_when_an_adversarial_method_is_compared():
+    """quality_diversity auto: on for gad or seqgan (Caccia et al.: a GAN's gain only beyond MLE's curve), else off."""
+    from rlgen.config import CompareConfig, sweeps_quality_diversity
+    from rlgen.errors import UserError
+
+    assert sweeps_quality_diversity(CompareConfig(model="tiny", methods=["sft", "gad", "seqgan"]))
+    assert sweeps_quality_diversity(CompareConfig(model="tiny", methods=["seqgan"]))
+    assert not sweeps_quality_diversity(CompareConfig(model="tiny", methods=["sft", "ppo"]))
+    assert sweeps_quality_diversity(CompareConfig(model="tiny", methods=["ppo"], quality_diversity="true"))
+    assert not sweeps_quality_diversity(CompareConfig(model="tiny", methods=["gad"], quality_diversity="false"))
+    with pytest.raises(UserError, match="quality_diversity must be true, false or auto"):
+        CompareConfig(model="tiny", quality_diversity="sometimes")

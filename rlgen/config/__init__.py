@@ -20,6 +20,7 @@ from rlgen.config.compare import (
     CompareConfig,
     RunConfig,
     SweepConfig,
+    sweeps_quality_diversity,
 )
 from rlgen.config.fields import opt
 from rlgen.config.loader import (
@@ -56,7 +57,8 @@ from rlgen.config.stages import (
 
 __all__ = [
     "COMPARE_HELP", "SWEEP_HELP", "DEFAULT_LR", "ENGINES", "VLLM_INSTALL", "LOOP_METHODS", "MAY_CHANGE", "METHODS", "RENAMED_NOTE", "PRESETS", "RUN_HELP", "SECTION_METHODS", "TRAINING_STAGES", "TRL_METHODS",
-    "CommonConfig", "CompareConfig", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
+    "CommonConfig", "CompareConfig",
+    "sweeps_quality_diversity", "EvalConfig", "LoraConfigMixin", "PPOConfig", "RewardConfigMixin",
     "RewardModelConfig", "RolloutEngineMixin", "RunConfig", "SweepConfig", "SFTConfig", "SamplingConfig", "SeqGANConfig", "add_arguments",
     "apply_preset", "check_device_dtype", "build_config", "engine_kwargs", "load_yaml", "lora_kwargs", "opt", "parse_section_overrides",
     "parse_stage_config", "require_vllm", "save_config", "section_names", "to_dict", "with_section_overrides",

@@ -107,9 +107,11 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
     eval_steps: int = opt(0, "ppo, grpo, rloo, dpo: also run the evaluation (the same as the final one) every N "
                              "optimiser steps, kept in each run's result.json under evals (0: off; sft and seqgan "
                              "are evaluated at the end only)")
-    quality_diversity: bool = opt(False, "also sweep every model's sampling temperature over qd_temperatures and plot "
-                                         "quality (the starting model's NLL of the samples) against diversity "
-                                         "(entropy, self-BLEU): quality_diversity.png/.json/.md (Caccia et al. 2020)")
+    quality_diversity: str = opt("auto", "also sweep every model's sampling temperature over qd_temperatures and "
+                                         "plot quality (the starting model's NLL of the samples) against diversity "
+                                         "(entropy, self-BLEU): quality_diversity.png/.json/.md (Caccia et al. 2020); "
+                                         "true, false, or auto: true when an adversarial method (gad, seqgan) is "
+                                         "compared, whose gain counts only beyond MLE's temperature curve")
     qd_temperatures: list[float] = opt([0.5, 0.75, 1.0, 1.25, 1.5], "quality_diversity: the temperatures swept "
                                                                     "(the comparison's temperature is added)")
     threads: int = opt(1, "torch intra-op threads (1 is fastest on busy 2-core machines)")
@@ -147,6 +149,8 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
             raise UserError("methods and seeds must not repeat")
         at_least(self, 1, "max_steps", "batch_size", "bon_n")
         at_least(self, 0, "threads", "samples_shown", "eval_steps")
+        if str(self.quality_diversity).lower() not in ("auto", "true", "false"):
+            raise UserError(f"quality_diversity must be true, false or auto, got {self.quality_diversity!r}")
         if any(not t > 0 for t in self.qd_temperatures):
             raise UserError(f"qd_temperatures must be > 0, got {self.qd_temperatures}")
         positive(self, "learning_rate")
@@ -387,3 +391,9 @@ class SweepConfig:
                   "seeds": seeds, "reward": rewards, "reward_weights": [1.0] + [0.0] * (len(rewards) - 1),
                   "threads": self.threads}
         return build_config(CompareConfig, values, f"sweep comparison {name}")
+
+
+def sweeps_quality_diversity(cfg: CompareConfig) -> bool:
+    """Whether the comparison sweeps temperatures (`quality_diversity`; auto: when gad or seqgan is compared)."""
+    value = str(cfg.quality_diversity).lower()
+    return value == "true" or (value == "auto" and any(m in ("gad", "seqgan") for m in cfg.methods))
