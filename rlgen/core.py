@@ -142,6 +142,24 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
+def reduced_mean_var(
+    x: torch.Tensor, mask: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of ``x`` over the positions where ``mask`` is set on every process.
+
+    ``reduce`` gets the float64 tensor ``[sum, sum_sq, count]`` of this process and returns its element-wise sum over
+    all processes (an all-reduce); float64 keeps ``sum_sq - sum * mean`` from cancelling when the mean is large
+    against the spread. As :func:`masked_var`: one real value has variance 0, none gives nan. Returns 0-dim tensors
+    in ``x``'s dtype.
+    """
+    real = mask.bool()
+    kept = torch.where(real, x.double(), torch.zeros((), dtype=torch.float64, device=x.device))
+    total, total_sq, n = reduce(torch.stack([kept.sum(), (kept * kept).sum(), real.sum().to(torch.float64)]))
+    mean = total / n
+    var = ((total_sq - total * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
 def masked_whiten(
     x: torch.Tensor,
     mask: torch.Tensor,
@@ -169,13 +187,7 @@ def masked_whiten(
         mean = masked_mean(x, mask)
         var = masked_var(x, mask, unbiased=True)
     else:
-        # float64 sums keep sum_sq - sum * mean from cancelling when the mean is large against the spread.
-        kept = torch.where(mask.bool(), x.double(), torch.zeros((), dtype=torch.float64, device=x.device))
-        sums = torch.stack([kept.sum(), (kept * kept).sum(), mask.bool().sum().to(torch.float64)])
-        total, total_sq, n = reduce(sums)
-        mean64 = total / n
-        var64 = ((total_sq - total * mean64) / (n - 1).clamp(min=1)).clamp(min=0)  # n = 1: 0; n = 0: nan
-        mean, var = mean64.to(x.dtype), var64.to(x.dtype)
+        mean, var = reduced_mean_var(x, mask, reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

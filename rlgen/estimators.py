@@ -27,6 +27,8 @@ import torch
 from rlgen import core
 
 Reduce = Callable[[torch.Tensor], torch.Tensor] | None
+AdvantageResult = tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]
+LossResult = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 GRPO_EPS = 1e-4  # TRL 1.16's (std + 1e-4); verl uses 1e-6, OpenRLHF 1e-9: immaterial unless a group's std is ~0
 
@@ -52,7 +54,8 @@ def _outcome(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` -> ``[B]`` sum of the per-token rewards over real tokens, in at least float32.
 
     With the KL in the loss that is the score; with the KL in the reward it is ``score - beta * sum KL`` (verl's
-    ``token_level_rewards.sum(-1)``; TRL's RLOOTrainer subtracts the summed k1 KL the same way).
+    ``token_level_rewards.sum(-1)``; TRL's RLOOTrainer subtracts the summed k1 KL the same way). OpenRLHF differs
+    there: it takes the group baseline off the scores alone and adds the KL as per-token reward-to-go afterwards.
     """
     return core.masked_sum(token_rewards.to(core._float_dtype(token_rewards)), mask, dim=-1)
 
@@ -70,17 +73,6 @@ def _zero_std_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (g == g[:, :1]).all(dim=1).sum().to(torch.float32)
 
 
-def _global_mean_var(x: torch.Tensor, reduce: Reduce = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased variance of the 1-D ``x`` over all processes (float64 sums ``[sum, sum_sq, count]``)."""
-    xd = x.double()
-    sums = torch.stack([xd.sum(), (xd * xd).sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
-                                                                device=x.device)])
-    total, total_sq, n = reduce(sums) if reduce is not None else sums
-    mean = total / n
-    var = ((total_sq - total * mean) / (n - 1).clamp(min=1)).clamp(min=0)
-    return mean, var
-
-
 def group_normalized_advantages(
     outcomes: torch.Tensor, group_size: int, scale: str = "group", eps: float = GRPO_EPS, reduce: Reduce = None
 ) -> torch.Tensor:
@@ -90,8 +82,8 @@ def group_normalized_advantages(
         outcomes: ``[B]`` per-row returns R, grouped consecutively by ``group_size``.
         scale: TRL's ``scale_rewards``: ``"group"``: std of the row's group (the original GRPO, verl's ``grpo``);
             ``"batch"``: std of every row of the global batch (over processes with ``reduce``), mean still per
-            group (Hu et al. 2025, REINFORCE++'s argument; TRL ``scale_rewards="batch"``); ``"none"``: no
-            division (Dr.GRPO, Liu et al. 2025). Stds are unbiased (``torch.std``, TRL's ``nanstd``).
+            group (Liu et al. 2025, "Tricks or Traps?", their Lite PPO; TRL ``scale_rewards="batch"``);
+            ``"none"``: no division (Dr.GRPO, Liu et al. 2025). Stds are unbiased (``torch.std``, TRL's ``nanstd``).
         eps: added to the std, TRL's 1e-4 by default.
 
     Returns:
@@ -103,8 +95,10 @@ def group_normalized_advantages(
     if scale == "group":
         advantages = advantages / (g.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        _, var = _global_mean_var(g.reshape(-1), reduce)
-        advantages = advantages / (var.sqrt().to(advantages.dtype) + eps)
+        flat = g.reshape(-1)
+        var = (core.reduced_mean_var(flat, torch.ones_like(flat, dtype=torch.bool), reduce)[1] if reduce is not None
+               else flat.var())
+        advantages = advantages / (var.sqrt() + eps)
     elif scale != "none":
         raise ValueError(f"unknown scale {scale!r}; expected 'group', 'batch' or 'none'")
     return advantages.reshape(-1)
@@ -138,7 +132,10 @@ def _last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gae_advantages(token_rewards, scores, values, mask, *, group_size, gamma, lam, reduce=None):
+def gae_advantages(
+    token_rewards: torch.Tensor, scores: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *,
+    group_size: int, gamma: float, lam: float, reduce: Reduce = None,
+) -> AdvantageResult:
     """PPO's GAE over real tokens (:func:`rlgen.core.gae`), with a critic; not whitened here (the loop does it).
 
     Returns ``(advantages, returns, stats)``; ``returns`` are the value targets. verl ``compute_gae_advantage_return``.
@@ -150,7 +147,10 @@ def gae_advantages(token_rewards, scores, values, mask, *, group_size, gamma, la
 
 
 @torch.no_grad()
-def grpo_advantages(token_rewards, scores, values, mask, *, group_size, gamma, lam, reduce=None):
+def grpo_advantages(
+    token_rewards: torch.Tensor, scores: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *,
+    group_size: int, gamma: float, lam: float, reduce: Reduce = None,
+) -> AdvantageResult:
     """GRPO: ``(R - group mean) / (group std + 1e-4)`` on every real token, R the row's summed token rewards.
 
     See :func:`group_normalized_advantages` (``scale="group"``). ``values``, ``gamma``, ``lam`` are unused.
@@ -161,7 +161,10 @@ def grpo_advantages(token_rewards, scores, values, mask, *, group_size, gamma, l
 
 
 @torch.no_grad()
-def dr_grpo_advantages(token_rewards, scores, values, mask, *, group_size, gamma, lam, reduce=None):
+def dr_grpo_advantages(
+    token_rewards: torch.Tensor, scores: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *,
+    group_size: int, gamma: float, lam: float, reduce: Reduce = None,
+) -> AdvantageResult:
     """Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): ``R - group mean``, no std division.
 
     TRL ``scale_rewards="none"``; verl ``compute_grpo_outcome_advantage(norm_adv_by_std_in_grpo=False)``;
@@ -173,7 +176,10 @@ def dr_grpo_advantages(token_rewards, scores, values, mask, *, group_size, gamma
 
 
 @torch.no_grad()
-def rloo_advantages(token_rewards, scores, values, mask, *, group_size, gamma, lam, reduce=None):
+def rloo_advantages(
+    token_rewards: torch.Tensor, scores: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *,
+    group_size: int, gamma: float, lam: float, reduce: Reduce = None,
+) -> AdvantageResult:
     """RLOO: ``R_i - mean of the other n - 1 rows' R`` on every real token (:func:`leave_one_out_advantages`).
 
     With the KL in the reward, R = score - beta * summed k1 KL: TRL's RLOOTrainer (``beta > 0``) exactly.
@@ -184,7 +190,10 @@ def rloo_advantages(token_rewards, scores, values, mask, *, group_size, gamma, l
 
 
 @torch.no_grad()
-def reinforce_pp_advantages(token_rewards, scores, values, mask, *, group_size, gamma, lam, reduce=None):
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor, scores: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *,
+    group_size: int, gamma: float, lam: float, reduce: Reduce = None,
+) -> AdvantageResult:
     """REINFORCE++ (Hu et al. 2025): token-level returns ``G_t = r_t + gamma G_{t+1}`` of the shaped rewards (KL in
     the reward), whitened over the global batch's real tokens (``reduce``).
 
@@ -197,7 +206,10 @@ def reinforce_pp_advantages(token_rewards, scores, values, mask, *, group_size, 
 
 
 @torch.no_grad()
-def reinforce_pp_baseline_advantages(token_rewards, scores, values, mask, *, group_size, gamma, lam, reduce=None):
+def reinforce_pp_baseline_advantages(
+    token_rewards: torch.Tensor, scores: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *,
+    group_size: int, gamma: float, lam: float, reduce: Reduce = None,
+) -> AdvantageResult:
     """REINFORCE++-baseline (Hu et al. 2025): the group's mean score subtracted at each row's last real token (the
     KL part of the token rewards kept), then token returns and global whitening as :func:`reinforce_pp_advantages`.
 
@@ -215,7 +227,7 @@ def reinforce_pp_baseline_advantages(token_rewards, scores, values, mask, *, gro
     return advantages, None, {"zero_std_groups": _zero_std_groups(scores, group_size)}
 
 
-ADVANTAGES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]]] = {
+ADVANTAGES: dict[str, Callable[..., AdvantageResult]] = {
     "gae": gae_advantages,
     "grpo": grpo_advantages,
     "dr_grpo": dr_grpo_advantages,
@@ -281,6 +293,8 @@ def aggregate(
 
     Rows without real tokens contribute nothing and are not counted (verl; TRL's ``grpo`` counts them).
     """
+    if mode not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGGS}")
     real = mask.bool()
     if mode == "token-mean" and denominator is None:
         return core.masked_mean(loss_mat, mask)
@@ -315,8 +329,11 @@ def _weighted(per_token, weights, real):
     return per_token if weights is None else per_token * _zero_padding(weights.detach(), real)
 
 
-def vanilla_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip=0.0,
-                        loss_agg="token-mean", denominator=None, weights=None, max_len=None):
+def vanilla_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    clip_low: float, clip_high: float, dual_clip: float = 0.0, loss_agg: str = "token-mean",
+    denominator: torch.Tensor | float | None = None, weights: torch.Tensor | None = None, max_len: int | None = None,
+) -> LossResult:
     """PPO's clipped surrogate with separate bounds ``clip(ratio, 1 - clip_low, 1 + clip_high)``.
 
     ``clip_high > clip_low`` is DAPO's clip-higher (Yu et al. 2025: 0.2 / 0.28). ``dual_clip = c > 1`` (Ye et al.
@@ -353,14 +370,18 @@ def vanilla_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low, c
     return loss, stats
 
 
-def gspo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip=0.0,
-                     loss_agg="seq-mean-token-mean", denominator=None, weights=None, max_len=None):
+def gspo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    clip_low: float, clip_high: float, dual_clip: float = 0.0, loss_agg: str = "token-mean",
+    denominator: torch.Tensor | float | None = None, weights: torch.Tensor | None = None, max_len: int | None = None,
+) -> LossResult:
     """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): one clipped ratio per sequence,
     ``s_i = exp(mean_t log(pi / pi_old))``, the geometric mean of the token ratios.
 
     Written as GSPO-token, ``s_i,t = sg[s_i] * pi_t / sg[pi_t]`` (verl ``compute_policy_loss_gspo``): the same value
     per token, and with advantages constant over a sequence and ``seq-mean-token-mean`` the same gradient as TRL's
-    ``importance_sampling_level="sequence"``. The paper uses ``seq-mean-token-mean`` and tiny clips (3e-4 / 4e-4).
+    ``importance_sampling_level="sequence"``. The paper averages over sequences (pass ``seq-mean-token-mean``, which
+    verl forces) with tiny clips (3e-4 / 4e-4).
     ``dual_clip`` is ignored. No clamp on the log-ratio (verl clamps at 10).
 
     Returns ``(loss, stats)`` as :func:`vanilla_policy_loss` (``ratio_*`` of the sequence ratios, per token).
@@ -380,8 +401,11 @@ def gspo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low, clip
     return loss, stats
 
 
-def cispo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip=0.0,
-                      loss_agg="token-mean", denominator=None, weights=None, max_len=None):
+def cispo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    clip_low: float, clip_high: float, dual_clip: float = 0.0, loss_agg: str = "token-mean",
+    denominator: torch.Tensor | float | None = None, weights: torch.Tensor | None = None, max_len: int | None = None,
+) -> LossResult:
     """CISPO (MiniMax 2025, "MiniMax-M1", eq. 4): ``-sg[clip(ratio, 1 - clip_low, 1 + clip_high)] * A * log pi``.
 
     The importance weight is clipped and detached, so every token keeps a gradient (PPO's clip zeroes it).
@@ -403,7 +427,7 @@ def cispo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low, cli
     return loss, stats
 
 
-POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {
+POLICY_LOSSES: dict[str, Callable[..., LossResult]] = {
     "vanilla": vanilla_policy_loss,
     "gspo": gspo_policy_loss,
     "cispo": cispo_policy_loss,
@@ -418,7 +442,7 @@ def kl_loss(
     loss_agg: str = "token-mean",
     denominator: torch.Tensor | float | None = None,
     max_len: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossResult:
     """KL(pi || pi_ref) as a loss term (GRPO's KL in the loss, Shao et al. 2024), to be added as ``beta * loss``.
 
     Per-token :func:`rlgen.core.kl_estimate` (``k1``, ``k2`` = 0.5 (log r)^2, ``k3`` = Schulman's, GRPO's and TRL's)

@@ -49,6 +49,7 @@ Every option, reward, data and model check runs before the output folder is touc
 
 Metrics per update, reduced over processes:
 - objective/scores: mean weighted reward (before the EOS penalty); rewards/<fn>/mean: each reward function
+  (with dynamic sampling: of the completions trained on)
 - objective/kl: mean over samples of the summed per-token KL estimate (`kl_estimator`) to the reference
 - objective/kl_coef: beta used in this update; objective/rlhf_reward: mean of sum_t shaped reward
   (penalised score - beta * KL); objective/entropy: mean of -sum_t log pi(y_t), from the rollout (as TRL)

@@ -161,10 +161,14 @@ def test_checkpoint_contents_and_latest(tiny_folder, reward_file, tmp_path):
         find_checkpoint("latest", tmp_path / "empty")
 
 
-@pytest.mark.parametrize("value, quantity", [(1e39, "reward"), (1e37, "loss")])
-def test_nonfinite_stops_keeping_the_last_good_checkpoint(tiny_folder, reward_file, tmp_path, value, quantity):
+@pytest.mark.parametrize("value, quantity, overrides", [
+    (1e39, "reward", {}), (1e37, "loss", {}), (1e39, "reward", dict(preset="grpo", num_generations=2)),
+], ids=["reward", "loss", "grpo_reward"])
+def test_nonfinite_stops_keeping_the_last_good_checkpoint(tiny_folder, reward_file, tmp_path, value, quantity,
+                                                          overrides):
     out = tmp_path / "run"
-    cfg = config(tiny_folder, reward_file, out, save_steps=1, reward=[f"{reward_file}:huge_at(at=3, value={value})"])
+    cfg = config(tiny_folder, reward_file, out, save_steps=1, reward=[f"{reward_file}:huge_at(at=3, value={value})"],
+                 **overrides)
     with pytest.raises(NonFiniteError, match=f"^update 3: non-finite {quantity}; .*checkpoint-2") as e:
         train_ppo(cfg)
     assert "\n" not in str(e.value)

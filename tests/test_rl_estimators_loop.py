@@ -222,3 +222,12 @@ def test_an_engine_samples_a_group_as_one_request_of_n(tiny_policy):
     last = [p[-1] for p in prompts]
     assert ro.completion_ids[:, 0].tolist() == [last[0], last[0] + 1, last[1], last[1] + 1]
     assert ro.engine_logprobs[:, 0].tolist() == [0.0, -1.0, 0.0, -1.0]
+
+
+def test_evaluations_along_training_run_for_a_group_estimator(tiny_folder, reward_file, tmp_path):
+    out = tmp_path / "grpo_eval"
+    train_ppo(config(tiny_folder, out, preset="grpo", num_generations=2, eval_steps=1,
+                     evaluate={"num_prompts": 2, "batch_size": 2}))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [(r["step"], r["completions/generated"]) for r in rows if "eval/reward/mean" in r] == [(1, 4), (2, 8)]
+    assert (out / "eval_steps" / "step2" / "eval_samples.jsonl").is_file()
