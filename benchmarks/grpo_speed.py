@@ -4,11 +4,16 @@ Each rep runs the peer (../shared/bench/peer_trl_grpo.py) and then rlgen (benchm
 grpo|rloo, the same shape, seeds, prompts, rule reward, beta, epochs and num_generations), each in a fresh process,
 so that load on a shared machine hits both sides alike and peak RSS is per run. Prints one JSON object: each run's
 line (the peer's with rlgen's update-cycle timing added: `grpo_speed.py peer ...`), the medians per side (PAIRS),
-and the ratios peer / rlgen for the
-times (above 1: rlgen is faster) and rlgen / peer for RSS (below 1: rlgen holds less), with the load average
-(`uptime`) before and after.
+the ratios peer / rlgen for the times (above 1: rlgen is faster) and rlgen / peer for RSS (below 1: rlgen holds
+less), the per-pair time ratios, and the load average before and after.
 
-    python benchmarks/grpo_speed.py --peer-dir ../shared/bench --model-size tiny --reps 5 --steps 6
+    python benchmarks/grpo_speed.py --peer-dir ../shared/bench --model-size tiny --reps 5 --steps 8
+
+Measured 2026-12-06 on the shared 2-core machine (1 thread, load 4-7; peer's defaults: 8 completions of 32
+tokens, 4 per prompt, 2 epochs, beta 0.05), CPU seconds per update cycle peer / rlgen (per-pair range), peak RSS
+rlgen / peer at the end and while training: tiny grpo (5 reps x 8 updates) 1.18x (1.10-1.23), RSS 0.84 / 0.80;
+tiny rloo (3 x 8) 1.17x (1.09-1.26), 0.84 / 0.81; small grpo (5 x 5) 1.21x (1.09-1.28), 0.93 / 0.93. Wall-clock
+ratios moved with the load (small grpo 1.75x median, pairs 1.07-1.90; tiny 1.09x, pairs 1.06-2.43).
 """
 
 import argparse
@@ -29,13 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 # (name, the peer's field, rlgen's field), medians over the reps. Both sides' rule rewards are timed alike: a steady
 # update cycle is from one rollout's reward call to the next's (the update, logging and the next rollout), in wall
 # and in process CPU seconds (CPU: less moved by other load on a shared machine). Beside them the peer's own
-# callback figure (step end to step end) and the whole training call over the updates (rlgen's also samples the
-# "after" completions, plots and saves a model: ppo_throughput.py).
+# callback figure (step end to step end), the whole training call over the updates (rlgen's also samples the
+# "after" completions, plots and saves a model: ppo_throughput.py), and peak RSS at the end and at the last reward
+# call (while training).
 PAIRS = (("s_per_update_cycle", "s_per_update_cycle", "s_per_update_cycle"),
          ("cpu_s_per_update_cycle", "cpu_s_per_update_cycle", "cpu_s_per_update_cycle"),
          ("s_per_update_steady", "s_per_update_steady", "s_per_update_cycle"),
          ("s_per_update", "s_per_update", "s_per_update"),
-         ("peak_rss_mb", "peak_rss_mb", "peak_rss_mb"))
+         ("peak_rss_mb", "peak_rss_mb", "peak_rss_mb"),
+         ("peak_rss_mb_training", "peak_rss_mb_training", "peak_rss_mb_training"))
 
 
 def load_average() -> list[float]:
@@ -66,12 +73,12 @@ def peer_wrapper(argv: list[str]) -> None:
     `peer_common.target_fraction` once per completion, so every `--batch`-th call starts a rollout's scoring."""
     sys.path[:0] = [str(Path(argv[0]).resolve().parent), str(REPO / "benchmarks")]
     import peer_common
-    from ppo_throughput import cycles
+    from ppo_throughput import cycles, stamp
 
     rule, calls = peer_common.target_fraction, []
 
     def timed(ids):
-        calls.append((time.perf_counter(), time.process_time()))
+        calls.append(stamp(time.perf_counter()))
         return rule(ids)
 
     peer_common.target_fraction = timed
@@ -117,7 +124,8 @@ def main() -> None:
     median = {side: {name: round(statistics.median(r[field] for r in runs[side]), 4)
                      for name, *fields in PAIRS for field in [fields[side == "rlgen"]]} for side in runs}
     ratio = {f"speedup_{name}": round(median["peer"][name] / median["rlgen"][name], 3) for name, *_ in PAIRS[:4]}
-    ratio["rss_ratio"] = round(median["rlgen"]["peak_rss_mb"] / median["peer"]["peak_rss_mb"], 3)
+    for name in ("peak_rss_mb", "peak_rss_mb_training"):
+        ratio[f"rss_ratio_{name}"] = round(median["rlgen"][name] / median["peer"][name], 3)
     # per-pair speedups: their spread says how much the load moved between the two sides of a pair
     pairs = {k: [round(p[k] / o[k], 3) for p, o in zip(runs["peer"], runs["rlgen"])]
              for k in ("s_per_update_cycle", "cpu_s_per_update_cycle")}

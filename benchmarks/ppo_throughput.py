@@ -27,7 +27,8 @@ completions, plotting the curves and saving the model, none of which the peer do
 `s_per_update_loop` counts only the update phases (the span of the peer's train()) and `s_per_update_steady` is
 their median without the first update; `s_per_update_cycle` and `cpu_s_per_update_cycle` time whole update cycles
 from one reward call to the next (as the peer's callback times its updates, step end to step end: logging and
-all), in wall and process CPU seconds. `split_s` sums the phases.
+all), in wall and process CPU seconds; `peak_rss_mb_training` is the peak RSS at the last reward call (the
+training's, without what the call does after its last update). `split_s` sums the phases.
 Library imports happen before the timer, as the peer's happen before trainer.train(), except matplotlib's.
 """
 
@@ -35,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -59,13 +61,13 @@ class PeerRewardModel:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer, self.seconds = model.eval(), tokenizer, 0.0
-        self.calls: list[tuple[float, float]] = []  # (wall, process CPU) at each call: one a rollout
+        self.calls: list[tuple[float, float, float]] = []  # stamp() at each call: one a rollout
 
     def __call__(self, prompts, completions, **kwargs):
         import torch
 
         start = time.perf_counter()
-        self.calls.append((start, time.process_time()))
+        self.calls.append(stamp(start))
         texts = [f"{p} {c}" for p, c in zip(prompts, completions)]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         with torch.inference_mode():
@@ -81,26 +83,33 @@ class PeerRuleReward:
 
     def __init__(self, rule):
         self.rule, self.seconds = rule, 0.0
-        self.calls: list[tuple[float, float]] = []  # (wall, process CPU) at each call: one a rollout
+        self.calls: list[tuple[float, float, float]] = []  # stamp() at each call: one a rollout
 
     def __call__(self, prompts, completions, completion_ids, **kwargs):
         start = time.perf_counter()
-        self.calls.append((start, time.process_time()))
+        self.calls.append(stamp(start))
         scores = [self.rule(ids) for ids in completion_ids]
         self.seconds += time.perf_counter() - start
         return scores
 
 
-def cycles(calls: list[tuple[float, float]]) -> dict:
+def stamp(wall: float) -> tuple[float, float, float]:
+    """(wall seconds, process CPU seconds, peak RSS in MB so far) at a reward call."""
+    return wall, time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cycles(calls: list[tuple[float, float, float]]) -> dict:
     """Whole update cycles, timed as the peer's callback times its updates (end to end, logging and all): the
     median wall and process CPU seconds between consecutive reward calls (one per rollout; DAPO's dynamic sampling
-    may call more often)."""
+    may call more often); and the peak RSS at the last call, i.e. while training, before anything the training
+    call does after its last update."""
     if len(calls) < 2:
-        return {"s_per_update_cycle": None, "cpu_s_per_update_cycle": None}
+        return {"s_per_update_cycle": None, "cpu_s_per_update_cycle": None, "peak_rss_mb_training": None}
     wall = [b[0] - a[0] for a, b in zip(calls, calls[1:])]
     cpu = [b[1] - a[1] for a, b in zip(calls, calls[1:])]
     return {"s_per_update_cycle": round(statistics.median(wall), 4),
-            "cpu_s_per_update_cycle": round(statistics.median(cpu), 4)}
+            "cpu_s_per_update_cycle": round(statistics.median(cpu), 4),
+            "peak_rss_mb_training": round(calls[-1][2], 1)}
 
 
 def main() -> None:
