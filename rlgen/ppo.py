@@ -702,7 +702,10 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
     # trainable weights) are freed first, so this end-of-run work does not raise the peak memory.
     adam.state.clear()
     accelerator.wait_for_everyone()
-    engines.stop(policy)  # not synced after the last update: the final samples come from generate
+    # The final samples come from generate: the engine was not synced after the last update. It is closed only
+    # after the sharded gather below (closing vLLM unregisters the process group that FSDP2's gather needs).
+    with_engine, engine = policy, policy.engine
+    policy.engine = None
     if is_main or cfg.fsdp:  # sharded, every process takes part (generation gathers the weights)
         after = _truncate(policy.sample(shown[0], sampling, with_values=False), stop_id, tokenizer).completions
     if cfg.fsdp:  # rank 0 gathers the weights into an ordinary policy for the final folder
@@ -717,6 +720,8 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
         _write_samples(out / "samples.md", shown[0], shown[1], after, cfg.max_steps)
         print(f"[rlgen] ppo: {cfg.max_steps - done} updates in {train_s:.0f}s, then {time.perf_counter() - start - train_s:.0f}s "
               f"saving and sampling; model saved to {out}")
+    with_engine.engine = engine
+    engines.stop(with_engine)
     # Drop the DDP wrapper while the process group is still registered, and give gloo's worker thread a moment
     # to release its last work (it needs the GIL): destroying the group as the last reference to it goes
     # away can otherwise deadlock a process at exit (seen with 2 CPU processes, torch 2.13).

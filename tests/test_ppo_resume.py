@@ -423,9 +423,10 @@ class _FakeEngine:
     def __init__(self):
         self.rollouts, self.syncs, self.closed = 0, 0, False
 
-    def generate(self, prompt_ids, settings, eos_ids):
+    def generate(self, prompt_ids, settings, eos_ids, n=1):
         self.rollouts += 1
-        return [[7] * settings.max_new_tokens for _ in prompt_ids], [[-1.0] * settings.max_new_tokens for _ in prompt_ids]
+        rows = len(prompt_ids) * n  # n completions per prompt, prompt by prompt
+        return [[7] * settings.max_new_tokens for _ in range(rows)], [[-1.0] * settings.max_new_tokens for _ in range(rows)]
 
     def sync(self, policy):
         self.syncs += 1
