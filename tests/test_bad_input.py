@@ -141,7 +141,7 @@ def test_a_bad_input_in_a_real_process(tmp_path):
 
 
 @pytest.mark.parametrize("split, dataset, splits", [
-    ("all", "chitchat", "train, validation, test"),
+    ("every", "chitchat", "train, validation, test"),
     ("foo", "ok.jsonl", "train, validation, test"),
     ("test", "folder", "eval, train"),
 ])

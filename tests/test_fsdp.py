@@ -347,4 +347,4 @@ def test_the_row_rank_note_is_printed_by_the_first_process_only(tmp_path, capsys
     assert capsys.readouterr().out == ""
     monkeypatch.setenv("RANK", "0")
     file_splits(tmp_path / "b.jsonl", rows)
-    assert capsys.readouterr().out.count("split by row rank instead") == 1
+    assert capsys.readouterr().out.count("too few prompts to split by their hash") == 1
