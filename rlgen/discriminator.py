@@ -136,28 +136,26 @@ def load_discriminator(folder: str | Path) -> nn.Module:
 
 
 @torch.no_grad()
-def prob_real(d: nn.Module, batch, batch_size: int = 2048) -> torch.Tensor:
-    """D's probability that each sequence is real. batch: ids [M, L] (cnn) or M texts -> [M], in eval mode."""
+def _scored(d: nn.Module, batch, batch_size: int, head) -> torch.Tensor:
+    """`head` of D's two-class logits for each sequence of `batch`, in chunks of `batch_size`, in eval mode."""
     was_training = d.training
     d.eval()
     try:
-        out = [torch.softmax(d.logits(batch[i:i + batch_size]), dim=-1)[:, 1] for i in range(0, len(batch), batch_size)]
+        out = [head(d.logits(batch[i:i + batch_size])) for i in range(0, len(batch), batch_size)]
     finally:
         d.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-@torch.no_grad()
+def prob_real(d: nn.Module, batch, batch_size: int = 2048) -> torch.Tensor:
+    """D's probability that each sequence is real. batch: ids [M, L] (cnn) or M texts -> [M], in eval mode."""
+    return _scored(d, batch, batch_size, lambda logits: torch.softmax(logits, dim=-1)[:, 1])
+
+
 def real_logit(d: nn.Module, batch, batch_size: int = 2048) -> torch.Tensor:
     """D's logit that each sequence is real, l_real - l_fake of its two classes (prob_real = sigmoid of it, as
     softmax over two classes is, up to rounding), unsaturated where the probability rounds to 1. [M], in eval mode."""
-    was_training = d.training
-    d.eval()
-    try:
-        out = [torch.diff(d.logits(batch[i:i + batch_size]), dim=-1)[:, 0] for i in range(0, len(batch), batch_size)]
-    finally:
-        d.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return _scored(d, batch, batch_size, lambda logits: torch.diff(logits, dim=-1)[:, 0])
 
 
 def heldout_accuracy(d: nn.Module, real, fake) -> float:

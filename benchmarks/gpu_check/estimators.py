@@ -17,7 +17,6 @@ float32, the tiny shape, 8 completions of 8 tokens, 2 updates (a dry run of the 
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -25,22 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-
-QUICK = os.environ.get("GPU_CHECK_QUICK") == "1"
-
-
-def build_model(folder: Path, peer_dir: str | None) -> None:
-    from rlgen.models import TINY_SHAPE, build_tiny_model, build_tiny_tokenizer
-
-    shape = dict(TINY_SHAPE)
-    if peer_dir and not QUICK:
-        sys.path.insert(0, str(Path(peer_dir).resolve()))
-        import peer_common
-
-        shape.update({k: v for k, v in peer_common.SIZES["base"].items() if k != "vocab"})
-    tokenizer = build_tiny_tokenizer()
-    build_tiny_model(tokenizer, seed=0, **shape).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+from fsdp_ppo import QUICK, build_model  # the same model: the peer's base shape (tiny in quick mode)
 
 
 def run_preset(name: str, args) -> dict:
