@@ -693,7 +693,10 @@ def train_ppo(cfg: PPOConfig, policy: Policy | None = None) -> Policy:
                          "kl_ctl": kl_ctl.state_dict(), "history": history, "shown": list(shown)}
                 last_checkpoint = _save_checkpoint(accelerator, cfg, out, update, policy, adam, scheduler, state, adv)
             if signum and update < cfg.max_steps:
-                progress.update()  # this update is done: the bar counts it, as the message does
+                # this update is done: the bar counts it, as the message does. Set, not incremented: iterating, tqdm
+                # writes its count only at redraws (mininterval), so the bar's own count may lag by one
+                progress.n = update
+                progress.refresh()
                 progress.close()
                 raise TrainingInterrupted(signum, update, last_checkpoint.resolve())
 
