@@ -1,4 +1,5 @@
-"""Pure RL maths for LM fine-tuning: log-probs, masked statistics, KL penalties, GAE and the PPO losses.
+"""Pure RL maths for LM fine-tuning: log-probs, masked statistics, KL penalties, GAE and the PPO value loss
+(the policy losses are in ``rlgen.estimators``).
 
 Every function is tensors in, tensors (or ``(loss, stats)``) out, with no config objects and no state
 beyond the two KL controllers, in the style of verl's ``core_algos.py`` and CleanRL.
@@ -345,55 +346,6 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 
 def _zero_padding(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def ppo_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_range: float = 0.2,
-    weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate objective (Schulman et al. 2017, eq. 7), negated into a loss.
-
-    ``loss = mean_t w_t * max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))``, ``ratio = exp(logp -
-    old)``, averaged over every real token of the batch (token-level, as TRL/lm-human-preferences). ``w`` (default
-    1): per-token importance weights of the samples, e.g. `truncated_importance_weights` when an inference engine
-    sampled them (verl multiplies the clipped per-token loss the same way).
-
-    Args:
-        logprobs: ``[B, T]`` log-probs under the current policy (carries grad).
-        old_logprobs: ``[B, T]`` log-probs under the rollout policy (treated as constants).
-        advantages: ``[B, T]`` (treated as constants).
-        mask: ``[B, T]`` real tokens.
-        clip_range: epsilon.
-        weights: ``[B, T]`` or None (treated as constants).
-
-    Returns:
-        ``(loss, stats)``: 0-dim loss; stats (detached 0-dim tensors, over real tokens):
-        ``approxkl`` = 0.5 * mean((logp - old)^2), ``clipfrac`` = fraction where the clipped term was the
-        active (larger) one, ``ratio_mean``, ``ratio_max``.
-    """
-    real = mask.bool()
-    # Zeroing padding before exp keeps garbage there from producing inf * 0 = nan in the backward pass.
-    log_ratio = _zero_padding(logprobs - old_logprobs.detach(), real)
-    advantages = _zero_padding(advantages.detach(), real)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    per_token = torch.maximum(unclipped, clipped)
-    if weights is not None:
-        per_token = per_token * _zero_padding(weights.detach(), real)
-    loss = masked_mean(per_token, mask)
-    with torch.no_grad():
-        stats = {
-            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
-            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-            "ratio_max": torch.where(real, ratio, torch.full_like(ratio, -torch.inf)).max(),
-        }
-    return loss, stats
 
 
 def truncated_importance_weights(

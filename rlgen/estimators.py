@@ -338,7 +338,7 @@ def vanilla_policy_loss(
 
     ``clip_high > clip_low`` is DAPO's clip-higher (Yu et al. 2025: 0.2 / 0.28). ``dual_clip = c > 1`` (Ye et al.
     2020, "Mastering Complex Control in MOBA Games") caps the loss of a negative-advantage token at ``-c * A``.
-    With ``clip_low = clip_high = eps`` and ``token-mean`` it is :func:`rlgen.core.ppo_policy_loss` exactly.
+    With ``clip_low = clip_high = eps`` and ``token-mean`` it is PPO's clipped loss (tests/test_core.py).
     verl ``compute_policy_loss_vanilla``; TRL ``_compute_loss`` (``grpo``/``bnpo``/``dr_grpo``/``dapo``);
     OpenRLHF ``PolicyLoss``. No clamp on the log-ratio (verl clamps at +-20).
 

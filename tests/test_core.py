@@ -417,13 +417,21 @@ def naive_ppo_policy(lp, old, adv, mask, clip):
     return sum(losses) / n, clipped_count / n, sum(kls) / n, sum(ratios) / n, max(ratios)
 
 
+def ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2, weights=None):
+    """PPO's clipped policy loss as the RL loop runs it: the vanilla estimator with one clip range."""
+    from rlgen.estimators import vanilla_policy_loss
+
+    return vanilla_policy_loss(logprobs, old, advantages, mask, clip_low=clip_range, clip_high=clip_range,
+                               weights=weights)
+
+
 def test_ppo_policy_loss_matches_loop():
     torch.manual_seed(0)
     lp = -torch.rand(4, 7, dtype=D) * 2
     old = lp + torch.randn(4, 7, dtype=D) * 0.3
     adv = torch.randn(4, 7, dtype=D)
     mask = rand_mask(4, 7, seed=10)
-    loss, stats = core.ppo_policy_loss(lp, old, adv, mask, clip_range=0.2)
+    loss, stats = ppo_policy_loss(lp, old, adv, mask, clip_range=0.2)
     exp_loss, exp_clipfrac, exp_kl, exp_rmean, exp_rmax = naive_ppo_policy(lp, old, adv, mask, 0.2)
     assert 0 < exp_clipfrac < 1  # the data exercises both branches
     assert loss.item() == pytest.approx(exp_loss, abs=1e-12)
@@ -447,7 +455,7 @@ def test_ppo_policy_loss_matches_loop():
 def test_ppo_policy_clip_hand_values(ratio, adv, expected_loss, expected_clipfrac):
     old = torch.tensor([[-1.0]], dtype=D)
     lp = (old + math.log(ratio)).requires_grad_()
-    loss, stats = core.ppo_policy_loss(lp, old, torch.tensor([[adv]], dtype=D), torch.ones(1, 1), 0.2)
+    loss, stats = ppo_policy_loss(lp, old, torch.tensor([[adv]], dtype=D), torch.ones(1, 1), 0.2)
     assert loss.item() == pytest.approx(expected_loss)
     assert stats["clipfrac"].item() == expected_clipfrac
     loss.backward()
@@ -464,19 +472,19 @@ def test_ppo_policy_loss_weights_multiply_each_tokens_term():
     adv = torch.randn(4, 6, dtype=D)
     w = torch.rand(4, 6, dtype=D) * 2
     mask = rand_mask(4, 6, seed=12)
-    loss, stats = core.ppo_policy_loss(lp, old, adv, mask, 0.2, weights=w)
+    loss, stats = ppo_policy_loss(lp, old, adv, mask, 0.2, weights=w)
     terms = []
     for b, ts in enumerate(real_positions(mask)):
         for t in ts:
             r = math.exp(lp[b, t] - old[b, t])
             terms.append(w[b, t].item() * max(-adv[b, t].item() * r, -adv[b, t].item() * min(max(r, 0.8), 1.2)))
     assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-12)
-    _, plain = core.ppo_policy_loss(lp, old, adv, mask, 0.2)
+    _, plain = ppo_policy_loss(lp, old, adv, mask, 0.2)
     assert all(torch.equal(stats[k], plain[k]) for k in stats)
-    ones, _ = core.ppo_policy_loss(lp, old, adv, mask, 0.2, weights=torch.ones_like(w))
-    assert ones.item() == pytest.approx(core.ppo_policy_loss(lp, old, adv, mask, 0.2)[0].item(), abs=1e-15)
+    ones, _ = ppo_policy_loss(lp, old, adv, mask, 0.2, weights=torch.ones_like(w))
+    assert ones.item() == pytest.approx(ppo_policy_loss(lp, old, adv, mask, 0.2)[0].item(), abs=1e-15)
     # padding: garbage (inf) weights there change nothing
-    padded, _ = core.ppo_policy_loss(pad_garbage(lp, 3), pad_garbage(old, 3, seed=2), pad_garbage(adv, 3),
+    padded, _ = ppo_policy_loss(pad_garbage(lp, 3), pad_garbage(old, 3, seed=2), pad_garbage(adv, 3),
                                      pad_mask(mask, 3), 0.2, weights=pad_garbage(w, 3, value=float("inf")))
     assert padded.item() == pytest.approx(loss.item(), abs=1e-12)
 
@@ -514,9 +522,9 @@ def test_ppo_policy_loss_padding_invariance_and_clean_grad():
     old = lp.detach() + torch.randn(3, 5, dtype=D) * 0.3
     adv = torch.randn(3, 5, dtype=D)
     mask = rand_mask(3, 5, seed=11)
-    loss, stats = core.ppo_policy_loss(lp, old, adv, mask)
+    loss, stats = ppo_policy_loss(lp, old, adv, mask)
     lp2 = pad_garbage(lp, 4).requires_grad_()
-    loss2, stats2 = core.ppo_policy_loss(
+    loss2, stats2 = ppo_policy_loss(
         lp2, pad_garbage(old, 4, seed=2), pad_garbage(adv, 4, value=float("inf")), pad_mask(mask, 4)
     )
     assert loss2.item() == pytest.approx(loss.item(), abs=1e-12)

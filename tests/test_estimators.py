@@ -328,17 +328,6 @@ def _loss(name, logprobs, old, advantages, mask, **kw):
     return E.POLICY_LOSSES[name](logprobs, old, advantages, mask, **kw)
 
 
-def test_policy_loss_vanilla_with_one_clip_is_core_ppo_policy_loss_exactly():
-    logprobs, old, advantages, mask = _policy_batch()
-    weights = torch.rand(8, 6) + 0.5
-    loss, stats = _loss("vanilla", logprobs, old, advantages, mask, clip_low=0.2, clip_high=0.2, weights=weights)
-    (grad,) = torch.autograd.grad(loss, logprobs)
-    want, want_stats = core.ppo_policy_loss(logprobs, old, advantages, mask, 0.2, weights=weights)
-    (want_grad,) = torch.autograd.grad(want, logprobs)
-    assert torch.equal(loss, want) and torch.equal(grad, want_grad)
-    assert all(torch.equal(stats[k], v) for k, v in want_stats.items())
-
-
 def _vanilla_loop(lp, old, adv, mask, low, high, dual):
     """Per-token loss and d loss / d logprob of PPO-clip (asymmetric, dual clip) with plain floats."""
     losses, grads = torch.zeros_like(lp), torch.zeros_like(lp)
