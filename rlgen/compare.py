@@ -48,6 +48,7 @@ comparison is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -68,7 +69,7 @@ from rlgen.config import (
     to_dict,
 )
 from rlgen.errors import UserError
-from rlgen.files import read_jsonl, read_metrics
+from rlgen.files import read_jsonl, read_metrics, write_jsonl
 from rlgen.tracking import leaves_output_dir_as_found
 
 
@@ -81,6 +82,10 @@ def check_compare_config(cfg: CompareConfig) -> None:
 
     for spec in cfg.reward + cfg.gold_reward:
         load_reward(spec)
+    if cfg.teacher_model:
+        from rlgen.evaluation import check_same_tokenizer
+
+        check_same_tokenizer(cfg.model, cfg.teacher_model, "teacher_model")
     check_stage_data("evaluate", cfg.eval_config(cfg.model, Path(cfg.output_dir), 0))
     for method in cfg.methods:
         if method != "bon":  # best-of-n samples the evaluation's prompts only
@@ -140,6 +145,46 @@ def _start_model(cfg: CompareConfig, out: Path) -> str:
 
         Policy.from_pretrained("tiny", reference=False).save(folder)
     return str(folder)
+
+
+def _teacher_data(cfg: CompareConfig, out: Path) -> Path:
+    """`teacher_model`'s replies as a dataset folder, `out/teacher_data/<split>.jsonl`: the first `teacher_prompts`
+    training rows, the evaluation's `num_prompts` rows of its split and, for seqgan, of the test split; `completion`
+    is the teacher's reply (the comparison's sampling settings, seed 0), the dataset's own kept in
+    `dataset_completion`. Written once (`teacher.json` last), so a continued comparison reads it back."""
+    import torch
+
+    from rlgen.data import load_rows
+    from rlgen.models import default_device
+    from rlgen.policy import Policy
+    from rlgen.text import prompt_of
+
+    folder = out / "teacher_data"
+    if (folder / "teacher.json").is_file():
+        return folder
+    ecfg = cfg.eval_config(cfg.model, out, cfg.seeds[0])
+    if ecfg.split not in ("train", "validation", "test"):
+        raise UserError(f"teacher_model: the evaluation's split must be train, validation or test (got {ecfg.split!r}): "
+                        "the teacher answers that split's prompts")
+    sizes = {"train": cfg.teacher_prompts, ecfg.split: max(ecfg.num_prompts, cfg.teacher_prompts * (ecfg.split == "train"))}
+    if "seqgan" in cfg.methods:  # its discriminator's held-out pairs (rlgen.seqgan)
+        sizes.setdefault("test", ecfg.num_prompts)
+    t = time.perf_counter()
+    teacher = Policy.from_pretrained(cfg.teacher_model, reference=False, seed=0).to(default_device())
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        rows = [dict(r) for r in load_rows(cfg.dataset, split)[:n]]
+        with torch.no_grad():
+            torch.manual_seed(0)
+            replies = teacher.sample_completions([prompt_of(r) for r in rows], SamplingConfig.of(cfg), ecfg.batch_size)
+        write_jsonl(folder / f"{split}.jsonl", [{**{k: v for k, v in r.items() if k != "completion"},
+                                                "dataset_completion": r.get("completion"), "completion": c}
+                                               for r, c in zip(rows, replies)])
+    (folder / "teacher.json").write_text(json.dumps({"teacher_model": cfg.teacher_model, "rows": sizes,
+                                                     "seconds": round(time.perf_counter() - t, 1)}))
+    print(f"[compare] teacher {cfg.teacher_model}: replies to {', '.join(f'{n} {s}' for s, n in sizes.items())} "
+          f"prompts in {time.perf_counter() - t:.0f}s, in {folder}", flush=True)
+    return folder
 
 
 def _reward_names(specs: list[str]) -> list[str]:
@@ -295,6 +340,8 @@ def run_compare(cfg: CompareConfig, report: bool = True) -> dict[str, Path] | No
     set_threads(cfg.threads)
     out = _open_output(cfg)
     start = _start_model(cfg, out)
+    if cfg.teacher_model:  # every method then trains and is evaluated on the teacher's replies
+        cfg = dataclasses.replace(cfg, dataset=str(_teacher_data(cfg, out)))
     records = []
     start_dir = out / "runs" / "start"
     if not (start_dir / "result.json").is_file():
@@ -341,6 +388,6 @@ def run_compare(cfg: CompareConfig, report: bool = True) -> dict[str, Path] | No
     if sweeps_quality_diversity(cfg):
         from rlgen.quality_diversity import compare_quality_diversity
 
-        compare_quality_diversity(cfg, out, start, cfg.methods, cfg.seeds)
+        compare_quality_diversity(cfg, out, start, cfg.methods, cfg.seeds, scorer=cfg.teacher_model or start)
     return write_comparison_report(out, records, _reward_names(cfg.reward), _reward_names(cfg.gold_reward), to_dict(cfg),
                         title=f"rlgen comparison: {', '.join(cfg.methods)} from {cfg.model}")

@@ -215,15 +215,16 @@ class Evaluator:
         return {"completions/generated": completions, **metrics}
 
 
-def check_same_tokenizer(model: str, reference: str) -> None:
+def check_same_tokenizer(model: str, reference: str, role: str = "reference") -> None:
     """UserError when `reference` tokenizes differently from `model`: eval/kl and eval/perplexity_ref compare the
-    two token by token, so another vocabulary gives numbers without meaning (issue 30: KL 29.5, perplexity 42,290)."""
+    two token by token, so another vocabulary gives numbers without meaning (issue 30: KL 29.5, perplexity 42,290);
+    so does a comparison's teacher (`role` "teacher_model"), which scores the model's samples."""
     if reference == model:
         return
     ours, theirs = load_tokenizer(model).get_vocab(), load_tokenizer(reference).get_vocab()
     if ours != theirs:
-        raise UserError(f"reference {reference}: its tokenizer ({len(theirs)} tokens) is not that of model {model} "
-                        f"({len(ours)} tokens), and eval/kl compares the two token by token: give a reference with "
+        raise UserError(f"{role} {reference}: its tokenizer ({len(theirs)} tokens) is not that of model {model} "
+                        f"({len(ours)} tokens), and it scores the model's text token by token: give a {role} with "
                         "the model's tokenizer, e.g. the model it was trained from")
 
 

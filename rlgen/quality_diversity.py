@@ -312,9 +312,9 @@ def write_sweep(folder: Path, sweep: list[dict], model: str, scorer: str) -> dic
 
 # ---- rlgen compare ---------------------------------------------------------------------------------------
 
-def _sweep_run(cfg, model: str, start: str, folder: Path, seed: int, temperatures: list[float]) -> list[dict]:
-    """The sweep of one model on the comparison's evaluation prompts (sampled by generate(), the reference the
-    starting model), kept in folder/quality_diversity.json (a finished one with these temperatures is read back:
+def _sweep_run(cfg, model: str, scorer: str, folder: Path, seed: int, temperatures: list[float]) -> list[dict]:
+    """The sweep of one model on the comparison's evaluation prompts (sampled by generate(), the scorer as the
+    reference), kept in folder/quality_diversity.json (a finished one with these temperatures is read back:
     the comparison resumes)."""
     from rlgen.config import SamplingConfig
     from rlgen.data import load_rows
@@ -329,23 +329,26 @@ def _sweep_run(cfg, model: str, start: str, folder: Path, seed: int, temperature
             return sweep
     ecfg = cfg.eval_config(model, folder, seed)
     rows = load_rows(ecfg.dataset, ecfg.split)[:ecfg.num_prompts]  # the evaluator's prompts (rlgen.evaluation)
-    policy = Policy.from_pretrained(model, ref_name=start, seed=seed, dtype=resolve_dtype(ecfg.dtype))
+    policy = Policy.from_pretrained(model, ref_name=scorer, seed=seed, dtype=resolve_dtype(ecfg.dtype))
     sweep = text_sweep(policy.to(default_device()), [prompt_of(r) for r in rows], temperatures,
                        SamplingConfig.of(ecfg), ecfg.batch_size, ecfg.self_bleu_max_texts, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    write_sweep(folder, sweep, model, start)
+    write_sweep(folder, sweep, model, scorer)
     return sweep
 
 
-def compare_quality_diversity(cfg, out: Path, start: str, methods: list[str], seeds: list[int]) -> dict[str, Path]:
+def compare_quality_diversity(cfg, out: Path, start: str, methods: list[str], seeds: list[int],
+                              scorer: str | None = None) -> dict[str, Path]:
     """`rlgen compare` with quality_diversity: every model (the starting one and each trained run; best-of-n
-    trains none) swept over `qd_temperatures` plus the comparison's own temperature, in `<run>/qd/`; then
+    trains none) swept over `qd_temperatures` plus the comparison's own temperature, in `<run>/qd/`, its samples
+    scored by `scorer` (the teacher_model, else the starting model); then
     `out/quality_diversity.json` (sweeps, points, claims against the starting model's curve and against sft's
     when sft is compared), `quality_diversity.md` (the claims) and `quality_diversity.png`."""
     temps = sorted({*cfg.qd_temperatures, cfg.temperature})
     print(f"[compare] quality-diversity sweeps at temperatures {temps}", flush=True)
-    curves = {"start": [_sweep_run(cfg, start, start, out / "runs" / "start" / "qd", seeds[0], temps)]}
-    sweeps = {m: [_sweep_run(cfg, str(out / "runs" / m / f"seed{s}"), start, out / "runs" / m / f"seed{s}" / "qd",
+    scorer = scorer or start
+    curves = {"start": [_sweep_run(cfg, start, scorer, out / "runs" / "start" / "qd", seeds[0], temps)]}
+    sweeps = {m: [_sweep_run(cfg, str(out / "runs" / m / f"seed{s}"), scorer, out / "runs" / m / f"seed{s}" / "qd",
                              s, temps) for s in seeds] for m in methods if m != "bon"}
     if "sft" in sweeps:
         curves["sft"] = sweeps["sft"]
@@ -355,7 +358,7 @@ def compare_quality_diversity(cfg, out: Path, start: str, methods: list[str], se
     beyond = {(c["method"], c["quality"], c["diversity"]): c["beyond"] for c in found["vs_start"]}
     paths = {"json": out / "quality_diversity.json", "md": out / "quality_diversity.md",
              "png": out / "quality_diversity.png"}
-    paths["json"].write_text(json.dumps({"temperatures": temps, "temperature": cfg.temperature, "curves": curves,
+    paths["json"].write_text(json.dumps({"scorer": scorer, "temperatures": temps, "temperature": cfg.temperature, "curves": curves,
                                          "sweeps": sweeps, "claims": found}, indent=1))
     paths["md"].write_text(claims_markdown(found))
     plot(curves, points, TEXT_PAIRS, paths["png"], beyond, title=f"Quality-diversity at temperature {cfg.temperature:g}")

@@ -704,7 +704,10 @@ def write_html(folder: Path, rows: list[dict], plots: dict[str, Path], samples: 
                   + "".join(f"<th>{e(h)}</th>" for h in FIT_HEADINGS) + f"</tr>\n{fit_rows}</table></div>",
                   f'<p class="note">{e(_fit_note(gold_names))}</p>']
     parts.append("<h2>Plots</h2>")
-    captions = CAPTIONS if gold_names else NO_GOLD_CAPTIONS
+    captions = dict(CAPTIONS if gold_names else NO_GOLD_CAPTIONS)
+    if settings.get("teacher_model"):  # rlgen.compare: the teacher scores the quality-diversity samples
+        captions["quality_diversity"] = captions["quality_diversity"].replace(
+            "the starting model's NLL", f"the teacher's ({settings['teacher_model']}) NLL", 1)
     for name, path in plots.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(name)}">'

@@ -502,3 +502,63 @@ def test_discriminator_replicas_stay_equal_over_processes(tmp_path):
     alone.update(PROMPTS, FAKE, {"reference_completion": REAL})
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], v) for k, v in alone.model.state_dict().items())
+
+
+def test_compare_with_a_teacher_model_trains_and_scores_on_its_replies(tmp_path, capsys):
+    """compare --teacher_model: the teacher answers the first teacher_prompts training prompts and the evaluation
+    prompts once (the comparison's sampling, seed 0); every method trains on those replies (gad's discriminator takes
+    them as the real ones), the evaluator scores its held-out replies and the teacher scores the quality-diversity
+    samples; a continued comparison reads them back. A teacher with another tokenizer is refused before anything."""
+    import json
+
+    import yaml
+
+    from rlgen.cli import main
+    from rlgen.config import CompareConfig, SamplingConfig
+    from rlgen.data import load_rows
+    from rlgen.files import read_jsonl
+    from rlgen.models import minilm_folder
+    from rlgen.policy import Policy
+
+    teacher = tmp_path / "teacher"  # the tiny shape and tokenizer, other weights than the start (seed 0)
+    Policy.from_pretrained("tiny", reference=False, seed=1).save(teacher, value_head=False)
+    out = tmp_path / "cmp"
+    settings = {"model": "tiny", "teacher_model": str(teacher), "teacher_prompts": 6, "output_dir": str(out),
+                "methods": ["sft", "gad", "seqgan"], "seeds": [0], "max_steps": 3, "batch_size": 4,
+                "num_generations": 2, "max_new_tokens": 6, "reward": ["target_length(target=3)"],
+                "qd_temperatures": [1.5], "evaluate": {"num_prompts": 4, "batch_size": 4},
+                "gad": {"discriminator": {"learning_rate": 1e-4, "device": "cpu"}}}
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["compare", "--config", str(config)]) == 0
+
+    data = out / "teacher_data"
+    train, test = read_jsonl(data / "train.jsonl"), read_jsonl(data / "test.jsonl")
+    rows = load_rows("chitchat", "train")[:6]
+    assert [r["prompt"] for r in train] == [r["prompt"] for r in rows] and len(test) == 4
+    assert [r["dataset_completion"] for r in train] == [r["completion"] for r in rows]
+    policy = Policy.from_pretrained(str(teacher), reference=False, seed=0)
+    torch.manual_seed(0)
+    again = policy.sample_completions([r["prompt"] for r in train], SamplingConfig.of(CompareConfig(**settings)), 4)
+    assert [r["completion"] for r in train] == again != [r["completion"] for r in rows]
+    for method in ("sft", "gad", "seqgan"):
+        saved = yaml.safe_load((out / "runs" / method / "seed0" / "config.yaml").read_text())
+        assert saved["dataset"] == str(data), method
+    gad = yaml.safe_load((out / "runs" / "gad" / "seed0" / "config.yaml").read_text())
+    assert "teacher='reference_completion'" in gad["reward"][-1]  # the dataset's completion column: the teacher's
+    samples = json.loads((out / "runs" / "start" / "result.json").read_text())["samples"]
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in test]
+    assert json.loads((out / "quality_diversity.json").read_text())["scorer"] == str(teacher)
+    assert "teacher&#x27;s (" in (out / "report.html").read_text()
+
+    made = (data / "teacher.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["compare", "--config", str(config)]) == 0
+    assert "finished earlier, kept" in capsys.readouterr().out and (data / "teacher.json").stat().st_mtime_ns == made
+
+    other = str(minilm_folder())  # a BERT WordPiece vocabulary
+    assert main(["compare", "--config", str(config), "--teacher_model", other, "--output_dir",
+                 str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlgen: error: teacher_model {other}: its tokenizer (") and len(err.splitlines()) == 1
+    assert not (tmp_path / "other").exists()

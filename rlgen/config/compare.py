@@ -85,6 +85,13 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
 
     model: str = opt("default", "starting model of every method: default (embedded SmolLM2-135M-Instruct), tiny, "
                                 "a folder or a Hub id in the local cache")
+    teacher_model: str = opt("", "distillation: a teacher with the starting model's tokenizer (default, "
+                                 "tiny, a folder or a Hub id); its replies to the first teacher_prompts "
+                                 "training prompts and to the evaluation prompts replace the dataset's replies for "
+                                 "every method (sft trains on them; gad's warm-up and discriminator, and seqgan's "
+                                 "discriminator, take them as the real replies; eval/reference_nll scores them) and "
+                                 "it scores the quality-diversity samples; empty: the dataset's replies")
+    teacher_prompts: int = opt(256, "teacher_model: the training prompts it answers (every method trains on these)")
     output_dir: str = opt("runs/compare", "folder for every run, the tables, the plots and report.html")
     dataset: str = opt("chitchat", "prompts for training (train split) and evaluation (see evaluate.split): "
                                    + DATASET_HELP, python=is_rows)
@@ -147,7 +154,7 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
             raise UserError("methods and seeds must each name at least one")
         if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
             raise UserError("methods and seeds must not repeat")
-        at_least(self, 1, "max_steps", "batch_size", "bon_n")
+        at_least(self, 1, "max_steps", "batch_size", "bon_n", "teacher_prompts")
         at_least(self, 0, "threads", "samples_shown", "eval_steps")
         if str(self.quality_diversity).lower() not in ("auto", "true", "false"):
             raise UserError(f"quality_diversity must be true, false or auto, got {self.quality_diversity!r}")
