@@ -115,8 +115,9 @@ class CompareConfig(SamplingConfig, RolloutEngineMixin, RewardConfigMixin, LoraC
                              "optimiser steps, kept in each run's result.json under evals (0: off; sft and seqgan "
                              "are evaluated at the end only)")
     quality_diversity: str = opt("auto", "also sweep every model's sampling temperature over qd_temperatures and "
-                                         "plot quality (the starting model's NLL of the samples) against diversity "
-                                         "(entropy, self-BLEU): quality_diversity.png/.json/.md (Caccia et al. 2020); "
+                                         "plot quality (the samples' NLL under teacher_model, else the starting "
+                                         "model) against diversity (entropy, self-BLEU): "
+                                         "quality_diversity.png/.json/.md (Caccia et al. 2020); "
                                          "true, false, or auto: true when an adversarial method (gad, seqgan) is "
                                          "compared, whose gain counts only beyond MLE's temperature curve")
     qd_temperatures: list[float] = opt([0.5, 0.75, 1.0, 1.25, 1.5], "quality_diversity: the temperatures swept "
