@@ -9,6 +9,8 @@ config, budget and seeds; only `reward_transform` differs), then the quality-div
 Runs live in OUTPUT_DIR/<transform>/seed_<s> (finished ones are kept, unfinished ones continue from their
 checkpoint); arguments after `--` go to every run. The MLE curve is each seed's MLE generator (the same for
 every transform of a seed: the MLE phase depends on the seed only) swept over the config's eval_temperatures.
+`paired`: per transform, over seeds, `gain` (NLL-oracle minus its own MLE generator's) and `adv_minus_control`
+(NLL-oracle minus that MLE generator's sampled at the GAN's entropy rate, benchmarks/seqgan_seeds.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from seqgan_seeds import SUMMARY, run_seeds
+from seqgan_seeds import SUMMARY, aggregate, run_seeds, seed_row
 
 from rlgen import quality_diversity as qd
 from rlgen.metrics import standard_error
@@ -58,8 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
     beyond = {(c["method"], c["quality"], c["diversity"]): c["beyond"] for c in found}
     qd.plot({"MLE": sweeps}, points, qd.ORACLE_PAIRS, out / "quality_diversity.png", beyond,
             title=f"SeqGAN oracle, {len(args.seeds)} seed(s)")
+    # Paired per seed: each GAN run starts from its seed's MLE generator, so comparing it with that generator's
+    # own curve removes the seed-to-seed spread the unpaired claims above carry (the SEs of both axes).
+    paired = {t: {k: aggregate([seed_row(f) for f in fs])[k] for k in ("gain", "adv_minus_control")}
+              for t, fs in folders.items()}
     result = {"benchmark": "seqgan_oracle_gans", "seeds": args.seeds, "extra": extra, "points": points,
-              "mle_sweeps": sweeps, "claims": found,
+              "mle_sweeps": sweeps, "claims": found, "paired": paired,
               "minutes_per_run": {t: {"mean": sum(m) / len(m), "se": standard_error(m) if len(m) > 1 else None}
                                   for t, m in minutes.items()}}
     (out / "quality_diversity.json").write_text(json.dumps(result, indent=1))
