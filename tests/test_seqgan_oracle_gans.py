@@ -17,7 +17,7 @@ def fake_run(folder: Path, seed: int, adv: tuple[float, float], shift: float) ->
     folder.mkdir(parents=True)
     sweep = [{"temperature": t, "eval/nll_oracle": o + shift, "eval/nll_test": n + shift, "eval/nll_self": n}
              for t, o, n in ((0.8, 9.0, 8.0), (1.0, 10.0, 7.0), (1.2, 11.0, 6.0))]
-    summary = {"settings": {"seed": seed}, "s_total": 120.0, "temperature_sweep_mle": sweep, "mle": sweep[1],
+    summary = {"settings": {"seed": seed, "max_steps": 3}, "s_total": 120.0, "temperature_sweep_mle": sweep, "mle": sweep[1],
                "adv": {"eval/nll_oracle": adv[0] + shift, "eval/nll_test": adv[1] + shift, "eval/nll_self": 7.0}}
     (folder / "seqgan_summary.json").write_text(json.dumps(summary))
 
@@ -34,6 +34,13 @@ def test_claims_from_finished_runs(tmp_path):
     assert claims["dense"]["beyond"] is False and claims["dense"]["quality_gap"] is None
     assert claims["MLE"]["beyond"] is False and claims["seqgan"]["quality_se"] == pytest.approx(0.05)
     assert result["minutes_per_run"]["dense"] == {"mean": 2.0, "se": 0.0}
+    # paired per seed: against its own MLE generator (NLL-oracle 10 + shift) and that generator at the GAN's
+    # entropy rate 7.0 (temperature 1.0: the same point here), the per-seed shift cancels
+    paired = result["paired"]
+    assert paired["seqgan"]["gain"]["mean"] == pytest.approx(-1.0) and paired["seqgan"]["gain"]["se"] == pytest.approx(0)
+    assert paired["seqgan"]["adv_minus_control"]["mean"] == pytest.approx(-1.0)
+    assert paired["maligan"]["adv_minus_control"]["mean"] == pytest.approx(0.0)
+    assert paired["dense"]["adv_minus_control"]["mean"] == pytest.approx(-2.0)
     assert (tmp_path / "quality_diversity.png").stat().st_size > 0
     assert json.loads((tmp_path / "quality_diversity.json").read_text())["claims"] == result["claims"]
 
