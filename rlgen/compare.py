@@ -29,6 +29,11 @@ Budget, matched by generated completions: every run generates at most `max_steps
   `bon_n` x the evaluation prompts, all spent at evaluation (its `train_s` is the time to sample and score them).
 The table reports the completions and tokens each run actually generated, and its wall time.
 
+Distillation (`teacher_model`): before anything trains, the teacher answers the first `teacher_prompts` training
+prompts and the evaluation prompts once (`_teacher_data`, `teacher_data/`); every method then uses those replies as
+its dataset (sft trains on them, gad's discriminator and seqgan's take them as the real replies), the evaluator
+scores the held-out ones (eval/reference_nll) and the teacher scores the quality-diversity samples.
+
 Proxy and gold: the methods optimise `reward` (the proxy, e.g. a learned reward model); the evaluator also
 scores `gold_reward`, which no method optimises (Gao et al. 2022, "Scaling Laws for Reward Model
 Overoptimization"). The online methods (the loop's and TRL's) also score the gold on their training samples at
@@ -82,11 +87,15 @@ def check_compare_config(cfg: CompareConfig) -> None:
 
     for spec in cfg.reward + cfg.gold_reward:
         load_reward(spec)
+    ecfg = cfg.eval_config(cfg.model, Path(cfg.output_dir), 0)
     if cfg.teacher_model:
         from rlgen.evaluation import check_same_tokenizer
 
         check_same_tokenizer(cfg.model, cfg.teacher_model, "teacher_model")
-    check_stage_data("evaluate", cfg.eval_config(cfg.model, Path(cfg.output_dir), 0))
+        if ecfg.split not in ("train", "validation", "test"):
+            raise UserError(f"teacher_model: the evaluation's split must be train, validation or test (got "
+                            f"{ecfg.split!r}): the teacher answers that split's prompts")
+    check_stage_data("evaluate", ecfg)
     for method in cfg.methods:
         if method != "bon":  # best-of-n samples the evaluation's prompts only
             stage = cfg if method in TRL_METHODS else cfg.method_config(method, cfg.model, Path(cfg.output_dir), 0)
@@ -163,12 +172,10 @@ def _teacher_data(cfg: CompareConfig, out: Path) -> Path:
     if (folder / "teacher.json").is_file():
         return folder
     ecfg = cfg.eval_config(cfg.model, out, cfg.seeds[0])
-    if ecfg.split not in ("train", "validation", "test"):
-        raise UserError(f"teacher_model: the evaluation's split must be train, validation or test (got {ecfg.split!r}): "
-                        "the teacher answers that split's prompts")
-    sizes = {"train": cfg.teacher_prompts, ecfg.split: max(ecfg.num_prompts, cfg.teacher_prompts * (ecfg.split == "train"))}
-    if "seqgan" in cfg.methods:  # its discriminator's held-out pairs (rlgen.seqgan)
-        sizes.setdefault("test", ecfg.num_prompts)
+    sizes = {"train": cfg.teacher_prompts}
+    held_out = [ecfg.split] + (["test"] if "seqgan" in cfg.methods else [])  # seqgan: its D's held-out pairs
+    for split in held_out:
+        sizes[split] = max(sizes.get(split, 0), ecfg.num_prompts)
     t = time.perf_counter()
     teacher = Policy.from_pretrained(cfg.teacher_model, reference=False, seed=0).to(default_device())
     folder.mkdir(parents=True, exist_ok=True)

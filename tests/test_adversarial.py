@@ -561,4 +561,7 @@ def test_compare_with_a_teacher_model_trains_and_scores_on_its_replies(tmp_path,
                  str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rlgen: error: teacher_model {other}: its tokenizer (") and len(err.splitlines()) == 1
+    assert main(["compare", "--config", str(config), "--evaluate.split", "all", "--output_dir",
+                 str(tmp_path / "other")]) == 2
+    assert "the evaluation's split must be train, validation or test (got 'all')" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
