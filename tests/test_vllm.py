@@ -204,3 +204,28 @@ def test_compare_with_vllm_samples_ppo_best_of_n_and_evaluations_with_it(tiny32_
     assert ppo["completions"] == 8  # 2 updates of 4
     rows = read_jsonl(tmp_path / "cmp" / "runs" / "ppo" / "seed0" / "metrics.jsonl")
     assert all("rollout/logprob_diff_max" in r for r in rows)
+
+
+def test_gad_with_vllm_trains_its_discriminator_and_resumes_exactly(tiny32_folder, tmp_path):
+    """preset gad with the engine: D pre-trains on the engine's replies (step 0), then trains on every update's batch;
+    a run resumed from checkpoint-1 (D, its optimiser and shuffle state restored) finishes identically, D included."""
+    from safetensors.torch import load_file
+
+    spec = (f"adversarial(model={str(tiny32_folder)!r}, teacher='reference_completion', loss='bt', "
+            "transform='bt_score', d_every=1, d_warmup=1)")
+    gad = dict(preset="gad", num_generations=2, reward=[spec])
+    one_go = tmp_path / "one_go"
+    policy_a = train_ppo(_ppo(tiny32_folder, one_go, **gad))
+    rows = read_jsonl(one_go / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss/discriminator" in r] == [0, 1, 2, 3]
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 and "rewards/adversarial/mean" in r for r in rows if r["step"] > 0)
+
+    resumed = tmp_path / "resumed"
+    policy_b = train_ppo(_ppo(tiny32_folder, resumed, **gad, resume_from_checkpoint=str(one_go / "checkpoint-1")))
+    drop_time = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(resumed / "metrics.jsonl")]
+    assert drop_time == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    params_a, params_b = _params(policy_a), _params(policy_b)
+    for name in params_a:
+        assert torch.equal(params_a[name], params_b[name]), name
+    d_a, d_b = (load_file(str(run / "discriminator" / "model.safetensors")) for run in (one_go, resumed))
+    assert d_a.keys() == d_b.keys() and all(torch.equal(d_a[k], d_b[k]) for k in d_a)
