@@ -9,6 +9,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
+# A reward module for the interruption tests: `vowels` (the vowel share) sends its own process SIGINT at its call
+# $RLGEN_TEST_STOP_AT (one call per update), only on rank $RLGEN_TEST_STOP_RANK when that is set.
+STOP_REWARD = '''
+import os
+import signal
+
+_calls = 0
+
+
+def vowels(completions, **kwargs):
+    """Vowel share; SIGINT to this process at call $RLGEN_TEST_STOP_AT (on rank $RLGEN_TEST_STOP_RANK if set)."""
+    global _calls
+    _calls += 1
+    rank = os.environ.get("RLGEN_TEST_STOP_RANK")
+    if os.environ.get("RLGEN_TEST_STOP_AT") == str(_calls) and rank in (None, os.environ.get("RANK")):
+        os.kill(os.getpid(), signal.SIGINT)
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+'''
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlgen import adversarial as adv
+from tests.conftest import STOP_REWARD
 
 torch.set_num_threads(1)
 D = torch.float64
@@ -314,23 +315,6 @@ def test_the_teacher_column_is_matched_to_each_scored_reply():
 # --- in the RL loop -----------------------------------------------------------------------------------------
 
 
-STOP_REWARD = '''
-import os
-import signal
-
-_calls = 0
-
-
-def stop_at(completions, **kwargs):
-    """0 for every reply; sends this process SIGINT at call $RLGEN_TEST_STOP_AT (one call per update)."""
-    global _calls
-    _calls += 1
-    if os.environ.get("RLGEN_TEST_STOP_AT") == str(_calls):
-        os.kill(os.getpid(), signal.SIGINT)
-    return [0.0] * len(completions)
-'''
-
-
 @pytest.fixture
 def teacher_data(tmp_path):
     """Prompts whose teacher reply is always the same short sentence: a perfect, easy teacher signal."""
@@ -385,7 +369,7 @@ def test_the_discriminator_trains_every_d_every_updates_and_resumes_exactly(tiny
     stop.write_text(STOP_REWARD)
     spec = ("adversarial(teacher='teacher', loss='bce', transform='prob', learning_rate=1e-3, d_every=2, "
             "batch_size=4, device='cpu')")
-    common = dict(max_steps=6, save_steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=2, reward=[f"{stop}:stop_at", spec], reward_weights=[0.0, 1.0])
+    common = dict(max_steps=6, save_steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=2, reward=[f"{stop}:vowels", spec], reward_weights=[0.0, 1.0])
     policy_a = train_ppo(rl_config(tiny_folder, teacher_data, tmp_path / "one_go", spec, **common))
     split = tmp_path / "split"
     monkeypatch.setenv("RLGEN_TEST_STOP_AT", "9")  # update 3 of the second run

@@ -28,6 +28,7 @@ from rlgen.config import PPOConfig
 from rlgen.files import read_jsonl
 from rlgen.policy import Policy
 from rlgen.ppo import train_ppo
+from tests.conftest import STOP_REWARD
 
 # on the tests that start processes: the runs need torch.distributed with gloo
 multiprocess = [pytest.mark.multiprocess, pytest.mark.skipif(
@@ -40,22 +41,6 @@ def _marked(test):
         test = mark(test)
     return test
 
-
-REWARDS = '''
-import os
-import signal
-
-_calls = 0
-
-
-def vowels(completions, **kwargs):
-    """Vowel share; rank 1 sends itself SIGINT at call $RLGEN_TEST_STOP_AT (one call per update)."""
-    global _calls
-    _calls += 1
-    if os.environ.get("RANK") == "1" and os.environ.get("RLGEN_TEST_STOP_AT") == str(_calls):
-        os.kill(os.getpid(), signal.SIGINT)
-    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
-'''
 
 GREEDY_CLI = '''
 import sys
@@ -128,7 +113,7 @@ def _shards(output: str) -> dict[int, tuple[int, int, int]]:
 def runs(tiny_folder, tmp_path_factory):
     """The sharded runs (2 processes) and their single-process counterparts, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    (tmp / "fsdp_rewards.py").write_text(REWARDS)
+    (tmp / "fsdp_rewards.py").write_text(STOP_REWARD)
     base = dict(model=str(tiny_folder), reward=[f"{tmp / 'fsdp_rewards.py'}:vowels"], **COMMON)
     out = {}
     for name, variant in VARIANTS.items():
@@ -137,7 +122,7 @@ def runs(tiny_folder, tmp_path_factory):
         assert out[name].returncode == 0, out[name].stderr[-3000:]
     # interrupted at update 2 by SIGINT to rank 1 (both ranks save checkpoint-2), then resumed at world size 2 and 1
     split = {**base, **VARIANTS["full_critic"], "batch_size": 4, "output_dir": tmp / "split"}
-    out["interrupted"] = _launch(tmp, 2, split, env={"RLGEN_TEST_STOP_AT": "2"})
+    out["interrupted"] = _launch(tmp, 2, split, env={"RLGEN_TEST_STOP_AT": "2", "RLGEN_TEST_STOP_RANK": "1"})
     out["resumed"] = _launch(tmp, 2, {**split, "resume_from_checkpoint": tmp / "split" / "checkpoint-2"})
     out["resumed_1"] = _launch(tmp, 0, {**split, "output_dir": tmp / "world1",
                                         "resume_from_checkpoint": tmp / "split" / "checkpoint-2"})

@@ -21,24 +21,11 @@ from rlgen.config import PPOConfig
 from rlgen.errors import RewardError, UserError
 from rlgen.files import read_jsonl
 from rlgen.ppo import train_ppo
+from tests.conftest import STOP_REWARD
 
 torch.set_num_threads(1)
 
-REWARDS = '''
-import os
-import signal
-
-_calls = 0
-
-
-def vowels(completions, **kwargs):
-    """Vowel share; sends this process SIGINT at call $RLGEN_TEST_STOP_AT (one call per update)."""
-    global _calls
-    _calls += 1
-    if os.environ.get("RLGEN_TEST_STOP_AT") == str(_calls):
-        os.kill(os.getpid(), signal.SIGINT)
-    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
-
+REWARDS = STOP_REWARD + '''
 
 def huge_at(completions, at=2, value=1e39, **kwargs):
     """A finite Python float at update `at`: 1e39 overflows float32 (inf score), 1e37 squares to inf (value loss)."""

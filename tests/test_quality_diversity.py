@@ -10,12 +10,17 @@ import pytest
 from rlgen import quality_diversity as qd
 
 
-def _naive_dominates_polyline(p, curve, steps=2000):
-    """Dense points along each segment (and the vertices): does p strictly dominate one of them?"""
+def _dense(curve, steps=2000):
+    """The curve's vertices and `steps` + 1 evenly spaced points along each segment."""
     pts = list(curve)
     for a, b in zip(curve, curve[1:]):
         pts += [(a[0] + i / steps * (b[0] - a[0]), a[1] + i / steps * (b[1] - a[1])) for i in range(steps + 1)]
-    return any(p[0] < x and p[1] < y for x, y in pts)
+    return pts
+
+
+def _naive_dominates_polyline(p, curve):
+    """Dense points along each segment (and the vertices): does p strictly dominate one of them?"""
+    return any(p[0] < x and p[1] < y for x, y in _dense(curve))
 
 
 def test_dominates_polyline_matches_a_dense_naive_loop():
@@ -32,13 +37,6 @@ def test_dominates_polyline_matches_a_dense_naive_loop():
         assert qd.dominates_polyline(p, curve) == expected, (p, curve)
         checked[expected] += 1
     assert checked[True] > 30 and checked[False] > 30
-
-
-def _dense(curve, steps=2000):
-    pts = list(curve)
-    for a, b in zip(curve, curve[1:]):
-        pts += [(a[0] + i / steps * (b[0] - a[0]), a[1] + i / steps * (b[1] - a[1])) for i in range(steps + 1)]
-    return pts
 
 
 def test_weakly_dominated_by_polyline_matches_a_dense_naive_loop():
