@@ -1,19 +1,24 @@
 """rlgen's GRPO (or RLOO) against TRL 1.16's GRPOTrainer (RLOOTrainer) on the same work, side by side (issue 31).
 
-Each rep runs the peer (../shared/bench/peer_trl_grpo.py) and then rlgen (benchmarks/ppo_throughput.py --preset
-grpo|rloo, the same shape, seeds, prompts, rule reward, beta, epochs and num_generations), each in a fresh process,
-so that load on a shared machine hits both sides alike and peak RSS is per run. Prints one JSON object: each run's
-line (the peer's with rlgen's update-cycle timing added: `grpo_speed.py peer ...`), the medians per side (PAIRS),
-the ratios peer / rlgen for the times (above 1: rlgen is faster) and rlgen / peer for RSS (below 1: rlgen holds
-less), the per-pair time ratios, and the load average before and after.
+Each rep runs the peer (../shared/bench/peer_trl_grpo.py), then the model passes alone (benchmarks/grpo_floor.py)
+and then rlgen (benchmarks/ppo_throughput.py --preset grpo|rloo, the same shape, seeds, prompts, rule reward, beta,
+epochs and num_generations), each in a fresh process, so that load on a shared machine hits all alike and peak RSS
+is per run. Prints one JSON object: each run's line (the peer's with rlgen's update-cycle timing added:
+`grpo_speed.py peer ...`), the medians per side (PAIRS), the ratios peer / rlgen for the times (above 1: rlgen is
+faster) and rlgen / peer for RSS (below 1: rlgen holds less), the per-pair time ratios, the floor's parts and the
+ceiling it sets (peer / floor in CPU time: the most any loop on these model passes could gain), and the load
+average before and after.
 
     python benchmarks/grpo_speed.py --peer-dir ../shared/bench --model-size tiny --reps 5 --steps 8
 
-Measured 2026-12-06 on the shared 2-core machine (1 thread, load 4-7; peer's defaults: 8 completions of 32
-tokens, 4 per prompt, 2 epochs, beta 0.05), CPU seconds per update cycle peer / rlgen (per-pair range), peak RSS
-rlgen / peer at the end and while training: tiny grpo (5 reps x 8 updates) 1.18x (1.10-1.23), RSS 0.84 / 0.80;
-tiny rloo (3 x 8) 1.17x (1.09-1.26), 0.84 / 0.81; small grpo (5 x 5) 1.21x (1.09-1.28), 0.93 / 0.93. Wall-clock
-ratios moved with the load (small grpo 1.75x median, pairs 1.07-1.90; tiny 1.09x, pairs 1.06-2.43).
+Measured 2026-12-06 on the 2-core machine, idle (load 0.7-1.1; 1 thread; the peer's defaults: 8 completions of
+32 tokens, 4 per prompt, 2 epochs, beta 0.05), CPU seconds per update cycle peer / rlgen (per-pair range), the
+ceiling peer / floor, and peak RSS rlgen / peer at the end and while training:
+- tiny grpo (5 reps x 8 updates): 1.12x (1.05-1.13); ceiling 1.70x (floor 44.5 ms: rollout passes 28.4, reference
+  2.3, update 13.7; generate 11.1 ms over its passes); RSS 0.87 / 0.82, the floor process's 0.80.
+- tiny rloo (3 x 8): 1.14x (1.09-1.15); ceiling 1.72x; RSS 0.86 / 0.83.
+- small grpo (3 x 5): 1.15x (1.08-1.15); ceiling 1.23x (floor 1.094 s; rlgen 1.07x the floor); RSS 0.94, the
+  floor process's 0.91.
 """
 
 import argparse
@@ -63,7 +68,8 @@ def run(cmd: list[str], workdir: str, log) -> dict:
     if done.returncode or not lines:
         raise SystemExit(f"grpo_speed: {' '.join(cmd[:3])} ... failed (rc {done.returncode}); see its log")
     row = json.loads(lines[-1])
-    row["cpu_s_per_update"] = round(row["cpu_s"] / row["steps"], 4)
+    if "cpu_s" in row:  # the peer and rlgen; grpo_floor.py gives its parts
+        row["cpu_s_per_update"] = round(row["cpu_s"] / row["steps"], 4)
     return row
 
 
@@ -110,19 +116,24 @@ def main() -> None:
     common = ["--model-size", args.model_size, "--steps", str(args.steps), *shared]
     peer = [args.peer_python, __file__, "peer", str(Path(args.peer_dir) / "peer_trl_grpo.py"), "--algo", args.algo,
             *common]
+    floor = [sys.executable, str(REPO / "benchmarks" / "grpo_floor.py"), "--peer-dir", args.peer_dir, *common]
     ours = [sys.executable, str(REPO / "benchmarks" / "ppo_throughput.py"), "--peer-dir", args.peer_dir,
             "--preset", args.algo, "--reward", "rule", *common]
     if "--num-generations" not in shared:  # the peer's default, explicit on rlgen's side
         ours += ["--num-generations", "4"]
+        floor += ["--num-generations", "4"]
     os.makedirs(args.workdir, exist_ok=True)
     load_before, t0 = load_average(), time.perf_counter()
     runs: dict[str, list[dict]] = {"peer": [], "rlgen": []}
+    floors = []
     with open(args.log or Path(args.workdir) / "grpo_speed.log", "a") as log:
         for _ in range(args.reps):
             runs["peer"].append(run(peer, args.workdir, log))
+            floors.append(run(floor, args.workdir, log))
             runs["rlgen"].append(run(ours, args.workdir, log))
     median = {side: {name: round(statistics.median(r[field] for r in runs[side]), 4)
                      for name, *fields in PAIRS for field in [fields[side == "rlgen"]]} for side in runs}
+    floor_ms = {part: round(statistics.median(f["ms"][part] for f in floors), 3) for part in floors[0]["ms"]}
     ratio = {f"speedup_{name}": round(median["peer"][name] / median["rlgen"][name], 3) for name, *_ in PAIRS[:4]}
     for name in ("peak_rss_mb", "peak_rss_mb_training"):
         ratio[f"rss_ratio_{name}"] = round(median["rlgen"][name] / median["peer"][name], 3)
@@ -132,8 +143,12 @@ def main() -> None:
     print(json.dumps({"algo": args.algo, "model_size": args.model_size, "reps": args.reps, "steps": args.steps,
                       "shared_flags": shared, "peer_impl": f"trl {runs['peer'][0].get('trl_version')}",
                       "median": median, **ratio, "pair_speedups": pairs,
+                      # the model passes alone (grpo_floor.py): no loop on transformers' model code beats this
+                      "floor_cpu_ms": floor_ms,
+                      "speedup_ceiling_cpu": round(median["peer"]["cpu_s_per_update_cycle"] * 1000 / floor_ms["floor"], 3),
+                      "rlgen_over_floor_cpu": round(median["rlgen"]["cpu_s_per_update_cycle"] * 1000 / floor_ms["floor"], 3),
                       "load_before": load_before, "load_after": load_average(),
-                      "wall_s": round(time.perf_counter() - t0, 1), "runs": runs}), flush=True)
+                      "wall_s": round(time.perf_counter() - t0, 1), "runs": runs, "floors": floors}), flush=True)
 
 
 if __name__ == "__main__":
