@@ -20,15 +20,12 @@ this floor: the speed-up no loop on these model passes could beat (a ceiling, no
     python benchmarks/grpo_floor.py --model-size tiny --steps 8
 """
 
-import argparse
 import inspect
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from ppo_throughput import peer_parser  # benchmarks/, this script's folder
 
 
 def cpu_ms(fn, reps: int) -> float:
@@ -43,14 +40,7 @@ def cpu_ms(fn, reps: int) -> float:
 
 
 def main() -> None:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--peer-dir", default=str(REPO.parent / "shared" / "bench"))
-    peer_dir = pre.parse_known_args()[0].peer_dir
-    sys.path.insert(0, str(Path(peer_dir).resolve()))
-    import peer_common as pc
-
-    parser = pc.common_args(__doc__.splitlines()[0])
-    parser.add_argument("--peer-dir", default=peer_dir, help="folder with peer_common.py (default ../shared/bench)")
+    pc, parser = peer_parser(__doc__.splitlines()[0])
     parser.add_argument("--num-generations", type=int, default=4, help="completions per prompt (divides --batch)")
     args = parser.parse_args()
     if args.device != "cpu":

@@ -46,12 +46,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def peer_common(peer_dir: str):
-    """Import the peer's work definition (it also sets the offline environment variables)."""
+def peer_parser(description: str):
+    """The peer's work definition, imported from --peer-dir (it also sets the offline environment variables), and
+    a parser with its shape flags (`common_args`) and --peer-dir. -> (peer_common, parser)"""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--peer-dir", default=str(REPO.parent / "shared" / "bench"))
+    peer_dir = pre.parse_known_args()[0].peer_dir
     sys.path.insert(0, str(Path(peer_dir).resolve()))
     import peer_common
 
-    return peer_common
+    parser = peer_common.common_args(description)
+    parser.add_argument("--peer-dir", default=peer_dir, help="folder with peer_common.py (default ../shared/bench)")
+    return peer_common, parser
 
 
 class PeerRewardModel:
@@ -113,12 +119,7 @@ def cycles(calls: list[tuple[float, float, float]]) -> dict:
 
 
 def main() -> None:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--peer-dir", default=str(REPO.parent / "shared" / "bench"))
-    peer_dir = pre.parse_known_args()[0].peer_dir
-    pc = peer_common(peer_dir)
-    parser = pc.common_args(__doc__.splitlines()[0])
-    parser.add_argument("--peer-dir", default=peer_dir, help="folder with peer_common.py (default ../shared/bench)")
+    pc, parser = peer_parser(__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float16", "float32"],
                         help="rlgen's precision (the peer runs fp32)")
     parser.add_argument("--rollout-engine", default="hf", choices=["hf", "vllm"],
