@@ -395,6 +395,6 @@ def run_compare(cfg: CompareConfig, report: bool = True) -> dict[str, Path] | No
     if sweeps_quality_diversity(cfg):
         from rlgen.quality_diversity import compare_quality_diversity
 
-        compare_quality_diversity(cfg, out, start, cfg.methods, cfg.seeds, scorer=cfg.teacher_model or start)
+        compare_quality_diversity(cfg, out, start, cfg.methods, cfg.seeds)
     return write_comparison_report(out, records, _reward_names(cfg.reward), _reward_names(cfg.gold_reward), to_dict(cfg),
                         title=f"rlgen comparison: {', '.join(cfg.methods)} from {cfg.model}")

@@ -337,16 +337,15 @@ def _sweep_run(cfg, model: str, scorer: str, folder: Path, seed: int, temperatur
     return sweep
 
 
-def compare_quality_diversity(cfg, out: Path, start: str, methods: list[str], seeds: list[int],
-                              scorer: str | None = None) -> dict[str, Path]:
+def compare_quality_diversity(cfg, out: Path, start: str, methods: list[str], seeds: list[int]) -> dict[str, Path]:
     """`rlgen compare` with quality_diversity: every model (the starting one and each trained run; best-of-n
     trains none) swept over `qd_temperatures` plus the comparison's own temperature, in `<run>/qd/`, its samples
-    scored by `scorer` (the teacher_model, else the starting model); then
+    scored by the scorer: cfg.teacher_model, else the starting model; then
     `out/quality_diversity.json` (sweeps, points, claims against the starting model's curve and against sft's
     when sft is compared), `quality_diversity.md` (the claims) and `quality_diversity.png`."""
     temps = sorted({*cfg.qd_temperatures, cfg.temperature})
     print(f"[compare] quality-diversity sweeps at temperatures {temps}", flush=True)
-    scorer = scorer or start
+    scorer = cfg.teacher_model or start
     curves = {"start": [_sweep_run(cfg, start, scorer, out / "runs" / "start" / "qd", seeds[0], temps)]}
     sweeps = {m: [_sweep_run(cfg, str(out / "runs" / m / f"seed{s}"), scorer, out / "runs" / m / f"seed{s}" / "qd",
                              s, temps) for s in seeds] for m in methods if m != "bon"}
